@@ -1,0 +1,327 @@
+//! The file layer: serde structs that mirror the TOML exactly, and the machinery that reads
+//! them while collecting every problem.
+//!
+//! A file is parsed once into toml's spanned document. Each table (`[server]`, every
+//! `[tiers.X]`, every `[[tenants]]` entry, every `[[rule]]`) is then deserialized on its own, so
+//! one bad table does not hide the problems of the next. Unknown keys are found with
+//! `serde_ignored` and reported at the key's own line, all of them, instead of stopping at the
+//! first as `deny_unknown_fields` would.
+
+use super::diag::{Diagnostics, SourceFile};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+/// A string with the place it came from.
+pub type SStr = Spanned<String>;
+
+/// An integer or a string, for values such as sizes that may be written either way.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrStr {
+    Int(i64),
+    Str(String),
+}
+
+/// A TOML datetime or an RFC 3339 string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DateOrStr {
+    Date(toml::value::Datetime),
+    Str(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ServerFile {
+    pub listen: Option<Vec<SStr>>,
+    pub admin_listen: Option<SStr>,
+    pub threads: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<TlsFile>>,
+    pub shutdown_grace: Option<SStr>,
+    pub shutdown_timeout: Option<SStr>,
+    pub upgrade_sock: Option<SStr>,
+    pub pid_file: Option<SStr>,
+    pub max_header_bytes: Option<Spanned<IntOrStr>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TlsFile {
+    pub listen: SStr,
+    pub cert: SStr,
+    pub key: SStr,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StoreFile {
+    pub kind: Option<SStr>,
+    pub path: Option<SStr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct TenancyFile {
+    pub resolve: Option<Vec<SStr>>,
+    pub base_domain: Option<SStr>,
+    pub tenant_header: Option<SStr>,
+    pub key_headers: Option<Vec<SStr>>,
+    pub trusted_proxies: Option<Vec<SStr>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct LogFile {
+    pub format: Option<SStr>,
+    pub level: Option<SStr>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TierFile {
+    pub upstream: Option<SStr>,
+    pub features: Option<Vec<SStr>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HealthCheckFile {
+    pub path: Option<SStr>,
+    pub interval: Option<SStr>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UpstreamFile {
+    pub servers: Option<Vec<SStr>>,
+    pub health_check: Option<Spanned<HealthCheckFile>>,
+    pub connect_timeout: Option<SStr>,
+    pub read_timeout: Option<SStr>,
+    pub write_timeout: Option<SStr>,
+    pub host: Option<SStr>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TenantFile {
+    pub id: Option<SStr>,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub tier: Option<SStr>,
+    pub status: Option<SStr>,
+    #[serde(default)]
+    pub subdomains: Vec<SStr>,
+    #[serde(default)]
+    pub ip_allow: Vec<SStr>,
+    #[serde(default)]
+    pub keys: Vec<Spanned<KeyFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct KeyFile {
+    pub id: Option<SStr>,
+    pub name: Option<String>,
+    pub hash: Option<SStr>,
+    #[serde(default)]
+    pub scopes: Vec<SStr>,
+    pub expires: Option<Spanned<DateOrStr>>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The main config file, table by table. Each field is `None` when its table is absent or
+/// could not be read (its problems are then already in the diagnostics).
+#[derive(Debug, Default)]
+pub struct MainFile {
+    pub include: Vec<SStr>,
+    pub server: ServerFile,
+    pub store: StoreFile,
+    pub tenancy: TenancyFile,
+    pub log: LogFile,
+    pub tiers: Vec<(SStr, TierFile)>,
+    pub upstreams: Vec<(SStr, UpstreamFile)>,
+    pub tenants: Vec<Spanned<TenantFile>>,
+    /// Rule tables written directly in the main file (the same format as an included rule file).
+    pub rules: Option<crate::rules::file::RuleFile>,
+}
+
+/// Parses the main file. Problems go into `diags`; what could be read is returned.
+pub fn parse_main(src: &SourceFile, diags: &mut Diagnostics) -> MainFile {
+    let mut out = MainFile::default();
+    let Some(root) = parse_document(src, diags) else {
+        return out;
+    };
+    let mut rule_tables: Vec<(&Spanned<toml::de::DeString>, &Spanned<DeValue>)> = Vec::new();
+    for (key, value) in root.get_ref().iter() {
+        match key.get_ref().as_ref() {
+            "include" => {
+                if let Some(v) = de_unit::<Vec<SStr>>(src, value, diags) {
+                    out.include = v;
+                }
+            }
+            "server" => out.server = de_unit(src, value, diags).unwrap_or_default(),
+            "store" => out.store = de_unit(src, value, diags).unwrap_or_default(),
+            "tenancy" => out.tenancy = de_unit(src, value, diags).unwrap_or_default(),
+            "log" => out.log = de_unit(src, value, diags).unwrap_or_default(),
+            "tiers" => out.tiers = de_named_tables(src, value, diags),
+            "upstreams" => out.upstreams = de_named_tables(src, value, diags),
+            "tenants" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        if let Some(t) = de_unit::<TenantFile>(src, item, diags) {
+                            out.tenants.push(Spanned::new(item.span(), t));
+                        }
+                    }
+                }
+                _ => diags.error_at(src, value.span(), "`tenants` must be an array of tables: write each tenant as `[[tenants]]`"),
+            },
+            k if crate::rules::file::TOP_LEVEL_KEYS.contains(&k) => rule_tables.push((key, value)),
+            other => diags.error_at(
+                src,
+                key.span(),
+                format!(
+                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, tiers, upstreams, tenants{}",
+                    " (and the rule keys rule, defaults, unmatched)"
+                ),
+            ),
+        }
+    }
+    if !rule_tables.is_empty() {
+        out.rules = Some(crate::rules::file::parse_rule_tables(src, rule_tables, diags));
+    }
+    out
+}
+
+/// Parses a TOML document, reporting every syntax error.
+pub fn parse_document<'a>(src: &'a SourceFile, diags: &mut Diagnostics) -> Option<Spanned<DeTable<'a>>> {
+    let (root, errors) = DeTable::parse_recoverable(&src.text);
+    if !errors.is_empty() {
+        for e in errors {
+            let span = e.span().unwrap_or(0..0);
+            diags.error_at(src, span, format!("TOML syntax: {}", e.message().trim()));
+        }
+        return None;
+    }
+    Some(root)
+}
+
+/// Deserializes a `[section.NAME]` table of tables, one entry at a time.
+pub fn de_named_tables<T: DeserializeOwned>(
+    src: &SourceFile,
+    value: &Spanned<DeValue<'_>>,
+    diags: &mut Diagnostics,
+) -> Vec<(SStr, T)> {
+    let mut out = Vec::new();
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            for (name, entry) in table.iter() {
+                if let Some(v) = de_unit::<T>(src, entry, diags) {
+                    out.push((Spanned::new(name.span(), name.get_ref().to_string()), v));
+                }
+            }
+        }
+        _ => diags.error_at(src, value.span(), "expected a table of named tables, like `[tiers.free]`"),
+    }
+    out
+}
+
+/// One step of a path into a TOML value.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(path: &serde_ignored::Path<'_>, out: &mut Vec<Seg>) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, index } => {
+            segments(parent, out);
+            out.push(Seg::Index(*index));
+        }
+        Path::Map { parent, key } => {
+            segments(parent, out);
+            // `Spanned<T>` travels through a private map; its keys are not the user's.
+            if !key.starts_with("$__serde_spanned") && !key.starts_with("$__toml") {
+                out.push(Seg::Key(key.clone()));
+            }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            segments(parent, out)
+        }
+    }
+}
+
+/// Finds the span of the key at the end of `path`, falling back to the enclosing value.
+fn locate(value: &Spanned<DeValue<'_>>, path: &[Seg]) -> Range<usize> {
+    let mut cur = value;
+    let mut span = value.span();
+    for seg in path {
+        match (seg, cur.get_ref()) {
+            (Seg::Key(k), DeValue::Table(t)) => {
+                let found = t.iter().find(|(key, _)| key.get_ref().as_ref() == k.as_str());
+                match found {
+                    Some((key, v)) => {
+                        span = key.span();
+                        cur = v;
+                    }
+                    None => return span,
+                }
+            }
+            (Seg::Index(i), DeValue::Array(a)) => match a.iter().nth(*i) {
+                Some(v) => {
+                    span = v.span();
+                    cur = v;
+                }
+                None => return span,
+            },
+            _ => return span,
+        }
+    }
+    span
+}
+
+fn dotted(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// Deserializes one value on its own. Unknown keys are reported (all of them, each at its
+/// line) and a type error is reported at its span. Returns `None` only when the value could not
+/// be read at all.
+pub fn de_unit<T: DeserializeOwned>(
+    src: &SourceFile,
+    value: &Spanned<DeValue<'_>>,
+    diags: &mut Diagnostics,
+) -> Option<T> {
+    let mut unknown: Vec<Vec<Seg>> = Vec::new();
+    let de = ValueDeserializer::from(value.clone());
+    let result: Result<T, _> = serde_ignored::deserialize(de, |path| {
+        let mut segs = Vec::new();
+        segments(&path, &mut segs);
+        unknown.push(segs);
+    });
+    for path in unknown {
+        let span = locate(value, &path);
+        diags.error_at(src, span, format!("unknown key `{}`", dotted(&path)));
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let span = e.span().unwrap_or_else(|| value.span());
+            diags.error_at(src, span, e.message().trim().to_string());
+            None
+        }
+    }
+}
+
+/// Tables indexed by name, kept in file order for stable error output.
+pub type Named<T> = BTreeMap<String, T>;

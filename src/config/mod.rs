@@ -1,0 +1,593 @@
+//! Configuration: the TOML file, its includes, and the validated model.
+//!
+//! Two layers, as in river and linkerd: [`file`] mirrors the TOML with serde, and this module
+//! converts it into [`model::Config`], checking every value and reference. Loading never stops
+//! at the first problem: all of them come back together in [`Diagnostics`], each with file,
+//! line and column. A failed load changes nothing; callers keep running on the old config.
+
+pub mod diag;
+pub mod file;
+pub mod model;
+pub mod units;
+
+pub use diag::{Diagnostic, Diagnostics, Severity, SourceFile};
+pub use model::*;
+
+use crate::keys::KeyHash;
+use file::{DateOrStr, IntOrStr, MainFile, SStr};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// The result of a load that succeeded: the config and any warnings.
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Diagnostics,
+}
+
+/// Reads, validates and compiles the config at `path` and everything it includes.
+pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.error_file(path, format!("cannot read the config file: {e}"));
+            return Err(diags);
+        }
+    };
+    load_str(path, text, &mut diags).ok_or(diags.clone()).and_then(|config| {
+        if diags.has_errors() {
+            Err(diags.clone())
+        } else {
+            Ok(Loaded { config, warnings: diags })
+        }
+    })
+}
+
+/// Validates config text as if it were the file at `path` (includes resolve relative to it).
+pub fn load_str(path: &Path, text: String, diags: &mut Diagnostics) -> Option<Config> {
+    let src = SourceFile::new(path, text);
+    let main = file::parse_main(&src, diags);
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+
+    let mut files = vec![path.to_path_buf()];
+    let mut rule_files = Vec::new();
+    if let Some(r) = main.rules.as_ref() {
+        let _ = r;
+    }
+    for pattern in &main.include {
+        for inc in expand_include(&base_dir, pattern, &src, diags) {
+            match std::fs::read_to_string(&inc) {
+                Ok(text) => {
+                    let isrc = SourceFile::new(&inc, text);
+                    rule_files.push(crate::rules::file::parse_rule_file(&isrc, diags));
+                    files.push(inc);
+                }
+                Err(e) => diags.error_at(
+                    &src,
+                    pattern.span(),
+                    format!("cannot read included file {}: {e}", inc.display()),
+                ),
+            }
+        }
+    }
+    let config = validate(&src, &base_dir, main, rule_files, files, diags);
+    if diags.has_errors() {
+        None
+    } else {
+        config
+    }
+}
+
+/// Expands one `include` entry. A `*` is allowed in the last path component.
+fn expand_include(base: &Path, pattern: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Vec<PathBuf> {
+    let full = base.join(pattern.get_ref());
+    let file_pat = full.file_name().and_then(|f| f.to_str()).unwrap_or("").to_string();
+    if !file_pat.contains('*') {
+        if !full.is_file() {
+            diags.error_at(src, pattern.span(), format!("included file {} does not exist", full.display()));
+            return vec![];
+        }
+        return vec![full];
+    }
+    let dir = full.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.to_string_lossy().contains('*') {
+        diags.error_at(src, pattern.span(), "`*` is only allowed in the file name of an include, not in its directories");
+        return vec![];
+    }
+    let mut out: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|name| wildcard_match(&file_pat, name))
+            })
+            .collect(),
+        Err(e) => {
+            diags.error_at(src, pattern.span(), format!("cannot list {}: {e}", dir.display()));
+            return vec![];
+        }
+    };
+    out.sort();
+    if out.is_empty() {
+        diags.warn_at(src, pattern.span(), format!("include `{}` matches no file", pattern.get_ref()));
+    }
+    out
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else { return false };
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
+        }
+    }
+}
+
+fn duration_or(
+    v: &Option<SStr>,
+    default: Duration,
+    src: &SourceFile,
+    diags: &mut Diagnostics,
+) -> Duration {
+    match v {
+        None => default,
+        Some(s) => match units::parse_duration(s.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                diags.error_at(src, s.span(), e);
+                default
+            }
+        },
+    }
+}
+
+/// Parses a size given as an integer or a string like `10MiB`.
+pub fn size_value(v: &Spanned<IntOrStr>, src: &SourceFile, diags: &mut Diagnostics) -> Option<u64> {
+    match v.get_ref() {
+        IntOrStr::Int(n) if *n >= 0 => Some(*n as u64),
+        IntOrStr::Int(_) => {
+            diags.error_at(src, v.span(), "a size cannot be negative");
+            None
+        }
+        IntOrStr::Str(s) => match units::parse_size(s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                diags.error_at(src, v.span(), e);
+                None
+            }
+        },
+    }
+}
+
+fn socket_addr(s: &SStr, what: &str, src: &SourceFile, diags: &mut Diagnostics) -> Option<SocketAddr> {
+    match s.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            diags.error_at(src, s.span(), format!("`{}` is not a valid {what} address; write it as `IP:PORT`, like `127.0.0.1:8080`", s.get_ref()));
+            None
+        }
+    }
+}
+
+/// Parses a CIDR or a bare IP (taken as a /32 or /128).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(n) = text.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("`{text}` is not an IP address or CIDR block; write it like `10.0.0.0/8` or `192.0.2.7`"))
+}
+
+fn cidrs(list: &[SStr], src: &SourceFile, diags: &mut Diagnostics) -> Vec<IpNet> {
+    list.iter()
+        .filter_map(|s| match parse_cidr(s.get_ref()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                diags.error_at(src, s.span(), e);
+                None
+            }
+        })
+        .collect()
+}
+
+/// Tenant ids are slugs: they appear in hostnames, paths, store keys and metric labels.
+pub fn valid_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn header_name(s: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Option<http::HeaderName> {
+    match http::HeaderName::from_bytes(s.get_ref().to_ascii_lowercase().as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            diags.error_at(src, s.span(), format!("`{}` is not a valid header name", s.get_ref()));
+            None
+        }
+    }
+}
+
+fn validate(
+    src: &SourceFile,
+    base_dir: &Path,
+    main: MainFile,
+    rule_files: Vec<crate::rules::file::RuleFile>,
+    files: Vec<PathBuf>,
+    diags: &mut Diagnostics,
+) -> Option<Config> {
+    let rel = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
+
+    // [server]
+    let s = &main.server;
+    let listen = match &s.listen {
+        None => vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+        Some(list) => {
+            if list.is_empty() {
+                diags.error_file(&src.path, "`server.listen` is empty; give at least one address");
+            }
+            list.iter().filter_map(|a| socket_addr(a, "listen", src, diags)).collect()
+        }
+    };
+    let admin_listen = s
+        .admin_listen
+        .as_ref()
+        .and_then(|a| socket_addr(a, "admin_listen", src, diags))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+    let threads = match &s.threads {
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Some(t) if *t.get_ref() >= 1 && *t.get_ref() <= 1024 => *t.get_ref() as usize,
+        Some(t) => {
+            diags.error_at(src, t.span(), "`threads` must be between 1 and 1024");
+            1
+        }
+    };
+    let tls = s.tls.as_ref().and_then(|t| {
+        let t = t.get_ref();
+        let listen = socket_addr(&t.listen, "tls.listen", src, diags)?;
+        let cert = rel(t.cert.get_ref());
+        let key = rel(t.key.get_ref());
+        if !cert.is_file() {
+            diags.error_at(src, t.cert.span(), format!("TLS certificate {} does not exist", cert.display()));
+        }
+        if !key.is_file() {
+            diags.error_at(src, t.key.span(), format!("TLS key {} does not exist", key.display()));
+        }
+        Some(TlsConfig { listen, cert, key })
+    });
+    let max_header_bytes = s
+        .max_header_bytes
+        .as_ref()
+        .and_then(|v| size_value(v, src, diags))
+        .unwrap_or(64 * 1024) as usize;
+    if max_header_bytes < 1024 {
+        if let Some(v) = &s.max_header_bytes {
+            diags.error_at(src, v.span(), "`max_header_bytes` below 1KiB would reject ordinary requests");
+        }
+    }
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        threads,
+        tls,
+        shutdown_grace: duration_or(&s.shutdown_grace, Duration::from_secs(0), src, diags),
+        shutdown_timeout: duration_or(&s.shutdown_timeout, Duration::from_secs(5), src, diags),
+        upgrade_sock: s
+            .upgrade_sock
+            .as_ref()
+            .map(|p| rel(p.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/tmp/tollgate_upgrade.sock")),
+        pid_file: s
+            .pid_file
+            .as_ref()
+            .map(|p| rel(p.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/tmp/tollgate.pid")),
+        max_header_bytes,
+    };
+
+    // [store]
+    let store_kind = match &main.store.kind {
+        None => StoreKind::Embedded,
+        Some(k) if k.get_ref() == "embedded" => StoreKind::Embedded,
+        Some(k) => {
+            diags.error_at(src, k.span(), format!("unknown store kind `{}`; this build supports `embedded`", k.get_ref()));
+            StoreKind::Embedded
+        }
+    };
+    let store = StoreConfig {
+        kind: store_kind,
+        path: main.store.path.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| rel("tollgate.db")),
+    };
+
+    // [tenancy]
+    let t = &main.tenancy;
+    let mut resolve = Vec::new();
+    for s in t.resolve.clone().unwrap_or_default() {
+        let src_kind = match s.get_ref().as_str() {
+            "api_key" => Source::ApiKey,
+            "subdomain" => Source::Subdomain,
+            "header" => Source::Header,
+            "path" => Source::Path,
+            other => {
+                diags.error_at(src, s.span(), format!("unknown tenant source `{other}`; use api_key, subdomain, header or path"));
+                continue;
+            }
+        };
+        if resolve.contains(&src_kind) {
+            diags.error_at(src, s.span(), format!("`{}` is listed twice in `resolve`", s.get_ref()));
+        }
+        resolve.push(src_kind);
+    }
+    if t.resolve.is_none() {
+        resolve = vec![Source::ApiKey, Source::Subdomain, Source::Path];
+    }
+    if !resolve.contains(&Source::ApiKey) {
+        if let Some(first) = t.resolve.as_ref().and_then(|r| r.first()) {
+            diags.warn_at(src, first.span(), "`resolve` has no `api_key`: API keys will not be read, and only public routes can be served");
+        }
+    }
+    let base_domain = t.base_domain.as_ref().map(|d| d.get_ref().trim_start_matches('.').to_ascii_lowercase());
+    if resolve.contains(&Source::Subdomain) && base_domain.is_none() {
+        if let Some(r) = t.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "subdomain")) {
+            diags.error_at(src, r.span(), "`subdomain` resolution needs `tenancy.base_domain`, like `api.example.com`");
+        }
+    }
+    let tenant_header = t
+        .tenant_header
+        .as_ref()
+        .and_then(|h| header_name(h, src, diags))
+        .unwrap_or(http::HeaderName::from_static("x-tenant-id"));
+    let key_headers = match &t.key_headers {
+        None => vec![http::header::AUTHORIZATION, http::HeaderName::from_static("x-api-key")],
+        Some(list) => list.iter().filter_map(|h| header_name(h, src, diags)).collect(),
+    };
+    let tenancy = Tenancy {
+        resolve,
+        base_domain,
+        tenant_header,
+        key_headers,
+        trusted_proxies: cidrs(t.trusted_proxies.as_deref().unwrap_or(&[]), src, diags),
+    };
+
+    // [log]
+    let log = LogConfig {
+        format: match main.log.format.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                if let Some(f) = &main.log.format {
+                    diags.error_at(src, f.span(), format!("unknown log format `{other}`; use `plain` or `json`"));
+                }
+                LogFormat::Plain
+            }
+        },
+        level: main.log.level.as_ref().map(|l| l.get_ref().clone()).unwrap_or_else(|| "info".into()),
+        access_log: main.log.access_log.unwrap_or(true),
+    };
+
+    // [upstreams.NAME]
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &main.upstreams {
+        let mut servers = Vec::new();
+        match &u.servers {
+            None => diags.error_at(src, name.span(), format!("upstream `{}` has no `servers`", name.get_ref())),
+            Some(list) if list.is_empty() => {
+                diags.error_at(src, name.span(), format!("upstream `{}` has an empty `servers` list", name.get_ref()))
+            }
+            Some(list) => {
+                for s in list {
+                    match s.get_ref().to_socket_addrs().map(|mut it| it.next()) {
+                        Ok(Some(a)) => servers.push(a),
+                        _ => diags.error_at(src, s.span(), format!("`{}` is not a reachable `host:port` address", s.get_ref())),
+                    }
+                }
+            }
+        }
+        let health_check = u.health_check.as_ref().map(|h| HealthCheck {
+            path: h.get_ref().path.as_ref().map(|p| p.get_ref().clone()),
+            interval: duration_or(&h.get_ref().interval, Duration::from_secs(5), src, diags),
+        });
+        if let Some(Some(p)) = u.health_check.as_ref().map(|h| h.get_ref().path.as_ref()) {
+            if !p.get_ref().starts_with('/') {
+                diags.error_at(src, p.span(), "a health check path must start with `/`");
+            }
+        }
+        upstreams.insert(
+            name.get_ref().clone(),
+            UpstreamConfig {
+                name: name.get_ref().as_str().into(),
+                servers,
+                health_check,
+                connect_timeout: duration_or(&u.connect_timeout, Duration::from_secs(2), src, diags),
+                read_timeout: duration_or(&u.read_timeout, Duration::from_secs(60), src, diags),
+                write_timeout: duration_or(&u.write_timeout, Duration::from_secs(60), src, diags),
+                host: u.host.as_ref().map(|h| h.get_ref().clone()),
+            },
+        );
+    }
+
+    // [tiers.NAME]
+    let mut tiers = BTreeMap::new();
+    for (name, tf) in &main.tiers {
+        let upstream = match &tf.upstream {
+            Some(u) => {
+                if !upstreams.contains_key(u.get_ref()) {
+                    diags.error_at(src, u.span(), format!("tier `{}` names upstream `{}`, which is not defined; add `[upstreams.{}]`", name.get_ref(), u.get_ref(), u.get_ref()));
+                }
+                u.get_ref().clone()
+            }
+            None => {
+                if upstreams.len() == 1 {
+                    upstreams.keys().next().cloned().unwrap_or_default()
+                } else {
+                    diags.error_at(src, name.span(), format!("tier `{}` has no `upstream`", name.get_ref()));
+                    String::new()
+                }
+            }
+        };
+        let features = tf.features.as_ref().map(|f| f.iter().map(|x| Arc::from(x.get_ref().as_str())).collect()).unwrap_or_default();
+        tiers.insert(
+            name.get_ref().clone(),
+            Arc::new(Tier { name: name.get_ref().as_str().into(), upstream: upstream.into(), features }),
+        );
+    }
+
+    // [[tenants]]
+    let mut tenants = Vec::new();
+    let mut seen_ids: HashMap<String, ()> = HashMap::new();
+    let mut seen_subdomains: HashSet<String> = HashSet::new();
+    let mut seen_key_ids: HashSet<String> = HashSet::new();
+    let mut seen_hashes: HashSet<KeyHash> = HashSet::new();
+    for tspan in &main.tenants {
+        let tf = tspan.get_ref();
+        let Some(id) = &tf.id else {
+            diags.error_at(src, tspan.span(), "a tenant needs an `id`");
+            continue;
+        };
+        if !valid_slug(id.get_ref()) {
+            diags.error_at(src, id.span(), format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", id.get_ref()));
+        }
+        if seen_ids.insert(id.get_ref().clone(), ()).is_some() {
+            diags.error_at(src, id.span(), format!("tenant `{}` is defined twice", id.get_ref()));
+        }
+        let tier = match &tf.tier {
+            Some(t) => {
+                if !tiers.contains_key(t.get_ref()) {
+                    let known: Vec<&str> = tiers.keys().map(String::as_str).collect();
+                    diags.error_at(src, t.span(), format!("tenant `{}` names tier `{}`, which is not defined (defined: {})", id.get_ref(), t.get_ref(), known.join(", ")));
+                }
+                t.get_ref().clone()
+            }
+            None => {
+                diags.error_at(src, id.span(), format!("tenant `{}` has no `tier`", id.get_ref()));
+                String::new()
+            }
+        };
+        let status = match tf.status.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("active") => TenantStatus::Active,
+            Some("suspended") => TenantStatus::Suspended,
+            Some(other) => {
+                if let Some(s) = &tf.status {
+                    diags.error_at(src, s.span(), format!("unknown tenant status `{other}`; use `active` or `suspended`"));
+                }
+                TenantStatus::Active
+            }
+        };
+        let mut subdomains = Vec::new();
+        for sd in &tf.subdomains {
+            let v = sd.get_ref().to_ascii_lowercase();
+            if !valid_slug(&v) {
+                diags.error_at(src, sd.span(), format!("subdomain `{}` must be one DNS label of a-z, 0-9 and `-`", sd.get_ref()));
+            } else if !seen_subdomains.insert(v.clone()) {
+                diags.error_at(src, sd.span(), format!("subdomain `{v}` is claimed by two tenants"));
+            }
+            subdomains.push(v);
+        }
+        let ip_allow = cidrs(&tf.ip_allow, src, diags);
+        let mut keys = Vec::new();
+        for kspan in &tf.keys {
+            let kf = kspan.get_ref();
+            let Some(kid) = &kf.id else {
+                diags.error_at(src, kspan.span(), "a key needs an `id`");
+                continue;
+            };
+            if !seen_key_ids.insert(kid.get_ref().clone()) {
+                diags.error_at(src, kid.span(), format!("key id `{}` is used twice", kid.get_ref()));
+            }
+            let hash = match &kf.hash {
+                None => {
+                    diags.error_at(src, kid.span(), format!("key `{}` has no `hash`; `tollgate keygen` prints one", kid.get_ref()));
+                    None
+                }
+                Some(h) => match KeyHash::parse(h.get_ref()) {
+                    Ok(hash) => {
+                        if !seen_hashes.insert(hash) {
+                            diags.error_at(src, h.span(), "this key hash is used by two keys");
+                        }
+                        Some(hash)
+                    }
+                    Err(e) => {
+                        diags.error_at(src, h.span(), e);
+                        None
+                    }
+                },
+            };
+            let expires = kf.expires.as_ref().and_then(|e| {
+                let text = match e.get_ref() {
+                    DateOrStr::Date(d) => d.to_string(),
+                    DateOrStr::Str(s) => s.clone(),
+                };
+                match chrono::DateTime::parse_from_rfc3339(&text) {
+                    Ok(dt) => Some(dt.timestamp_millis()),
+                    Err(_) => {
+                        diags.error_at(src, e.span(), format!("`{text}` is not an RFC 3339 time; write it like `2027-01-31T00:00:00Z`"));
+                        None
+                    }
+                }
+            });
+            for sc in &kf.scopes {
+                if sc.get_ref().is_empty() || sc.get_ref().contains(char::is_whitespace) {
+                    diags.error_at(src, sc.span(), "a scope is a non-empty word without spaces");
+                }
+            }
+            if let Some(hash) = hash {
+                keys.push(KeyConfig {
+                    id: kid.get_ref().clone(),
+                    name: kf.name.clone().unwrap_or_default(),
+                    hash,
+                    scopes: kf.scopes.iter().map(|s| s.get_ref().clone()).collect(),
+                    expires,
+                    revoked: kf.revoked,
+                });
+            }
+        }
+        tenants.push(TenantConfig {
+            id: id.get_ref().clone(),
+            name: tf.name.clone().unwrap_or_else(|| id.get_ref().clone()),
+            email: tf.email.clone().unwrap_or_default(),
+            tier,
+            status,
+            subdomains,
+            ip_allow,
+            keys,
+        });
+    }
+
+    // Rules: the main file's own, then each include in order.
+    let mut all_rule_files = Vec::new();
+    if let Some(r) = main.rules {
+        all_rule_files.push(r);
+    }
+    all_rule_files.extend(rule_files);
+    let ctx = crate::rules::RefContext { tiers: &tiers, upstreams: &upstreams, tenants: &tenants };
+    let rules = crate::rules::compile(all_rule_files, &ctx, diags);
+
+    if tiers.is_empty() && !tenants.is_empty() {
+        diags.error_file(&src.path, "tenants are defined but no tier is; add a `[tiers.NAME]` table");
+    }
+
+    Some(Config { files, server, store, tenancy, log, tiers, upstreams, tenants, rules })
+}

@@ -1,0 +1,196 @@
+//! The validated model: what the gateway runs on. Every value here has been checked, so the
+//! rest of the code never re-validates (`SocketAddr`, `Duration`, `KeyHash`, `IpNet`, compiled
+//! rules).
+
+use crate::keys::KeyHash;
+use crate::rules::RuleSet;
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A whole, valid configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The main file and every included file, in load order.
+    pub files: Vec<PathBuf>,
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub tenancy: Tenancy,
+    pub log: LogConfig,
+    pub tiers: BTreeMap<String, Arc<Tier>>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub tenants: Vec<TenantConfig>,
+    pub rules: RuleSet,
+}
+
+impl Config {
+    /// The one-line summary `tollgate check` prints.
+    pub fn summary(&self) -> String {
+        let keys: usize = self.tenants.iter().map(|t| t.keys.len()).sum();
+        format!(
+            "{} tiers, {} tenants, {} keys, {} upstreams, {} rules",
+            self.tiers.len(),
+            self.tenants.len(),
+            keys,
+            self.upstreams.len(),
+            self.rules.len()
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub tls: Option<TlsConfig>,
+    /// How long a draining process keeps accepting before it closes its listeners.
+    pub shutdown_grace: Duration,
+    /// How long in-flight requests get to finish after that.
+    pub shutdown_timeout: Duration,
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
+    /// Largest request head accepted; more is answered 431.
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Embedded,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub path: PathBuf,
+}
+
+/// A source the tenant can be resolved from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    ApiKey,
+    Subdomain,
+    Header,
+    Path,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::ApiKey => "api_key",
+            Source::Subdomain => "subdomain",
+            Source::Header => "header",
+            Source::Path => "path",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    pub resolve: Vec<Source>,
+    /// Lower case, without a leading dot.
+    pub base_domain: Option<String>,
+    pub tenant_header: http::HeaderName,
+    pub key_headers: Vec<http::HeaderName>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Tenancy {
+    pub fn uses(&self, s: Source) -> bool {
+        self.resolve.contains(&s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+    pub access_log: bool,
+}
+
+/// A plan: the template a tenant's limits and routing come from.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: Arc<str>,
+    pub upstream: Arc<str>,
+    pub features: Vec<Arc<str>>,
+}
+
+impl Tier {
+    pub fn has_feature(&self, f: &str) -> bool {
+        self.features.iter().any(|x| &**x == f)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// `None`: a TCP connect check. `Some(path)`: an HTTP GET that must answer 2xx.
+    pub path: Option<String>,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: Arc<str>,
+    pub servers: Vec<SocketAddr>,
+    pub health_check: Option<HealthCheck>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Host header sent upstream; `None` keeps the client's.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantStatus {
+    Active,
+    Suspended,
+}
+
+impl TenantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantStatus::Active => "active",
+            TenantStatus::Suspended => "suspended",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    pub tier: String,
+    pub status: TenantStatus,
+    pub subdomains: Vec<String>,
+    pub ip_allow: Vec<IpNet>,
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub id: String,
+    pub name: String,
+    pub hash: KeyHash,
+    pub scopes: Vec<String>,
+    /// Unix milliseconds.
+    pub expires: Option<i64>,
+    pub revoked: bool,
+}

@@ -1,0 +1,266 @@
+//! The one error type for rejected requests, and its one mapping to HTTP.
+//!
+//! Every stage of the pipeline returns [`Reject`] when it refuses a request. [`Reject::problem`]
+//! turns it into an RFC 9457 `application/problem+json` body plus the headers it needs. Nothing
+//! else in the gateway writes an error response, so every rejection has the same shape, a stable
+//! `code`, and a `Content-Length` (keep-alive connections survive a rejection).
+
+use serde_json::{json, Map, Value};
+
+/// Why a request was refused. Each variant carries the numbers its response needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// 400: the request is malformed in a way the gateway will not guess about.
+    BadRequest { detail: String },
+    /// 400: a header that must appear at most once appeared twice (credential, tenant, host).
+    DuplicateHeader { header: String },
+    /// 431: the request head is larger than `server.max_header_bytes`.
+    HeadersTooLarge { limit: usize },
+    /// 401: no credential on a route that needs one.
+    MissingKey,
+    /// 401: the credential is malformed or matches no key.
+    InvalidKey,
+    /// 401: the key's `expires` is in the past.
+    KeyExpired,
+    /// 401: the key was revoked (or its rotation grace period ended).
+    KeyRevoked,
+    /// 403: the tenant is suspended.
+    TenantSuspended { tenant: String },
+    /// 403: the client address is outside the tenant's `ip_allow`.
+    IpNotAllowed { tenant: String },
+    /// 403: the key belongs to one tenant and the host, header or path names another.
+    TenantMismatch { key_tenant: String, claimed: String },
+    /// 404: a subdomain, header or path names a tenant that does not exist.
+    UnknownTenant { tenant: String },
+    /// 404: no rule matched and the rule set says `unmatched = "deny"`.
+    NoRoute,
+    /// 403: the key lacks scopes the rule requires.
+    InsufficientScope { missing: Vec<String> },
+    /// 403: the tenant's tier lacks a feature the rule requires.
+    FeatureNotInTier { feature: String, tier: String },
+    /// A rule's `deny` action, with the operator's status and message.
+    Denied { status: u16, message: String, rule: String },
+    /// 413: the body is larger than the rule's `max_body`.
+    BodyTooLarge { limit: u64 },
+    /// 502: no healthy server in the upstream pool, or it refused the connection.
+    UpstreamUnavailable { upstream: String },
+    /// 504: the upstream did not connect or answer within its timeout.
+    UpstreamTimeout { upstream: String },
+    /// 500: a bug or an unexpected internal failure. The detail is logged, not sent.
+    Internal,
+}
+
+/// A rendered problem: status, headers and body, ready to write.
+#[derive(Debug)]
+pub struct Problem {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reject {
+    /// The stable, machine-readable code. Also the suffix of the problem `type`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::BadRequest { .. } => "bad_request",
+            Reject::DuplicateHeader { .. } => "duplicate_header",
+            Reject::HeadersTooLarge { .. } => "headers_too_large",
+            Reject::MissingKey => "missing_key",
+            Reject::InvalidKey => "invalid_key",
+            Reject::KeyExpired => "key_expired",
+            Reject::KeyRevoked => "key_revoked",
+            Reject::TenantSuspended { .. } => "tenant_suspended",
+            Reject::IpNotAllowed { .. } => "ip_not_allowed",
+            Reject::TenantMismatch { .. } => "tenant_mismatch",
+            Reject::UnknownTenant { .. } => "unknown_tenant",
+            Reject::NoRoute => "no_route",
+            Reject::InsufficientScope { .. } => "insufficient_scope",
+            Reject::FeatureNotInTier { .. } => "feature_not_in_tier",
+            Reject::Denied { .. } => "denied",
+            Reject::BodyTooLarge { .. } => "body_too_large",
+            Reject::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Reject::UpstreamTimeout { .. } => "upstream_timeout",
+            Reject::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Reject::BadRequest { .. } | Reject::DuplicateHeader { .. } => 400,
+            Reject::HeadersTooLarge { .. } => 431,
+            Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => {
+                401
+            }
+            Reject::TenantSuspended { .. }
+            | Reject::IpNotAllowed { .. }
+            | Reject::TenantMismatch { .. }
+            | Reject::InsufficientScope { .. }
+            | Reject::FeatureNotInTier { .. } => 403,
+            Reject::UnknownTenant { .. } | Reject::NoRoute => 404,
+            Reject::Denied { status, .. } => *status,
+            Reject::BodyTooLarge { .. } => 413,
+            Reject::UpstreamUnavailable { .. } => 502,
+            Reject::UpstreamTimeout { .. } => 504,
+            Reject::Internal => 500,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Reject::BadRequest { .. } => "Bad request",
+            Reject::DuplicateHeader { .. } => "Duplicate header",
+            Reject::HeadersTooLarge { .. } => "Request headers too large",
+            Reject::MissingKey => "API key required",
+            Reject::InvalidKey => "Invalid API key",
+            Reject::KeyExpired => "API key expired",
+            Reject::KeyRevoked => "API key revoked",
+            Reject::TenantSuspended { .. } => "Tenant suspended",
+            Reject::IpNotAllowed { .. } => "Client address not allowed",
+            Reject::TenantMismatch { .. } => "Tenant mismatch",
+            Reject::UnknownTenant { .. } => "Unknown tenant",
+            Reject::NoRoute => "No route",
+            Reject::InsufficientScope { .. } => "Insufficient scope",
+            Reject::FeatureNotInTier { .. } => "Feature not in tier",
+            Reject::Denied { .. } => "Denied",
+            Reject::BodyTooLarge { .. } => "Request body too large",
+            Reject::UpstreamUnavailable { .. } => "Upstream unavailable",
+            Reject::UpstreamTimeout { .. } => "Upstream timeout",
+            Reject::Internal => "Internal error",
+        }
+    }
+
+    /// A sentence for a person, saying what happened and what to do next.
+    fn detail(&self) -> String {
+        match self {
+            Reject::BadRequest { detail } => detail.clone(),
+            Reject::DuplicateHeader { header } => format!(
+                "The `{header}` header appears more than once; send it exactly once."
+            ),
+            Reject::HeadersTooLarge { limit } => format!(
+                "The request headers exceed {limit} bytes; send fewer or smaller headers."
+            ),
+            Reject::MissingKey => "This route needs an API key. Send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`.".into(),
+            Reject::InvalidKey => "The API key is not recognised. Check that it was copied whole, or ask your administrator for a new one.".into(),
+            Reject::KeyExpired => "The API key has expired. Create or rotate a key to continue.".into(),
+            Reject::KeyRevoked => "The API key has been revoked. Use its replacement or create a new key.".into(),
+            Reject::TenantSuspended { tenant } => format!(
+                "Tenant `{tenant}` is suspended. Contact the API provider to reactivate it."
+            ),
+            Reject::IpNotAllowed { tenant } => format!(
+                "Your address is not in the allowlist of tenant `{tenant}`. Ask its administrator to add it."
+            ),
+            Reject::TenantMismatch { key_tenant, claimed } => format!(
+                "The API key belongs to tenant `{key_tenant}`, but the request names tenant `{claimed}`. Use a key of `{claimed}` or drop the conflicting host, header or path."
+            ),
+            Reject::UnknownTenant { tenant } => format!("No tenant is called `{tenant}`."),
+            Reject::NoRoute => "No route matches this method and path.".into(),
+            Reject::InsufficientScope { missing } => format!(
+                "The API key lacks the scope(s) this route needs: {}. Create a key with them.",
+                missing.join(", ")
+            ),
+            Reject::FeatureNotInTier { feature, tier } => format!(
+                "The `{tier}` tier does not include `{feature}`. Upgrade to a tier that has it."
+            ),
+            Reject::Denied { message, .. } => message.clone(),
+            Reject::BodyTooLarge { limit } => format!(
+                "The request body is larger than this route allows ({limit} bytes)."
+            ),
+            Reject::UpstreamUnavailable { upstream } => format!(
+                "The upstream `{upstream}` is unavailable. Retry later."
+            ),
+            Reject::UpstreamTimeout { upstream } => format!(
+                "The upstream `{upstream}` did not answer in time. Retry later."
+            ),
+            Reject::Internal => "The gateway hit an internal error. Retry; if it persists, report the request id.".into(),
+        }
+    }
+
+    fn extensions(&self, ext: &mut Map<String, Value>) {
+        match self {
+            Reject::TenantSuspended { tenant }
+            | Reject::IpNotAllowed { tenant }
+            | Reject::UnknownTenant { tenant } => {
+                ext.insert("tenant".into(), json!(tenant));
+            }
+            Reject::TenantMismatch { key_tenant, claimed } => {
+                ext.insert("tenant".into(), json!(key_tenant));
+                ext.insert("claimed_tenant".into(), json!(claimed));
+            }
+            Reject::InsufficientScope { missing } => {
+                ext.insert("missing_scopes".into(), json!(missing));
+            }
+            Reject::FeatureNotInTier { feature, tier } => {
+                ext.insert("feature".into(), json!(feature));
+                ext.insert("tier".into(), json!(tier));
+            }
+            Reject::Denied { rule, .. } => {
+                ext.insert("rule".into(), json!(rule));
+            }
+            Reject::BodyTooLarge { limit } => {
+                ext.insert("limit".into(), json!(limit));
+            }
+            Reject::HeadersTooLarge { limit } => {
+                ext.insert("limit".into(), json!(limit));
+            }
+            Reject::UpstreamUnavailable { upstream } | Reject::UpstreamTimeout { upstream } => {
+                ext.insert("upstream".into(), json!(upstream));
+            }
+            _ => {}
+        }
+    }
+
+    /// Renders the RFC 9457 problem document and its headers.
+    pub fn problem(&self, request_id: &str) -> Problem {
+        let status = self.status();
+        let mut doc = Map::new();
+        doc.insert("type".into(), json!(format!("urn:tollgate:error:{}", self.code())));
+        doc.insert("title".into(), json!(self.title()));
+        doc.insert("status".into(), json!(status));
+        doc.insert("detail".into(), json!(self.detail()));
+        doc.insert("code".into(), json!(self.code()));
+        doc.insert("request_id".into(), json!(request_id));
+        self.extensions(&mut doc);
+        let body = serde_json::to_vec(&Value::Object(doc)).unwrap_or_default();
+
+        let mut headers = vec![
+            ("content-type", "application/problem+json".to_string()),
+            ("content-length", body.len().to_string()),
+            ("cache-control", "no-store".to_string()),
+        ];
+        if matches!(self, Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked) {
+            let value = match self {
+                Reject::MissingKey => "Bearer".to_string(),
+                _ => format!("Bearer error=\"invalid_token\", error_description=\"{}\"", self.code()),
+            };
+            headers.push(("www-authenticate", value));
+        }
+        if !request_id.is_empty() {
+            headers.push(("x-request-id", request_id.to_string()));
+        }
+        Problem { status, headers, body }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_has_rfc9457_fields_and_length() {
+        let p = Reject::InsufficientScope { missing: vec!["generate".into()] }.problem("req-1");
+        assert_eq!(p.status, 403);
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(v["type"], "urn:tollgate:error:insufficient_scope");
+        assert_eq!(v["status"], 403);
+        assert_eq!(v["request_id"], "req-1");
+        assert_eq!(v["missing_scopes"][0], "generate");
+        let len = p.headers.iter().find(|(k, _)| *k == "content-length").unwrap();
+        assert_eq!(len.1, p.body.len().to_string());
+    }
+
+    #[test]
+    fn missing_key_challenges_with_bearer() {
+        let p = Reject::MissingKey.problem("r");
+        assert!(p.headers.iter().any(|(k, v)| *k == "www-authenticate" && v == "Bearer"));
+    }
+}

@@ -1,0 +1,19 @@
+//! Tollgate: a multi-tenant API gateway on Pingora.
+//!
+//! Every request is resolved to a tenant, authenticated by a hashed API key, authorized by
+//! declarative rules, and forwarded to the tenant tier's upstream pool. See `docs/` for the
+//! operator manual and [`pipeline`] for the request path.
+
+pub mod admin;
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod directory;
+pub mod echo;
+pub mod error;
+pub mod keys;
+pub mod pipeline;
+pub mod rules;
+pub mod runtime;
+pub mod upstream;

@@ -1,0 +1,73 @@
+//! Stage 2, authenticate: turn the presented key and tenant claims into a [`Principal`].
+//!
+//! The key is hashed and looked up in the directory snapshot; no store is consulted. An API key
+//! is authoritative: if a host, header or path names another tenant the answer is
+//! `tenant_mismatch`. Without a key the principal is anonymous, and only a public rule will
+//! accept it (see [`super::authorize`]).
+
+use super::resolve::Hints;
+use crate::directory::{Directory, Key, Tenant};
+use crate::error::Reject;
+use crate::keys::KeyHash;
+use std::sync::Arc;
+
+/// Who is calling, as far as the gateway can prove.
+#[derive(Debug)]
+pub enum Principal<'d> {
+    /// A valid, unexpired, unrevoked key of an active tenant, from an allowed address.
+    Keyed { key: &'d Key },
+    /// No key. `tenant` is what a non-key source named, if it exists.
+    Anonymous { tenant: Option<&'d Arc<Tenant>>, unknown: Option<String> },
+}
+
+impl<'d> Principal<'d> {
+    pub fn tenant(&self) -> Option<&'d Arc<Tenant>> {
+        match self {
+            Principal::Keyed { key } => Some(&key.tenant),
+            Principal::Anonymous { tenant, .. } => *tenant,
+        }
+    }
+}
+
+/// Runs the stage. `now_ms` comes from the injected clock.
+pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> Result<Principal<'d>, Reject> {
+    let Some(secret) = hints.credential else {
+        let tenant = hints.claim.as_ref().and_then(|c| dir.tenant(&c.tenant).or_else(|| {
+            (c.source == crate::config::Source::Subdomain).then(|| dir.tenant_by_subdomain(&c.tenant)).flatten()
+        }));
+        let unknown = match (&hints.claim, tenant) {
+            (Some(c), None) => Some(c.tenant.to_string()),
+            _ => None,
+        };
+        return Ok(Principal::Anonymous { tenant, unknown });
+    };
+    let key = dir.key(&KeyHash::of(secret)).ok_or(Reject::InvalidKey)?;
+    if key.revoked {
+        return Err(Reject::KeyRevoked);
+    }
+    if key.expires.is_some_and(|e| e <= now_ms) {
+        return Err(Reject::KeyExpired);
+    }
+    let tenant = &key.tenant;
+    if let Some(claim) = &hints.claim {
+        let same = *claim.tenant == *tenant.id
+            || (claim.source == crate::config::Source::Subdomain
+                && tenant.subdomains.iter().any(|s| *s == *claim.tenant));
+        if !same {
+            return Err(Reject::TenantMismatch { key_tenant: tenant.id.to_string(), claimed: claim.tenant.to_string() });
+        }
+    }
+    check_tenant(tenant, hints)?;
+    Ok(Principal::Keyed { key })
+}
+
+/// Status and address checks that apply to a tenant however it was identified.
+pub fn check_tenant(tenant: &Tenant, hints: &Hints<'_>) -> Result<(), Reject> {
+    if tenant.status == crate::config::TenantStatus::Suspended {
+        return Err(Reject::TenantSuspended { tenant: tenant.id.to_string() });
+    }
+    if !tenant.allows_ip(hints.client_ip) {
+        return Err(Reject::IpNotAllowed { tenant: tenant.id.to_string() });
+    }
+    Ok(())
+}

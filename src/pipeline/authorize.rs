@@ -1,0 +1,103 @@
+//! Stage 3, authorize: find the request's rule and apply its access actions.
+//!
+//! Takes the [`Principal`] from authentication and returns a [`Permit`], the only value the
+//! later stages (limits, forwarding) accept. A permit proves that the rule was found, the
+//! route's key and scope and feature requirements hold, and no `deny` or body limit refused
+//! the request.
+
+use super::authenticate::{check_tenant, Principal};
+use super::resolve::Hints;
+use crate::directory::{Key, Tenant};
+use crate::error::Reject;
+use crate::rules::matcher::RequestView;
+use crate::rules::{Rule, RuleSet};
+use http::Method;
+use pingora::http::RequestHeader;
+use std::sync::Arc;
+
+/// Proof that a request may proceed, and what it may proceed with.
+#[derive(Debug)]
+pub struct Permit<'d> {
+    pub rule: &'d Arc<Rule>,
+    pub tenant: Option<&'d Arc<Tenant>>,
+    pub key: Option<&'d Key>,
+}
+
+/// Runs the stage.
+pub fn authorize<'d>(
+    rules: &'d RuleSet,
+    req: &RequestHeader,
+    hints: &Hints<'_>,
+    principal: Principal<'d>,
+) -> Result<Permit<'d>, Reject> {
+    let tenant = principal.tenant();
+    let view = RequestView {
+        method: &req.method,
+        host: &hints.host,
+        path: &hints.path,
+        query: hints.query,
+        headers: &req.headers,
+        tier: tenant.map(|t| &*t.tier.name),
+        tenant: tenant.map(|t| &*t.id),
+    };
+    let rule = rules.find(&view).ok_or(Reject::NoRoute)?;
+    let a = &rule.actions;
+    if let Some((status, message)) = &a.deny {
+        return Err(Reject::Denied { status: *status, message: message.clone(), rule: rule.name.to_string() });
+    }
+    let key = match principal {
+        Principal::Keyed { key } => Some(key),
+        Principal::Anonymous { tenant, unknown } => {
+            if !a.public {
+                return Err(Reject::MissingKey);
+            }
+            if let Some(t) = unknown {
+                return Err(Reject::UnknownTenant { tenant: t });
+            }
+            if let Some(t) = tenant {
+                check_tenant(t, hints)?;
+            }
+            None
+        }
+    };
+    if let Some(k) = key {
+        let missing: Vec<String> =
+            a.require_scopes.iter().filter(|s| !k.has_scope(s)).map(|s| s.to_string()).collect();
+        if !missing.is_empty() {
+            return Err(Reject::InsufficientScope { missing });
+        }
+    }
+    if let Some(feature) = &a.require_feature {
+        match tenant {
+            Some(t) if t.tier.has_feature(feature) => {}
+            Some(t) => {
+                return Err(Reject::FeatureNotInTier { feature: feature.to_string(), tier: t.tier.name.to_string() })
+            }
+            // A public route without a tenant cannot have a tier feature.
+            None => return Err(Reject::MissingKey),
+        }
+    }
+    if let Some(limit) = a.max_body {
+        if let Some(len) = content_length(req)? {
+            if len > limit {
+                return Err(Reject::BodyTooLarge { limit });
+            }
+        }
+    }
+    Ok(Permit { rule, tenant, key })
+}
+
+fn content_length(req: &RequestHeader) -> Result<Option<u64>, Reject> {
+    if req.method == Method::GET && !req.headers.contains_key(http::header::CONTENT_LENGTH) {
+        return Ok(None);
+    }
+    match req.headers.get(http::header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(Reject::BadRequest { detail: "Content-Length is not a number.".into() }),
+    }
+}

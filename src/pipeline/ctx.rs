@@ -1,0 +1,93 @@
+//! Per-request state carried between Pingora's phases.
+
+use crate::directory::Tenant;
+use crate::error::Reject;
+use crate::rules::Rule;
+use crate::runtime::Runtime;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a request ended, for the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decision {
+    /// Still in progress, or the client went away before a decision.
+    #[default]
+    Pending,
+    /// Passed every stage and was sent upstream.
+    Forwarded,
+    /// Refused by the gateway with a problem response.
+    Rejected,
+    /// Sent upstream, which failed (502/504).
+    UpstreamError,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Pending => "aborted",
+            Decision::Forwarded => "forwarded",
+            Decision::Rejected => "rejected",
+            Decision::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Everything the later phases need from the earlier ones.
+pub struct RequestCtx {
+    pub started: Instant,
+    pub request_id: String,
+    /// The runtime snapshot this request runs on, from start to end.
+    pub runtime: Option<Arc<Runtime>>,
+    pub tenant: Option<Arc<Tenant>>,
+    pub key_id: Option<Arc<str>>,
+    pub rule: Option<Arc<Rule>>,
+    pub upstream: Option<Arc<str>>,
+    /// The path (and query) to send upstream when it differs from the client's.
+    pub upstream_uri: Option<String>,
+    pub client_ip: Option<IpAddr>,
+    /// The TCP peer, and whether it is a trusted proxy.
+    pub peer_ip: Option<IpAddr>,
+    pub peer_trusted: bool,
+    pub https: bool,
+    pub decision: Decision,
+    pub reject: Option<Reject>,
+    /// Rule `max_body`, enforced on streamed bodies.
+    pub body_limit: Option<u64>,
+    pub body_seen: u64,
+    pub upstream_started: Option<Instant>,
+    pub upstream_time: Option<Duration>,
+    pub status: u16,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            runtime: None,
+            tenant: None,
+            key_id: None,
+            rule: None,
+            upstream: None,
+            upstream_uri: None,
+            client_ip: None,
+            peer_ip: None,
+            peer_trusted: false,
+            https: false,
+            decision: Decision::Pending,
+            reject: None,
+            body_limit: None,
+            body_seen: 0,
+            upstream_started: None,
+            upstream_time: None,
+            status: 0,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,268 @@
+//! The request pipeline, and the Pingora `ProxyHttp` impl that sequences it.
+//!
+//! ```text
+//!  request_filter ─► resolve ─► authenticate ─► authorize ─┐      (reject: problem+json, Ok(true))
+//!                    Hints      Principal       Permit     │
+//!  request_body_filter: counts streamed bodies against the rule's max_body
+//!  upstream_peer ────────────────────────────────► forward::peer (round robin, timeouts)
+//!  upstream_request_filter ──────────────────────► forward::upstream_request (header hygiene)
+//!  response_filter ──────────────────────────────► forward::downstream_response
+//!  fail_to_proxy: upstream and body errors ──────► the same problem+json mapping (502/504/413)
+//!  logging: every request, every path ───────────► meter::record
+//! ```
+//!
+//! Each stage lives in its own module and takes what the previous one proved, so no request
+//! reaches `upstream_peer` without a `Permit`. This impl holds no policy of its own.
+
+pub mod authenticate;
+pub mod authorize;
+pub mod ctx;
+pub mod forward;
+pub mod meter;
+pub mod resolve;
+
+use crate::clock::SharedClock;
+use crate::directory::canonical_ip;
+use crate::error::Reject;
+use crate::runtime::SharedRuntime;
+use crate::upstream::Upstreams;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ctx::{Decision, RequestCtx};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The gateway service.
+pub struct Gateway {
+    pub runtime: SharedRuntime,
+    pub upstreams: Arc<Upstreams>,
+    pub clock: SharedClock,
+}
+
+/// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
+fn request_id(req: &RequestHeader) -> String {
+    if let Some(v) = req.headers.get("x-request-id") {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            if let Ok(s) = v.to_str() {
+                return s.to_string();
+            }
+        }
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Gateway {
+    /// Runs resolve → authenticate → authorize and records what later phases need.
+    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Reject> {
+        let rt = self.runtime.load_full();
+        let req = session.req_header();
+        ctx.request_id = request_id(req);
+        let cfg = &rt.config;
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| canonical_ip(a.ip()));
+        ctx.peer_ip = peer;
+        ctx.peer_trusted = peer.is_some_and(|p| cfg.tenancy.trusted_proxies.iter().any(|n| n.contains(&p)));
+        ctx.https = session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some();
+
+        let hints = resolve::resolve(&cfg.tenancy, cfg.server.max_header_bytes, req, peer)?;
+        ctx.client_ip = hints.client_ip;
+        let principal = authenticate::authenticate(&rt.directory, &hints, self.clock.now_millis())?;
+        ctx.tenant = principal.tenant().cloned();
+        if let authenticate::Principal::Keyed { key } = &principal {
+            ctx.key_id = Some(key.id.clone());
+        }
+        let permit = authorize::authorize(&cfg.rules, req, &hints, principal)?;
+        ctx.rule = Some(permit.rule.clone());
+        ctx.body_limit = permit.rule.actions.max_body;
+        ctx.upstream = Some(forward_target(cfg, &permit)?);
+        if hints.path_rewritten {
+            let mut uri = hints.path.to_string();
+            if let Some(q) = hints.query {
+                uri.push('?');
+                uri.push_str(q);
+            }
+            ctx.upstream_uri = Some(uri);
+        }
+        drop(hints);
+        ctx.runtime = Some(rt);
+        Ok(())
+    }
+}
+
+/// The upstream a permitted request goes to: the rule's, else the tenant tier's, else the pool
+/// named `default`, else the only pool there is.
+fn forward_target(cfg: &crate::config::Config, permit: &authorize::Permit<'_>) -> Result<Arc<str>, Reject> {
+    if let Some(u) = &permit.rule.actions.upstream {
+        return Ok(u.clone());
+    }
+    if let Some(t) = permit.tenant {
+        return Ok(t.tier.upstream.clone());
+    }
+    if cfg.upstreams.contains_key("default") {
+        return Ok("default".into());
+    }
+    if cfg.upstreams.len() == 1 {
+        if let Some(name) = cfg.upstreams.keys().next() {
+            return Ok(name.as_str().into());
+        }
+    }
+    Err(Reject::UpstreamUnavailable { upstream: "(none)".into() })
+}
+
+/// Writes a rejection. The one place a problem response is sent.
+async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject) {
+    let problem = reject.problem(&ctx.request_id);
+    ctx.status = problem.status;
+    ctx.reject = Some(reject);
+    if session.response_written().is_some() {
+        // Headers already went out (an error mid-stream): the connection just closes.
+        return;
+    }
+    let Ok(mut resp) = ResponseHeader::build(problem.status, Some(problem.headers.len())) else { return };
+    for (k, v) in problem.headers {
+        let _ = resp.insert_header(k, v);
+    }
+    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+        let _ = session.write_response_body(Some(Bytes::from(problem.body)), true).await;
+    }
+}
+
+/// Maps a Pingora error to the gateway's error, `None` when the client is already gone.
+fn classify(e: &pingora::Error, ctx: &RequestCtx) -> Option<Reject> {
+    if let Some(r) = &ctx.reject {
+        return Some(r.clone());
+    }
+    let upstream = ctx.upstream.as_deref().unwrap_or("-").to_string();
+    match e.esource() {
+        ErrorSource::Upstream => match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Some(Reject::UpstreamTimeout { upstream })
+            }
+            _ => Some(Reject::UpstreamUnavailable { upstream }),
+        },
+        ErrorSource::Downstream => match e.etype() {
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => None,
+            _ => Some(Reject::BadRequest { detail: "The request could not be read.".into() }),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
+            ErrorType::ConnectTimedout => Some(Reject::UpstreamTimeout { upstream }),
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+                Some(Reject::UpstreamUnavailable { upstream })
+            }
+            _ => Some(Reject::Internal),
+        },
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.admit(session, ctx) {
+            Ok(()) => Ok(false),
+            Err(reject) => {
+                ctx.decision = Decision::Rejected;
+                respond(session, ctx, reject).await;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
+            ctx.body_seen += chunk.len() as u64;
+            if ctx.body_seen > limit {
+                ctx.reject = Some(Reject::BodyTooLarge { limit });
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the rule's max_body");
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started = Some(Instant::now());
+        forward::peer(&self.upstreams, ctx).map_err(|reject| {
+            ctx.reject = Some(reject);
+            Error::explain(ErrorType::HTTPStatus(502), "no upstream server available")
+        })
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.decision = Decision::Forwarded;
+        let host = ctx.upstream.as_deref().and_then(|u| self.upstreams.get(u)).and_then(|p| p.config.host.as_deref());
+        forward::upstream_request(upstream_request, ctx, host)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.status = upstream_response.status.as_u16();
+        forward::downstream_response(upstream_response, ctx)
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if end_of_stream {
+            if let Some(start) = ctx.upstream_started {
+                ctx.upstream_time = Some(start.elapsed());
+            }
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        if ctx.upstream_time.is_none() {
+            ctx.upstream_time = ctx.upstream_started.map(|s| s.elapsed());
+        }
+        let reject = classify(e, ctx);
+        let code = match reject {
+            Some(reject) => {
+                ctx.decision = match reject {
+                    Reject::UpstreamTimeout { .. } | Reject::UpstreamUnavailable { .. } => Decision::UpstreamError,
+                    _ => Decision::Rejected,
+                };
+                respond(session, ctx, reject).await;
+                ctx.status
+            }
+            None => 0,
+        };
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let access_log = ctx.runtime.as_ref().map(|r| r.config.log.access_log).unwrap_or(true);
+        meter::record(session, ctx, access_log);
+    }
+}

@@ -1,0 +1,156 @@
+//! The rule file schema: serde structs that mirror `lua-free-rules/*.toml`.
+//!
+//! A rule file may hold `unmatched`, `metrics`, `[defaults]` and `[[rule]]` tables. The main
+//! config file may hold the same keys; they are read with the same code.
+
+use crate::config::diag::{Diagnostics, SourceFile};
+use crate::config::file::{de_unit, IntOrStr, SStr};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::de::{DeString, DeValue};
+use toml::Spanned;
+
+/// Top-level keys that belong to the rule format.
+pub const TOP_LEVEL_KEYS: &[&str] = &["rule", "defaults", "unmatched", "metrics"];
+
+/// A header or query condition: `true` means present, a string means equal to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Presence {
+    Present(bool),
+    Equals(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct MatchFile {
+    pub host: Option<SStr>,
+    pub path: Option<SStr>,
+    pub path_prefix: Option<SStr>,
+    pub path_glob: Option<SStr>,
+    pub methods: Option<Vec<SStr>>,
+    pub headers: Option<BTreeMap<String, Spanned<Presence>>>,
+    pub query: Option<BTreeMap<String, Spanned<Presence>>>,
+    pub tiers: Option<Vec<SStr>>,
+    pub tenants: Option<Vec<SStr>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DenyFile {
+    pub status: Option<Spanned<i64>>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateFile {
+    pub requests_per_second: Option<Spanned<i64>>,
+    pub requests_per_minute: Option<Spanned<i64>>,
+    pub requests_per_hour: Option<Spanned<i64>>,
+    pub burst: Option<Spanned<i64>>,
+    pub mode: Option<SStr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChargeFile {
+    pub metric: Option<SStr>,
+    pub cost: Option<Spanned<i64>>,
+    pub cost_from_header: Option<SStr>,
+    pub cost_from_query: Option<SStr>,
+    pub max_cost: Option<Spanned<i64>>,
+    pub settle_from_header: Option<SStr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaFile {
+    pub limit: Option<Spanned<i64>>,
+    pub period: Option<SStr>,
+    pub enforcement: Option<SStr>,
+    pub overage: Option<Spanned<i64>>,
+}
+
+/// A `[[rule]]` table, or `[defaults]` (which may not have `name` or `match`). One struct for
+/// both, because serde's `flatten` would hide unknown keys and lose spans.
+#[derive(Debug, Default, Deserialize)]
+pub struct ActionsFile {
+    pub name: Option<SStr>,
+    #[serde(rename = "match")]
+    pub matcher: Option<Spanned<MatchFile>>,
+    pub public: Option<Spanned<bool>>,
+    pub require_scopes: Option<Vec<SStr>>,
+    pub require_feature: Option<SStr>,
+    pub deny: Option<Spanned<DenyFile>>,
+    pub upstream: Option<SStr>,
+    pub set_request_headers: Option<BTreeMap<String, SStr>>,
+    pub remove_request_headers: Option<Vec<SStr>>,
+    pub set_response_headers: Option<BTreeMap<String, SStr>>,
+    pub remove_response_headers: Option<Vec<SStr>>,
+    pub max_body: Option<Spanned<IntOrStr>>,
+    pub timeout: Option<SStr>,
+    pub pass_credentials: Option<bool>,
+    pub priority: Option<Spanned<i64>>,
+    pub rate: Option<BTreeMap<String, Spanned<RateFile>>>,
+    pub charge: Option<Spanned<ChargeFile>>,
+    pub quota: Option<BTreeMap<String, BTreeMap<String, Spanned<QuotaFile>>>>,
+}
+
+/// One rule file (or the rule part of the main file), after reading.
+#[derive(Debug, Default)]
+pub struct RuleFile {
+    pub src: Option<SourceFile>,
+    pub unmatched: Option<SStr>,
+    pub metrics: Vec<SStr>,
+    pub defaults: Option<Spanned<ActionsFile>>,
+    pub rules: Vec<Spanned<ActionsFile>>,
+}
+
+/// Reads the rule tables of a document whose top-level keys were already split out.
+pub fn parse_rule_tables(
+    src: &SourceFile,
+    tables: Vec<(&Spanned<DeString<'_>>, &Spanned<DeValue<'_>>)>,
+    diags: &mut Diagnostics,
+) -> RuleFile {
+    let mut out = RuleFile { src: Some(src.clone()), ..RuleFile::default() };
+    for (key, value) in tables {
+        match key.get_ref().as_ref() {
+            "unmatched" => out.unmatched = de_unit(src, value, diags),
+            "metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
+            "defaults" => {
+                out.defaults = de_unit::<ActionsFile>(src, value, diags).map(|d| Spanned::new(value.span(), d))
+            }
+            "rule" => match value.get_ref() {
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        if let Some(r) = de_unit::<ActionsFile>(src, item, diags) {
+                            out.rules.push(Spanned::new(item.span(), r));
+                        }
+                    }
+                }
+                _ => diags.error_at(src, value.span(), "`rule` must be an array of tables: write each rule as `[[rule]]`"),
+            },
+            other => diags.error_at(src, key.span(), format!("unknown key `{other}`")),
+        }
+    }
+    out
+}
+
+/// Parses a whole rule file.
+pub fn parse_rule_file(src: &SourceFile, diags: &mut Diagnostics) -> RuleFile {
+    let Some(root) = crate::config::file::parse_document(src, diags) else {
+        return RuleFile { src: Some(src.clone()), ..RuleFile::default() };
+    };
+    let mut tables = Vec::new();
+    for (key, value) in root.get_ref().iter() {
+        if TOP_LEVEL_KEYS.contains(&key.get_ref().as_ref()) {
+            tables.push((key, value));
+        } else {
+            diags.error_at(
+                src,
+                key.span(),
+                format!(
+                    "unknown key `{}` in a rule file; a rule file holds rule, defaults, unmatched and metrics",
+                    key.get_ref()
+                ),
+            );
+        }
+    }
+    parse_rule_tables(src, tables, diags)
+}

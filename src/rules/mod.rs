@@ -1,0 +1,809 @@
+//! Lua-free rules: declarative route policies, validated and compiled once at load time.
+//!
+//! A request's rule is the first rule, in file order, whose every `match` condition holds.
+//! [`RuleSet::find`] answers that through an index (exact paths in a hash table, prefixes in a
+//! byte trie, globs in a segment trie), so its cost depends on the path, not on the number of
+//! rules. Actions from `[defaults]` are merged into each rule at compile time, so the hot path
+//! reads one finished [`Rule`].
+
+pub mod explain;
+pub mod file;
+pub mod glob;
+pub mod matcher;
+
+use crate::config::diag::{Diagnostics, SourceFile};
+use crate::config::file::SStr;
+use crate::config::{size_value, units, TenantConfig, Tier, UpstreamConfig};
+use file::{ActionsFile, MatchFile, Presence, RuleFile};
+use glob::Glob;
+use http::{HeaderName, HeaderValue, Method};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// Metrics every gateway has without declaring them.
+pub const BUILTIN_METRICS: &[&str] = &["requests"];
+
+/// What the rule compiler may check references against.
+pub struct RefContext<'a> {
+    pub tiers: &'a BTreeMap<String, Arc<Tier>>,
+    pub upstreams: &'a BTreeMap<String, UpstreamConfig>,
+    pub tenants: &'a [TenantConfig],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com` is stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.is_char_boundary(host.len() - s.len())
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Glob(Glob),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Glob(g) => g.matches(path),
+        }
+    }
+}
+
+/// A header or query condition: `None` means "present", `Some(v)` means "equals v".
+pub type Cond<K> = (K, Option<String>);
+
+/// The compiled `match` of a rule. Every present condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Conditions {
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    pub methods: Option<Vec<Method>>,
+    pub headers: Vec<Cond<HeaderName>>,
+    pub query: Vec<Cond<String>>,
+    pub tiers: Option<Vec<Arc<str>>>,
+    pub tenants: Option<Vec<String>>,
+}
+
+/// Rate limit spec of a rule or tier: `limit` requests per `period`, plus `burst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateSpec {
+    pub limit: u32,
+    pub period: Duration,
+    pub burst: u32,
+    pub global: bool,
+}
+
+/// Where the cost of a charge comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CostSource {
+    Constant(u64),
+    Header(HeaderName),
+    Query(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub metric: Arc<str>,
+    pub cost: CostSource,
+    pub max_cost: Option<u64>,
+    pub settle_from_header: Option<HeaderName>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Minute,
+    Hour,
+    Day,
+    Month,
+    Never,
+}
+
+impl Period {
+    pub fn parse(s: &str) -> Option<Period> {
+        Some(match s {
+            "minute" => Period::Minute,
+            "hour" => Period::Hour,
+            "day" => Period::Day,
+            "month" => Period::Month,
+            "never" => Period::Never,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSpec {
+    pub limit: u64,
+    pub period: Period,
+    pub hard: bool,
+    pub overage_percent: u32,
+}
+
+/// The actions of a rule, with `[defaults]` already merged in.
+#[derive(Debug, Clone, Default)]
+pub struct Actions {
+    pub public: bool,
+    pub require_scopes: Vec<Arc<str>>,
+    pub require_feature: Option<Arc<str>>,
+    pub deny: Option<(u16, String)>,
+    pub upstream: Option<Arc<str>>,
+    pub set_request_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_request_headers: Vec<HeaderName>,
+    pub set_response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_response_headers: Vec<HeaderName>,
+    pub max_body: Option<u64>,
+    pub timeout: Option<Duration>,
+    pub pass_credentials: bool,
+    pub priority: i64,
+    /// Keyed by tier name, or `default`.
+    pub rate: BTreeMap<String, RateSpec>,
+    pub charge: Option<Charge>,
+    /// Keyed by tier name (or `default`), then metric.
+    pub quota: BTreeMap<String, BTreeMap<String, QuotaSpec>>,
+}
+
+impl Actions {
+    /// The rate that applies to `tier` on this rule, if the rule sets one.
+    pub fn rate_for(&self, tier: &str) -> Option<&RateSpec> {
+        self.rate.get(tier).or_else(|| self.rate.get("default"))
+    }
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// Position in evaluation order.
+    pub index: usize,
+    pub name: Arc<str>,
+    /// `file:line` of the rule, for explain output and logs.
+    pub origin: String,
+    pub when: Conditions,
+    pub actions: Actions,
+}
+
+/// What to do with a request no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Allow,
+    Deny,
+}
+
+/// All rules of a config, compiled.
+#[derive(Debug)]
+pub struct RuleSet {
+    pub rules: Vec<Arc<Rule>>,
+    /// The rule for unmatched requests under `unmatched = "allow"`: the defaults alone.
+    pub fallback: Option<Arc<Rule>>,
+    pub unmatched: Unmatched,
+    pub metrics: BTreeSet<String>,
+    index: matcher::Index,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        let fallback = Some(Arc::new(Rule {
+            index: usize::MAX,
+            name: "default".into(),
+            origin: "(no rule matched; unmatched = \"allow\")".into(),
+            when: Conditions::default(),
+            actions: Actions::default(),
+        }));
+        RuleSet {
+            rules: Vec::new(),
+            fallback,
+            unmatched: Unmatched::Allow,
+            metrics: BUILTIN_METRICS.iter().map(|s| s.to_string()).collect(),
+            index: matcher::Index::default(),
+        }
+    }
+}
+
+impl RuleSet {
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule that matches, or the fallback; `None` means "deny as no_route".
+    pub fn find(&self, req: &matcher::RequestView<'_>) -> Option<&Arc<Rule>> {
+        match self.index.find(&self.rules, req) {
+            Some(i) => self.rules.get(i),
+            None => self.fallback.as_ref(),
+        }
+    }
+}
+
+struct Compiler<'a, 'c> {
+    ctx: &'a RefContext<'c>,
+    features: BTreeSet<&'c str>,
+    metrics: BTreeSet<String>,
+    diags: &'a mut Diagnostics,
+}
+
+/// Compiles rule files into a [`RuleSet`], reporting every problem into `diags`.
+pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnostics) -> RuleSet {
+    let mut metrics: BTreeSet<String> = BUILTIN_METRICS.iter().map(|s| s.to_string()).collect();
+    for f in &files {
+        for m in &f.metrics {
+            metrics.insert(m.get_ref().clone());
+        }
+    }
+    let features = ctx.tiers.values().flat_map(|t| t.features.iter().map(|f| &**f)).collect();
+    let mut c = Compiler { ctx, features, metrics, diags };
+
+    // unmatched: every file that sets it must agree.
+    let mut unmatched: Option<(Unmatched, String)> = None;
+    for f in &files {
+        let (Some(u), Some(src)) = (&f.unmatched, &f.src) else { continue };
+        let val = match u.get_ref().as_str() {
+            "allow" => Unmatched::Allow,
+            "deny" => Unmatched::Deny,
+            other => {
+                c.diags.error_at(src, u.span(), format!("unknown `unmatched` value `{other}`; use `allow` or `deny`"));
+                continue;
+            }
+        };
+        match &unmatched {
+            Some((prev, at)) if *prev != val => {
+                c.diags.error_at(src, u.span(), format!("`unmatched` is set differently in {at}; set it in one file"))
+            }
+            _ => unmatched = Some((val, src.path.display().to_string())),
+        }
+    }
+    let unmatched = unmatched.map(|u| u.0).unwrap_or(Unmatched::Allow);
+
+    // defaults: merged across files; a field set in two files is an error.
+    let mut defaults = Actions::default();
+    let mut defaults_seen: HashMap<&'static str, String> = HashMap::new();
+    for f in &files {
+        let (Some(d), Some(src)) = (&f.defaults, &f.src) else { continue };
+        let dref = d.get_ref();
+        if let Some(n) = &dref.name {
+            c.diags.error_at(src, n.span(), "`[defaults]` cannot have a `name`");
+        }
+        if let Some(m) = &dref.matcher {
+            c.diags.error_at(src, m.span(), "`[defaults]` cannot have a `match`; defaults apply to every rule");
+        }
+        let compiled = c.actions(src, dref, None);
+        for field in set_fields(dref) {
+            if let Some(prev) = defaults_seen.get(field) {
+                c.diags.error_at(src, d.span(), format!("`defaults.{field}` is also set in {prev}; set it in one file"));
+            }
+            defaults_seen.insert(field, src.path.display().to_string());
+        }
+        defaults = merge(&defaults, &compiled, dref_fields(dref));
+    }
+
+    let mut rules: Vec<Arc<Rule>> = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    for f in &files {
+        let Some(src) = &f.src else { continue };
+        for r in &f.rules {
+            let rf = r.get_ref();
+            let (line, _) = src.line_col(r.span().start);
+            let origin = format!("{}:{}", src.path.display(), line);
+            let name = match &rf.name {
+                Some(n) => {
+                    if let Some(prev) = names.get(n.get_ref()) {
+                        c.diags.error_at(src, n.span(), format!("rule name `{}` is already used at {prev}", n.get_ref()));
+                    }
+                    names.insert(n.get_ref().clone(), origin.clone());
+                    n.get_ref().clone()
+                }
+                None => {
+                    c.diags.error_at(src, r.span(), "a rule needs a `name`");
+                    continue;
+                }
+            };
+            let when = match &rf.matcher {
+                Some(m) => c.conditions(src, m),
+                None => Conditions::default(),
+            };
+            let own = c.actions(src, rf, Some(&name));
+            let actions = merge(&defaults, &own, dref_fields(rf));
+            if actions.public && !actions.require_scopes.is_empty() {
+                c.diags.error_at(src, r.span(), format!("rule `{name}` is public but requires scopes; a public route has no key to hold them"));
+            }
+            rules.push(Arc::new(Rule { index: rules.len(), name: name.into(), origin, when, actions }));
+        }
+    }
+
+    // Shadowing: a rule that an earlier, broader rule always wins over.
+    for (j, later) in rules.iter().enumerate() {
+        if let Some(earlier) = rules[..j].iter().find(|e| subsumes(&e.when, &later.when)) {
+            let (file, line) = split_origin(&later.origin);
+            c.diags.items.push(crate::config::Diagnostic {
+                severity: crate::config::Severity::Warning,
+                file: file.into(),
+                line,
+                col: 1,
+                message: format!(
+                    "rule `{}` can never match: rule `{}` ({}) comes first and matches everything it does",
+                    later.name, earlier.name, earlier.origin
+                ),
+            });
+        }
+    }
+
+    let fallback = match unmatched {
+        Unmatched::Allow => Some(Arc::new(Rule {
+            index: usize::MAX,
+            name: "default".into(),
+            origin: "(no rule matched; unmatched = \"allow\")".into(),
+            when: Conditions::default(),
+            actions: defaults,
+        })),
+        Unmatched::Deny => None,
+    };
+    let index = matcher::Index::build(&rules);
+    RuleSet { rules, fallback, unmatched, metrics: c.metrics, index }
+}
+
+fn split_origin(origin: &str) -> (String, usize) {
+    match origin.rsplit_once(':') {
+        Some((f, l)) => (f.to_string(), l.parse().unwrap_or(0)),
+        None => (origin.to_string(), 0),
+    }
+}
+
+/// Is every request that `later` matches also matched by `earlier`? Conservative: `false`
+/// when unsure, so a warning is never wrong.
+fn subsumes(earlier: &Conditions, later: &Conditions) -> bool {
+    let host = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(a), Some(b)) if a == b => true,
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => HostMatch::Suffix(s.clone()).matches(h),
+        (Some(HostMatch::Suffix(a)), Some(HostMatch::Suffix(b))) => b.ends_with(a.as_str()),
+        _ => false,
+    };
+    let path = match (&earlier.path, &later.path) {
+        (None, _) | (Some(PathMatch::Any), _) => true,
+        (Some(a), Some(b)) if a == b => true,
+        (Some(PathMatch::Prefix(p)), Some(PathMatch::Exact(e) | PathMatch::Prefix(e))) => e.starts_with(p.as_str()),
+        (Some(PathMatch::Glob(g)), Some(PathMatch::Exact(e))) => g.matches(e),
+        (Some(PathMatch::Exact(_) | PathMatch::Prefix(_) | PathMatch::Glob(_)), _) => false,
+    };
+    let methods = match (&earlier.methods, &later.methods) {
+        (None, _) => true,
+        (Some(a), Some(b)) => b.iter().all(|m| a.contains(m)),
+        (Some(_), None) => false,
+    };
+    let subset = |a: &Option<Vec<Arc<str>>>, b: &Option<Vec<Arc<str>>>| match (a, b) {
+        (None, _) => true,
+        (Some(a), Some(b)) => b.iter().all(|x| a.contains(x)),
+        (Some(_), None) => false,
+    };
+    let tenants = match (&earlier.tenants, &later.tenants) {
+        (None, _) => true,
+        (Some(a), Some(b)) => b.iter().all(|x| a.contains(x)),
+        (Some(_), None) => false,
+    };
+    host
+        && path
+        && methods
+        && subset(&earlier.tiers, &later.tiers)
+        && tenants
+        && earlier.headers.iter().all(|h| later.headers.contains(h))
+        && earlier.query.iter().all(|q| later.query.contains(q))
+}
+
+/// Which action fields a table sets, for merging over defaults.
+#[derive(Default, Clone, Copy)]
+struct Fields {
+    public: bool,
+    require_feature: bool,
+    deny: bool,
+    upstream: bool,
+    max_body: bool,
+    timeout: bool,
+    pass_credentials: bool,
+    priority: bool,
+    charge: bool,
+}
+
+fn dref_fields(a: &ActionsFile) -> Fields {
+    Fields {
+        public: a.public.is_some(),
+        require_feature: a.require_feature.is_some(),
+        deny: a.deny.is_some(),
+        upstream: a.upstream.is_some(),
+        max_body: a.max_body.is_some(),
+        timeout: a.timeout.is_some(),
+        pass_credentials: a.pass_credentials.is_some(),
+        priority: a.priority.is_some(),
+        charge: a.charge.is_some(),
+    }
+}
+
+fn set_fields(a: &ActionsFile) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    macro_rules! chk {
+        ($($f:ident),*) => { $( if a.$f.is_some() { v.push(stringify!($f)); } )* };
+    }
+    chk!(public, require_scopes, require_feature, deny, upstream, set_request_headers, remove_request_headers,
+        set_response_headers, remove_response_headers, max_body, timeout, pass_credentials, priority, rate, charge, quota);
+    v
+}
+
+/// Rule over defaults: scalars the rule sets win; lists are unioned; maps merge key by key.
+fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
+    fn union<T: Clone + PartialEq>(a: &[T], b: &[T]) -> Vec<T> {
+        let mut out = a.to_vec();
+        for x in b {
+            if !out.contains(x) {
+                out.push(x.clone());
+            }
+        }
+        out
+    }
+    fn merge_pairs(a: &[(HeaderName, HeaderValue)], b: &[(HeaderName, HeaderValue)]) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out: Vec<_> = a.iter().filter(|(k, _)| !b.iter().any(|(k2, _)| k2 == k)).cloned().collect();
+        out.extend(b.iter().cloned());
+        out
+    }
+    let pick = |s: bool| s;
+    Actions {
+        public: if pick(set.public) { own.public } else { defaults.public },
+        require_scopes: union(&defaults.require_scopes, &own.require_scopes),
+        require_feature: if set.require_feature { own.require_feature.clone() } else { defaults.require_feature.clone() },
+        deny: if set.deny { own.deny.clone() } else { defaults.deny.clone() },
+        upstream: if set.upstream { own.upstream.clone() } else { defaults.upstream.clone() },
+        set_request_headers: merge_pairs(&defaults.set_request_headers, &own.set_request_headers),
+        remove_request_headers: union(&defaults.remove_request_headers, &own.remove_request_headers),
+        set_response_headers: merge_pairs(&defaults.set_response_headers, &own.set_response_headers),
+        remove_response_headers: union(&defaults.remove_response_headers, &own.remove_response_headers),
+        max_body: if set.max_body { own.max_body } else { defaults.max_body },
+        timeout: if set.timeout { own.timeout } else { defaults.timeout },
+        pass_credentials: if set.pass_credentials { own.pass_credentials } else { defaults.pass_credentials },
+        priority: if set.priority { own.priority } else { defaults.priority },
+        rate: {
+            let mut r = defaults.rate.clone();
+            r.extend(own.rate.clone());
+            r
+        },
+        charge: if set.charge { own.charge.clone() } else { defaults.charge.clone() },
+        quota: {
+            let mut q = defaults.quota.clone();
+            for (tier, metrics) in &own.quota {
+                q.entry(tier.clone()).or_default().extend(metrics.clone());
+            }
+            q
+        },
+    }
+}
+
+fn positive(v: &Spanned<i64>, what: &str, src: &SourceFile, diags: &mut Diagnostics) -> Option<u64> {
+    if *v.get_ref() > 0 {
+        Some(*v.get_ref() as u64)
+    } else {
+        diags.error_at(src, v.span(), format!("`{what}` must be a positive number"));
+        None
+    }
+}
+
+impl Compiler<'_, '_> {
+    fn header(&mut self, src: &SourceFile, s: &SStr) -> Option<HeaderName> {
+        match HeaderName::from_bytes(s.get_ref().to_ascii_lowercase().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.diags.error_at(src, s.span(), format!("`{}` is not a valid header name", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn header_pairs(&mut self, src: &SourceFile, m: &Option<BTreeMap<String, SStr>>) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = Vec::new();
+        for (k, v) in m.iter().flatten() {
+            let name = match HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.diags.error_at(src, v.span(), format!("`{k}` is not a valid header name"));
+                    continue;
+                }
+            };
+            match HeaderValue::from_str(v.get_ref()) {
+                Ok(val) => out.push((name, val)),
+                Err(_) => self.diags.error_at(src, v.span(), format!("the value of header `{k}` has characters a header cannot carry")),
+            }
+        }
+        out
+    }
+
+    fn metric(&mut self, src: &SourceFile, m: &SStr) -> Arc<str> {
+        if !self.metrics.contains(m.get_ref()) {
+            let known: Vec<&str> = self.metrics.iter().map(String::as_str).collect();
+            self.diags.error_at(
+                src,
+                m.span(),
+                format!("metric `{}` is not declared; declare it with `metrics = [\"{}\"]` (declared: {})", m.get_ref(), m.get_ref(), known.join(", ")),
+            );
+        }
+        m.get_ref().as_str().into()
+    }
+
+    fn tier_key(&mut self, src: &SourceFile, key: &str, span: std::ops::Range<usize>) {
+        if key != "default" && !self.ctx.tiers.contains_key(key) {
+            self.diags.error_at(src, span, format!("`{key}` is not a tier; use a defined tier name or `default`"));
+        }
+    }
+
+    fn conditions(&mut self, src: &SourceFile, m: &Spanned<MatchFile>) -> Conditions {
+        let mf = m.get_ref();
+        let mut c = Conditions::default();
+        if let Some(h) = &mf.host {
+            let v = h.get_ref().to_ascii_lowercase();
+            c.host = Some(match v.strip_prefix('*') {
+                Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => HostMatch::Suffix(suffix.to_string()),
+                Some(_) => {
+                    self.diags.error_at(src, h.span(), "a host wildcard must look like `*.example.com`");
+                    HostMatch::Exact(v)
+                }
+                None if v.contains('*') => {
+                    self.diags.error_at(src, h.span(), "a host wildcard must look like `*.example.com`");
+                    HostMatch::Exact(v)
+                }
+                None => HostMatch::Exact(v),
+            });
+        }
+        let path_kinds = [&mf.path, &mf.path_prefix, &mf.path_glob].iter().filter(|p| p.is_some()).count();
+        if path_kinds > 1 {
+            self.diags.error_at(src, m.span(), "use only one of `path`, `path_prefix` and `path_glob` in a match");
+        }
+        for p in [&mf.path, &mf.path_prefix, &mf.path_glob].into_iter().flatten() {
+            if !p.get_ref().starts_with('/') {
+                self.diags.error_at(src, p.span(), format!("`{}` must start with `/`", p.get_ref()));
+            }
+        }
+        if let Some(p) = &mf.path {
+            c.path = Some(PathMatch::Exact(p.get_ref().clone()));
+        } else if let Some(p) = &mf.path_prefix {
+            c.path = Some(PathMatch::Prefix(p.get_ref().clone()));
+        } else if let Some(g) = &mf.path_glob {
+            match Glob::compile(g.get_ref()) {
+                Ok(glob) => c.path = Some(PathMatch::Glob(glob)),
+                Err(e) => self.diags.error_at(src, g.span(), e),
+            }
+        }
+        if let Some(ms) = &mf.methods {
+            let mut out = Vec::new();
+            for m in ms {
+                let up = m.get_ref().to_ascii_uppercase();
+                match Method::from_bytes(up.as_bytes()) {
+                    Ok(method) => out.push(method),
+                    Err(_) => self.diags.error_at(src, m.span(), format!("`{}` is not an HTTP method", m.get_ref())),
+                }
+            }
+            c.methods = Some(out);
+        }
+        for (k, v) in mf.headers.iter().flatten() {
+            let Ok(name) = HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()) else {
+                self.diags.error_at(src, v.span(), format!("`{k}` is not a valid header name"));
+                continue;
+            };
+            c.headers.push((name, self.presence(src, v)));
+        }
+        for (k, v) in mf.query.iter().flatten() {
+            c.query.push((k.clone(), self.presence(src, v)));
+        }
+        if let Some(ts) = &mf.tiers {
+            for t in ts {
+                if !self.ctx.tiers.contains_key(t.get_ref()) {
+                    self.diags.error_at(src, t.span(), format!("`{}` is not a tier", t.get_ref()));
+                }
+            }
+            c.tiers = Some(ts.iter().map(|t| Arc::from(t.get_ref().as_str())).collect());
+        }
+        if let Some(ts) = &mf.tenants {
+            for t in ts {
+                if !crate::config::valid_slug(t.get_ref()) {
+                    self.diags.error_at(src, t.span(), format!("`{}` is not a valid tenant id", t.get_ref()));
+                }
+            }
+            c.tenants = Some(ts.iter().map(|t| t.get_ref().clone()).collect());
+        }
+        c
+    }
+
+    fn presence(&mut self, src: &SourceFile, v: &Spanned<Presence>) -> Option<String> {
+        match v.get_ref() {
+            Presence::Present(true) => None,
+            Presence::Present(false) => {
+                self.diags.error_at(src, v.span(), "use `true` for \"present\" or a string for \"equals\"; `false` is not supported");
+                None
+            }
+            Presence::Equals(s) => Some(s.clone()),
+        }
+    }
+
+    fn actions(&mut self, src: &SourceFile, a: &ActionsFile, rule: Option<&str>) -> Actions {
+        let mut out = Actions { public: a.public.as_ref().is_some_and(|p| *p.get_ref()), ..Actions::default() };
+        for s in a.require_scopes.iter().flatten() {
+            if s.get_ref().is_empty() || s.get_ref().contains(char::is_whitespace) {
+                self.diags.error_at(src, s.span(), "a scope is a non-empty word without spaces");
+            }
+            out.require_scopes.push(s.get_ref().as_str().into());
+        }
+        if let Some(f) = &a.require_feature {
+            if !self.features.contains(f.get_ref().as_str()) {
+                let known: Vec<&str> = self.features.iter().copied().collect();
+                self.diags.error_at(src, f.span(), format!("feature `{}` is in no tier (features: {})", f.get_ref(), known.join(", ")));
+            }
+            out.require_feature = Some(f.get_ref().as_str().into());
+        }
+        if let Some(d) = &a.deny {
+            let status = match &d.get_ref().status {
+                None => 403,
+                Some(s) if (400..=599).contains(s.get_ref()) => *s.get_ref() as u16,
+                Some(s) => {
+                    self.diags.error_at(src, s.span(), "a deny `status` must be between 400 and 599");
+                    403
+                }
+            };
+            let message = d.get_ref().message.clone().unwrap_or_else(|| "This route is not available.".into());
+            out.deny = Some((status, message));
+        }
+        if let Some(u) = &a.upstream {
+            if !self.ctx.upstreams.contains_key(u.get_ref()) {
+                self.diags.error_at(src, u.span(), format!("upstream `{}` is not defined; add `[upstreams.{}]`", u.get_ref(), u.get_ref()));
+            }
+            out.upstream = Some(u.get_ref().as_str().into());
+        }
+        out.set_request_headers = self.header_pairs(src, &a.set_request_headers);
+        out.set_response_headers = self.header_pairs(src, &a.set_response_headers);
+        out.remove_request_headers = a.remove_request_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
+        out.remove_response_headers = a.remove_response_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
+        out.max_body = a.max_body.as_ref().and_then(|m| size_value(m, src, self.diags));
+        if let Some(t) = &a.timeout {
+            match units::parse_duration(t.get_ref()) {
+                Ok(d) if !d.is_zero() => out.timeout = Some(d),
+                Ok(_) => self.diags.error_at(src, t.span(), "a timeout of zero would fail every request"),
+                Err(e) => self.diags.error_at(src, t.span(), e),
+            }
+        }
+        out.pass_credentials = a.pass_credentials.unwrap_or(false);
+        out.priority = a.priority.as_ref().map(|p| *p.get_ref()).unwrap_or(0);
+        for (tier, r) in a.rate.iter().flatten() {
+            self.tier_key(src, tier, r.span());
+            let rf = r.get_ref();
+            let given: Vec<(&Spanned<i64>, Duration)> = [
+                (&rf.requests_per_second, Duration::from_secs(1)),
+                (&rf.requests_per_minute, Duration::from_secs(60)),
+                (&rf.requests_per_hour, Duration::from_secs(3600)),
+            ]
+            .into_iter()
+            .filter_map(|(v, d)| v.as_ref().map(|v| (v, d)))
+            .collect();
+            if given.len() != 1 {
+                self.diags.error_at(src, r.span(), "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour");
+                continue;
+            }
+            let (v, period) = given[0];
+            let Some(limit) = positive(v, "rate", src, self.diags) else { continue };
+            let burst = match &rf.burst {
+                Some(b) => positive(b, "burst", src, self.diags).unwrap_or(1),
+                None => limit,
+            };
+            let global = match rf.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("local") => false,
+                Some("global") => true,
+                Some(other) => {
+                    if let Some(m) = &rf.mode {
+                        self.diags.error_at(src, m.span(), format!("unknown rate mode `{other}`; use `local` or `global`"));
+                    }
+                    false
+                }
+            };
+            out.rate.insert(
+                tier.clone(),
+                RateSpec { limit: limit.min(u32::MAX as u64) as u32, period, burst: burst.min(u32::MAX as u64) as u32, global },
+            );
+        }
+        if let Some(ch) = &a.charge {
+            let cf = ch.get_ref();
+            let metric = match &cf.metric {
+                Some(m) => Some(self.metric(src, m)),
+                None => {
+                    self.diags.error_at(src, ch.span(), "a charge needs a `metric`");
+                    None
+                }
+            };
+            let sources = [cf.cost.is_some(), cf.cost_from_header.is_some(), cf.cost_from_query.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if sources > 1 {
+                self.diags.error_at(src, ch.span(), "a charge takes one of `cost`, `cost_from_header` and `cost_from_query`");
+            }
+            let cost = if let Some(c) = &cf.cost {
+                if *c.get_ref() < 0 {
+                    self.diags.error_at(src, c.span(), "a cost cannot be negative");
+                }
+                CostSource::Constant((*c.get_ref()).max(0) as u64)
+            } else if let Some(h) = &cf.cost_from_header {
+                CostSource::Header(self.header(src, h).unwrap_or(HeaderName::from_static("x-cost")))
+            } else if let Some(q) = &cf.cost_from_query {
+                CostSource::Query(q.get_ref().clone())
+            } else {
+                CostSource::Constant(1)
+            };
+            let max_cost = cf.max_cost.as_ref().and_then(|m| positive(m, "max_cost", src, self.diags));
+            let settle_from_header = cf.settle_from_header.as_ref().and_then(|h| self.header(src, h));
+            if let Some(metric) = metric {
+                out.charge = Some(Charge { metric, cost, max_cost, settle_from_header });
+            }
+        }
+        for (tier, metrics) in a.quota.iter().flatten() {
+            for (metric, q) in metrics {
+                self.tier_key(src, tier, q.span());
+                let m = Spanned::new(q.span(), metric.clone());
+                self.metric(src, &m);
+                let qf = q.get_ref();
+                let limit = match &qf.limit {
+                    Some(l) if *l.get_ref() >= 0 => *l.get_ref() as u64,
+                    Some(l) => {
+                        self.diags.error_at(src, l.span(), "a quota limit cannot be negative");
+                        0
+                    }
+                    None => {
+                        self.diags.error_at(src, q.span(), "a quota needs a `limit`");
+                        0
+                    }
+                };
+                let period = match &qf.period {
+                    Some(p) => Period::parse(p.get_ref()).unwrap_or_else(|| {
+                        self.diags.error_at(src, p.span(), format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()));
+                        Period::Month
+                    }),
+                    None => Period::Month,
+                };
+                let hard = match qf.enforcement.as_ref().map(|e| e.get_ref().as_str()) {
+                    None | Some("hard") => true,
+                    Some("soft") => false,
+                    Some(other) => {
+                        if let Some(e) = &qf.enforcement {
+                            self.diags.error_at(src, e.span(), format!("unknown enforcement `{other}`; use `hard` or `soft`"));
+                        }
+                        true
+                    }
+                };
+                let overage_percent = match &qf.overage {
+                    Some(o) if (0..=1000).contains(o.get_ref()) => *o.get_ref() as u32,
+                    Some(o) => {
+                        self.diags.error_at(src, o.span(), "`overage` is a percentage between 0 and 1000");
+                        0
+                    }
+                    None => 0,
+                };
+                out.quota.entry(tier.clone()).or_default().insert(metric.clone(), QuotaSpec { limit, period, hard, overage_percent });
+            }
+        }
+        let _ = rule;
+        out
+    }
+}

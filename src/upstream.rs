@@ -1,0 +1,73 @@
+//! Upstream pools: round-robin load balancers with health checks, one per `[upstreams.NAME]`.
+//!
+//! Pools are built once at startup. Health checks run as Pingora background services, so the
+//! hot path only asks the balancer for the next healthy backend.
+
+use crate::config::UpstreamConfig;
+use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::LoadBalancer;
+use pingora::services::background::{background_service, GenBackgroundService};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One pool and its settings.
+pub struct Pool {
+    pub config: UpstreamConfig,
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+}
+
+/// All pools, by name.
+#[derive(Default)]
+pub struct Upstreams {
+    pub pools: HashMap<Arc<str>, Pool>,
+}
+
+impl Upstreams {
+    /// Builds the pools. Returns the health-check services the server must run.
+    pub fn build(
+        configs: &std::collections::BTreeMap<String, UpstreamConfig>,
+    ) -> Result<(Upstreams, Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>), String> {
+        let mut pools = HashMap::new();
+        let mut services = Vec::new();
+        for (name, cfg) in configs {
+            let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(cfg.servers.iter().map(|a| a.to_string()))
+                .map_err(|e| format!("upstream `{name}`: {e}"))?;
+            let lb = match &cfg.health_check {
+                Some(hc) => {
+                    match &hc.path {
+                        Some(path) => {
+                            let host = cfg.host.clone().unwrap_or_else(|| "localhost".into());
+                            let mut check = HttpHealthCheck::new(&host, false);
+                            check
+                                .req
+                                .set_uri(path.parse().map_err(|_| format!("upstream `{name}`: bad health check path"))?);
+                            check.peer_template.options.connection_timeout = Some(cfg.connect_timeout);
+                            check.peer_template.options.read_timeout = Some(cfg.connect_timeout * 2);
+                            lb.set_health_check(Box::new(check));
+                        }
+                        None => {
+                            let mut check = TcpHealthCheck::new();
+                            check.peer_template.options.connection_timeout = Some(cfg.connect_timeout);
+                            lb.set_health_check(check);
+                        }
+                    }
+                    lb.health_check_frequency = Some(hc.interval);
+                    lb.parallel_health_check = true;
+                    let svc = background_service(&format!("health check {name}"), lb);
+                    let task = svc.task();
+                    services.push(svc);
+                    task
+                }
+                None => Arc::new(lb),
+            };
+            let key: Arc<str> = name.as_str().into();
+            pools.insert(key, Pool { config: cfg.clone(), lb });
+        }
+        Ok((Upstreams { pools }, services))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name)
+    }
+}
