@@ -28,8 +28,8 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Releases the next held event (now, or as soon as the stream waits for it).
     pub fn open(&self) {
-        self.notify.notify_waiters();
         self.notify.notify_one();
     }
 }

@@ -1,0 +1,501 @@
+//! The integration test harness: a real gateway binary on ephemeral ports, a real echo
+//! upstream, and a small HTTP/1.1 client that can send exactly the bytes a test wants
+//! (duplicate headers, huge headers, malformed credentials).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate::echo::{EchoState, Gate};
+use tollgate::keys::KeyHash;
+
+/// A port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// `sha256:<hex>` of a test secret.
+pub fn hash_of(secret: &str) -> String {
+    KeyHash::of(secret.as_bytes()).to_string()
+}
+
+/// The echo upstream, on its own runtime thread.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub state: Arc<EchoState>,
+    _shutdown: std::sync::mpsc::Sender<()>,
+}
+
+impl Echo {
+    pub fn start() -> Echo {
+        Self::start_with(EchoState::default())
+    }
+
+    /// An echo whose SSE streams wait on the returned gate between events.
+    pub fn gated() -> (Echo, Arc<Gate>) {
+        let gate = Arc::new(Gate::default());
+        let echo = Self::start_with(EchoState { gate: Some(gate.clone()), ..EchoState::default() });
+        (echo, gate)
+    }
+
+    fn start_with(state: EchoState) -> Echo {
+        let state = Arc::new(state);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let st = state.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let addr = tollgate::echo::spawn("127.0.0.1:0".parse().expect("addr"), st).await.expect("echo bind");
+                addr_tx.send(addr).expect("send addr");
+                // Stay up until the Echo is dropped.
+                tokio::task::spawn_blocking(move || {
+                    let _ = stop_rx.recv();
+                })
+                .await
+                .ok();
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("echo started");
+        Echo { addr, state, _shutdown: stop_tx }
+    }
+
+    pub fn hits(&self) -> u64 {
+        tollgate::echo::hits(&self.state)
+    }
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    child: Child,
+}
+
+/// Fills `{LISTEN}`, `{ADMIN}` and `{DIR}` in a config template.
+pub fn render(template: &str, listen: SocketAddr, admin: SocketAddr, dir: &std::path::Path) -> String {
+    template
+        .replace("{LISTEN}", &listen.to_string())
+        .replace("{ADMIN}", &admin.to_string())
+        .replace("{DIR}", &dir.display().to_string())
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+impl Gateway {
+    /// Writes the config (with `{LISTEN}`, `{ADMIN}`, `{DIR}` filled in) and starts the gateway.
+    pub fn start(template: &str) -> Gateway {
+        Self::start_in(temp_dir("gw"), template, &[])
+    }
+
+    /// Like `start`, writing `extra_files` (relative to the config's directory) first.
+    pub fn start_in(dir: PathBuf, template: &str, extra_files: &[(&str, &str)]) -> Gateway {
+        for (name, body) in extra_files {
+            let p = dir.join(name);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).expect("mkdir");
+            }
+            std::fs::write(p, body).expect("write extra file");
+        }
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config_path = dir.join("tollgate.toml");
+        std::fs::write(&config_path, render(template, listen, admin, &dir)).expect("write config");
+        let child = spawn_run(&config_path, &dir, &[]);
+        let mut gw = Gateway { addr: listen, admin, dir, config_path, child };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gateway exited early ({status}):\n{}", self.log());
+            }
+            let up = TcpStream::connect(self.addr).is_ok()
+                && get(self.admin, "/healthz", &[]).map(|r| r.status == 200).unwrap_or(false);
+            if up {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("gateway did not become ready:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        get(self.addr, path, headers).expect("request")
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        request(self.addr, method, path, headers, body).expect("request")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([format!("-{sig}"), self.child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit, up to `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Replaces the child process handle (after a zero-downtime upgrade).
+    pub fn replace_child(&mut self, child: Child) -> Child {
+        std::mem::replace(&mut self.child, child)
+    }
+}
+
+/// Starts `tollgate run -c CONFIG [args]`, stderr appended to DIR/stderr.log.
+pub fn spawn_run(config_path: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Child {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .expect("log file");
+    Command::new(bin())
+        .args(["run", "-c"])
+        .arg(config_path)
+        .args(args)
+        .env("RUST_LOG", "info,pingora=error")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn gateway")
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `code` of a problem+json body, after checking that it is one.
+    pub fn problem_code(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "not a problem: {self:?}");
+        let len: usize = self.header("content-length").and_then(|v| v.parse().ok()).expect("content-length");
+        assert_eq!(len, self.body.len());
+        let v = self.json();
+        assert_eq!(v["status"].as_u64(), Some(self.status as u64));
+        assert!(v["type"].as_str().is_some_and(|t| t.starts_with("urn:tollgate:error:")));
+        v["code"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// The headers the echo upstream received.
+    pub fn upstream_headers(&self) -> serde_json::Value {
+        self.json()["headers"].clone()
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_nodelay(true)?;
+        Ok(Conn { reader: BufReader::new(s) })
+    }
+
+    pub fn send_raw(&mut self, raw: &[u8]) -> std::io::Result<()> {
+        self.reader.get_mut().write_all(raw)
+    }
+
+    /// Reads the status line and headers.
+    pub fn read_head(&mut self) -> std::io::Result<(u16, Vec<(String, String)>)> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        Ok((status, headers))
+    }
+
+    /// Reads one chunk of a chunked body; `None` at the last chunk.
+    pub fn read_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let mut size_line = String::new();
+        self.reader.read_line(&mut size_line)?;
+        let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or("0"), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size {size_line:?}")))?;
+        if size == 0 {
+            let mut end = String::new();
+            self.reader.read_line(&mut end)?;
+            return Ok(None);
+        }
+        let mut data = vec![0u8; size + 2];
+        self.reader.read_exact(&mut data)?;
+        data.truncate(size);
+        Ok(Some(data))
+    }
+
+    pub fn read_response(&mut self, head_request: bool) -> std::io::Result<Resp> {
+        let (status, headers) = self.read_head()?;
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if head_request || status == 204 || status == 304 {
+            // no body
+        } else if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            while let Some(c) = self.read_chunk()? {
+                body.extend_from_slice(&c);
+            }
+        } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(len, 0);
+            self.reader.read_exact(&mut body)?;
+        } else {
+            self.reader.read_to_end(&mut body)?;
+        }
+        Ok(Resp { status, headers, body })
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+        self.send_raw(&build_request(method, path, headers, body))?;
+        self.read_response(method == "HEAD")
+    }
+}
+
+pub fn build_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        raw.push_str("host: localhost\r\n");
+    }
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if !body.is_empty() && !chunked && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+        raw.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    raw.push_str("\r\n");
+    let mut out = raw.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+    Conn::open(addr)?.request(method, path, headers, body)
+}
+
+pub fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Resp> {
+    request(addr, "GET", path, headers, b"")
+}
+
+pub const ACME_KEY: &str = "tg_live_acmeAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+pub const ACME_READONLY_KEY: &str = "tg_live_acmeReadOnlyBBBBBBBBBBBBBBBBBBBBBB";
+pub const GLOBEX_KEY: &str = "tg_live_globexCCCCCCCCCCCCCCCCCCCCCCCCCCCC";
+pub const EXPIRED_KEY: &str = "tg_live_expiredDDDDDDDDDDDDDDDDDDDDDDDDDDD";
+pub const REVOKED_KEY: &str = "tg_live_revokedEEEEEEEEEEEEEEEEEEEEEEEEEEE";
+pub const DORMANT_KEY: &str = "tg_live_dormantFFFFFFFFFFFFFFFFFFFFFFFFFFF";
+pub const FORTRESS_KEY: &str = "tg_live_fortressGGGGGGGGGGGGGGGGGGGGGGGGGG";
+
+/// The pieces a test adds to [`standard_config`].
+#[derive(Default)]
+pub struct Extra<'a> {
+    /// Top-level keys, placed before any table (`include`, `unmatched`, `metrics`).
+    pub top: &'a str,
+    /// Extra lines inside `[tenancy]`.
+    pub tenancy: &'a str,
+    /// Extra lines inside `[server]`.
+    pub server: &'a str,
+    /// Tables appended at the end (`[[rule]]`, more tenants).
+    pub tail: &'a str,
+}
+
+/// A config with tiers, tenants and keys for every authentication outcome, in front of `echo`.
+/// The `dead` upstream points at a port nobody listens on.
+pub fn standard_config(echo: SocketAddr, extra: Extra<'_>) -> String {
+    format!(
+        r#"{top}
+
+[server]
+listen = ["{{LISTEN}}"]
+admin_listen = "{{ADMIN}}"
+threads = 1
+upgrade_sock = "{{DIR}}/upgrade.sock"
+pid_file = "{{DIR}}/tollgate.pid"
+max_header_bytes = "16KiB"
+{server}
+
+[store]
+kind = "embedded"
+path = "{{DIR}}/tollgate.db"
+
+[tenancy]
+base_domain = "example.test"
+{tenancy}
+
+[upstreams.main]
+servers = ["{echo}"]
+connect_timeout = "500ms"
+read_timeout = "2s"
+
+[upstreams.dead]
+servers = ["127.0.0.1:{dead}"]
+connect_timeout = "500ms"
+
+[tiers.free]
+upstream = "main"
+features = []
+
+[tiers.pro]
+upstream = "main"
+features = ["streaming"]
+
+[[tenants]]
+id = "acme"
+name = "Acme"
+tier = "pro"
+subdomains = ["acme", "acme-eu"]
+
+[[tenants.keys]]
+id = "acme-main"
+hash = "{acme}"
+scopes = ["read", "generate", "admin"]
+
+[[tenants.keys]]
+id = "acme-ro"
+hash = "{acme_ro}"
+scopes = ["read"]
+
+[[tenants.keys]]
+id = "acme-expired"
+hash = "{expired}"
+scopes = ["read"]
+expires = 2020-01-01T00:00:00Z
+
+[[tenants.keys]]
+id = "acme-revoked"
+hash = "{revoked}"
+scopes = ["read"]
+revoked = true
+
+[[tenants]]
+id = "globex"
+tier = "free"
+
+[[tenants.keys]]
+id = "globex-main"
+hash = "{globex}"
+scopes = ["read"]
+
+[[tenants]]
+id = "dormant"
+tier = "free"
+status = "suspended"
+
+[[tenants.keys]]
+id = "dormant-main"
+hash = "{dormant}"
+scopes = ["read"]
+
+[[tenants]]
+id = "fortress"
+tier = "free"
+ip_allow = ["10.1.2.3/32"]
+
+[[tenants.keys]]
+id = "fortress-main"
+hash = "{fortress}"
+scopes = ["read"]
+
+{tail}
+"#,
+        top = extra.top,
+        server = extra.server,
+        tenancy = extra.tenancy,
+        tail = extra.tail,
+        dead = free_port(),
+        acme = hash_of(ACME_KEY),
+        acme_ro = hash_of(ACME_READONLY_KEY),
+        expired = hash_of(EXPIRED_KEY),
+        revoked = hash_of(REVOKED_KEY),
+        globex = hash_of(GLOBEX_KEY),
+        dormant = hash_of(DORMANT_KEY),
+        fortress = hash_of(FORTRESS_KEY),
+    )
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
