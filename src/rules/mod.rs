@@ -329,6 +329,14 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             if actions.public && !actions.require_scopes.is_empty() {
                 c.diags.error_at(src, r.span(), format!("rule `{name}` is public but requires scopes; a public route has no key to hold them"));
             }
+            let has_default_pool = ctx.upstreams.contains_key("default") || ctx.upstreams.len() == 1;
+            if actions.public && actions.upstream.is_none() && !has_default_pool {
+                c.diags.warn_at(
+                    src,
+                    r.span(),
+                    format!("public rule `{name}` has no `upstream`: requests without a tenant will answer 502; set `upstream` or name a pool `default`"),
+                );
+            }
             rules.push(Arc::new(Rule { index: rules.len(), name: name.into(), origin, when, actions }));
         }
     }

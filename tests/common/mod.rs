@@ -383,7 +383,8 @@ pub struct Extra<'a> {
 }
 
 /// A config with tiers, tenants and keys for every authentication outcome, in front of `echo`.
-/// The `dead` upstream points at a port nobody listens on.
+/// The echo pool is named `default`, so public routes without a tenant go there too. The
+/// `dead` upstream points at a port nobody listens on.
 pub fn standard_config(echo: SocketAddr, extra: Extra<'_>) -> String {
     format!(
         r#"{top}
@@ -405,7 +406,7 @@ path = "{{DIR}}/tollgate.db"
 base_domain = "example.test"
 {tenancy}
 
-[upstreams.main]
+[upstreams.default]
 servers = ["{echo}"]
 connect_timeout = "500ms"
 read_timeout = "2s"
@@ -415,11 +416,11 @@ servers = ["127.0.0.1:{dead}"]
 connect_timeout = "500ms"
 
 [tiers.free]
-upstream = "main"
+upstream = "default"
 features = []
 
 [tiers.pro]
-upstream = "main"
+upstream = "default"
 features = ["streaming"]
 
 [[tenants]]
