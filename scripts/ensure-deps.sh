@@ -2,7 +2,7 @@
 # Installs what Tollgate's build and tests need, when it is missing:
 #   cmake        - Pingora's zlib-ng build
 #   redis-server - the Redis store's tests start their own server on a free port
-#   curl         - used by a few end-to-end checks
+#   curl, openssl - the TLS listener test makes a certificate and calls it over HTTPS
 # As root it installs with apt-get; otherwise it prints the command to run and exits 1.
 set -euo pipefail
 
@@ -10,6 +10,7 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 
 if ! command -v cargo >/dev/null 2>&1; then
