@@ -149,10 +149,7 @@ fn request(path: &str, host: &str, bearer: &str) -> RequestHeader {
 
 fn bench_auth(c: &mut Criterion) {
     let config = load_config();
-    eprintln!(
-        "building a directory of {TENANTS} tenants and {} keys...",
-        TENANTS * KEYS_PER_TENANT
-    );
+    eprintln!("building a directory of {TENANTS} tenants and {} keys...", TENANTS * KEYS_PER_TENANT);
     let dir = build_directory(&config);
     let tenancy = &config.tenancy;
     let max = config.server.max_header_bytes;
@@ -199,9 +196,7 @@ fn bench_auth(c: &mut Criterion) {
     };
 
     let mut g = c.benchmark_group("resolve+authenticate");
-    g.sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
 
     g.bench_function("valid_key_bearer", |b| {
         let mut i = 0;
@@ -232,9 +227,7 @@ fn bench_auth(c: &mut Criterion) {
 
     // Where the time goes: each step of the above on its own.
     let mut g = c.benchmark_group("auth_parts");
-    g.sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     g.bench_function("resolve_only", |b| {
         let mut i = 0;
         b.iter(|| {

@@ -216,9 +216,7 @@ fn view<'a>(p: &'a Probe, headers: &'a HeaderMap) -> RequestView<'a> {
 fn bench_rules(c: &mut Criterion) {
     let headers = headers();
     let mut g = c.benchmark_group("rules_find");
-    g.sample_size(50)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     for n in [1000, 10] {
         let (rules, probes) = compile(n);
         let cases = [

@@ -90,6 +90,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             eprintln!("the gateway did not start listening on {listen}");
         }
     });
-    let server = crate::app::build_server(config, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
+    let server =
+        crate::app::build_server(config, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
     server.run_forever()
 }

@@ -90,7 +90,11 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 let content_length: usize = get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
                 let (path, query) = (path.to_string(), query.to_string());
                 buf.drain(..head_len);
-                let body_len = if chunked { read_chunked(stream, buf).await? } else { read_exact_body(stream, buf, content_length).await? };
+                let body_len = if chunked {
+                    read_chunked(stream, buf).await?
+                } else {
+                    read_exact_body(stream, buf, content_length).await?
+                };
                 return Ok(Some(Request { method, path, query, headers, body_len, keep_alive }));
             }
             Ok(httparse::Status::Partial) => {}

@@ -88,9 +88,7 @@ impl Reject {
         match self {
             Reject::BadRequest { .. } | Reject::DuplicateHeader { .. } => 400,
             Reject::HeadersTooLarge { .. } => 431,
-            Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => {
-                401
-            }
+            Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => 401,
             Reject::TenantSuspended { .. }
             | Reject::IpNotAllowed { .. }
             | Reject::TenantMismatch { .. }
@@ -177,9 +175,7 @@ impl Reject {
 
     fn extensions(&self, ext: &mut Map<String, Value>) {
         match self {
-            Reject::TenantSuspended { tenant }
-            | Reject::IpNotAllowed { tenant }
-            | Reject::UnknownTenant { tenant } => {
+            Reject::TenantSuspended { tenant } | Reject::IpNotAllowed { tenant } | Reject::UnknownTenant { tenant } => {
                 ext.insert("tenant".into(), json!(tenant));
             }
             Reject::TenantMismatch { key_tenant, claimed } => {

@@ -31,8 +31,7 @@ impl KeyHash {
     /// Parses the stored form `sha256:<64 lowercase or uppercase hex>`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let hex_part = text.strip_prefix("sha256:").ok_or_else(|| {
-            "a key hash must look like `sha256:<64 hex digits>`; `tollgate keygen` prints one"
-                .to_string()
+            "a key hash must look like `sha256:<64 hex digits>`; `tollgate keygen` prints one".to_string()
         })?;
         if hex_part.len() != 64 {
             return Err(format!(

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "A multi-tenant API gateway: tenants, hashed API keys, Lua-free rules, limits and metering.")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A multi-tenant API gateway: tenants, hashed API keys, Lua-free rules, limits and metering."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -11,6 +11,9 @@ use pingora::services::background::{background_service, GenBackgroundService};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A pool's health-check task, run by the server as a background service.
+pub type HealthCheckService = GenBackgroundService<LoadBalancer<RoundRobin>>;
+
 /// One pool and its settings.
 pub struct Pool {
     pub config: UpstreamConfig,
@@ -27,7 +30,7 @@ impl Upstreams {
     /// Builds the pools. Returns the health-check services the server must run.
     pub fn build(
         configs: &std::collections::BTreeMap<String, UpstreamConfig>,
-    ) -> Result<(Upstreams, Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>), String> {
+    ) -> Result<(Upstreams, Vec<HealthCheckService>), String> {
         let mut pools = HashMap::new();
         let mut services = Vec::new();
         for (name, cfg) in configs {
@@ -39,9 +42,9 @@ impl Upstreams {
                         Some(path) => {
                             let host = cfg.host.clone().unwrap_or_else(|| "localhost".into());
                             let mut check = HttpHealthCheck::new(&host, false);
-                            check
-                                .req
-                                .set_uri(path.parse().map_err(|_| format!("upstream `{name}`: bad health check path"))?);
+                            check.req.set_uri(
+                                path.parse().map_err(|_| format!("upstream `{name}`: bad health check path"))?,
+                            );
                             check.peer_template.options.connection_timeout = Some(cfg.connect_timeout);
                             check.peer_template.options.read_timeout = Some(cfg.connect_timeout * 2);
                             lb.set_health_check(Box::new(check));

@@ -70,7 +70,11 @@ fn unknown_tier_reference() {
 
 #[test]
 fn unknown_upstream_reference() {
-    one_error("[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\n[tiers.free]\nupstream = \"mian\"\n", "upstream `mian`", 4);
+    one_error(
+        "[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\n[tiers.free]\nupstream = \"mian\"\n",
+        "upstream `mian`",
+        4,
+    );
 }
 
 #[test]
@@ -91,7 +95,11 @@ fn bad_values() {
     one_error(&format!("{BASE}\n[tenancy]\ntrusted_proxies = [\"10.0.0.0/33\"]\n"), "CIDR", 9);
     one_error(&format!("{BASE}\n[tenancy]\nresolve = [\"api_key\", \"cookie\"]\n"), "unknown tenant source", 9);
     one_error(&format!("{BASE}\n[[tenants]]\nid = \"Acme Corp\"\ntier = \"free\"\n"), "tenant id", 9);
-    one_error(&format!("{BASE}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\nstatus = \"paused\"\n"), "tenant status", 11);
+    one_error(
+        &format!("{BASE}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\nstatus = \"paused\"\n"),
+        "tenant status",
+        11,
+    );
     one_error(
         &format!("{BASE}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n[[tenants.keys]]\nid = \"k\"\nhash = \"{GOOD_HASH}\"\nexpires = \"next week\"\n"),
         "RFC 3339",
@@ -103,7 +111,11 @@ fn bad_values() {
 
 #[test]
 fn duplicates() {
-    one_error(&format!("{BASE}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n"), "defined twice", 12);
+    one_error(
+        &format!("{BASE}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n"),
+        "defined twice",
+        12,
+    );
     one_error(
         &format!("{BASE}\n[[tenants]]\nid = \"a\"\ntier = \"free\"\n[[tenants.keys]]\nid = \"k1\"\nhash = \"{GOOD_HASH}\"\n[[tenants.keys]]\nid = \"k2\"\nhash = \"{GOOD_HASH}\"\n"),
         "used by two keys",
@@ -177,9 +189,16 @@ fn keygen_prints_a_key_and_its_hash() {
     let out = Command::new(bin()).args(["keygen", "--prefix", "tg_test"]).output().expect("keygen");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("key=tg_test_"));
 
-    let out = Command::new(bin()).args(["keygen", "--toml", "--id", "ci", "--scopes", "read,generate"]).output().expect("keygen");
+    let out = Command::new(bin())
+        .args(["keygen", "--toml", "--id", "ci", "--scopes", "read,generate"])
+        .output()
+        .expect("keygen");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("[[tenants.keys]]") && stdout.contains("id = \"ci\"") && stdout.contains("scopes = [\"read\", \"generate\"]"));
+    assert!(
+        stdout.contains("[[tenants.keys]]")
+            && stdout.contains("id = \"ci\"")
+            && stdout.contains("scopes = [\"read\", \"generate\"]")
+    );
     // The block is valid config.
     let block: String = stdout.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
     let dir = temp_dir("keygen");

@@ -136,7 +136,8 @@ fn every_match_kind_selects_its_rule() {
     let acme = bearer(ACME_KEY);
     let globex = bearer(GLOBEX_KEY);
     let a = acme.as_str();
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("GET", "/host/x", vec![("host", "api.example.org"), ("authorization", a)], "host-exact"),
         ("GET", "/host/x", vec![("host", "API.example.org:443"), ("authorization", a)], "host-exact"),
         ("GET", "/host/x", vec![("host", "www.example.org"), ("authorization", a)], "host-wild"),
@@ -385,7 +386,8 @@ fn hardening_pack() {
 
 // ---- validation ----
 
-const BASE: &str = "[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\n[tiers.free]\nupstream = \"main\"\nfeatures = [\"streaming\"]\n";
+const BASE: &str =
+    "[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\n[tiers.free]\nupstream = \"main\"\nfeatures = [\"streaming\"]\n";
 
 fn rule_errors(rules: &str) -> Vec<config::Diagnostic> {
     let dir = temp_dir("rulecfg");
@@ -418,10 +420,20 @@ fn rule_validation_errors_name_file_line_and_column() {
     assert_rule_error("[[rule]]\nname = \"a\"\ncharge = { metric = \"tokenz\" }\n", "metric `tokenz`", 3, 21);
     assert_rule_error("[[rule]]\nname = \"a\"\nmax_body = \"10 MegaBytes\"\n", "size unit", 3, 12);
     assert_rule_error("[[rule]]\nname = \"a\"\ntimeout = \"soon\"\n", "not a duration", 3, 11);
-    assert_rule_error("[[rule]]\nname = \"a\"\nmatch = { path_glob = \"/a**\" }\n", "`**` must be a whole segment", 3, 23);
+    assert_rule_error(
+        "[[rule]]\nname = \"a\"\nmatch = { path_glob = \"/a**\" }\n",
+        "`**` must be a whole segment",
+        3,
+        23,
+    );
     assert_rule_error("[[rule]]\nname = \"a\"\n[[rule]]\nname = \"a\"\n", "already used", 4, 8);
     assert_rule_error("[[rule]]\nname = \"a\"\nrate.free = { requests_per_minute = 0 }\n", "positive", 3, 37);
-    assert_rule_error("[[rule]]\nname = \"a\"\nrate.gold = { requests_per_minute = 5 }\n", "`gold` is not a tier", 3, 13);
+    assert_rule_error(
+        "[[rule]]\nname = \"a\"\nrate.gold = { requests_per_minute = 5 }\n",
+        "`gold` is not a tier",
+        3,
+        13,
+    );
 }
 
 #[test]
@@ -469,7 +481,16 @@ fn rules_explain_shows_the_match_the_misses_and_the_policy() {
     let out = Command::new(bin())
         .args(["rules", "explain", "-c"])
         .arg(&path)
-        .args(["--method", "POST", "--path", "/api/generate?num_rows=5", "--host", "acme.example.com", "--tenant", "acme"])
+        .args([
+            "--method",
+            "POST",
+            "--path",
+            "/api/generate?num_rows=5",
+            "--host",
+            "acme.example.com",
+            "--tenant",
+            "acme",
+        ])
         .output()
         .expect("explain");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

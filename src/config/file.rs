@@ -265,7 +265,7 @@ fn locate(value: &Spanned<DeValue<'_>>, path: &[Seg]) -> Range<usize> {
                     None => return span,
                 }
             }
-            (Seg::Index(i), DeValue::Array(a)) => match a.iter().nth(*i) {
+            (Seg::Index(i), DeValue::Array(a)) => match a.get(*i) {
                 Some(v) => {
                     span = v.span();
                     cur = v;

@@ -67,11 +67,9 @@ pub fn load_str(path: &Path, text: String, diags: &mut Diagnostics) -> Option<Co
                     rule_files.push(crate::rules::file::parse_rule_file(&isrc, diags));
                     files.push(inc);
                 }
-                Err(e) => diags.error_at(
-                    &src,
-                    pattern.span(),
-                    format!("cannot read included file {}: {e}", inc.display()),
-                ),
+                Err(e) => {
+                    diags.error_at(&src, pattern.span(), format!("cannot read included file {}: {e}", inc.display()))
+                }
             }
         }
     }
@@ -96,7 +94,11 @@ fn expand_include(base: &Path, pattern: &SStr, src: &SourceFile, diags: &mut Dia
     }
     let dir = full.parent().map(Path::to_path_buf).unwrap_or_default();
     if dir.to_string_lossy().contains('*') {
-        diags.error_at(src, pattern.span(), "`*` is only allowed in the file name of an include, not in its directories");
+        diags.error_at(
+            src,
+            pattern.span(),
+            "`*` is only allowed in the file name of an include, not in its directories",
+        );
         return vec![];
     }
     let mut out: Vec<PathBuf> = match std::fs::read_dir(&dir) {
@@ -104,11 +106,7 @@ fn expand_include(base: &Path, pattern: &SStr, src: &SourceFile, diags: &mut Dia
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.is_file())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|f| f.to_str())
-                    .is_some_and(|name| wildcard_match(&file_pat, name))
-            })
+            .filter(|p| p.file_name().and_then(|f| f.to_str()).is_some_and(|name| wildcard_match(&file_pat, name)))
             .collect(),
         Err(e) => {
             diags.error_at(src, pattern.span(), format!("cannot list {}: {e}", dir.display()));
@@ -136,12 +134,7 @@ pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     }
 }
 
-fn duration_or(
-    v: &Option<SStr>,
-    default: Duration,
-    src: &SourceFile,
-    diags: &mut Diagnostics,
-) -> Duration {
+fn duration_or(v: &Option<SStr>, default: Duration, src: &SourceFile, diags: &mut Diagnostics) -> Duration {
     match v {
         None => default,
         Some(s) => match units::parse_duration(s.get_ref()) {
@@ -176,7 +169,14 @@ fn socket_addr(s: &SStr, what: &str, src: &SourceFile, diags: &mut Diagnostics) 
     match s.get_ref().parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            diags.error_at(src, s.span(), format!("`{}` is not a valid {what} address; write it as `IP:PORT`, like `127.0.0.1:8080`", s.get_ref()));
+            diags.error_at(
+                src,
+                s.span(),
+                format!(
+                    "`{}` is not a valid {what} address; write it as `IP:PORT`, like `127.0.0.1:8080`",
+                    s.get_ref()
+                ),
+            );
             None
         }
     }
@@ -278,11 +278,8 @@ fn validate(
         }
         Some(TlsConfig { listen, cert, key })
     });
-    let max_header_bytes = s
-        .max_header_bytes
-        .as_ref()
-        .and_then(|v| size_value(v, src, diags))
-        .unwrap_or(64 * 1024) as usize;
+    let max_header_bytes =
+        s.max_header_bytes.as_ref().and_then(|v| size_value(v, src, diags)).unwrap_or(64 * 1024) as usize;
     if max_header_bytes < 1024 {
         if let Some(v) = &s.max_header_bytes {
             diags.error_at(src, v.span(), "`max_header_bytes` below 1KiB would reject ordinary requests");
@@ -300,11 +297,7 @@ fn validate(
             .as_ref()
             .map(|p| rel(p.get_ref()))
             .unwrap_or_else(|| PathBuf::from("/tmp/tollgate_upgrade.sock")),
-        pid_file: s
-            .pid_file
-            .as_ref()
-            .map(|p| rel(p.get_ref()))
-            .unwrap_or_else(|| PathBuf::from("/tmp/tollgate.pid")),
+        pid_file: s.pid_file.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| PathBuf::from("/tmp/tollgate.pid")),
         max_header_bytes,
     };
 
@@ -313,7 +306,11 @@ fn validate(
         None => StoreKind::Embedded,
         Some(k) if k.get_ref() == "embedded" => StoreKind::Embedded,
         Some(k) => {
-            diags.error_at(src, k.span(), format!("unknown store kind `{}`; this build supports `embedded`", k.get_ref()));
+            diags.error_at(
+                src,
+                k.span(),
+                format!("unknown store kind `{}`; this build supports `embedded`", k.get_ref()),
+            );
             StoreKind::Embedded
         }
     };
@@ -332,7 +329,11 @@ fn validate(
             "header" => Source::Header,
             "path" => Source::Path,
             other => {
-                diags.error_at(src, s.span(), format!("unknown tenant source `{other}`; use api_key, subdomain, header or path"));
+                diags.error_at(
+                    src,
+                    s.span(),
+                    format!("unknown tenant source `{other}`; use api_key, subdomain, header or path"),
+                );
                 continue;
             }
         };
@@ -346,7 +347,11 @@ fn validate(
     }
     if !resolve.contains(&Source::ApiKey) {
         if let Some(first) = t.resolve.as_ref().and_then(|r| r.first()) {
-            diags.warn_at(src, first.span(), "`resolve` has no `api_key`: API keys will not be read, and only public routes can be served");
+            diags.warn_at(
+                src,
+                first.span(),
+                "`resolve` has no `api_key`: API keys will not be read, and only public routes can be served",
+            );
         }
     }
     let base_domain = t.base_domain.as_ref().map(|d| d.get_ref().trim_start_matches('.').to_ascii_lowercase());
@@ -401,7 +406,11 @@ fn validate(
                 for s in list {
                     match s.get_ref().to_socket_addrs().map(|mut it| it.next()) {
                         Ok(Some(a)) => servers.push(a),
-                        _ => diags.error_at(src, s.span(), format!("`{}` is not a reachable `host:port` address", s.get_ref())),
+                        _ => diags.error_at(
+                            src,
+                            s.span(),
+                            format!("`{}` is not a reachable `host:port` address", s.get_ref()),
+                        ),
                     }
                 }
             }
@@ -435,7 +444,16 @@ fn validate(
         let upstream = match &tf.upstream {
             Some(u) => {
                 if !upstreams.contains_key(u.get_ref()) {
-                    diags.error_at(src, u.span(), format!("tier `{}` names upstream `{}`, which is not defined; add `[upstreams.{}]`", name.get_ref(), u.get_ref(), u.get_ref()));
+                    diags.error_at(
+                        src,
+                        u.span(),
+                        format!(
+                            "tier `{}` names upstream `{}`, which is not defined; add `[upstreams.{}]`",
+                            name.get_ref(),
+                            u.get_ref(),
+                            u.get_ref()
+                        ),
+                    );
                 }
                 u.get_ref().clone()
             }
@@ -448,7 +466,11 @@ fn validate(
                 }
             }
         };
-        let features = tf.features.as_ref().map(|f| f.iter().map(|x| Arc::from(x.get_ref().as_str())).collect()).unwrap_or_default();
+        let features = tf
+            .features
+            .as_ref()
+            .map(|f| f.iter().map(|x| Arc::from(x.get_ref().as_str())).collect())
+            .unwrap_or_default();
         tiers.insert(
             name.get_ref().clone(),
             Arc::new(Tier { name: name.get_ref().as_str().into(), upstream: upstream.into(), features }),
@@ -468,7 +490,11 @@ fn validate(
             continue;
         };
         if !valid_slug(id.get_ref()) {
-            diags.error_at(src, id.span(), format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", id.get_ref()));
+            diags.error_at(
+                src,
+                id.span(),
+                format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", id.get_ref()),
+            );
         }
         if seen_ids.insert(id.get_ref().clone(), ()).is_some() {
             diags.error_at(src, id.span(), format!("tenant `{}` is defined twice", id.get_ref()));
@@ -477,7 +503,16 @@ fn validate(
             Some(t) => {
                 if !tiers.contains_key(t.get_ref()) {
                     let known: Vec<&str> = tiers.keys().map(String::as_str).collect();
-                    diags.error_at(src, t.span(), format!("tenant `{}` names tier `{}`, which is not defined (defined: {})", id.get_ref(), t.get_ref(), known.join(", ")));
+                    diags.error_at(
+                        src,
+                        t.span(),
+                        format!(
+                            "tenant `{}` names tier `{}`, which is not defined (defined: {})",
+                            id.get_ref(),
+                            t.get_ref(),
+                            known.join(", ")
+                        ),
+                    );
                 }
                 t.get_ref().clone()
             }
@@ -491,7 +526,11 @@ fn validate(
             Some("suspended") => TenantStatus::Suspended,
             Some(other) => {
                 if let Some(s) = &tf.status {
-                    diags.error_at(src, s.span(), format!("unknown tenant status `{other}`; use `active` or `suspended`"));
+                    diags.error_at(
+                        src,
+                        s.span(),
+                        format!("unknown tenant status `{other}`; use `active` or `suspended`"),
+                    );
                 }
                 TenantStatus::Active
             }
@@ -500,7 +539,11 @@ fn validate(
         for sd in &tf.subdomains {
             let v = sd.get_ref().to_ascii_lowercase();
             if !valid_slug(&v) {
-                diags.error_at(src, sd.span(), format!("subdomain `{}` must be one DNS label of a-z, 0-9 and `-`", sd.get_ref()));
+                diags.error_at(
+                    src,
+                    sd.span(),
+                    format!("subdomain `{}` must be one DNS label of a-z, 0-9 and `-`", sd.get_ref()),
+                );
             } else if !seen_subdomains.insert(v.clone()) {
                 diags.error_at(src, sd.span(), format!("subdomain `{v}` is claimed by two tenants"));
             }
@@ -519,7 +562,11 @@ fn validate(
             }
             let hash = match &kf.hash {
                 None => {
-                    diags.error_at(src, kid.span(), format!("key `{}` has no `hash`; `tollgate keygen` prints one", kid.get_ref()));
+                    diags.error_at(
+                        src,
+                        kid.span(),
+                        format!("key `{}` has no `hash`; `tollgate keygen` prints one", kid.get_ref()),
+                    );
                     None
                 }
                 Some(h) => match KeyHash::parse(h.get_ref()) {
@@ -543,7 +590,11 @@ fn validate(
                 match chrono::DateTime::parse_from_rfc3339(&text) {
                     Ok(dt) => Some(dt.timestamp_millis()),
                     Err(_) => {
-                        diags.error_at(src, e.span(), format!("`{text}` is not an RFC 3339 time; write it like `2027-01-31T00:00:00Z`"));
+                        diags.error_at(
+                            src,
+                            e.span(),
+                            format!("`{text}` is not an RFC 3339 time; write it like `2027-01-31T00:00:00Z`"),
+                        );
                         None
                     }
                 }

@@ -9,9 +9,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; write it like `250ms`, `5s`, `2m` or `1h`"))?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("`{text}` is not a duration; write it like `250ms`, `5s`, `2m` or `1h`"))?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -19,11 +18,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         "d" => Duration::from_secs(n.saturating_mul(86_400)),
         "" => return Err(format!("`{text}` has no unit; write it like `{text}s` or `{text}ms`")),
-        other => {
-            return Err(format!(
-                "`{other}` is not a duration unit in `{text}`; use ms, s, m, h or d"
-            ))
-        }
+        other => return Err(format!("`{other}` is not a duration unit in `{text}`; use ms, s, m, h or d")),
     };
     Ok(d)
 }
@@ -33,9 +28,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size; write it like `512`, `64KiB` or `10MiB`"))?;
+    let n: u64 = num.parse().map_err(|_| format!("`{text}` is not a size; write it like `512`, `64KiB` or `10MiB`"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -44,11 +37,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KB" | "kB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "`{other}` is not a size unit in `{text}`; use B, KiB, MiB, GiB, KB, MB or GB"
-            ))
-        }
+        other => return Err(format!("`{other}` is not a size unit in `{text}`; use B, KiB, MiB, GiB, KB, MB or GB")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large"))
 }

@@ -32,9 +32,11 @@ impl<'d> Principal<'d> {
 /// Runs the stage. `now_ms` comes from the injected clock.
 pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> Result<Principal<'d>, Reject> {
     let Some(secret) = hints.credential else {
-        let tenant = hints.claim.as_ref().and_then(|c| dir.tenant(&c.tenant).or_else(|| {
-            (c.source == crate::config::Source::Subdomain).then(|| dir.tenant_by_subdomain(&c.tenant)).flatten()
-        }));
+        let tenant = hints.claim.as_ref().and_then(|c| {
+            dir.tenant(&c.tenant).or_else(|| {
+                (c.source == crate::config::Source::Subdomain).then(|| dir.tenant_by_subdomain(&c.tenant)).flatten()
+            })
+        });
         let unknown = match (&hints.claim, tenant) {
             (Some(c), None) => Some(c.tenant.to_string()),
             _ => None,
@@ -54,7 +56,10 @@ pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> R
             || (claim.source == crate::config::Source::Subdomain
                 && tenant.subdomains.iter().any(|s| *s == *claim.tenant));
         if !same {
-            return Err(Reject::TenantMismatch { key_tenant: tenant.id.to_string(), claimed: claim.tenant.to_string() });
+            return Err(Reject::TenantMismatch {
+                key_tenant: tenant.id.to_string(),
+                claimed: claim.tenant.to_string(),
+            });
         }
     }
     check_tenant(tenant, hints)?;

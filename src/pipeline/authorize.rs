@@ -61,8 +61,7 @@ pub fn authorize<'d>(
         }
     };
     if let Some(k) = key {
-        let missing: Vec<String> =
-            a.require_scopes.iter().filter(|s| !k.has_scope(s)).map(|s| s.to_string()).collect();
+        let missing: Vec<String> = a.require_scopes.iter().filter(|s| !k.has_scope(s)).map(|s| s.to_string()).collect();
         if !missing.is_empty() {
             return Err(Reject::InsufficientScope { missing });
         }

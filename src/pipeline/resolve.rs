@@ -94,7 +94,7 @@ fn trim(b: &[u8]) -> &[u8] {
 }
 
 /// The host the client asked for: `:authority` for h2, else the `Host` header; port removed.
-fn host<'r>(req: &'r RequestHeader) -> Result<&'r str, Reject> {
+fn host(req: &RequestHeader) -> Result<&str, Reject> {
     if let Some(h) = req.uri.host() {
         return Ok(h);
     }
@@ -217,10 +217,8 @@ pub fn resolve<'r>(
             Source::ApiKey => None,
             Source::Subdomain => tenancy.base_domain.as_deref().and_then(|base| {
                 let label = host.strip_suffix(base)?.strip_suffix('.')?;
-                (!label.is_empty() && !label.contains('.')).then(|| Claim {
-                    source: Source::Subdomain,
-                    tenant: Cow::Owned(label.to_string()),
-                })
+                (!label.is_empty() && !label.contains('.'))
+                    .then(|| Claim { source: Source::Subdomain, tenant: Cow::Owned(label.to_string()) })
             }),
             Source::Header => {
                 let peer_trusted = tenancy.trusted_proxies.is_empty()

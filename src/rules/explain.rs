@@ -113,7 +113,13 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
     }
     for (tier, metrics) in &a.quota {
         for (metric, q) in metrics {
-            let _ = writeln!(out, "  quota[{tier}].{metric}: {} per {:?}{}", q.limit, q.period, if q.hard { "" } else { " (soft)" });
+            let _ = writeln!(
+                out,
+                "  quota[{tier}].{metric}: {} per {:?}{}",
+                q.limit,
+                q.period,
+                if q.hard { "" } else { " (soft)" }
+            );
         }
     }
     for (k, v) in &a.set_request_headers {

@@ -124,7 +124,11 @@ pub fn parse_rule_tables(
                         }
                     }
                 }
-                _ => diags.error_at(src, value.span(), "`rule` must be an array of tables: write each rule as `[[rule]]`"),
+                _ => diags.error_at(
+                    src,
+                    value.span(),
+                    "`rule` must be an array of tables: write each rule as `[[rule]]`",
+                ),
             },
             other => diags.error_at(src, key.span(), format!("unknown key `{other}`")),
         }

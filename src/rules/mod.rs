@@ -292,7 +292,11 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
         let compiled = c.actions(src, dref, None);
         for field in set_fields(dref) {
             if let Some(prev) = defaults_seen.get(field) {
-                c.diags.error_at(src, d.span(), format!("`defaults.{field}` is also set in {prev}; set it in one file"));
+                c.diags.error_at(
+                    src,
+                    d.span(),
+                    format!("`defaults.{field}` is also set in {prev}; set it in one file"),
+                );
             }
             defaults_seen.insert(field, src.path.display().to_string());
         }
@@ -310,7 +314,11 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             let name = match &rf.name {
                 Some(n) => {
                     if let Some(prev) = names.get(n.get_ref()) {
-                        c.diags.error_at(src, n.span(), format!("rule name `{}` is already used at {prev}", n.get_ref()));
+                        c.diags.error_at(
+                            src,
+                            n.span(),
+                            format!("rule name `{}` is already used at {prev}", n.get_ref()),
+                        );
                     }
                     names.insert(n.get_ref().clone(), origin.clone());
                     n.get_ref().clone()
@@ -327,7 +335,11 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             let own = c.actions(src, rf, Some(&name));
             let actions = merge(&defaults, &own, dref_fields(rf));
             if actions.public && !actions.require_scopes.is_empty() {
-                c.diags.error_at(src, r.span(), format!("rule `{name}` is public but requires scopes; a public route has no key to hold them"));
+                c.diags.error_at(
+                    src,
+                    r.span(),
+                    format!("rule `{name}` is public but requires scopes; a public route has no key to hold them"),
+                );
             }
             let has_default_pool = ctx.upstreams.contains_key("default") || ctx.upstreams.len() == 1;
             if actions.public && actions.upstream.is_none() && !has_default_pool {
@@ -411,8 +423,7 @@ fn subsumes(earlier: &Conditions, later: &Conditions) -> bool {
         (Some(a), Some(b)) => b.iter().all(|x| a.contains(x)),
         (Some(_), None) => false,
     };
-    host
-        && path
+    host && path
         && methods
         && subset(&earlier.tiers, &later.tiers)
         && tenants
@@ -453,8 +464,24 @@ fn set_fields(a: &ActionsFile) -> Vec<&'static str> {
     macro_rules! chk {
         ($($f:ident),*) => { $( if a.$f.is_some() { v.push(stringify!($f)); } )* };
     }
-    chk!(public, require_scopes, require_feature, deny, upstream, set_request_headers, remove_request_headers,
-        set_response_headers, remove_response_headers, max_body, timeout, pass_credentials, priority, rate, charge, quota);
+    chk!(
+        public,
+        require_scopes,
+        require_feature,
+        deny,
+        upstream,
+        set_request_headers,
+        remove_request_headers,
+        set_response_headers,
+        remove_response_headers,
+        max_body,
+        timeout,
+        pass_credentials,
+        priority,
+        rate,
+        charge,
+        quota
+    );
     v
 }
 
@@ -478,7 +505,11 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
     Actions {
         public: if pick(set.public) { own.public } else { defaults.public },
         require_scopes: union(&defaults.require_scopes, &own.require_scopes),
-        require_feature: if set.require_feature { own.require_feature.clone() } else { defaults.require_feature.clone() },
+        require_feature: if set.require_feature {
+            own.require_feature.clone()
+        } else {
+            defaults.require_feature.clone()
+        },
         deny: if set.deny { own.deny.clone() } else { defaults.deny.clone() },
         upstream: if set.upstream { own.upstream.clone() } else { defaults.upstream.clone() },
         set_request_headers: merge_pairs(&defaults.set_request_headers, &own.set_request_headers),
@@ -537,7 +568,11 @@ impl Compiler<'_, '_> {
             };
             match HeaderValue::from_str(v.get_ref()) {
                 Ok(val) => out.push((name, val)),
-                Err(_) => self.diags.error_at(src, v.span(), format!("the value of header `{k}` has characters a header cannot carry")),
+                Err(_) => self.diags.error_at(
+                    src,
+                    v.span(),
+                    format!("the value of header `{k}` has characters a header cannot carry"),
+                ),
             }
         }
         out
@@ -549,7 +584,12 @@ impl Compiler<'_, '_> {
             self.diags.error_at(
                 src,
                 m.span(),
-                format!("metric `{}` is not declared; declare it with `metrics = [\"{}\"]` (declared: {})", m.get_ref(), m.get_ref(), known.join(", ")),
+                format!(
+                    "metric `{}` is not declared; declare it with `metrics = [\"{}\"]` (declared: {})",
+                    m.get_ref(),
+                    m.get_ref(),
+                    known.join(", ")
+                ),
             );
         }
         m.get_ref().as_str().into()
@@ -567,7 +607,9 @@ impl Compiler<'_, '_> {
         if let Some(h) = &mf.host {
             let v = h.get_ref().to_ascii_lowercase();
             c.host = Some(match v.strip_prefix('*') {
-                Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => HostMatch::Suffix(suffix.to_string()),
+                Some(suffix) if suffix.starts_with('.') && !suffix[1..].contains('*') => {
+                    HostMatch::Suffix(suffix.to_string())
+                }
                 Some(_) => {
                     self.diags.error_at(src, h.span(), "a host wildcard must look like `*.example.com`");
                     HostMatch::Exact(v)
@@ -642,7 +684,11 @@ impl Compiler<'_, '_> {
         match v.get_ref() {
             Presence::Present(true) => None,
             Presence::Present(false) => {
-                self.diags.error_at(src, v.span(), "use `true` for \"present\" or a string for \"equals\"; `false` is not supported");
+                self.diags.error_at(
+                    src,
+                    v.span(),
+                    "use `true` for \"present\" or a string for \"equals\"; `false` is not supported",
+                );
                 None
             }
             Presence::Equals(s) => Some(s.clone()),
@@ -660,7 +706,11 @@ impl Compiler<'_, '_> {
         if let Some(f) = &a.require_feature {
             if !self.features.contains(f.get_ref().as_str()) {
                 let known: Vec<&str> = self.features.iter().copied().collect();
-                self.diags.error_at(src, f.span(), format!("feature `{}` is in no tier (features: {})", f.get_ref(), known.join(", ")));
+                self.diags.error_at(
+                    src,
+                    f.span(),
+                    format!("feature `{}` is in no tier (features: {})", f.get_ref(), known.join(", ")),
+                );
             }
             out.require_feature = Some(f.get_ref().as_str().into());
         }
@@ -678,14 +728,20 @@ impl Compiler<'_, '_> {
         }
         if let Some(u) = &a.upstream {
             if !self.ctx.upstreams.contains_key(u.get_ref()) {
-                self.diags.error_at(src, u.span(), format!("upstream `{}` is not defined; add `[upstreams.{}]`", u.get_ref(), u.get_ref()));
+                self.diags.error_at(
+                    src,
+                    u.span(),
+                    format!("upstream `{}` is not defined; add `[upstreams.{}]`", u.get_ref(), u.get_ref()),
+                );
             }
             out.upstream = Some(u.get_ref().as_str().into());
         }
         out.set_request_headers = self.header_pairs(src, &a.set_request_headers);
         out.set_response_headers = self.header_pairs(src, &a.set_response_headers);
-        out.remove_request_headers = a.remove_request_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
-        out.remove_response_headers = a.remove_response_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
+        out.remove_request_headers =
+            a.remove_request_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
+        out.remove_response_headers =
+            a.remove_response_headers.iter().flatten().filter_map(|h| self.header(src, h)).collect();
         out.max_body = a.max_body.as_ref().and_then(|m| size_value(m, src, self.diags));
         if let Some(t) = &a.timeout {
             match units::parse_duration(t.get_ref()) {
@@ -708,7 +764,11 @@ impl Compiler<'_, '_> {
             .filter_map(|(v, d)| v.as_ref().map(|v| (v, d)))
             .collect();
             if given.len() != 1 {
-                self.diags.error_at(src, r.span(), "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour");
+                self.diags.error_at(
+                    src,
+                    r.span(),
+                    "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour",
+                );
                 continue;
             }
             let (v, period) = given[0];
@@ -722,14 +782,23 @@ impl Compiler<'_, '_> {
                 Some("global") => true,
                 Some(other) => {
                     if let Some(m) = &rf.mode {
-                        self.diags.error_at(src, m.span(), format!("unknown rate mode `{other}`; use `local` or `global`"));
+                        self.diags.error_at(
+                            src,
+                            m.span(),
+                            format!("unknown rate mode `{other}`; use `local` or `global`"),
+                        );
                     }
                     false
                 }
             };
             out.rate.insert(
                 tier.clone(),
-                RateSpec { limit: limit.min(u32::MAX as u64) as u32, period, burst: burst.min(u32::MAX as u64) as u32, global },
+                RateSpec {
+                    limit: limit.min(u32::MAX as u64) as u32,
+                    period,
+                    burst: burst.min(u32::MAX as u64) as u32,
+                    global,
+                },
             );
         }
         if let Some(ch) = &a.charge {
@@ -746,7 +815,11 @@ impl Compiler<'_, '_> {
                 .filter(|x| **x)
                 .count();
             if sources > 1 {
-                self.diags.error_at(src, ch.span(), "a charge takes one of `cost`, `cost_from_header` and `cost_from_query`");
+                self.diags.error_at(
+                    src,
+                    ch.span(),
+                    "a charge takes one of `cost`, `cost_from_header` and `cost_from_query`",
+                );
             }
             let cost = if let Some(c) = &cf.cost {
                 if *c.get_ref() < 0 {
@@ -785,7 +858,11 @@ impl Compiler<'_, '_> {
                 };
                 let period = match &qf.period {
                     Some(p) => Period::parse(p.get_ref()).unwrap_or_else(|| {
-                        self.diags.error_at(src, p.span(), format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()));
+                        self.diags.error_at(
+                            src,
+                            p.span(),
+                            format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()),
+                        );
                         Period::Month
                     }),
                     None => Period::Month,
@@ -795,7 +872,11 @@ impl Compiler<'_, '_> {
                     Some("soft") => false,
                     Some(other) => {
                         if let Some(e) = &qf.enforcement {
-                            self.diags.error_at(src, e.span(), format!("unknown enforcement `{other}`; use `hard` or `soft`"));
+                            self.diags.error_at(
+                                src,
+                                e.span(),
+                                format!("unknown enforcement `{other}`; use `hard` or `soft`"),
+                            );
                         }
                         true
                     }
@@ -808,7 +889,10 @@ impl Compiler<'_, '_> {
                     }
                     None => 0,
                 };
-                out.quota.entry(tier.clone()).or_default().insert(metric.clone(), QuotaSpec { limit, period, hard, overage_percent });
+                out.quota
+                    .entry(tier.clone())
+                    .or_default()
+                    .insert(metric.clone(), QuotaSpec { limit, period, hard, overage_percent });
             }
         }
         let _ = rule;

@@ -61,7 +61,8 @@ impl Echo {
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let st = state.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let addr = tollgate::echo::spawn("127.0.0.1:0".parse().expect("addr"), st).await.expect("echo bind");
                 addr_tx.send(addr).expect("send addr");
@@ -187,11 +188,7 @@ impl Gateway {
 
 /// Starts `tollgate run -c CONFIG [args]`, stderr appended to DIR/stderr.log.
 pub fn spawn_run(config_path: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Child {
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("stderr.log"))
-        .expect("log file");
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log")).expect("log file");
     Command::new(bin())
         .args(["run", "-c"])
         .arg(config_path)
@@ -329,7 +326,13 @@ impl Conn {
         Ok(Resp { status, headers, body })
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
         self.send_raw(&build_request(method, path, headers, body))?;
         self.read_response(method == "HEAD")
     }
@@ -353,7 +356,13 @@ pub fn build_request(method: &str, path: &str, headers: &[(&str, &str)], body: &
     out
 }
 
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
     Conn::open(addr)?.request(method, path, headers, body)
 }
 
