@@ -6,6 +6,7 @@
 
 use crate::config::{Config, KeyConfig, TenantConfig, TenantStatus, Tier};
 use crate::keys::{IdentityBuild, KeyHash};
+use crate::policy::Policy;
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +22,8 @@ pub struct Tenant {
     pub status: TenantStatus,
     pub subdomains: Vec<String>,
     pub ip_allow: Vec<IpNet>,
+    /// The tier's limits with this tenant's overrides applied.
+    pub policy: Policy,
 }
 
 impl Tenant {
@@ -99,6 +102,7 @@ impl Directory {
             status: t.status,
             subdomains: t.subdomains.clone(),
             ip_allow: t.ip_allow.clone(),
+            policy: crate::config::policy::merge(&tier.limits, &t.overrides, t.billing_anchor_day, t.timezone),
         });
         for s in &t.subdomains {
             self.subdomains.insert(s.clone(), tenant.clone());

@@ -14,6 +14,7 @@ pub mod echo;
 pub mod error;
 pub mod keys;
 pub mod pipeline;
+pub mod policy;
 pub mod rules;
 pub mod runtime;
 pub mod upstream;

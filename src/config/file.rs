@@ -58,6 +58,14 @@ pub struct TlsFile {
 pub struct StoreFile {
     pub kind: Option<SStr>,
     pub path: Option<SStr>,
+    pub url: Option<SStr>,
+    pub timeout: Option<SStr>,
+    pub flush_interval: Option<SStr>,
+    pub breaker_failures: Option<Spanned<i64>>,
+    pub breaker_cooldown: Option<SStr>,
+    pub max_lease_block: Option<Spanned<i64>>,
+    pub instance_id: Option<SStr>,
+    pub slot_ttl: Option<SStr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +88,20 @@ pub struct LogFile {
 pub struct TierFile {
     pub upstream: Option<SStr>,
     pub features: Option<Vec<SStr>>,
+    pub rate: Option<Spanned<crate::rules::file::RateFile>>,
+    pub quotas: Option<BTreeMap<String, Spanned<crate::rules::file::QuotaFile>>>,
+    pub concurrency: Option<Spanned<i64>>,
+    pub queue: Option<Spanned<QueueFile>>,
+    pub priority: Option<Spanned<i64>>,
+    pub on_store_error: Option<SStr>,
+    pub price: Option<BTreeMap<String, Spanned<f64>>>,
+    pub warn_at: Option<Vec<Spanned<i64>>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct QueueFile {
+    pub max: Option<Spanned<i64>>,
+    pub timeout: Option<SStr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +133,9 @@ pub struct TenantFile {
     pub ip_allow: Vec<SStr>,
     #[serde(default)]
     pub keys: Vec<Spanned<KeyFile>>,
+    pub billing_anchor_day: Option<Spanned<i64>>,
+    pub timezone: Option<SStr>,
+    pub overrides: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@
 pub mod diag;
 pub mod file;
 pub mod model;
+pub mod policy;
 pub mod units;
 
 pub use diag::{Diagnostic, Diagnostics, Severity, SourceFile};
@@ -205,6 +206,12 @@ fn cidrs(list: &[SStr], src: &SourceFile, diags: &mut Diagnostics) -> Vec<IpNet>
         .collect()
 }
 
+/// The default instance id: the host name and process id, unique enough among a fleet.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "tollgate".into());
+    format!("{host}-{}", std::process::id())
+}
+
 /// Tenant ids are slugs: they appear in hostnames, paths, store keys and metric labels.
 pub fn valid_slug(s: &str) -> bool {
     !s.is_empty()
@@ -302,21 +309,70 @@ fn validate(
     };
 
     // [store]
-    let store_kind = match &main.store.kind {
-        None => StoreKind::Embedded,
-        Some(k) if k.get_ref() == "embedded" => StoreKind::Embedded,
-        Some(k) => {
-            diags.error_at(
-                src,
-                k.span(),
-                format!("unknown store kind `{}`; this build supports `embedded`", k.get_ref()),
-            );
+    let sf = &main.store;
+    let store_kind = match sf.kind.as_ref().map(|k| k.get_ref().as_str()) {
+        None | Some("embedded") => StoreKind::Embedded,
+        Some("redis") => StoreKind::Redis,
+        Some(other) => {
+            if let Some(k) = &sf.kind {
+                diags.error_at(src, k.span(), format!("unknown store kind `{other}`; use `embedded` or `redis`"));
+            }
             StoreKind::Embedded
         }
     };
+    let mut urls = Vec::new();
+    if let Some(u) = &sf.url {
+        for part in u.get_ref().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
+                diags.error_at(src, u.span(), format!("`{part}` is not a Redis URL; write it like `redis://127.0.0.1:6379`"));
+            }
+            urls.push(part.to_string());
+        }
+    }
+    if store_kind == StoreKind::Redis && urls.is_empty() {
+        if let Some(k) = &sf.kind {
+            diags.error_at(src, k.span(), "`kind = \"redis\"` needs `url`, like `redis://127.0.0.1:6379`");
+        }
+    }
+    let breaker_failures = match &sf.breaker_failures {
+        None => 5,
+        Some(v) if *v.get_ref() >= 1 => *v.get_ref() as u32,
+        Some(v) => {
+            diags.error_at(src, v.span(), "`breaker_failures` must be at least 1");
+            5
+        }
+    };
+    let max_lease_block = match &sf.max_lease_block {
+        None => 1000,
+        Some(v) if *v.get_ref() >= 1 => *v.get_ref() as u64,
+        Some(v) => {
+            diags.error_at(src, v.span(), "`max_lease_block` must be at least 1");
+            1000
+        }
+    };
+    let timeout = duration_or(&sf.timeout, Duration::from_millis(50), src, diags);
+    if timeout.is_zero() {
+        if let Some(t) = &sf.timeout {
+            diags.error_at(src, t.span(), "a store timeout of zero would fail every call");
+        }
+    }
+    let flush_interval = duration_or(&sf.flush_interval, Duration::from_secs(1), src, diags);
+    if flush_interval.is_zero() || flush_interval > Duration::from_secs(60) {
+        if let Some(t) = &sf.flush_interval {
+            diags.error_at(src, t.span(), "`flush_interval` must be between 1ms and 60s");
+        }
+    }
     let store = StoreConfig {
         kind: store_kind,
-        path: main.store.path.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| rel("tollgate.db")),
+        path: sf.path.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| rel("tollgate.db")),
+        urls,
+        timeout,
+        flush_interval,
+        breaker_failures,
+        breaker_cooldown: duration_or(&sf.breaker_cooldown, Duration::from_secs(5), src, diags),
+        max_lease_block,
+        instance_id: sf.instance_id.as_ref().map(|i| i.get_ref().clone()).unwrap_or_else(default_instance_id),
+        slot_ttl: duration_or(&sf.slot_ttl, Duration::from_secs(10), src, diags),
     };
 
     // [tenancy]
@@ -471,9 +527,10 @@ fn validate(
             .as_ref()
             .map(|f| f.iter().map(|x| Arc::from(x.get_ref().as_str())).collect())
             .unwrap_or_default();
+        let limits = policy::tier_limits(tf, src, diags);
         tiers.insert(
             name.get_ref().clone(),
-            Arc::new(Tier { name: name.get_ref().as_str().into(), upstream: upstream.into(), features }),
+            Arc::new(Tier { name: name.get_ref().as_str().into(), upstream: upstream.into(), features, limits }),
         );
     }
 
@@ -615,7 +672,26 @@ fn validate(
                 });
             }
         }
+        let billing_anchor_day = match &tf.billing_anchor_day {
+            None => 1,
+            Some(d) if (1..=31).contains(d.get_ref()) => *d.get_ref() as u32,
+            Some(d) => {
+                diags.error_at(src, d.span(), "`billing_anchor_day` is a day of the month, 1 to 31");
+                1
+            }
+        };
+        let timezone = match &tf.timezone {
+            None => chrono_tz::UTC,
+            Some(z) => z.get_ref().parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
+                diags.error_at(src, z.span(), format!("`{}` is not an IANA time zone; write it like `Europe/Berlin` or `UTC`", z.get_ref()));
+                chrono_tz::UTC
+            }),
+        };
+        let overrides = tf.overrides.as_ref().map(|o| policy::overrides(o, src, diags)).unwrap_or_default();
         tenants.push(TenantConfig {
+            billing_anchor_day,
+            timezone,
+            overrides,
             id: id.get_ref().clone(),
             name: tf.name.clone().unwrap_or_else(|| id.get_ref().clone()),
             email: tf.email.clone().unwrap_or_default(),
@@ -635,6 +711,25 @@ fn validate(
     all_rule_files.extend(rule_files);
     let ctx = crate::rules::RefContext { tiers: &tiers, upstreams: &upstreams, tenants: &tenants };
     let rules = crate::rules::compile(all_rule_files, &ctx, diags);
+
+    // Tier quotas and prices may only name metrics that exist.
+    for (name, tf) in &main.tiers {
+        let metrics = tf.quotas.iter().flatten().map(|(m, q)| (m, q.span())).chain(tf.price.iter().flatten().map(|(m, p)| (m, p.span())));
+        for (metric, span) in metrics {
+            if !rules.metrics.contains(metric) {
+                let known: Vec<&str> = rules.metrics.iter().map(String::as_str).collect();
+                diags.error_at(src, span, format!("tier `{}` names metric `{metric}`, which is not declared; declare it with `metrics = [\"{metric}\"]` (declared: {})", name.get_ref(), known.join(", ")));
+            }
+        }
+    }
+    for (t, tspan) in tenants.iter().zip(&main.tenants) {
+        for metric in t.overrides.quotas.keys() {
+            if !rules.metrics.contains(metric) {
+                let span = tspan.get_ref().overrides.as_ref().map(|o| o.span()).unwrap_or(tspan.span());
+                diags.error_at(src, span, format!("tenant `{}` overrides a quota on metric `{metric}`, which is not declared", t.id));
+            }
+        }
+    }
 
     if tiers.is_empty() && !tenants.is_empty() {
         diags.error_file(&src.path, "tenants are defined but no tier is; add a `[tiers.NAME]` table");

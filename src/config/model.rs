@@ -66,13 +66,33 @@ pub struct TlsConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
+    /// SQLite, one file, one node.
     Embedded,
+    /// Redis or Redis Cluster, shared by every instance.
+    Redis,
 }
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// The SQLite file (embedded).
     pub path: PathBuf,
+    /// `redis://` or `rediss://` URL(s); several mean Redis Cluster.
+    pub urls: Vec<String>,
+    /// Hot-path store call timeout.
+    pub timeout: Duration,
+    /// How often counters and usage are written to the store.
+    pub flush_interval: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker stops calling the store.
+    pub breaker_cooldown: Duration,
+    /// Largest quota lease block an instance takes at once.
+    pub max_lease_block: u64,
+    /// This instance's name in shared state (concurrency slots).
+    pub instance_id: String,
+    /// Lifetime of a concurrency slot lease without a heartbeat.
+    pub slot_ttl: Duration,
 }
 
 /// A source the tenant can be resolved from.
@@ -130,6 +150,7 @@ pub struct Tier {
     pub name: Arc<str>,
     pub upstream: Arc<str>,
     pub features: Vec<Arc<str>>,
+    pub limits: super::policy::TierLimits,
 }
 
 impl Tier {
@@ -182,6 +203,9 @@ pub struct TenantConfig {
     pub subdomains: Vec<String>,
     pub ip_allow: Vec<IpNet>,
     pub keys: Vec<KeyConfig>,
+    pub billing_anchor_day: u32,
+    pub timezone: chrono_tz::Tz,
+    pub overrides: super::policy::Overrides,
 }
 
 #[derive(Debug, Clone)]

@@ -90,6 +90,7 @@ pub struct ActionsFile {
     pub rate: Option<BTreeMap<String, Spanned<RateFile>>>,
     pub charge: Option<Spanned<ChargeFile>>,
     pub quota: Option<BTreeMap<String, BTreeMap<String, Spanned<QuotaFile>>>>,
+    pub on_store_error: Option<SStr>,
 }
 
 /// One rule file (or the rule part of the main file), after reading.

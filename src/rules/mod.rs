@@ -86,14 +86,7 @@ pub struct Conditions {
     pub tenants: Option<Vec<String>>,
 }
 
-/// Rate limit spec of a rule or tier: `limit` requests per `period`, plus `burst`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RateSpec {
-    pub limit: u32,
-    pub period: Duration,
-    pub burst: u32,
-    pub global: bool,
-}
+pub use crate::policy::{Period, QuotaSpec, RateSpec, StorePolicy};
 
 /// Where the cost of a charge comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,36 +102,6 @@ pub struct Charge {
     pub cost: CostSource,
     pub max_cost: Option<u64>,
     pub settle_from_header: Option<HeaderName>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Minute,
-    Hour,
-    Day,
-    Month,
-    Never,
-}
-
-impl Period {
-    pub fn parse(s: &str) -> Option<Period> {
-        Some(match s {
-            "minute" => Period::Minute,
-            "hour" => Period::Hour,
-            "day" => Period::Day,
-            "month" => Period::Month,
-            "never" => Period::Never,
-            _ => return None,
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuotaSpec {
-    pub limit: u64,
-    pub period: Period,
-    pub hard: bool,
-    pub overage_percent: u32,
 }
 
 /// The actions of a rule, with `[defaults]` already merged in.
@@ -162,6 +125,8 @@ pub struct Actions {
     pub charge: Option<Charge>,
     /// Keyed by tier name (or `default`), then metric.
     pub quota: BTreeMap<String, BTreeMap<String, QuotaSpec>>,
+    /// Overrides the tier's store failure policy on this route.
+    pub on_store_error: Option<StorePolicy>,
 }
 
 impl Actions {
@@ -443,6 +408,7 @@ struct Fields {
     pass_credentials: bool,
     priority: bool,
     charge: bool,
+    on_store_error: bool,
 }
 
 fn dref_fields(a: &ActionsFile) -> Fields {
@@ -456,6 +422,7 @@ fn dref_fields(a: &ActionsFile) -> Fields {
         pass_credentials: a.pass_credentials.is_some(),
         priority: a.priority.is_some(),
         charge: a.charge.is_some(),
+        on_store_error: a.on_store_error.is_some(),
     }
 }
 
@@ -526,6 +493,7 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
             r
         },
         charge: if set.charge { own.charge.clone() } else { defaults.charge.clone() },
+        on_store_error: if set.on_store_error { own.on_store_error } else { defaults.on_store_error },
         quota: {
             let mut q = defaults.quota.clone();
             for (tier, metrics) in &own.quota {
@@ -893,6 +861,16 @@ impl Compiler<'_, '_> {
                     .entry(tier.clone())
                     .or_default()
                     .insert(metric.clone(), QuotaSpec { limit, period, hard, overage_percent });
+            }
+        }
+        if let Some(p) = &a.on_store_error {
+            match StorePolicy::parse(p.get_ref()) {
+                Some(v) => out.on_store_error = Some(v),
+                None => self.diags.error_at(
+                    src,
+                    p.span(),
+                    format!("unknown on_store_error `{}`; use local, open or closed", p.get_ref()),
+                ),
             }
         }
         let _ = rule;
