@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tollgate::config::{self, Config, Diagnostics, KeyConfig, TenantConfig, TenantStatus};
+use tollgate::config::{self, Config, Diagnostics};
 use tollgate::directory::Directory;
 use tollgate::keys::KeyHash;
 use tollgate::pipeline::authenticate::{authenticate, Principal};
@@ -44,6 +44,17 @@ features = []
 [tiers.pro]
 upstream = "main"
 features = ["streaming"]
+
+# The template every generated tenant and key is cloned from (fields not set here keep the
+# loader's defaults).
+[[tenants]]
+id = "template"
+tier = "free"
+
+[[tenants.keys]]
+id = "template-k0"
+hash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+scopes = ["read", "generate"]
 "#;
 
 fn tenant_id(t: usize) -> String {
@@ -77,30 +88,30 @@ fn load_config() -> Config {
 fn build_directory(config: &Config) -> Directory {
     let rss_before = rss_kib();
     let start = Instant::now();
+    let template = config.tenants.first().expect("template tenant");
+    let key_template = template.keys.first().expect("template key").clone();
+    let mut template = template.clone();
+    template.keys.clear();
     let mut dir = Directory::with_capacity(TENANTS, TENANTS * KEYS_PER_TENANT);
     for t in 0..TENANTS {
         let id = tenant_id(t);
         let keys = (0..KEYS_PER_TENANT)
-            .map(|n| KeyConfig {
-                id: format!("{id}-k{n}"),
-                name: String::new(),
-                hash: KeyHash::of(secret(t, n).as_bytes()),
-                scopes: vec!["read".into(), "generate".into()],
+            .map(|n| {
+                let mut k = key_template.clone();
+                k.id = format!("{id}-k{n}");
+                k.hash = KeyHash::of(secret(t, n).as_bytes());
                 // Key 9 of each tenant expires far in the future, so the check runs on it.
-                expires: (n == 9).then_some(NOW_MS + 365 * 24 * 3_600_000),
-                revoked: false,
+                k.expires = (n == 9).then_some(NOW_MS + 365 * 24 * 3_600_000);
+                k
             })
             .collect();
-        let tc = TenantConfig {
-            id: id.clone(),
-            name: format!("Tenant {t}"),
-            email: format!("ops@{id}.example"),
-            tier: if t % 4 == 0 { "pro" } else { "free" }.into(),
-            status: TenantStatus::Active,
-            subdomains: vec![format!("{id}-app")],
-            ip_allow: Vec::new(),
-            keys,
-        };
+        let mut tc = template.clone();
+        tc.name = format!("Tenant {t}");
+        tc.email = format!("ops@{id}.example");
+        tc.tier = if t % 4 == 0 { "pro" } else { "free" }.into();
+        tc.subdomains = vec![format!("{id}-app")];
+        tc.keys = keys;
+        tc.id = id;
         dir.add(config, &tc);
         if (t + 1) % 20_000 == 0 {
             eprintln!(

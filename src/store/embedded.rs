@@ -1,0 +1,209 @@
+//! The embedded store: one node, one SQLite file.
+//!
+//! On one node the in-memory counters are the authority, so leases, windows and slots are
+//! answered from memory under a short lock and never wait for the disk. What must survive a
+//! restart (quota usage) is written to SQLite by [`Counters::persist_usage`], which the quota
+//! engine calls every `flush_interval` and at shutdown; it runs on a blocking thread, off the
+//! request path. A crash loses at most the usage of one flush interval.
+
+use super::{CounterKey, Counters, Grant, StoreError};
+use async_trait::async_trait;
+use rusqlite::{params, Connection};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Usage older than this is not loaded at startup: no quota period is longer (except `never`,
+/// whose period starts at 0 and is always loaded).
+const PRELOAD_WINDOW_MS: i64 = 40 * 86_400_000;
+
+#[derive(Default)]
+struct Memory {
+    granted: HashMap<CounterKey, u64>,
+    /// Usage persisted by earlier processes, loaded at open.
+    persisted: HashMap<CounterKey, u64>,
+    windows: HashMap<(String, i64), u64>,
+    /// tenant → slot → expiry (ms)
+    slots: HashMap<String, HashMap<String, i64>>,
+}
+
+/// The SQLite-backed store.
+pub struct Embedded {
+    path: PathBuf,
+    db: Arc<Mutex<Connection>>,
+    mem: Mutex<Memory>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl Embedded {
+    /// Opens (or creates) the database and loads recent quota usage into memory.
+    pub fn open(path: &Path, now_ms: i64) -> Result<Embedded, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| backend(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let conn = Connection::open(path).map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS quota_usage (
+                 tenant TEXT NOT NULL,
+                 metric TEXT NOT NULL,
+                 period_start INTEGER NOT NULL,
+                 used INTEGER NOT NULL,
+                 updated_ms INTEGER NOT NULL,
+                 PRIMARY KEY (tenant, metric, period_start)
+             );",
+        )
+        .map_err(backend)?;
+        let mut mem = Memory::default();
+        {
+            let mut stmt = conn
+                .prepare("SELECT tenant, metric, period_start, used FROM quota_usage WHERE period_start = 0 OR period_start >= ?1")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![now_ms - PRELOAD_WINDOW_MS], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
+                })
+                .map_err(backend)?;
+            for row in rows {
+                let (tenant, metric, period_start, used) = row.map_err(backend)?;
+                let key = CounterKey { tenant: tenant.into(), metric: metric.into(), period_start };
+                mem.granted.insert(key.clone(), used.max(0) as u64);
+                mem.persisted.insert(key, used.max(0) as u64);
+            }
+        }
+        Ok(Embedded { path: path.to_path_buf(), db: Arc::new(Mutex::new(conn)), mem: Mutex::new(mem) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The shared SQLite connection, for the usage ledger.
+    pub fn connection(&self) -> Arc<Mutex<Connection>> {
+        self.db.clone()
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Memory> {
+        // A panic while holding this lock cannot leave the maps inconsistent (every update
+        // is a single insert), so a poisoned lock is still safe to use.
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Counters for Embedded {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, _expire_at_ms: i64) -> Result<Grant, StoreError> {
+        let mut mem = self.mem();
+        let total = mem.granted.entry(key.clone()).or_insert(0);
+        let granted = want.min(limit.saturating_sub(*total));
+        *total += granted;
+        Ok(Grant { granted, total: *total })
+    }
+
+    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError> {
+        let mut mem = self.mem();
+        if let Some(total) = mem.granted.get_mut(key) {
+            *total = total.saturating_sub(units);
+        }
+        Ok(())
+    }
+
+    async fn add(&self, key: &CounterKey, units: u64, _expire_at_ms: i64) -> Result<u64, StoreError> {
+        let mut mem = self.mem();
+        let total = mem.granted.entry(key.clone()).or_insert(0);
+        *total += units;
+        Ok(*total)
+    }
+
+    async fn get(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        Ok(self.mem().granted.get(key).copied().unwrap_or(0))
+    }
+
+    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: u64) -> Result<(u64, u64), StoreError> {
+        let w = window_ms.max(1) as i64;
+        let idx = now_ms.div_euclid(w);
+        let id = format!("{tenant}\u{0}{name}");
+        let mut mem = self.mem();
+        mem.windows.retain(|(_, i), _| *i >= idx - 1);
+        let cur = {
+            let c = mem.windows.entry((id.clone(), idx)).or_insert(0);
+            *c += n;
+            *c
+        };
+        let prev = mem.windows.get(&(id, idx - 1)).copied().unwrap_or(0);
+        Ok((cur, prev))
+    }
+
+    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let mut mem = self.mem();
+        let slots = mem.slots.entry(tenant.to_string()).or_default();
+        slots.retain(|_, exp| *exp > now_ms);
+        if slots.contains_key(slot) || slots.len() < limit as usize {
+            slots.insert(slot.to_string(), now_ms + ttl_ms);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn slot_release(&self, tenant: &str, slot: &str) -> Result<(), StoreError> {
+        if let Some(slots) = self.mem().slots.get_mut(tenant) {
+            slots.remove(slot);
+        }
+        Ok(())
+    }
+
+    async fn slot_heartbeat(&self, tenant: &str, slots: &[String], now_ms: i64, ttl_ms: i64) -> Result<(), StoreError> {
+        let mut mem = self.mem();
+        if let Some(held) = mem.slots.get_mut(tenant) {
+            for s in slots {
+                if let Some(exp) = held.get_mut(s) {
+                    *exp = now_ms + ttl_ms;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn persist_usage(&self, rows: &[(CounterKey, u64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let rows = rows.to_vec();
+        let now = chrono::Utc::now().timestamp_millis();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let mut conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction().map_err(backend)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO quota_usage (tenant, metric, period_start, used, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant, metric, period_start) DO UPDATE SET used = excluded.used, updated_ms = excluded.updated_ms",
+                    )
+                    .map_err(backend)?;
+                for (k, used) in &rows {
+                    stmt.execute(params![&*k.tenant, &*k.metric, k.period_start, *used as i64, now]).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    async fn persisted_usage(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        Ok(self.mem().persisted.get(key).copied().unwrap_or(0))
+    }
+}

@@ -1,0 +1,194 @@
+//! Stores: the small traits shared state goes through, and their two implementations.
+//!
+//! - [`embedded`]: SQLite in one file, for a single node. Counters live in memory (they are
+//!   the authority on one node) and are written to the file every `flush_interval` and at
+//!   shutdown.
+//! - [`redis`]: Redis or Redis Cluster, shared by a fleet. Every key carries the tenant as a
+//!   hash tag (`tg:{acme}:…`), so one pipeline covers all of a tenant's keys.
+//!
+//! Every call goes through a [`Breaker`]: a timeout of tens of milliseconds, and after
+//! repeated failures no calls at all for a cooldown, so a dead store costs requests nothing
+//! but the configured failure policy. One conformance suite (`tests/store_conformance.rs`)
+//! runs against both implementations.
+
+pub mod embedded;
+pub mod redis;
+
+use async_trait::async_trait;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a store call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The call did not finish within the store timeout.
+    Timeout,
+    /// The circuit breaker is open: the store failed recently and is not being called.
+    BreakerOpen,
+    /// The store answered with an error, or the connection failed.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Timeout => write!(f, "store call timed out"),
+            StoreError::BreakerOpen => write!(f, "store circuit breaker is open"),
+            StoreError::Backend(e) => write!(f, "store error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A quota counter: one tenant, one metric (or rule-scoped metric), one period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub tenant: Arc<str>,
+    pub metric: Arc<str>,
+    /// Period start, Unix ms (0 for `never`).
+    pub period_start: i64,
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Units granted, `0..=want`.
+    pub granted: u64,
+    /// The shared counter after the grant: units granted to every instance this period.
+    pub total: u64,
+}
+
+/// Shared counters: quota leases, sliding windows and concurrency slots.
+#[async_trait]
+pub trait Counters: Send + Sync + 'static {
+    /// A short name for metrics and logs (`embedded`, `redis`).
+    fn name(&self) -> &'static str;
+
+    /// Takes up to `want` units from `key` without letting the total pass `limit`. The sum of
+    /// all grants of a key never exceeds its limit, however many instances ask at once.
+    /// `expire_at_ms` is when the counter may be forgotten (`i64::MAX`: never).
+    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, expire_at_ms: i64) -> Result<Grant, StoreError>;
+
+    /// Hands back granted units that were not spent.
+    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError>;
+
+    /// Adds units with no ceiling (usage found after the fact: settlement, reconciliation).
+    async fn add(&self, key: &CounterKey, units: u64, expire_at_ms: i64) -> Result<u64, StoreError>;
+
+    /// Reads a counter (0 when absent).
+    async fn get(&self, key: &CounterKey) -> Result<u64, StoreError>;
+
+    /// Sliding window: adds `n` to the window of `window_ms` containing `now_ms`; returns the
+    /// current and previous windows' counts.
+    async fn window_add(
+        &self,
+        tenant: &str,
+        name: &str,
+        window_ms: u64,
+        now_ms: i64,
+        n: u64,
+    ) -> Result<(u64, u64), StoreError>;
+
+    /// Takes a concurrency slot for `tenant` if fewer than `limit` live slots exist. A slot
+    /// lives `ttl_ms` unless its holder renews it.
+    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError>;
+
+    /// Frees a slot.
+    async fn slot_release(&self, tenant: &str, slot: &str) -> Result<(), StoreError>;
+
+    /// Renews held slots.
+    async fn slot_heartbeat(&self, tenant: &str, slots: &[String], now_ms: i64, ttl_ms: i64) -> Result<(), StoreError>;
+
+    /// Records what this instance has spent per counter, for stores that persist usage
+    /// separately from grants (embedded). The default does nothing.
+    async fn persist_usage(&self, _rows: &[(CounterKey, u64)]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Spent units recorded for `key` by an earlier process (embedded restarts).
+    async fn persisted_usage(&self, _key: &CounterKey) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+/// Counts store calls for `tollgate_store_round_trips_total` / `tollgate_store_errors_total`.
+pub trait StoreObserver: Send + Sync + 'static {
+    fn round_trip(&self, store: &'static str, op: &'static str);
+    fn error(&self, store: &'static str, op: &'static str);
+}
+
+/// An observer that records nothing (tests, tools).
+pub struct NoObserver;
+
+impl StoreObserver for NoObserver {
+    fn round_trip(&self, _: &'static str, _: &'static str) {}
+    fn error(&self, _: &'static str, _: &'static str) {}
+}
+
+/// Timeout plus circuit breaker around store calls.
+pub struct Breaker {
+    timeout: Duration,
+    threshold: u32,
+    cooldown_ms: i64,
+    failures: AtomicU32,
+    open_until_ms: AtomicI64,
+    clock: crate::clock::SharedClock,
+}
+
+impl Breaker {
+    pub fn new(timeout: Duration, threshold: u32, cooldown: Duration, clock: crate::clock::SharedClock) -> Breaker {
+        Breaker {
+            timeout,
+            threshold: threshold.max(1),
+            cooldown_ms: cooldown.as_millis() as i64,
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicI64::new(0),
+            clock,
+        }
+    }
+
+    /// `true` while calls are being refused.
+    pub fn is_open(&self) -> bool {
+        self.clock.now_millis() < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// How long until the breaker lets a call through again.
+    pub fn retry_after(&self) -> Duration {
+        let left = self.open_until_ms.load(Ordering::Relaxed) - self.clock.now_millis();
+        Duration::from_millis(left.max(1000) as u64)
+    }
+
+    /// Runs `fut` under the timeout, unless the breaker is open.
+    pub async fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
+        if self.is_open() {
+            return Err(StoreError::BreakerOpen);
+        }
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        };
+        match &result {
+            Ok(_) => self.failures.store(0, Ordering::Relaxed),
+            Err(_) => {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= self.threshold {
+                    self.open_until_ms.store(self.clock.now_millis() + self.cooldown_ms, Ordering::Relaxed);
+                    self.failures.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// The redis key prefix of a tenant. The braces make the tenant a Redis Cluster hash tag.
+pub fn tenant_prefix(tenant: &str) -> String {
+    format!("tg:{{{tenant}}}")
+}

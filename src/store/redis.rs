@@ -1,0 +1,217 @@
+//! The Redis store: shared counters for a fleet, on Redis or Redis Cluster.
+//!
+//! Keys (the `{tenant}` hash tag keeps each tenant's keys in one cluster slot):
+//!
+//! - `tg:{acme}:q:<metric>:<period_start>`: units of a quota granted to all instances
+//! - `tg:{acme}:w:<name>:<window>`: sliding-window request counts (`mode = "global"`)
+//! - `tg:{acme}:slots`: a sorted set of concurrency slot leases, scored by expiry
+//!
+//! Nothing needs server-side scripts. A lease is `INCRBY`, and when that passes the limit, a
+//! `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
+//! interleaving of instances. Every call runs under the [`Breaker`]; the connection
+//! reconnects by itself when Redis comes back.
+
+use super::{tenant_prefix, Breaker, CounterKey, Counters, Grant, StoreError, StoreObserver};
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, Pipeline};
+use std::sync::Arc;
+use std::time::Duration;
+
+enum Conn {
+    Single(ConnectionManager),
+    /// Filled by a background task once the cluster answers; empty while it does not.
+    Cluster(Arc<ArcSwapOption<ClusterConnection>>),
+}
+
+/// The Redis-backed store.
+pub struct RedisStore {
+    conn: Conn,
+    breaker: Breaker,
+    observer: Arc<dyn StoreObserver>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn quota_key(k: &CounterKey) -> String {
+    format!("{}:q:{}:{}", tenant_prefix(&k.tenant), k.metric, k.period_start)
+}
+
+impl RedisStore {
+    /// Creates the client. It connects lazily, so the gateway starts (and applies its failure
+    /// policy) even while Redis is down. One URL means a single Redis; several mean a cluster.
+    /// Must be called inside a Tokio runtime.
+    pub fn connect(urls: &[String], breaker: Breaker, observer: Arc<dyn StoreObserver>, timeout: Duration) -> Result<RedisStore, StoreError> {
+        let conn = if urls.len() == 1 {
+            let client = redis::Client::open(urls[0].as_str()).map_err(backend)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)
+        } else {
+            let client = ClusterClient::new(urls.to_vec()).map_err(backend)?;
+            let slot: Arc<ArcSwapOption<ClusterConnection>> = Arc::new(ArcSwapOption::empty());
+            let fill = slot.clone();
+            tokio::spawn(async move {
+                loop {
+                    match client.get_async_connection().await {
+                        Ok(c) => {
+                            fill.store(Some(Arc::new(c)));
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Redis Cluster not reachable yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            });
+            Conn::Cluster(slot)
+        };
+        Ok(RedisStore { conn, breaker, observer })
+    }
+
+    /// Runs one pipeline (one round trip) under the breaker.
+    async fn run<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.observer.round_trip("redis", op);
+        let fut = async {
+            match &self.conn {
+                Conn::Single(m) => {
+                    let mut c = m.clone();
+                    pipe.query_async::<T>(&mut c).await.map_err(backend)
+                }
+                Conn::Cluster(slot) => {
+                    let Some(c) = slot.load_full() else {
+                        return Err(StoreError::Backend("Redis Cluster is not connected".into()));
+                    };
+                    let mut c = (*c).clone();
+                    pipe.query_async::<T>(&mut c).await.map_err(backend)
+                }
+            }
+        };
+        let r = self.breaker.call(fut).await;
+        if r.is_err() {
+            self.observer.error("redis", op);
+        }
+        r
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+}
+
+fn expire(pipe: &mut Pipeline, key: &str, expire_at_ms: i64) {
+    if expire_at_ms != i64::MAX {
+        pipe.cmd("PEXPIREAT").arg(key).arg(expire_at_ms).ignore();
+    }
+}
+
+#[async_trait]
+impl Counters for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, expire_at_ms: i64) -> Result<Grant, StoreError> {
+        let k = quota_key(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCRBY").arg(&k).arg(want);
+        expire(&mut pipe, &k, expire_at_ms);
+        let (total,): (i64,) = self.run("lease", &pipe).await?;
+        let total = total.max(0) as u64;
+        if total <= limit {
+            return Ok(Grant { granted: want, total });
+        }
+        // Over the limit: hand back what does not fit. Every instance does the same for its
+        // own increment, so the grants add up to at most the limit.
+        let excess = want.min(total - limit);
+        let mut back = redis::pipe();
+        back.cmd("DECRBY").arg(&k).arg(excess);
+        let (after,): (i64,) = self.run("lease_return", &back).await?;
+        Ok(Grant { granted: want - excess, total: after.max(0) as u64 })
+    }
+
+    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError> {
+        if units == 0 {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("DECRBY").arg(quota_key(key)).arg(units).ignore();
+        self.run::<()>("give_back", &pipe).await
+    }
+
+    async fn add(&self, key: &CounterKey, units: u64, expire_at_ms: i64) -> Result<u64, StoreError> {
+        let k = quota_key(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCRBY").arg(&k).arg(units);
+        expire(&mut pipe, &k, expire_at_ms);
+        let (total,): (i64,) = self.run("add", &pipe).await?;
+        Ok(total.max(0) as u64)
+    }
+
+    async fn get(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(quota_key(key));
+        let (v,): (Option<i64>,) = self.run("get", &pipe).await?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: u64) -> Result<(u64, u64), StoreError> {
+        let w = window_ms.max(1) as i64;
+        let idx = now_ms.div_euclid(w);
+        let prefix = tenant_prefix(tenant);
+        let cur = format!("{prefix}:w:{name}:{idx}");
+        let prev = format!("{prefix}:w:{name}:{}", idx - 1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCRBY").arg(&cur).arg(n);
+        pipe.cmd("PEXPIRE").arg(&cur).arg(w * 2).ignore();
+        pipe.cmd("GET").arg(&prev);
+        let (c, p): (i64, Option<i64>) = self.run("window_add", &pipe).await?;
+        Ok((c.max(0) as u64, p.unwrap_or(0).max(0) as u64))
+    }
+
+    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+        let key = format!("{}:slots", tenant_prefix(tenant));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(now_ms).ignore();
+        pipe.cmd("ZADD").arg(&key).arg(now_ms + ttl_ms).arg(slot).ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
+        pipe.cmd("ZCARD").arg(&key);
+        let (count,): (i64,) = self.run("slot_acquire", &pipe).await?;
+        if count as u64 <= limit as u64 {
+            return Ok(true);
+        }
+        // Too many: take ours back out. Like leases, add-then-check never over-admits.
+        let mut back = redis::pipe();
+        back.cmd("ZREM").arg(&key).arg(slot).ignore();
+        self.run::<()>("slot_release", &back).await?;
+        Ok(false)
+    }
+
+    async fn slot_release(&self, tenant: &str, slot: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(format!("{}:slots", tenant_prefix(tenant))).arg(slot).ignore();
+        self.run::<()>("slot_release", &pipe).await
+    }
+
+    async fn slot_heartbeat(&self, tenant: &str, slots: &[String], now_ms: i64, ttl_ms: i64) -> Result<(), StoreError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let key = format!("{}:slots", tenant_prefix(tenant));
+        let mut pipe = redis::pipe();
+        for s in slots {
+            pipe.cmd("ZADD").arg(&key).arg("XX").arg(now_ms + ttl_ms).arg(s).ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
+        self.run::<()>("slot_heartbeat", &pipe).await
+    }
+}
