@@ -160,9 +160,11 @@ fn generate(n: usize) -> (String, Probes) {
             }
             Kind::Glob => {
                 let name = format!("glob-{svc}-{j}");
-                let (glob, path) = match j % 4 {
-                    0 => (format!("/jobs/{svc}/q{j}/*"), format!("/jobs/{svc}/q{j}/job-8f3a2c")),
-                    1 => (format!("/jobs/{svc}/q{j}/*/logs"), format!("/jobs/{svc}/q{j}/job-8f3a2c/logs")),
+                // Shapes rotate from the end, so the last glob (the probe) has the same shape
+                // whatever the rule count.
+                let (glob, path) = match (globs - 1 - j) % 4 {
+                    0 => (format!("/jobs/{svc}/q{j}/*/logs"), format!("/jobs/{svc}/q{j}/job-8f3a2c/logs")),
+                    1 => (format!("/jobs/{svc}/q{j}/*"), format!("/jobs/{svc}/q{j}/job-8f3a2c")),
                     2 => (format!("/stream/{svc}/s{j}/**"), format!("/stream/{svc}/s{j}/2024/06/15/events")),
                     _ => (format!("/assets/{svc}/a{j}/*.json"), format!("/assets/{svc}/a{j}/manifest.json")),
                 };

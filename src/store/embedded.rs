@@ -203,7 +203,7 @@ impl Counters for Embedded {
         .map_err(backend)?
     }
 
-    async fn persisted_usage(&self, key: &CounterKey) -> Result<u64, StoreError> {
-        Ok(self.mem().persisted.get(key).copied().unwrap_or(0))
+    fn persisted_usage(&self, key: &CounterKey) -> u64 {
+        self.mem().persisted.get(key).copied().unwrap_or(0)
     }
 }

@@ -109,9 +109,10 @@ pub trait Counters: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Spent units recorded for `key` by an earlier process (embedded restarts).
-    async fn persisted_usage(&self, _key: &CounterKey) -> Result<u64, StoreError> {
-        Ok(0)
+    /// Spent units recorded for `key` by an earlier process (embedded restarts). Answered
+    /// from memory: it is called on the request path when a quota period starts.
+    fn persisted_usage(&self, _key: &CounterKey) -> u64 {
+        0
     }
 }
 
