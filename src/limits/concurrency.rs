@@ -139,27 +139,37 @@ impl Concurrency {
         priority: i64,
         on_error: StorePolicy,
     ) -> Result<SlotGuard, ConcurrencyError> {
+        enum Step {
+            Admitted(Option<String>),
+            Wait(oneshot::Receiver<Option<String>>, Duration),
+            Full,
+        }
         let slots = self.slots(tenant);
-        let rx = {
+        let step = {
             let mut st = slots.lock();
             if st.in_flight < spec.limit {
                 st.in_flight += 1;
-                let reuse = st.idle.pop().map(|(s, _)| s);
-                drop(st);
+                Step::Admitted(st.idle.pop().map(|(s, _)| s))
+            } else {
+                match &spec.queue {
+                    Some(q) if (st.waiters.len() as u32) < q.max => {
+                        let (tx, rx) = oneshot::channel();
+                        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                        st.waiters.push(Waiter { priority, seq, tx });
+                        Step::Wait(rx, q.timeout)
+                    }
+                    _ => Step::Full,
+                }
+            }
+        };
+        let (mut rx, timeout) = match step {
+            Step::Admitted(reuse) => {
                 let guard = self.guard(slots, reuse);
                 return self.lease_shared(guard, spec.limit, on_error).await;
             }
-            match &spec.queue {
-                Some(q) if (st.waiters.len() as u32) < q.max => {
-                    let (tx, rx) = oneshot::channel();
-                    let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                    st.waiters.push(Waiter { priority, seq, tx });
-                    (rx, q.timeout)
-                }
-                _ => return Err(ConcurrencyError::Full { limit: spec.limit }),
-            }
+            Step::Full => return Err(ConcurrencyError::Full { limit: spec.limit }),
+            Step::Wait(rx, timeout) => (rx, timeout),
         };
-        let (mut rx, timeout) = rx;
         tokio::select! {
             got = &mut rx => match got {
                 Ok(shared) => {
