@@ -1,18 +1,25 @@
-//! The one place that wires config, runtime snapshot, upstream pools, the proxy and the admin
-//! listener into a Pingora server. Nothing here is global: each piece is built once and passed
-//! down.
+//! The one place that wires config, stores, metrics, limits, the proxy and the admin listener
+//! into a Pingora server. Nothing here is global: each piece is built once and passed down.
 
 use crate::admin::AdminApp;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{self, Config, LogFormat};
+use crate::config::{self, Config, LogFormat, StoreConfig, StoreKind};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 use crate::runtime::{self, Runtime};
+use crate::store::embedded::Embedded;
+use crate::store::redis::RedisStore;
+use crate::store::{Breaker, Counters};
 use crate::upstream::Upstreams;
+use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Options of `tollgate run` that are not in the config file.
 #[derive(Debug, Default, Clone)]
@@ -33,7 +40,7 @@ pub fn init_logging(config: &Config) {
     };
 }
 
-/// Loads the config or prints every problem and returns `Err`.
+/// Loads the config or returns every problem as text.
 pub fn load_or_report(path: &Path) -> Result<Config, String> {
     match config::load(path) {
         Ok(loaded) => {
@@ -46,8 +53,76 @@ pub fn load_or_report(path: &Path) -> Result<Config, String> {
     }
 }
 
+/// Opens the configured store. Redis connects lazily, so a Redis that is down at startup is
+/// handled by the failure policy, not by refusing to start.
+pub fn open_store(
+    cfg: &StoreConfig,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+    bg: &tokio::runtime::Runtime,
+) -> Result<Arc<dyn Counters>, String> {
+    match cfg.kind {
+        StoreKind::Embedded => {
+            let store = Embedded::open(&cfg.path, clock.now_millis())
+                .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreKind::Redis => {
+            let _guard = bg.enter();
+            let breaker = Breaker::new(cfg.timeout, cfg.breaker_failures, cfg.breaker_cooldown, clock);
+            let store = RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
+                .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Keeps the limits in step with the store: flushes usage, renews and returns concurrency
+/// slots, evicts idle state, and at shutdown returns leases and flushes one last time.
+struct Maintenance {
+    limits: Arc<Limits>,
+    flush_interval: Duration,
+    slot_ttl: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Maintenance {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut flush = tokio::time::interval(self.flush_interval);
+        let mut slots = tokio::time::interval((self.slot_ttl / 3).max(Duration::from_millis(100)));
+        let mut evict = tokio::time::interval(Duration::from_secs(60));
+        for t in [&mut flush, &mut slots, &mut evict] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            tokio::select! {
+                _ = flush.tick() => self.limits.quotas.flush().await,
+                _ = slots.tick() => self.limits.concurrency.maintain().await,
+                _ = evict.tick() => {
+                    self.limits.rates.evict_idle(Duration::from_secs(600));
+                    self.limits.quotas.evict_idle();
+                }
+                _ = shutdown.changed() => {
+                    self.limits.quotas.shutdown().await;
+                    self.limits.concurrency.shutdown().await;
+                    tracing::info!("limits flushed and leases returned");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A built server and what must live as long as it.
+pub struct Built {
+    pub server: Server,
+    /// Runs store connections set up before Pingora's runtimes exist.
+    pub background: tokio::runtime::Runtime,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Builds the Pingora server for `config`. `run` serves it forever.
-pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Result<Server, String> {
+pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Result<Built, String> {
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
@@ -61,14 +136,37 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tollgate-store")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the store runtime: {e}"))?;
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&config.store, clock.clone(), metrics.clone(), &background)?;
+    let shared = config.store.kind == StoreKind::Redis;
+    let limits = Limits::new(
+        store,
+        shared,
+        clock.clone(),
+        config.store.max_lease_block,
+        config.store.instance_id.clone(),
+        config.store.slot_ttl,
+    );
+
     let (upstreams, health_checks) = Upstreams::build(&config.upstreams)?;
     let upstreams = Arc::new(upstreams);
     let listen = config.server.listen.clone();
     let admin_listen = config.server.admin_listen;
     let tls = config.server.tls.clone();
-    let runtime = runtime::shared(Runtime::new(config));
+    let flush_interval = config.store.flush_interval;
+    let slot_ttl = config.store.slot_ttl;
+    let rt = Runtime::new(config);
+    metrics.tenants.set(rt.directory.tenant_count() as i64);
+    metrics.keys.set(rt.directory.key_count() as i64);
+    let runtime = runtime::shared(rt);
 
-    let gateway = Gateway { runtime: runtime.clone(), upstreams: upstreams.clone(), clock };
+    let gateway = Gateway { runtime: runtime.clone(), upstreams: upstreams.clone(), clock, limits: limits.clone() };
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate proxy");
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
@@ -78,7 +176,8 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
             .add_tls(&tls.listen.to_string(), &tls.cert.display().to_string(), &tls.key.display().to_string())
             .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
     }
-    let mut admin = Service::new("tollgate admin".to_string(), AdminApp { runtime, upstreams });
+    let mut admin =
+        Service::new("tollgate admin".to_string(), AdminApp { runtime, upstreams, metrics: metrics.clone() });
     admin.add_tcp(&admin_listen.to_string());
 
     server.add_service(proxy);
@@ -86,7 +185,8 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     for hc in health_checks {
         server.add_service(hc);
     }
-    Ok(server)
+    server.add_service(background_service("limits maintenance", Maintenance { limits, flush_interval, slot_ttl }));
+    Ok(Built { server, background, metrics })
 }
 
 /// `tollgate run`: load, build, serve until a signal.
@@ -100,6 +200,9 @@ pub fn run(path: &Path, opts: RunOptions) -> Result<(), String> {
         summary = %config.summary(),
         "tollgate starting"
     );
-    let server = build_server(config, &opts, Arc::new(SystemClock))?;
+    let built = build_server(config, &opts, Arc::new(SystemClock))?;
+    let Built { server, background, .. } = built;
+    // The store runtime must outlive the server; run_forever never returns.
+    let _keep = background;
     server.run_forever()
 }

@@ -90,7 +90,9 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             eprintln!("the gateway did not start listening on {listen}");
         }
     });
-    let server =
+    let built =
         crate::app::build_server(config, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
+    let crate::app::Built { server, background, .. } = built;
+    let _keep = background;
     server.run_forever()
 }

@@ -42,6 +42,17 @@ pub enum Reject {
     Denied { status: u16, message: String, rule: String },
     /// 413: the body is larger than the rule's `max_body`.
     BodyTooLarge { limit: u64 },
+    /// 400: a charge's cost (from a header or query parameter) is missing, not a number, or
+    /// above the rule's `max_cost`.
+    InvalidCost { detail: String },
+    /// 429: the rate limit bucket is empty.
+    RateLimited { limit: u32, retry_after: u64, reset: u64 },
+    /// 429: a hard quota is used up for this period.
+    QuotaExceeded { metric: String, used: u64, limit: u64, reset_ms: i64 },
+    /// 429: every concurrency slot is busy (and the queue, if any, is full or timed out).
+    ConcurrencyLimit { limit: u32 },
+    /// 503: the shared store is failing and the policy is `closed`.
+    StoreUnavailable { retry_after: u64 },
     /// 502: no healthy server in the upstream pool, or it refused the connection.
     UpstreamUnavailable { upstream: String },
     /// 504: the upstream did not connect or answer within its timeout.
@@ -78,6 +89,11 @@ impl Reject {
             Reject::FeatureNotInTier { .. } => "feature_not_in_tier",
             Reject::Denied { .. } => "denied",
             Reject::BodyTooLarge { .. } => "body_too_large",
+            Reject::InvalidCost { .. } => "invalid_cost",
+            Reject::RateLimited { .. } => "rate_limited",
+            Reject::QuotaExceeded { .. } => "quota_exceeded",
+            Reject::ConcurrencyLimit { .. } => "concurrency_limit",
+            Reject::StoreUnavailable { .. } => "store_unavailable",
             Reject::UpstreamUnavailable { .. } => "upstream_unavailable",
             Reject::UpstreamTimeout { .. } => "upstream_timeout",
             Reject::Internal => "internal_error",
@@ -86,7 +102,9 @@ impl Reject {
 
     pub fn status(&self) -> u16 {
         match self {
-            Reject::BadRequest { .. } | Reject::DuplicateHeader { .. } => 400,
+            Reject::BadRequest { .. } | Reject::DuplicateHeader { .. } | Reject::InvalidCost { .. } => 400,
+            Reject::RateLimited { .. } | Reject::QuotaExceeded { .. } | Reject::ConcurrencyLimit { .. } => 429,
+            Reject::StoreUnavailable { .. } => 503,
             Reject::HeadersTooLarge { .. } => 431,
             Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => 401,
             Reject::TenantSuspended { .. }
@@ -121,6 +139,11 @@ impl Reject {
             Reject::FeatureNotInTier { .. } => "Feature not in tier",
             Reject::Denied { .. } => "Denied",
             Reject::BodyTooLarge { .. } => "Request body too large",
+            Reject::InvalidCost { .. } => "Invalid cost",
+            Reject::RateLimited { .. } => "Rate limited",
+            Reject::QuotaExceeded { .. } => "Quota exceeded",
+            Reject::ConcurrencyLimit { .. } => "Too many concurrent requests",
+            Reject::StoreUnavailable { .. } => "Limit store unavailable",
             Reject::UpstreamUnavailable { .. } => "Upstream unavailable",
             Reject::UpstreamTimeout { .. } => "Upstream timeout",
             Reject::Internal => "Internal error",
@@ -163,6 +186,20 @@ impl Reject {
             Reject::BodyTooLarge { limit } => format!(
                 "The request body is larger than this route allows ({limit} bytes)."
             ),
+            Reject::InvalidCost { detail } => detail.clone(),
+            Reject::RateLimited { limit, retry_after, .. } => format!(
+                "The rate limit ({limit} requests per window) is exhausted. Retry in {retry_after} s."
+            ),
+            Reject::QuotaExceeded { metric, used, limit, reset_ms } => format!(
+                "The `{metric}` quota is used up: {used} of {limit}. It resets at {}. Upgrade your plan for more.",
+                crate::limits::headers::rfc3339(*reset_ms)
+            ),
+            Reject::ConcurrencyLimit { limit } => format!(
+                "Your plan allows {limit} requests in flight at once. Retry when one finishes."
+            ),
+            Reject::StoreUnavailable { retry_after } => format!(
+                "The gateway cannot check limits right now. Retry in {retry_after} s."
+            ),
             Reject::UpstreamUnavailable { upstream } => format!(
                 "The upstream `{upstream}` is unavailable. Retry later."
             ),
@@ -201,7 +238,37 @@ impl Reject {
             Reject::UpstreamUnavailable { upstream } | Reject::UpstreamTimeout { upstream } => {
                 ext.insert("upstream".into(), json!(upstream));
             }
+            Reject::RateLimited { limit, reset, retry_after } => {
+                ext.insert("limit".into(), json!(limit));
+                ext.insert("remaining".into(), json!(0));
+                ext.insert("reset".into(), json!(reset));
+                ext.insert("retry_after".into(), json!(retry_after));
+            }
+            Reject::QuotaExceeded { metric, used, limit, reset_ms } => {
+                ext.insert("metric".into(), json!(metric));
+                ext.insert("used".into(), json!(used));
+                ext.insert("limit".into(), json!(limit));
+                ext.insert("remaining".into(), json!(limit.saturating_sub(*used)));
+                ext.insert("reset".into(), json!(crate::limits::headers::rfc3339(*reset_ms)));
+            }
+            Reject::ConcurrencyLimit { limit } => {
+                ext.insert("limit".into(), json!(limit));
+            }
             _ => {}
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for 429 and 503 answers.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Reject::RateLimited { retry_after, .. } => Some(*retry_after),
+            Reject::QuotaExceeded { reset_ms, .. } => {
+                let now = chrono::Utc::now().timestamp_millis();
+                Some(if *reset_ms == i64::MAX { 86_400 } else { ((reset_ms - now).max(1000) as u64).div_ceil(1000) })
+            }
+            Reject::ConcurrencyLimit { .. } => Some(1),
+            Reject::StoreUnavailable { retry_after } => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -229,6 +296,9 @@ impl Reject {
                 _ => format!("Bearer error=\"invalid_token\", error_description=\"{}\"", self.code()),
             };
             headers.push(("www-authenticate", value));
+        }
+        if let Some(secs) = self.retry_after() {
+            headers.push(("retry-after", secs.to_string()));
         }
         if !request_id.is_empty() {
             headers.push(("x-request-id", request_id.to_string()));

@@ -16,6 +16,7 @@ use std::sync::Arc;
 pub struct AdminApp {
     pub runtime: SharedRuntime,
     pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn json_response(status: u16, body: serde_json::Value, content_type: &str) -> Response<Vec<u8>> {
@@ -73,7 +74,16 @@ impl ServeHttp for AdminApp {
                 let (ok, body) = self.ready();
                 json_response(if ok { 200 } else { 503 }, body, "application/json")
             }
-            _ => problem(404, "not_found", "No such admin endpoint. Try /healthz or /readyz."),
+            "/metrics" => {
+                let body = self.metrics.render();
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header("content-length", body.len())
+                    .body(body)
+                    .unwrap_or_else(|_| Response::new(Vec::new()))
+            }
+            _ => problem(404, "not_found", "No such admin endpoint. Try /healthz, /readyz or /metrics."),
         }
     }
 }

@@ -494,10 +494,11 @@ impl QuotaEngine {
                 dirty.push(cell.value().clone());
             }
         }
-        let mut p = self.pending();
-        p.give_back.extend(returns);
-        p.dirty.extend(dirty);
-        drop(p);
+        {
+            let mut p = self.pending();
+            p.give_back.extend(returns);
+            p.dirty.extend(dirty);
+        }
         self.flush().await;
     }
 

@@ -1,6 +1,9 @@
 //! Per-request state carried between Pingora's phases.
 
 use crate::directory::Tenant;
+use crate::limits::concurrency::SlotGuard;
+use crate::limits::headers::LimitHeaders;
+use crate::pipeline::quota::Reserved;
 use crate::error::Reject;
 use crate::rules::Rule;
 use crate::runtime::Runtime;
@@ -58,6 +61,12 @@ pub struct RequestCtx {
     pub upstream_started: Option<Instant>,
     pub upstream_time: Option<Duration>,
     pub status: u16,
+    /// Limit state for the response headers.
+    pub limit_headers: LimitHeaders,
+    /// Quota units taken, and the charge to settle.
+    pub reserved: Reserved,
+    /// The concurrency slot; freed when the context is dropped.
+    pub slot: Option<SlotGuard>,
 }
 
 impl RequestCtx {
@@ -82,6 +91,9 @@ impl RequestCtx {
             upstream_started: None,
             upstream_time: None,
             status: 0,
+            limit_headers: LimitHeaders::default(),
+            reserved: Reserved::default(),
+            slot: None,
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The request pipeline, and the Pingora `ProxyHttp` impl that sequences it.
 //!
 //! ```text
-//!  request_filter ─► resolve ─► authenticate ─► authorize ─┐      (reject: problem+json, Ok(true))
-//!                    Hints      Principal       Permit     │
+//!  request_filter ─► resolve ─► authenticate ─► authorize ─► rate_limit ─► quota ─► concurrency
+//!                    Hints      Principal       Permit       (&Permit)     Reserved  SlotGuard
+//!                    any refusal: one problem+json response, reservations given back, Ok(true)
 //!  request_body_filter: counts streamed bodies against the rule's max_body
 //!  upstream_peer ────────────────────────────────► forward::peer (round robin, timeouts)
 //!  upstream_request_filter ──────────────────────► forward::upstream_request (header hygiene)
-//!  response_filter ──────────────────────────────► forward::downstream_response
+//!  upstream_response_filter ─────────────────────► quota::settle (charge settle header)
+//!  response_filter ──────────────────────────────► forward::downstream_response + limit headers
 //!  fail_to_proxy: upstream and body errors ──────► the same problem+json mapping (502/504/413)
 //!  logging: every request, every path ───────────► meter::record
 //! ```
@@ -16,9 +18,12 @@
 
 pub mod authenticate;
 pub mod authorize;
+pub mod concurrency;
 pub mod ctx;
 pub mod forward;
 pub mod meter;
+pub mod quota;
+pub mod rate_limit;
 pub mod resolve;
 
 use crate::clock::SharedClock;
@@ -41,6 +46,7 @@ pub struct Gateway {
     pub runtime: SharedRuntime,
     pub upstreams: Arc<Upstreams>,
     pub clock: SharedClock,
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
@@ -60,11 +66,9 @@ fn request_id(req: &RequestHeader) -> String {
 }
 
 impl Gateway {
-    /// Runs resolve → authenticate → authorize and records what later phases need.
-    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), Reject> {
-        let rt = self.runtime.load_full();
+    /// Runs every admission stage in order and records what later phases need.
+    async fn admit(&self, rt: &crate::runtime::Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Reject> {
         let req = session.req_header();
-        ctx.request_id = request_id(req);
         let cfg = &rt.config;
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| canonical_ip(a.ip()));
         ctx.peer_ip = peer;
@@ -90,8 +94,17 @@ impl Gateway {
             }
             ctx.upstream_uri = Some(uri);
         }
-        drop(hints);
-        ctx.runtime = Some(rt);
+
+        rate_limit::check(&self.limits, &permit, &mut ctx.limit_headers).await?;
+        ctx.reserved = quota::reserve(&self.limits, &permit, req, &hints, &mut ctx.limit_headers).await?;
+        match concurrency::acquire(&self.limits, &permit).await {
+            Ok(slot) => ctx.slot = slot,
+            Err(e) => {
+                quota::refund_all(&self.limits, &ctx.reserved);
+                ctx.reserved.items.clear();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 }
@@ -118,7 +131,9 @@ fn forward_target(cfg: &crate::config::Config, permit: &authorize::Permit<'_>) -
 
 /// Writes a rejection. The one place a problem response is sent.
 async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject) {
-    let problem = reject.problem(&ctx.request_id);
+    let mut problem = reject.problem(&ctx.request_id);
+    let now = chrono::Utc::now().timestamp_millis();
+    ctx.limit_headers.render(now, &mut problem.headers);
     ctx.status = problem.status;
     ctx.reject = Some(reject);
     if session.response_written().is_some() {
@@ -171,7 +186,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        match self.admit(session, ctx) {
+        ctx.request_id = request_id(session.req_header());
+        let rt = self.runtime.load_full();
+        let outcome = self.admit(&rt, session, ctx).await;
+        ctx.runtime = Some(rt);
+        match outcome {
             Ok(()) => Ok(false),
             Err(reject) => {
                 ctx.decision = Decision::Rejected;
@@ -217,6 +236,21 @@ impl ProxyHttp for Gateway {
         forward::upstream_request(upstream_request, ctx, host)
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let settle = ctx.reserved.charge.as_ref().and_then(|c| c.settle_header.as_ref()).and_then(|h| {
+            upstream_response.headers.get(h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        if let Some(actual) = settle {
+            quota::settle(&self.limits, &mut ctx.reserved, actual);
+        }
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -224,6 +258,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.status = upstream_response.status.as_u16();
+        if !ctx.limit_headers.is_empty() {
+            let mut extra = Vec::with_capacity(8);
+            ctx.limit_headers.render(self.clock.now_millis(), &mut extra);
+            for (k, v) in extra {
+                upstream_response.insert_header(k, v)?;
+            }
+        }
         forward::downstream_response(upstream_response, ctx)
     }
 
@@ -247,6 +288,11 @@ impl ProxyHttp for Gateway {
             ctx.upstream_time = ctx.upstream_started.map(|s| s.elapsed());
         }
         let reject = classify(e, ctx);
+        if matches!(reject, Some(Reject::UpstreamUnavailable { .. })) {
+            // The upstream was never reached: the tenant got nothing, so it pays nothing.
+            quota::refund_all(&self.limits, &ctx.reserved);
+            ctx.reserved.items.clear();
+        }
         let code = match reject {
             Some(reject) => {
                 ctx.decision = match reject {

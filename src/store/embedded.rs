@@ -130,7 +130,7 @@ impl Counters for Embedded {
         Ok(self.mem().granted.get(key).copied().unwrap_or(0))
     }
 
-    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: u64) -> Result<(u64, u64), StoreError> {
+    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: i64) -> Result<(u64, u64), StoreError> {
         let w = window_ms.max(1) as i64;
         let idx = now_ms.div_euclid(w);
         let id = format!("{tenant}\u{0}{name}");
@@ -138,7 +138,7 @@ impl Counters for Embedded {
         mem.windows.retain(|(_, i), _| *i >= idx - 1);
         let cur = {
             let c = mem.windows.entry((id.clone(), idx)).or_insert(0);
-            *c += n;
+            *c = c.saturating_add_signed(n);
             *c
         };
         let prev = mem.windows.get(&(id, idx - 1)).copied().unwrap_or(0);

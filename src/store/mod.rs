@@ -90,7 +90,7 @@ pub trait Counters: Send + Sync + 'static {
         name: &str,
         window_ms: u64,
         now_ms: i64,
-        n: u64,
+        n: i64,
     ) -> Result<(u64, u64), StoreError>;
 
     /// Takes a concurrency slot for `tenant` if fewer than `limit` live slots exist. A slot

@@ -164,7 +164,7 @@ impl Counters for RedisStore {
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
-    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: u64) -> Result<(u64, u64), StoreError> {
+    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: i64) -> Result<(u64, u64), StoreError> {
         let w = window_ms.max(1) as i64;
         let idx = now_ms.div_euclid(w);
         let prefix = tenant_prefix(tenant);

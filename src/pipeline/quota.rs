@@ -1,0 +1,153 @@
+//! Stage 5, quota: reserve what the request costs from every quota that applies.
+//!
+//! The quotas that apply: the tenant's `requests` quota (cost 1), its quota on the rule's
+//! `charge` metric (cost from the charge: a constant, a header or a query parameter), and the
+//! rule's own `quota.<tier>` blocks (separate counters per rule). Either every reservation
+//! succeeds, or the ones already made are given back: a refused request consumes nothing.
+
+use super::authorize::Permit;
+use super::resolve::Hints;
+use crate::error::Reject;
+use crate::limits::headers::{LimitHeaders, QuotaInfo};
+use crate::limits::quota::{QuotaError, QuotaState, Reservation};
+use crate::limits::Limits;
+use crate::policy::QuotaSpec;
+use crate::rules::matcher::query_param;
+use crate::rules::CostSource;
+use pingora::http::RequestHeader;
+use std::sync::Arc;
+
+/// The charged metric of a request, for settlement and metering.
+#[derive(Debug, Clone)]
+pub struct ChargeInfo {
+    pub metric: Arc<str>,
+    pub estimate: u64,
+    /// Set when the upstream's settle header arrives.
+    pub actual: Option<u64>,
+    pub settle_header: Option<http::HeaderName>,
+}
+
+/// What the stage took; kept in the request context until the request ends.
+#[derive(Default)]
+pub struct Reserved {
+    pub items: Vec<Reservation>,
+    pub charge: Option<ChargeInfo>,
+}
+
+/// Reads the cost of the rule's charge from the request.
+fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &Hints<'_>) -> Result<u64, Reject> {
+    let (raw, what) = match source {
+        CostSource::Constant(n) => return Ok(*n),
+        CostSource::Header(h) => (req.headers.get(h).and_then(|v| v.to_str().ok()), format!("header `{h}`")),
+        CostSource::Query(q) => (query_param(hints.query, q), format!("query parameter `{q}`")),
+    };
+    let raw = raw.ok_or_else(|| Reject::InvalidCost { detail: format!("This route is charged by the {what}; send it as a whole number.") })?;
+    let n: u64 = raw.trim().parse().map_err(|_| Reject::InvalidCost {
+        detail: format!("The {what} must be a whole number, not `{raw}`."),
+    })?;
+    if let Some(max) = max {
+        if n > max {
+            return Err(Reject::InvalidCost { detail: format!("The {what} is {n}; this route allows at most {max} per request.") });
+        }
+    }
+    Ok(n)
+}
+
+/// Runs the stage.
+pub async fn reserve(
+    limits: &Limits,
+    permit: &Permit<'_>,
+    req: &RequestHeader,
+    hints: &Hints<'_>,
+    headers: &mut LimitHeaders,
+) -> Result<Reserved, Reject> {
+    let actions = &permit.rule.actions;
+    let mut out = Reserved::default();
+    if let Some(c) = &actions.charge {
+        let estimate = cost_of(&c.cost, c.max_cost, req, hints)?;
+        out.charge = Some(ChargeInfo { metric: c.metric.clone(), estimate, actual: None, settle_header: c.settle_from_header.clone() });
+    }
+    let Some(tenant) = permit.tenant else { return Ok(out) };
+    let policy = &tenant.policy;
+    let on_error = actions.on_store_error.unwrap_or(policy.on_store_error);
+
+    // (counter metric, spec, cost)
+    let mut wanted: Vec<(Arc<str>, &QuotaSpec, u64)> = Vec::new();
+    if let Some((m, spec)) = policy.quotas.get_key_value("requests") {
+        wanted.push((m.clone(), spec, 1));
+    }
+    if let Some(c) = &out.charge {
+        if let Some(spec) = policy.quotas.get(&*c.metric) {
+            wanted.push((c.metric.clone(), spec, c.estimate));
+        }
+    }
+    let rule_quotas = actions.quota.get(&*tenant.tier.name).or_else(|| actions.quota.get("default"));
+    for (metric, spec) in rule_quotas.into_iter().flatten() {
+        let cost = match &out.charge {
+            Some(c) if *c.metric == **metric => c.estimate,
+            _ if metric == "requests" => 1,
+            _ => continue,
+        };
+        wanted.push((format!("{metric}@{}", permit.rule.name).into(), spec, cost));
+    }
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    for (metric, spec, cost) in wanted {
+        match limits.quotas.reserve(&tenant.id, &metric, spec, policy, cost, on_error).await {
+            Ok((r, state)) => {
+                offer(headers, &metric, &state);
+                if state.over {
+                    headers.soft_over = Some(metric.clone());
+                }
+                out.items.push(r);
+            }
+            Err(e) => {
+                refund_all(limits, &out);
+                return Err(match e {
+                    QuotaError::Exceeded(state) => {
+                        offer(headers, &metric, &state);
+                        Reject::QuotaExceeded {
+                            metric: metric.to_string(),
+                            used: state.used,
+                            limit: state.limit,
+                            reset_ms: state.reset_ms,
+                        }
+                    }
+                    QuotaError::StoreUnavailable { retry_after } => {
+                        Reject::StoreUnavailable { retry_after: retry_after.as_secs().max(1) }
+                    }
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn offer(headers: &mut LimitHeaders, metric: &Arc<str>, s: &QuotaState) {
+    headers.offer_quota(QuotaInfo {
+        metric: metric.clone(),
+        limit: s.limit,
+        remaining: s.remaining,
+        reset_ms: s.reset_ms,
+        period_start_ms: s.period_start_ms,
+    });
+}
+
+/// Gives back everything reserved (the request was refused after this stage).
+pub fn refund_all(limits: &Limits, reserved: &Reserved) {
+    for r in &reserved.items {
+        limits.quotas.refund(r, r.units);
+    }
+}
+
+/// Settles the charged metric to the upstream's figure.
+pub fn settle(limits: &Limits, reserved: &mut Reserved, actual: u64) {
+    let Some(charge) = reserved.charge.as_mut() else { return };
+    charge.actual = Some(actual);
+    for r in &reserved.items {
+        if *r.metric == *charge.metric || r.metric.starts_with(&format!("{}@", charge.metric)) {
+            limits.quotas.settle(r, actual);
+        }
+    }
+}
