@@ -48,7 +48,7 @@ deny = { status = 404, message = "Not found." }
 
 [[rule]]
 name = "deny-dotfiles"
-match = { path_glob = "/.well-known/**" }
+match = { path_glob = "/**/.*" }
 deny = { status = 404, message = "Not found." }
 "#;
 

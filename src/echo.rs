@@ -46,6 +46,7 @@ pub struct EchoState {
 pub async fn serve(listener: TcpListener, state: Arc<EchoState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
             let _ = connection(stream, state).await;
@@ -227,15 +228,16 @@ async fn connection(mut stream: TcpStream, state: Arc<EchoState>) -> std::io::Re
             req.body_len,
             headers_json.join(",")
         );
-        let head = format!(
+        let mut out = format!(
             "HTTP/1.1 {status} Echo\r\ncontent-type: application/json\r\ncontent-length: {}\r\nserver: tollgate-echo\r\nx-powered-by: echo\r\n{extra}{}\r\n",
             body.len(),
             if req.keep_alive { "" } else { "connection: close\r\n" }
         );
-        stream.write_all(head.as_bytes()).await?;
         if req.method != "HEAD" {
-            stream.write_all(body.as_bytes()).await?;
+            out.push_str(&body);
         }
+        // One write: a split head and body would meet Nagle and delayed ACKs (40 ms stalls).
+        stream.write_all(out.as_bytes()).await?;
         if !req.keep_alive {
             return Ok(());
         }

@@ -49,11 +49,10 @@ impl Glob {
         Ok(Glob { text: text.to_string(), segs })
     }
 
-    /// Does the glob match `path` (which starts with `/`)?
+    /// Does the glob match `path` (which starts with `/`)? Allocates nothing.
     pub fn matches(&self, path: &str) -> bool {
         let rest = path.strip_prefix('/').unwrap_or(path);
-        let parts: Vec<&str> = rest.split('/').collect();
-        match_segs(&self.segs, &parts)
+        match_segs(&self.segs, Some(rest))
     }
 }
 
@@ -73,13 +72,31 @@ pub fn seg_matches(seg: &Seg, part: &str) -> bool {
     }
 }
 
-fn match_segs(segs: &[Seg], parts: &[&str]) -> bool {
+/// `rest` is the unmatched remainder of the path (`None`: no segments left).
+fn match_segs(segs: &[Seg], rest: Option<&str>) -> bool {
     match segs.split_first() {
-        None => parts.is_empty(),
-        Some((Seg::Many, rest)) => (0..=parts.len()).any(|i| match_segs(rest, &parts[i..])),
-        Some((seg, rest)) => match parts.split_first() {
-            Some((p, prest)) => seg_matches(seg, p) && match_segs(rest, prest),
+        None => rest.is_none(),
+        Some((Seg::Many, tail)) => {
+            let mut r = rest;
+            loop {
+                if match_segs(tail, r) {
+                    return true;
+                }
+                match r {
+                    None => return false,
+                    Some(s) => r = s.split_once('/').map(|(_, t)| t),
+                }
+            }
+        }
+        Some((seg, tail)) => match rest {
             None => false,
+            Some(s) => {
+                let (part, after) = match s.split_once('/') {
+                    Some((p, a)) => (p, Some(a)),
+                    None => (s, None),
+                };
+                seg_matches(seg, part) && match_segs(tail, after)
+            }
         },
     }
 }
