@@ -6,7 +6,7 @@
 //! engine calls every `flush_interval` and at shutdown; it runs on a blocking thread, off the
 //! request path. A crash loses at most the usage of one flush interval.
 
-use super::{CounterKey, Counters, Grant, StoreError};
+use super::{CounterKey, Counters, Grant, Ledger, LedgerBatch, LedgerRow, StoreError};
 use async_trait::async_trait;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -51,6 +51,18 @@ impl Embedded {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS usage (
+                 tenant TEXT NOT NULL,
+                 metric TEXT NOT NULL,
+                 day TEXT NOT NULL,
+                 value INTEGER NOT NULL,
+                 cost_micros INTEGER NOT NULL,
+                 PRIMARY KEY (tenant, day, metric)
+             );
+             CREATE TABLE IF NOT EXISTS ledger_batches (
+                 id TEXT PRIMARY KEY,
+                 applied_ms INTEGER NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS quota_usage (
                  tenant TEXT NOT NULL,
                  metric TEXT NOT NULL,
@@ -205,5 +217,69 @@ impl Counters for Embedded {
 
     fn persisted_usage(&self, key: &CounterKey) -> u64 {
         self.mem().persisted.get(key).copied().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl Ledger for Embedded {
+    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        let batch = batch.clone();
+        let now = chrono::Utc::now().timestamp_millis();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let mut conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            // One transaction: the batch marker and the rows land together or not at all.
+            let tx = conn.transaction().map_err(backend)?;
+            let fresh = tx
+                .execute("INSERT OR IGNORE INTO ledger_batches (id, applied_ms) VALUES (?1, ?2)", params![batch.id, now])
+                .map_err(backend)?;
+            if fresh == 0 {
+                return tx.commit().map_err(backend);
+            }
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO usage (tenant, metric, day, value, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant, day, metric) DO UPDATE SET
+                             value = value + excluded.value, cost_micros = cost_micros + excluded.cost_micros",
+                    )
+                    .map_err(backend)?;
+                for r in &batch.rows {
+                    stmt.execute(params![&*r.tenant, &*r.metric, r.day, r.value as i64, r.cost_micros as i64])
+                        .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {
+        let db = self.db.clone();
+        let (tenant, from, to) = (tenant.to_string(), from.to_string(), to.to_string());
+        tokio::task::spawn_blocking(move || -> Result<Vec<LedgerRow>, StoreError> {
+            let conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT metric, day, value, cost_micros FROM usage
+                     WHERE tenant = ?1 AND day >= ?2 AND day <= ?3 ORDER BY day, metric",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![tenant, from, to], |r| {
+                    Ok(LedgerRow {
+                        tenant: tenant.as_str().into(),
+                        metric: r.get::<_, String>(0)?.into(),
+                        day: r.get(1)?,
+                        value: r.get::<_, i64>(2)?.max(0) as u64,
+                        cost_micros: r.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+        .map_err(backend)?
     }
 }

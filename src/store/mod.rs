@@ -116,6 +116,38 @@ pub trait Counters: Send + Sync + 'static {
     }
 }
 
+/// One row of the usage ledger: a tenant's total of one metric on one UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    pub tenant: Arc<str>,
+    pub metric: Arc<str>,
+    /// UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    pub value: u64,
+    /// Cost in millionths of the price unit (integers add up exactly).
+    pub cost_micros: u64,
+}
+
+/// A batch of ledger rows with an id, so that a retried batch is applied once.
+#[derive(Debug, Clone)]
+pub struct LedgerBatch {
+    pub id: String,
+    pub rows: Vec<LedgerRow>,
+    /// The previous attempt's outcome is unknown (timeout): check before applying again.
+    pub uncertain: bool,
+}
+
+/// The usage ledger: written in batches, read for reports.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Applies a batch exactly once: a batch id seen before is skipped.
+    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError>;
+
+    /// Rows of `tenant` with `from <= day <= to` (inclusive, `YYYY-MM-DD`), ordered by day
+    /// then metric.
+    async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError>;
+}
+
 /// Counts store calls for `tollgate_store_round_trips_total` / `tollgate_store_errors_total`.
 pub trait StoreObserver: Send + Sync + 'static {
     fn round_trip(&self, store: &'static str, op: &'static str);

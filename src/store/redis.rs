@@ -5,13 +5,15 @@
 //! - `tg:{acme}:q:<metric>:<period_start>`: units of a quota granted to all instances
 //! - `tg:{acme}:w:<name>:<window>`: sliding-window request counts (`mode = "global"`)
 //! - `tg:{acme}:slots`: a sorted set of concurrency slot leases, scored by expiry
+//! - `tg:{acme}:usage:<YYYY-MM-DD>`: the usage ledger, a hash of `metric` and `metric|cost`
+//! - `tg:{acme}:lb:<batch>`: marks a ledger batch as applied for the tenant (kept 7 days)
 //!
 //! Nothing needs server-side scripts. A lease is `INCRBY`, and when that passes the limit, a
 //! `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
 //! interleaving of instances. Every call runs under the [`Breaker`]; the connection
 //! reconnects by itself when Redis comes back.
 
-use super::{tenant_prefix, Breaker, CounterKey, Counters, Grant, StoreError, StoreObserver};
+use super::{tenant_prefix, Breaker, CounterKey, Counters, Grant, Ledger, LedgerBatch, LedgerRow, StoreError, StoreObserver};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -105,6 +107,10 @@ impl RedisStore {
 
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 }
 
@@ -213,5 +219,107 @@ impl Counters for RedisStore {
         }
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
         self.run::<()>("slot_heartbeat", &pipe).await
+    }
+}
+
+/// How long a ledger batch marker is kept: far longer than any retry.
+const BATCH_MARKER_MS: i64 = 7 * 86_400_000;
+
+fn usage_key(tenant: &str, day: &str) -> String {
+    format!("{}:usage:{day}", tenant_prefix(tenant))
+}
+
+fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&LedgerRow]) {
+    // MULTI/EXEC: the marker and the increments apply together or not at all.
+    pipe.cmd("MULTI").ignore();
+    pipe.cmd("SET").arg(format!("{}:lb:{id}", tenant_prefix(tenant))).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
+    for r in rows {
+        let key = usage_key(tenant, &r.day);
+        pipe.cmd("HINCRBY").arg(&key).arg(&*r.metric).arg(r.value).ignore();
+        if r.cost_micros > 0 {
+            pipe.cmd("HINCRBY").arg(&key).arg(format!("{}|cost", r.metric)).arg(r.cost_micros).ignore();
+        }
+    }
+    pipe.cmd("EXEC").ignore();
+}
+
+#[async_trait]
+impl Ledger for RedisStore {
+    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
+        let mut by_tenant: std::collections::BTreeMap<&str, Vec<&LedgerRow>> = std::collections::BTreeMap::new();
+        for r in &batch.rows {
+            by_tenant.entry(&r.tenant).or_default().push(r);
+        }
+        if batch.uncertain {
+            // The last attempt may have landed: skip the tenants whose marker exists.
+            let mut check = redis::pipe();
+            for t in by_tenant.keys() {
+                check.cmd("EXISTS").arg(format!("{}:lb:{}", tenant_prefix(t), batch.id));
+            }
+            let applied: Vec<i64> = if self.is_cluster() {
+                let mut out = Vec::new();
+                for t in by_tenant.keys() {
+                    let mut one = redis::pipe();
+                    one.cmd("EXISTS").arg(format!("{}:lb:{}", tenant_prefix(t), batch.id));
+                    let (v,): (i64,) = self.run("ledger_check", &one).await?;
+                    out.push(v);
+                }
+                out
+            } else {
+                self.run("ledger_check", &check).await?
+            };
+            let done: Vec<&str> = by_tenant.keys().zip(applied).filter(|(_, a)| *a > 0).map(|(t, _)| *t).collect();
+            for t in done {
+                by_tenant.remove(t);
+            }
+        }
+        if by_tenant.is_empty() {
+            return Ok(());
+        }
+        if self.is_cluster() {
+            // Each tenant's keys share a slot; different tenants may not.
+            for (t, rows) in &by_tenant {
+                let mut pipe = redis::pipe();
+                add_tenant_batch(&mut pipe, t, &batch.id, rows);
+                self.run::<()>("ledger_apply", &pipe).await?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (t, rows) in &by_tenant {
+            add_tenant_batch(&mut pipe, t, &batch.id, rows);
+        }
+        self.run::<()>("ledger_apply", &pipe).await
+    }
+
+    async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {
+        let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|e| StoreError::Backend(e.to_string()));
+        let (mut day, last) = (parse(from)?, parse(to)?);
+        let mut days = Vec::new();
+        while day <= last && days.len() <= 3660 {
+            days.push(day.format("%Y-%m-%d").to_string());
+            day = day.succ_opt().unwrap_or(last + chrono::Duration::days(1));
+        }
+        let mut pipe = redis::pipe();
+        for d in &days {
+            pipe.cmd("HGETALL").arg(usage_key(tenant, d));
+        }
+        let maps: Vec<std::collections::HashMap<String, i64>> = if days.is_empty() { Vec::new() } else { self.run("ledger_read", &pipe).await? };
+        let mut out = Vec::new();
+        for (d, map) in days.iter().zip(maps) {
+            let mut metrics: Vec<(&String, &i64)> = map.iter().filter(|(k, _)| !k.ends_with("|cost")).collect();
+            metrics.sort();
+            for (m, v) in metrics {
+                let cost = map.get(&format!("{m}|cost")).copied().unwrap_or(0);
+                out.push(LedgerRow {
+                    tenant: tenant.into(),
+                    metric: m.as_str().into(),
+                    day: d.clone(),
+                    value: (*v).max(0) as u64,
+                    cost_micros: cost.max(0) as u64,
+                });
+            }
+        }
+        Ok(out)
     }
 }
