@@ -10,7 +10,7 @@ use crate::pipeline::Gateway;
 use crate::runtime::{self, Runtime};
 use crate::store::embedded::Embedded;
 use crate::store::redis::RedisStore;
-use crate::store::{Breaker, Counters};
+use crate::store::{Breaker, Counters, Ledger};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -53,6 +53,12 @@ pub fn load_or_report(path: &Path) -> Result<Config, String> {
     }
 }
 
+/// The store, seen through each of its traits.
+pub struct Stores {
+    pub counters: Arc<dyn Counters>,
+    pub ledger: Arc<dyn Ledger>,
+}
+
 /// Opens the configured store. Redis connects lazily, so a Redis that is down at startup is
 /// handled by the failure policy, not by refusing to start.
 pub fn open_store(
@@ -60,19 +66,23 @@ pub fn open_store(
     clock: SharedClock,
     metrics: Arc<Metrics>,
     bg: &tokio::runtime::Runtime,
-) -> Result<Arc<dyn Counters>, String> {
+) -> Result<Stores, String> {
     match cfg.kind {
         StoreKind::Embedded => {
-            let store = Embedded::open(&cfg.path, clock.now_millis())
-                .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?;
-            Ok(Arc::new(store))
+            let store = Arc::new(
+                Embedded::open(&cfg.path, clock.now_millis())
+                    .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?,
+            );
+            Ok(Stores { counters: store.clone(), ledger: store })
         }
         StoreKind::Redis => {
             let _guard = bg.enter();
             let breaker = Breaker::new(cfg.timeout, cfg.breaker_failures, cfg.breaker_cooldown, clock);
-            let store = RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
-                .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?;
-            Ok(Arc::new(store))
+            let store = Arc::new(
+                RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
+                    .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?,
+            );
+            Ok(Stores { counters: store.clone(), ledger: store })
         }
     }
 }
@@ -81,7 +91,9 @@ pub fn open_store(
 /// slots, evicts idle state, and at shutdown returns leases and flushes one last time.
 struct Maintenance {
     limits: Arc<Limits>,
+    meter: Arc<crate::metering::Meter>,
     flush_interval: Duration,
+    meter_interval: Duration,
     slot_ttl: Duration,
 }
 
@@ -91,12 +103,14 @@ impl BackgroundService for Maintenance {
         let mut flush = tokio::time::interval(self.flush_interval);
         let mut slots = tokio::time::interval((self.slot_ttl / 3).max(Duration::from_millis(100)));
         let mut evict = tokio::time::interval(Duration::from_secs(60));
-        for t in [&mut flush, &mut slots, &mut evict] {
+        let mut meter = tokio::time::interval(self.meter_interval);
+        for t in [&mut flush, &mut slots, &mut evict, &mut meter] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
             tokio::select! {
                 _ = flush.tick() => self.limits.quotas.flush().await,
+                _ = meter.tick() => self.meter.flush().await,
                 _ = slots.tick() => self.limits.concurrency.maintain().await,
                 _ = evict.tick() => {
                     self.limits.rates.evict_idle(Duration::from_secs(600));
@@ -105,7 +119,8 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => {
                     self.limits.quotas.shutdown().await;
                     self.limits.concurrency.shutdown().await;
-                    tracing::info!("limits flushed and leases returned");
+                    self.meter.flush().await;
+                    tracing::info!(buffered = self.meter.buffered(), "limits and usage flushed, leases returned");
                     return;
                 }
             }
@@ -143,10 +158,23 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
         .build()
         .map_err(|e| format!("cannot start the store runtime: {e}"))?;
     let metrics = Arc::new(Metrics::new());
-    let store = open_store(&config.store, clock.clone(), metrics.clone(), &background)?;
+    let stores = open_store(&config.store, clock.clone(), metrics.clone(), &background)?;
     let shared = config.store.kind == StoreKind::Redis;
+    let meter = crate::metering::Meter::new(
+        stores.ledger.clone(),
+        metrics.clone(),
+        config.metering.max_buffered_batches,
+        config.store.instance_id.clone(),
+        config.metrics.tenant_allow.clone(),
+        config.metrics.tenant_top,
+    );
+    let webhook = config.metering.webhook.clone().map(|w| {
+        let _guard = background.enter();
+        crate::metering::webhook::start(w)
+    });
+    let meter_interval = config.metering.flush_interval;
     let limits = Limits::new(
-        store,
+        stores.counters,
         shared,
         clock.clone(),
         config.store.max_lease_block,
@@ -166,7 +194,14 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     metrics.keys.set(rt.directory.key_count() as i64);
     let runtime = runtime::shared(rt);
 
-    let gateway = Gateway { runtime: runtime.clone(), upstreams: upstreams.clone(), clock, limits: limits.clone() };
+    let gateway = Gateway {
+        runtime: runtime.clone(),
+        upstreams: upstreams.clone(),
+        clock,
+        limits: limits.clone(),
+        meter: meter.clone(),
+        webhook,
+    };
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate proxy");
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
@@ -185,7 +220,10 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     for hc in health_checks {
         server.add_service(hc);
     }
-    server.add_service(background_service("limits maintenance", Maintenance { limits, flush_interval, slot_ttl }));
+    server.add_service(background_service(
+        "limits maintenance",
+        Maintenance { limits, meter, flush_interval, meter_interval, slot_ttl },
+    ));
     Ok(Built { server, background, metrics })
 }
 

@@ -61,6 +61,34 @@ pub enum Reject {
     Internal,
 }
 
+/// Every stable error code, for documentation and metering.
+pub const CODES: &[&str] = &[
+    "bad_request",
+    "duplicate_header",
+    "headers_too_large",
+    "missing_key",
+    "invalid_key",
+    "key_expired",
+    "key_revoked",
+    "tenant_suspended",
+    "ip_not_allowed",
+    "tenant_mismatch",
+    "unknown_tenant",
+    "no_route",
+    "insufficient_scope",
+    "feature_not_in_tier",
+    "denied",
+    "body_too_large",
+    "invalid_cost",
+    "rate_limited",
+    "quota_exceeded",
+    "concurrency_limit",
+    "store_unavailable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "internal_error",
+];
+
 /// A rendered problem: status, headers and body, ready to write.
 #[derive(Debug)]
 pub struct Problem {

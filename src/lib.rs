@@ -14,6 +14,7 @@ pub mod echo;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod metering;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// A one-tier config in front of `echo`; `tier` is the body of `[tiers.basic]`.
 fn config(echo: &Echo, store: &str, tier: &str, rules: &str) -> String {
     format!(
-        r#"metrics = ["records"]
+        r#"usage_metrics = ["records"]
 
 [server]
 listen = ["{{LISTEN}}"]

@@ -84,6 +84,39 @@ pub struct LogFile {
     pub access_log: Option<bool>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct MeteringFile {
+    pub flush_interval: Option<SStr>,
+    pub max_buffered_batches: Option<Spanned<i64>>,
+    pub webhook: Option<Spanned<WebhookFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WebhookFile {
+    pub url: Option<SStr>,
+    pub secret: Option<SStr>,
+    pub max_attempts: Option<Spanned<i64>>,
+    pub timeout: Option<SStr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct MetricsFile {
+    pub tenant_labels: Option<Spanned<TenantLabelsFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct TenantLabelsFile {
+    #[serde(default)]
+    pub allow: Vec<SStr>,
+    pub top: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct AdminFile {
+    pub token_hash: Option<SStr>,
+    pub audit_log: Option<SStr>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct TierFile {
     pub upstream: Option<SStr>,
@@ -159,6 +192,9 @@ pub struct MainFile {
     pub store: StoreFile,
     pub tenancy: TenancyFile,
     pub log: LogFile,
+    pub metering: MeteringFile,
+    pub metrics: MetricsFile,
+    pub admin: AdminFile,
     pub tiers: Vec<(SStr, TierFile)>,
     pub upstreams: Vec<(SStr, UpstreamFile)>,
     pub tenants: Vec<Spanned<TenantFile>>,
@@ -184,6 +220,9 @@ pub fn parse_main(src: &SourceFile, diags: &mut Diagnostics) -> MainFile {
             "store" => out.store = de_unit(src, value, diags).unwrap_or_default(),
             "tenancy" => out.tenancy = de_unit(src, value, diags).unwrap_or_default(),
             "log" => out.log = de_unit(src, value, diags).unwrap_or_default(),
+            "metering" => out.metering = de_unit(src, value, diags).unwrap_or_default(),
+            "metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
+            "admin" => out.admin = de_unit(src, value, diags).unwrap_or_default(),
             "tiers" => out.tiers = de_named_tables(src, value, diags),
             "upstreams" => out.upstreams = de_named_tables(src, value, diags),
             "tenants" => match value.get_ref() {
@@ -201,8 +240,8 @@ pub fn parse_main(src: &SourceFile, diags: &mut Diagnostics) -> MainFile {
                 src,
                 key.span(),
                 format!(
-                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, tiers, upstreams, tenants{}",
-                    " (and the rule keys rule, defaults, unmatched)"
+                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, metering, metrics, admin, tiers, upstreams, tenants{}",
+                    " (and the rule keys rule, defaults, unmatched, usage_metrics)"
                 ),
             ),
         }

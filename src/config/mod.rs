@@ -449,6 +449,85 @@ fn validate(
         access_log: main.log.access_log.unwrap_or(true),
     };
 
+    // [metering], [metrics], [admin]
+    let mf = &main.metering;
+    let webhook = mf.webhook.as_ref().and_then(|w| {
+        let wf = w.get_ref();
+        let url = match &wf.url {
+            Some(u) if u.get_ref().starts_with("http://") => u.get_ref().clone(),
+            Some(u) => {
+                diags.error_at(src, u.span(), "the webhook `url` must start with `http://` (send it to a local relay for TLS)");
+                return None;
+            }
+            None => {
+                diags.error_at(src, w.span(), "a webhook needs a `url`");
+                return None;
+            }
+        };
+        let secret = match &wf.secret {
+            Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
+            Some(s) => {
+                diags.error_at(src, s.span(), "the webhook `secret` must be at least 16 characters");
+                return None;
+            }
+            None => {
+                diags.error_at(src, w.span(), "a webhook needs a `secret` to sign its requests");
+                return None;
+            }
+        };
+        let max_attempts = match &wf.max_attempts {
+            None => 5,
+            Some(a) if (1..=20).contains(a.get_ref()) => *a.get_ref() as u32,
+            Some(a) => {
+                diags.error_at(src, a.span(), "`max_attempts` must be between 1 and 20");
+                5
+            }
+        };
+        Some(WebhookConfig { url, secret, max_attempts, timeout: duration_or(&wf.timeout, Duration::from_secs(2), src, diags) })
+    });
+    let metering = MeteringConfig {
+        flush_interval: duration_or(&mf.flush_interval, Duration::from_secs(1), src, diags),
+        max_buffered_batches: match &mf.max_buffered_batches {
+            None => 3600,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => {
+                diags.error_at(src, n.span(), "`max_buffered_batches` must be at least 1");
+                3600
+            }
+        },
+        webhook,
+    };
+    if metering.flush_interval.is_zero() {
+        if let Some(f) = &mf.flush_interval {
+            diags.error_at(src, f.span(), "a flush interval of zero would spin");
+        }
+    }
+    let metrics = match &main.metrics.tenant_labels {
+        None => MetricsConfig::default(),
+        Some(tl) => {
+            let t = tl.get_ref();
+            let top = match &t.top {
+                None => 0,
+                Some(n) if (0..=1000).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    diags.error_at(src, n.span(), "`top` must be between 0 and 1000: per-tenant series must stay bounded");
+                    0
+                }
+            };
+            MetricsConfig { tenant_allow: t.allow.iter().map(|a| a.get_ref().clone()).collect(), tenant_top: top }
+        }
+    };
+    let admin = AdminConfig {
+        token_hash: main.admin.token_hash.as_ref().and_then(|h| match KeyHash::parse(h.get_ref()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                diags.error_at(src, h.span(), format!("admin token_hash: {e}"));
+                None
+            }
+        }),
+        audit_log: main.admin.audit_log.as_ref().map(|p| rel(p.get_ref())),
+    };
+
     // [upstreams.NAME]
     let mut upstreams = BTreeMap::new();
     for (name, u) in &main.upstreams {
@@ -718,7 +797,7 @@ fn validate(
         for (metric, span) in metrics {
             if !rules.metrics.contains(metric) {
                 let known: Vec<&str> = rules.metrics.iter().map(String::as_str).collect();
-                diags.error_at(src, span, format!("tier `{}` names metric `{metric}`, which is not declared; declare it with `metrics = [\"{metric}\"]` (declared: {})", name.get_ref(), known.join(", ")));
+                diags.error_at(src, span, format!("tier `{}` names metric `{metric}`, which is not declared; declare it with `usage_metrics = [\"{metric}\"]` (declared: {})", name.get_ref(), known.join(", ")));
             }
         }
     }
@@ -735,5 +814,5 @@ fn validate(
         diags.error_file(&src.path, "tenants are defined but no tier is; add a `[tiers.NAME]` table");
     }
 
-    Some(Config { files, server, store, tenancy, log, tiers, upstreams, tenants, rules })
+    Some(Config { files, server, store, tenancy, log, metering, metrics, admin, tiers, upstreams, tenants, rules })
 }

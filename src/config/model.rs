@@ -20,6 +20,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub tenancy: Tenancy,
     pub log: LogConfig,
+    pub metering: MeteringConfig,
+    pub metrics: MetricsConfig,
+    pub admin: AdminConfig,
     pub tiers: BTreeMap<String, Arc<Tier>>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub tenants: Vec<TenantConfig>,
@@ -217,4 +220,38 @@ pub struct KeyConfig {
     /// Unix milliseconds.
     pub expires: Option<i64>,
     pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeteringConfig {
+    /// How often usage aggregates are written to the ledger.
+    pub flush_interval: Duration,
+    /// Batches kept while the store is down; the oldest are dropped past this.
+    pub max_buffered_batches: usize,
+    pub webhook: Option<WebhookConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `http://host:port/path`.
+    pub url: String,
+    /// HMAC-SHA256 key for `X-Tollgate-Signature`.
+    pub secret: String,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// Tenants that always get per-tenant series.
+    pub tenant_allow: Vec<String>,
+    /// The busiest N tenants (by requests since the last flush) also get them.
+    pub tenant_top: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// SHA-256 of the admin bearer token; `None` disables the `/v1` API.
+    pub token_hash: Option<crate::keys::KeyHash>,
+    pub audit_log: Option<PathBuf>,
 }

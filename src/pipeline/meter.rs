@@ -1,21 +1,44 @@
 //! Stage: meter. Runs in `logging` for every request, forwarded or rejected.
 //!
-//! Today it writes the access log: one structured `tracing` event per request, target
+//! It adds the request to the usage aggregates and metrics ([`crate::metering::Meter`]) and
+//! writes the access log: one structured `tracing` event per request, target
 //! `tollgate::access`, with the request id, tenant, key id (never the key), rule, decision,
-//! status, bytes and timings.
+//! status, bytes, timings, charged units and the binding quota's state.
 
-use super::ctx::RequestCtx;
+use super::ctx::{Decision, RequestCtx};
+use crate::metering::{Meter, Record};
 use pingora::proxy::Session;
 
 /// Records the finished request.
-pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool) {
+pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Meter, now_ms: i64) {
+    let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(ctx.status);
+    let total = ctx.started.elapsed().as_secs_f64();
+    let charge = ctx.reserved.charge.as_ref().map(|c| (&c.metric, c.actual.unwrap_or(c.estimate)));
+    let admitted = matches!(ctx.decision, Decision::Forwarded | Decision::UpstreamError);
+    meter.record(
+        &Record {
+            tenant: ctx.tenant.as_deref(),
+            rule: ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-"),
+            decision: ctx.decision.as_str(),
+            reason: ctx.reject.as_ref().map(|r| r.code()),
+            status,
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            upstream: ctx.upstream.as_deref(),
+            upstream_secs: ctx.upstream_time.map(|d| d.as_secs_f64()),
+            total_secs: total,
+            charge: if admitted { charge } else { None },
+            admitted,
+        },
+        now_ms,
+    );
     if !access_log {
         return;
     }
     let req = session.req_header();
-    let total_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+    let total_ms = total * 1000.0;
     let upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
-    let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(ctx.status);
+    let quota = ctx.limit_headers.quota.as_ref();
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
@@ -34,6 +57,10 @@ pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool) {
         upstream_ms,
         total_ms,
         client_ip = ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
+        charge_metric = charge.map(|c| &**c.0).unwrap_or("-"),
+        charge_units = charge.map(|c| c.1),
+        quota_metric = quota.map(|q| &*q.metric).unwrap_or("-"),
+        quota_remaining = quota.map(|q| q.remaining),
         "request"
     );
 }

@@ -47,6 +47,8 @@ pub struct Gateway {
     pub upstreams: Arc<Upstreams>,
     pub clock: SharedClock,
     pub limits: Arc<crate::limits::Limits>,
+    pub meter: Arc<crate::metering::Meter>,
+    pub webhook: Option<crate::metering::webhook::WebhookSender>,
 }
 
 /// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
@@ -96,7 +98,8 @@ impl Gateway {
         }
 
         rate_limit::check(&self.limits, &permit, &mut ctx.limit_headers).await?;
-        ctx.reserved = quota::reserve(&self.limits, &permit, req, &hints, &mut ctx.limit_headers).await?;
+        let sink = quota::WarnSink { metrics: self.meter.metrics(), webhook: self.webhook.as_ref() };
+        ctx.reserved = quota::reserve(&self.limits, &permit, req, &hints, &mut ctx.limit_headers, &sink).await?;
         match concurrency::acquire(&self.limits, &permit).await {
             Ok(slot) => ctx.slot = slot,
             Err(e) => {
@@ -309,6 +312,6 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let access_log = ctx.runtime.as_ref().map(|r| r.config.log.access_log).unwrap_or(true);
-        meter::record(session, ctx, access_log);
+        meter::record(session, ctx, access_log, &self.meter, self.clock.now_millis());
     }
 }

@@ -53,6 +53,53 @@ fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &H
     Ok(n)
 }
 
+/// Where quota warnings go: a metric, the log, and the webhook if one is configured.
+pub struct WarnSink<'a> {
+    pub metrics: &'a crate::metrics::Metrics,
+    pub webhook: Option<&'a crate::metering::webhook::WebhookSender>,
+}
+
+/// Announces a crossed warning threshold once per crossing, and marks the response.
+fn warn(
+    limits: &Limits,
+    sink: &WarnSink<'_>,
+    tenant: &crate::directory::Tenant,
+    r: &Reservation,
+    state: &QuotaState,
+    headers: &mut LimitHeaders,
+) {
+    if state.limit == 0 || tenant.policy.warn_at.is_empty() {
+        return;
+    }
+    let pct = (state.used.saturating_mul(100) / state.limit).min(u32::MAX as u64) as u32;
+    let Some(&threshold) = tenant.policy.warn_at.iter().rev().find(|t| pct >= **t) else { return };
+    headers.warning = Some(format!("{}={pct}%", r.metric));
+    if limits.quotas.mark_warned(r, threshold) >= threshold {
+        return;
+    }
+    let reset_at = (state.reset_ms != i64::MAX).then(|| crate::limits::headers::rfc3339(state.reset_ms));
+    tracing::warn!(
+        target: "tollgate::quota",
+        tenant = %tenant.id,
+        metric = %r.metric,
+        used = state.used,
+        limit = state.limit,
+        threshold,
+        "quota warning threshold crossed"
+    );
+    sink.metrics.quota_warnings.with_label_values(&[&*tenant.tier.name, &*r.metric, &threshold.to_string()]).inc();
+    if let Some(w) = sink.webhook {
+        w.send(crate::metering::webhook::Warning {
+            tenant: tenant.id.to_string(),
+            metric: r.metric.to_string(),
+            used: state.used,
+            limit: state.limit,
+            threshold,
+            reset_at,
+        });
+    }
+}
+
 /// Runs the stage.
 pub async fn reserve(
     limits: &Limits,
@@ -60,6 +107,7 @@ pub async fn reserve(
     req: &RequestHeader,
     hints: &Hints<'_>,
     headers: &mut LimitHeaders,
+    sink: &WarnSink<'_>,
 ) -> Result<Reserved, Reject> {
     let actions = &permit.rule.actions;
     let mut out = Reserved::default();
@@ -100,6 +148,7 @@ pub async fn reserve(
                 if state.over {
                     headers.soft_over = Some(metric.clone());
                 }
+                warn(limits, sink, tenant, &r, &state, headers);
                 out.items.push(r);
             }
             Err(e) => {

@@ -11,7 +11,7 @@ use toml::de::{DeString, DeValue};
 use toml::Spanned;
 
 /// Top-level keys that belong to the rule format.
-pub const TOP_LEVEL_KEYS: &[&str] = &["rule", "defaults", "unmatched", "metrics"];
+pub const TOP_LEVEL_KEYS: &[&str] = &["rule", "defaults", "unmatched", "usage_metrics"];
 
 /// A header or query condition: `true` means present, a string means equal to it.
 #[derive(Debug, Clone, Deserialize)]
@@ -113,7 +113,7 @@ pub fn parse_rule_tables(
     for (key, value) in tables {
         match key.get_ref().as_ref() {
             "unmatched" => out.unmatched = de_unit(src, value, diags),
-            "metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
+            "usage_metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
             "defaults" => {
                 out.defaults = de_unit::<ActionsFile>(src, value, diags).map(|d| Spanned::new(value.span(), d))
             }
@@ -151,7 +151,7 @@ pub fn parse_rule_file(src: &SourceFile, diags: &mut Diagnostics) -> RuleFile {
                 src,
                 key.span(),
                 format!(
-                    "unknown key `{}` in a rule file; a rule file holds rule, defaults, unmatched and metrics",
+                    "unknown key `{}` in a rule file; a rule file holds rule, defaults, unmatched and usage_metrics",
                     key.get_ref()
                 ),
             );

@@ -553,7 +553,7 @@ impl Compiler<'_, '_> {
                 src,
                 m.span(),
                 format!(
-                    "metric `{}` is not declared; declare it with `metrics = [\"{}\"]` (declared: {})",
+                    "metric `{}` is not declared; declare it with `usage_metrics = [\"{}\"]` (declared: {})",
                     m.get_ref(),
                     m.get_ref(),
                     known.join(", ")

@@ -1,0 +1,670 @@
+//! Store conformance: one behavioural suite that every [`Counters`] backend must pass.
+//!
+//! Each `suite_*` function is written once against `Arc<dyn Counters>` and run against every
+//! backend: [`Embedded`] on a fresh SQLite file and [`RedisStore`] on a fresh `redis-server`
+//! (the `conformance!` macro generates one `embedded_*` and one `redis_*` test per suite).
+//! Whatever the backend, the suite guarantees:
+//!
+//! - **Leases** grant at most `want`, never let the sum of a key's grants pass its `limit`
+//!   (also when many callers ask at once, where they fill the limit exactly), grant 0 at or
+//!   above the limit, and report the counter after the grant as `total`.
+//! - **`give_back`** makes units available again, **`add`** has no ceiling, **`get`** reads a
+//!   counter and answers 0 for one that does not exist.
+//! - Counters are isolated per tenant, per metric and per period start; sliding windows per
+//!   tenant, name and window size; concurrency slots per tenant.
+//! - **Sliding windows** report the current and previous window's counts, take back with a
+//!   negative `n`, and start every new window at zero with the old one as "previous".
+//! - **Concurrency slots** admit up to `limit` live slots and refuse the next; a release frees
+//!   one; re-acquiring a held slot id renews it without counting it twice and never frees it;
+//!   a slot stops counting once its TTL has passed, and a heartbeat extends it.
+//!
+//! Backend-specific guarantees are tested for the backend that has them: Redis calls fail
+//! within the store timeout when the server is dead or hung, the breaker then fails fast and
+//! lets calls through again after its cooldown once Redis is back (reconnecting by itself);
+//! embedded usage written with `persist_usage` survives reopening the file and counts against
+//! the limit of the reopened store.
+//!
+//! Tests whose assertions expose a backend bug are marked `#[ignore = "..."]` with the reason;
+//! the assertion states the contract, not the current behaviour.
+
+mod common;
+use common::{temp_dir, Redis};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate::clock::{Clock, ManualClock, SystemClock};
+use tollgate::store::embedded::Embedded;
+use tollgate::store::redis::RedisStore;
+use tollgate::store::{Breaker, CounterKey, Counters, Grant, NoObserver, StoreError};
+
+/// A quota period start (2026-01-01T00:00:00Z). Only the Redis key uses it.
+const PERIOD: i64 = 1_767_225_600_000;
+const DAY_MS: i64 = 86_400_000;
+/// `expire_at_ms` meaning "never forget this counter".
+const NEVER: i64 = i64::MAX;
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------------
+
+/// A temp directory removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        TempDir(temp_dir(tag))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store under test plus whatever must stay alive while it is used.
+struct Backend {
+    store: Arc<dyn Counters>,
+    _dir: Option<TempDir>,
+    _redis: Option<Redis>,
+}
+
+impl Backend {
+    /// [`Embedded`] on a SQLite file in a fresh temp dir.
+    fn embedded() -> Backend {
+        let dir = TempDir::new("store-conformance");
+        let store =
+            Embedded::open(&dir.path().join("tollgate.db"), SystemClock.now_millis()).expect("open the embedded store");
+        Backend { store: Arc::new(store), _dir: Some(dir), _redis: None }
+    }
+
+    /// [`RedisStore`] on a fresh `redis-server`, with a generous timeout: these tests are about
+    /// behaviour, not latency. Must be called inside a Tokio runtime.
+    fn redis() -> Backend {
+        let redis = Redis::start();
+        let timeout = Duration::from_secs(2);
+        let breaker = Breaker::new(timeout, 5, Duration::from_secs(1), Arc::new(SystemClock));
+        let store = RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout)
+            .expect("create the Redis store");
+        Backend { store: Arc::new(store), _dir: None, _redis: Some(redis) }
+    }
+}
+
+/// Generates `$embedded` and `$redis` tests that run `$suite` against each backend. Attributes
+/// written before a test name (e.g. `#[ignore = "bug: ..."]`) apply to that test only.
+macro_rules! conformance {
+    ($suite:ident: $(#[$e:meta])* $embedded:ident, $(#[$r:meta])* $redis:ident $(,)?) => {
+        $(#[$e])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            let backend = Backend::embedded();
+            $suite(backend.store.clone()).await;
+        }
+
+        $(#[$r])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            let backend = Backend::redis();
+            $suite(backend.store.clone()).await;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn key(tenant: &str, metric: &str, period_start: i64) -> CounterKey {
+    CounterKey { tenant: tenant.into(), metric: metric.into(), period_start }
+}
+
+fn grant(granted: u64, total: u64) -> Result<Grant, StoreError> {
+    Ok(Grant { granted, total })
+}
+
+/// A real expiry an hour from now (Redis applies it with `PEXPIREAT`, so it must not be in
+/// the past, or the counter would vanish under the test).
+fn in_an_hour() -> i64 {
+    SystemClock.now_millis() + 3_600_000
+}
+
+/// A small deterministic generator, so a failing round can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Leases
+// ---------------------------------------------------------------------------------------------
+
+/// Leases grant up to `want`, never past `limit`, 0 at the limit, and report the counter.
+async fn suite_lease(store: Arc<dyn Counters>) {
+    let exp = in_an_hour();
+    let k = key("lease-a", "requests", PERIOD);
+    assert_eq!(store.get(&k).await, Ok(0), "a fresh counter reads 0");
+
+    assert_eq!(store.lease(&k, 30, 100, exp).await, grant(30, 30), "room for everything");
+    assert_eq!(store.lease(&k, 50, 100, exp).await, grant(50, 80), "room for everything again");
+    assert_eq!(store.lease(&k, 50, 100, exp).await, grant(20, 100), "only what is left up to the limit");
+    assert_eq!(store.lease(&k, 1, 100, exp).await, grant(0, 100), "at the limit: nothing");
+    assert_eq!(store.lease(&k, 0, 100, exp).await, grant(0, 100), "want 0 at the limit");
+    assert_eq!(store.get(&k).await, Ok(100), "the counter holds the sum of the grants");
+
+    // Exactly filling the limit, then nothing; `want` 0 below the limit grants nothing.
+    let exact = key("lease-a", "exact", PERIOD);
+    assert_eq!(store.lease(&exact, 0, 10, NEVER).await, grant(0, 0), "want 0 grants nothing");
+    assert_eq!(store.lease(&exact, 10, 10, NEVER).await, grant(10, 10), "exactly the limit");
+    assert_eq!(store.lease(&exact, 1, 10, NEVER).await, grant(0, 10), "one past the limit");
+
+    // A zero limit grants nothing and leaves no usage behind.
+    let zero = key("lease-a", "zero", PERIOD);
+    assert_eq!(store.lease(&zero, 5, 0, exp).await, grant(0, 0), "limit 0");
+    assert_eq!(store.get(&zero).await, Ok(0), "a refused lease leaves the counter alone");
+
+    // A counter already past the limit (after `add`): nothing is granted and `total` reports
+    // the counter as it is.
+    let over = key("lease-a", "over", PERIOD);
+    assert_eq!(store.add(&over, 15, exp).await, Ok(15));
+    assert_eq!(store.lease(&over, 5, 10, exp).await, grant(0, 15), "above the limit: nothing");
+    assert_eq!(store.get(&over).await, Ok(15), "a refused lease leaves the counter alone");
+
+    // Many small leases add up to the limit exactly.
+    let small = key("lease-a", "small", PERIOD);
+    let mut sum = 0;
+    for i in 1..=20u64 {
+        let g = store.lease(&small, 3, 25, exp).await.expect("lease");
+        assert!(g.granted <= 3, "lease {i} granted {} > want 3", g.granted);
+        sum += g.granted;
+        assert_eq!(g.total, sum, "lease {i}: total reports the counter after the grant");
+    }
+    assert_eq!(sum, 25, "small leases fill the limit exactly");
+}
+
+conformance!(suite_lease: embedded_lease, redis_lease);
+
+// ---------------------------------------------------------------------------------------------
+// 2. Concurrent leases
+// ---------------------------------------------------------------------------------------------
+
+/// 20 tasks lease 1..=7 units each at once against limit 50: the grants add up to exactly
+/// `min(asked, 50)`, never more.
+async fn suite_concurrent_leases(store: Arc<dyn Counters>) {
+    const LIMIT: u64 = 50;
+    const TASKS: usize = 20;
+    const ROUNDS: i64 = 10;
+    let exp = in_an_hour();
+    let mut rng = Lcg(0x5EED_C0FF_EE00_0001);
+    let mut saw_short = false;
+    let mut saw_over = false;
+    for round in 0..ROUNDS {
+        // Fresh key per round. The largest want grows with the round, so early rounds ask for
+        // less than the limit in total and later ones for far more.
+        let k = key("concurrent-a", "tokens", PERIOD + round);
+        let max_want = 1 + (round as u64 % 7);
+        let wants: Vec<u64> = (0..TASKS).map(|_| 1 + rng.next() % max_want).collect();
+        let asked: u64 = wants.iter().sum();
+        saw_short |= asked < LIMIT;
+        saw_over |= asked > LIMIT;
+
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = wants
+            .iter()
+            .map(|&want| {
+                let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    (want, store.lease(&k, want, LIMIT, exp).await)
+                })
+            })
+            .collect();
+        let mut granted = 0;
+        for t in tasks {
+            let (want, r) = t.await.expect("lease task");
+            let g = r.expect("concurrent lease");
+            assert!(g.granted <= want, "round {round}: granted {} > want {want}", g.granted);
+            granted += g.granted;
+        }
+        assert_eq!(granted, asked.min(LIMIT), "round {round}: asked {asked} ({wants:?}), granted {granted}");
+        assert_eq!(store.get(&k).await, Ok(granted), "round {round}: the counter holds the grants");
+    }
+    assert!(saw_short && saw_over, "the rounds cover asking for less and for more than the limit");
+}
+
+conformance!(suite_concurrent_leases: embedded_concurrent_leases, redis_concurrent_leases);
+
+/// Under the same concurrent load, no `Grant::total` passes the limit: it is "units granted to
+/// every instance", and leases alone never grant past the limit. (The quota engine turns
+/// `total` into the `used` it reports, so an inflated total shows a tenant over its quota.)
+async fn suite_concurrent_lease_totals(store: Arc<dyn Counters>) {
+    const LIMIT: u64 = 50;
+    const TASKS: usize = 20;
+    let exp = in_an_hour();
+    for round in 0..10 {
+        let k = key("concurrent-total-a", "tokens", PERIOD + round);
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS as u64)
+            .map(|i| {
+                let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.lease(&k, 1 + i % 7, LIMIT, exp).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let g = t.await.expect("lease task").expect("concurrent lease");
+            assert!(g.total <= LIMIT, "round {round}: a grant reported total {} > limit {LIMIT}", g.total);
+        }
+    }
+}
+
+conformance!(
+    suite_concurrent_lease_totals: embedded_concurrent_lease_totals,
+    #[ignore = "bug: RedisStore::lease reports the counter after its own DECRBY, which still holds other \
+                callers' not-yet-returned excess, so `total` can exceed the limit (seen: 54 of 50)"]
+    redis_concurrent_lease_totals,
+);
+
+// ---------------------------------------------------------------------------------------------
+// 3. give_back, add, get
+// ---------------------------------------------------------------------------------------------
+
+/// `give_back` makes units available again; `add` has no ceiling; `get` reads (0 if absent).
+async fn suite_give_back_add_get(store: Arc<dyn Counters>) {
+    let exp = in_an_hour();
+    let k = key("giveback-a", "requests", PERIOD);
+    assert_eq!(store.get(&k).await, Ok(0), "absent counter");
+
+    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(10, 10));
+    assert_eq!(store.lease(&k, 1, 10, exp).await, grant(0, 10), "full");
+    store.give_back(&k, 4).await.expect("give back 4");
+    assert_eq!(store.get(&k).await, Ok(6), "given-back units leave the counter");
+    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(4, 10), "given-back units can be leased again");
+    store.give_back(&k, 0).await.expect("give back 0");
+    assert_eq!(store.get(&k).await, Ok(10), "giving back 0 changes nothing");
+
+    // `add` has no ceiling: it takes the counter past the limit, and leases then grant 0.
+    assert_eq!(store.add(&k, 25, exp).await, Ok(35), "add returns the new counter");
+    assert_eq!(store.get(&k).await, Ok(35));
+    assert_eq!(store.lease(&k, 1, 10, exp).await, grant(0, 35), "over the limit after add");
+    store.give_back(&k, 30).await.expect("give back 30");
+    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(5, 10), "back under the limit");
+
+    // `add` on an absent counter creates it; `add` of 0 reads it.
+    let fresh = key("giveback-a", "settled", PERIOD);
+    assert_eq!(store.add(&fresh, 7, NEVER).await, Ok(7));
+    assert_eq!(store.add(&fresh, 0, NEVER).await, Ok(7));
+    assert_eq!(store.get(&fresh).await, Ok(7));
+    assert_eq!(store.add(&fresh, u32::MAX as u64, NEVER).await, Ok(7 + u32::MAX as u64), "no ceiling");
+}
+
+conformance!(suite_give_back_add_get: embedded_give_back_add_get, redis_give_back_add_get);
+
+/// Giving back more than a counter holds (a retried give-back, or one for a counter that has
+/// expired) must not make the counter negative: the limit still bounds later grants, and
+/// `total` agrees with `get`.
+async fn suite_give_back_never_goes_below_zero(store: Arc<dyn Counters>) {
+    let k = key("underflow-a", "requests", PERIOD);
+    assert_eq!(store.lease(&k, 4, 10, NEVER).await, grant(4, 4));
+    store.give_back(&k, 10).await.expect("give back more than was granted");
+    assert_eq!(store.get(&k).await, Ok(0), "the counter bottoms out at 0");
+    assert_eq!(store.lease(&k, 10, 10, NEVER).await, grant(10, 10), "total agrees with the counter");
+    assert_eq!(store.lease(&k, 5, 10, NEVER).await, grant(0, 10), "the limit still holds");
+
+    let absent = key("underflow-a", "absent", PERIOD);
+    store.give_back(&absent, 5).await.expect("give back to an absent counter");
+    let first = store.lease(&absent, 10, 10, NEVER).await.expect("lease");
+    let second = store.lease(&absent, 5, 10, NEVER).await.expect("lease");
+    assert!(
+        first.granted + second.granted <= 10,
+        "grants {} + {} passed the limit 10 after a give-back to an absent counter",
+        first.granted,
+        second.granted
+    );
+}
+
+conformance!(
+    suite_give_back_never_goes_below_zero: embedded_give_back_never_goes_below_zero,
+    #[ignore = "bug: RedisStore::give_back DECRBYs without a floor, so the counter goes negative; \
+                `get` hides it (max(0)) but later leases grant past the limit and report a wrong total"]
+    redis_give_back_never_goes_below_zero,
+);
+
+// ---------------------------------------------------------------------------------------------
+// 4. Key isolation
+// ---------------------------------------------------------------------------------------------
+
+/// Counters are separate per tenant, per metric and per period start.
+async fn suite_key_isolation(store: Arc<dyn Counters>) {
+    let exp = in_an_hour();
+    let base = key("isolation-a", "requests", PERIOD);
+    let neighbours = [
+        ("another tenant", key("isolation-b", "requests", PERIOD)),
+        ("a tenant whose id extends the first", key("isolation-a2", "requests", PERIOD)),
+        ("another metric", key("isolation-a", "tokens", PERIOD)),
+        ("a rule-scoped metric", key("isolation-a", "rule1:requests", PERIOD)),
+        ("the next period", key("isolation-a", "requests", PERIOD + DAY_MS)),
+        ("the `never` period", key("isolation-a", "requests", 0)),
+    ];
+
+    assert_eq!(store.lease(&base, 10, 10, exp).await, grant(10, 10), "fill the base counter");
+    for (what, k) in &neighbours {
+        assert_eq!(store.get(k).await, Ok(0), "{what}: untouched by the base counter");
+        assert_eq!(store.lease(k, 3, 10, exp).await, grant(3, 3), "{what}: its own limit");
+    }
+    for (what, k) in &neighbours {
+        assert_eq!(store.add(k, 100, exp).await, Ok(103), "{what}: add");
+        store.give_back(k, 50).await.expect("give back");
+        assert_eq!(store.get(k).await, Ok(53), "{what}: its own counter");
+    }
+    assert_eq!(store.get(&base).await, Ok(10), "the base counter saw none of its neighbours' changes");
+    assert_eq!(store.lease(&base, 1, 10, exp).await, grant(0, 10), "and is still full");
+}
+
+conformance!(suite_key_isolation: embedded_key_isolation, redis_key_isolation);
+
+// ---------------------------------------------------------------------------------------------
+// 5. Sliding windows
+// ---------------------------------------------------------------------------------------------
+
+/// A 60 s window start, aligned (fake time; Redis only uses it in key names).
+const W0: i64 = 1_700_000_040_000;
+const MINUTE: u64 = 60_000;
+
+/// Current and previous window counts, take-back with negative `n`, rollover.
+async fn suite_window(store: Arc<dyn Counters>) {
+    let w = MINUTE as i64;
+    let (t, name) = ("window-a", "tier");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 1, 1).await, Ok((1, 0)), "first request");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 10_000, 2).await, Ok((3, 0)), "adds n");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 20_000, -1).await, Ok((2, 0)), "negative n takes back");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 59_999, 0).await, Ok((2, 0)), "n = 0 reads");
+
+    // The next window starts at zero and reports the old one as previous.
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + w, 1).await, Ok((1, 2)), "new window");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + w + 5, 1).await, Ok((2, 2)));
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + w + 10, -1).await, Ok((1, 2)), "take back");
+
+    // And again: the previous window is now the second one.
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 2 * w + 1, 1).await, Ok((1, 1)), "third window");
+
+    // After a window with no requests, the previous count is 0.
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 4 * w, 1).await, Ok((1, 0)), "after a gap");
+
+    // Windows are separate per name and per tenant.
+    assert_eq!(store.window_add(t, "rule0", MINUTE, W0 + 4 * w, 1).await, Ok((1, 0)), "another name");
+    assert_eq!(store.window_add("window-b", name, MINUTE, W0 + 4 * w, 1).await, Ok((1, 0)), "another tenant");
+    assert_eq!(store.window_add(t, name, MINUTE, W0 + 4 * w + 1, 0).await, Ok((1, 0)), "unchanged by neighbours");
+}
+
+conformance!(suite_window: embedded_window, redis_window);
+
+/// Windows of different sizes (a per-second tier limit next to a per-hour rule limit, or two
+/// tenants with different tiers) do not disturb each other.
+async fn suite_window_sizes_isolated(store: Arc<dyn Counters>) {
+    const HOUR: u64 = 3_600_000;
+    const SECOND: u64 = 1_000;
+    let now = W0 + 30_000;
+    assert_eq!(store.window_add("windowsize-a", "hourly", HOUR, now - HOUR as i64, 4).await, Ok((4, 0)));
+    assert_eq!(store.window_add("windowsize-a", "hourly", HOUR, now, 1).await, Ok((1, 4)));
+    assert_eq!(store.window_add("windowsize-b", "persecond", SECOND, now, 1).await, Ok((1, 0)));
+    assert_eq!(store.window_add("windowsize-a", "persecond", SECOND, now, 1).await, Ok((1, 0)));
+    assert_eq!(
+        store.window_add("windowsize-a", "hourly", HOUR, now + 1, 1).await,
+        Ok((2, 4)),
+        "the hourly windows survive calls on per-second windows"
+    );
+}
+
+conformance!(
+    suite_window_sizes_isolated:
+    #[ignore = "bug: Embedded::window_add prunes every window with index < idx - 1, comparing indices \
+                across window sizes, so a short window erases the counts of every longer one"]
+    embedded_window_sizes_isolated,
+    redis_window_sizes_isolated,
+);
+
+// ---------------------------------------------------------------------------------------------
+// 6. Concurrency slots
+// ---------------------------------------------------------------------------------------------
+
+/// Fake "now" for slots. The TTL is long in real time too: Redis expires the slot set itself
+/// after `4 * ttl` real milliseconds.
+const T0: i64 = 1_000_000;
+const TTL: i64 = 10_000;
+
+/// Acquire up to `limit`, refuse the next, release frees one, re-acquire is not double
+/// counted, expired slots stop counting, heartbeats extend slots.
+async fn suite_slots(store: Arc<dyn Counters>) {
+    let t = "slots-a";
+    // Re-acquiring a held id is admitted and does not take a second slot: after s1 twice,
+    // s2 still fits under limit 2. (Both backends: embedded renews the map entry, Redis's ZADD
+    // updates the member's score, so ZCARD does not change.)
+    assert_eq!(store.slot_acquire(t, "s1", 2, T0, TTL).await, Ok(true), "first slot");
+    assert_eq!(store.slot_acquire(t, "s1", 2, T0 + 1, TTL).await, Ok(true), "re-acquire a held slot");
+    assert_eq!(store.slot_acquire(t, "s2", 2, T0 + 2, TTL).await, Ok(true), "re-acquire was not counted twice");
+    assert_eq!(store.slot_acquire(t, "s3", 2, T0 + 3, TTL).await, Ok(false), "full: refuse the next");
+    assert_eq!(store.slot_acquire(t, "s1", 2, T0 + 4, TTL).await, Ok(true), "re-acquire a held slot when full");
+    assert_eq!(store.slot_acquire(t, "s3", 2, T0 + 5, TTL).await, Ok(false), "still full");
+
+    store.slot_release(t, "s2").await.expect("release s2");
+    assert_eq!(store.slot_acquire(t, "s3", 2, T0 + 6, TTL).await, Ok(true), "a release frees one slot");
+    assert_eq!(store.slot_acquire(t, "s4", 2, T0 + 7, TTL).await, Ok(false), "exactly one");
+    store.slot_release(t, "never-held").await.expect("release an unknown slot");
+    store.slot_release(t, "s2").await.expect("release twice");
+    assert_eq!(store.slot_acquire(t, "s4", 2, T0 + 8, TTL).await, Ok(false), "releasing unknown slots frees nothing");
+
+    // Slots are per tenant.
+    assert_eq!(store.slot_acquire("slots-b", "s1", 1, T0 + 9, TTL).await, Ok(true), "another tenant");
+    assert_eq!(store.slot_acquire("slots-b", "s2", 1, T0 + 9, TTL).await, Ok(false), "its own limit");
+
+    // Expiry: a slot counts until its TTL has passed, then no longer.
+    let t = "slots-ttl";
+    assert_eq!(store.slot_acquire(t, "a", 1, T0, TTL).await, Ok(true));
+    assert_eq!(store.slot_acquire(t, "b", 1, T0 + TTL - 1, TTL).await, Ok(false), "a is still live");
+    assert_eq!(store.slot_acquire(t, "b", 1, T0 + TTL + 1, TTL).await, Ok(true), "a expired");
+    assert_eq!(store.slot_acquire(t, "c", 1, T0 + TTL + 2, TTL).await, Ok(false), "b counts");
+
+    // Heartbeat: renewing a held slot extends its life from the heartbeat's `now`.
+    let t = "slots-heartbeat";
+    assert_eq!(store.slot_acquire(t, "a", 1, T0, TTL).await, Ok(true));
+    store.slot_heartbeat(t, &["a".to_string()], T0 + 8_000, TTL).await.expect("heartbeat");
+    assert_eq!(store.slot_acquire(t, "b", 1, T0 + TTL + 1, TTL).await, Ok(false), "renewed past its first TTL");
+    assert_eq!(store.slot_acquire(t, "b", 1, T0 + 8_000 + TTL - 1, TTL).await, Ok(false), "until the renewed TTL");
+    assert_eq!(store.slot_acquire(t, "b", 1, T0 + 8_000 + TTL + 1, TTL).await, Ok(true), "then it expires");
+
+    // A heartbeat only renews slots that are held: it creates none.
+    store.slot_release(t, "b").await.expect("release b");
+    let later = T0 + 8_000 + TTL + 2;
+    store.slot_heartbeat(t, &["b".to_string(), "ghost".to_string()], later, TTL).await.expect("heartbeat");
+    store.slot_heartbeat(t, &[], later, TTL).await.expect("empty heartbeat");
+    assert_eq!(store.slot_acquire(t, "c", 1, later + 1, TTL).await, Ok(true), "heartbeats created no slot");
+}
+
+conformance!(suite_slots: embedded_slots, redis_slots);
+
+/// Re-acquiring a held slot id never frees it, even when the call is refused because the
+/// limit has dropped below the live count (a config reload shrinking a tier's limit).
+async fn suite_slot_reacquire_keeps_the_slot(store: Arc<dyn Counters>) {
+    let t = "slots-shrunk";
+    assert_eq!(store.slot_acquire(t, "s1", 2, T0, TTL).await, Ok(true));
+    assert_eq!(store.slot_acquire(t, "s2", 2, T0, TTL).await, Ok(true));
+    // Whatever the answer (embedded: true, it renews; Redis: false), s1 must stay held.
+    let again = store.slot_acquire(t, "s1", 1, T0 + 1, TTL).await.expect("re-acquire under a lower limit");
+    assert_eq!(
+        store.slot_acquire(t, "s3", 2, T0 + 2, TTL).await,
+        Ok(false),
+        "s1 and s2 are both still held (the re-acquire answered {again})"
+    );
+}
+
+conformance!(
+    suite_slot_reacquire_keeps_the_slot: embedded_slot_reacquire_keeps_the_slot,
+    #[ignore = "bug: RedisStore::slot_acquire answers a re-acquire over the limit with ZREM of the slot, \
+                releasing a slot its holder still uses (embedded renews it and answers true)"]
+    redis_slot_reacquire_keeps_the_slot,
+);
+
+// ---------------------------------------------------------------------------------------------
+// 7. Redis only: timeout and breaker
+// ---------------------------------------------------------------------------------------------
+
+/// Retries a read until the store answers (lazy connect, reconnect), moving the manual clock
+/// past the cooldown whenever the breaker is open. Returns how many calls it took.
+async fn until_healthy(store: &RedisStore, clock: &ManualClock, cooldown: Duration, within: Duration) -> u32 {
+    let probe = key("breaker-probe", "requests", PERIOD);
+    let deadline = Instant::now() + within;
+    let mut calls = 0;
+    loop {
+        if store.breaker().is_open() {
+            clock.advance_millis(cooldown.as_millis() as i64 + 1);
+        }
+        calls += 1;
+        match store.get(&probe).await {
+            Ok(_) => return calls,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the Redis store did not answer within {within:?}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Redis dies: calls fail with a store error within the timeout; after `threshold` failures
+/// the breaker fails every call fast; once Redis is back and the cooldown has passed, calls
+/// succeed again on the same store (it reconnects by itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_breaker_fails_fast_and_recovers() {
+    let mut redis = Redis::start();
+    let timeout = Duration::from_millis(50);
+    let threshold = 3;
+    let cooldown = Duration::from_secs(30);
+    let clock = ManualClock::new(T0);
+    let breaker = Breaker::new(timeout, threshold, cooldown, clock.clone());
+    let store =
+        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store");
+    until_healthy(&store, &clock, cooldown, Duration::from_secs(5)).await;
+
+    let k = key("breaker-a", "requests", PERIOD);
+    assert_eq!(store.lease(&k, 3, 10, NEVER).await, grant(3, 3), "healthy");
+
+    tokio::task::block_in_place(|| redis.kill());
+    for i in 1..=threshold {
+        assert!(!store.breaker().is_open(), "call {i}: the breaker is still closed");
+        let started = Instant::now();
+        let r = store.get(&k).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(r, Err(StoreError::Timeout | StoreError::Backend(_))),
+            "call {i} with Redis dead must fail with a store error, got {r:?}"
+        );
+        assert!(took < Duration::from_secs(1), "call {i} with Redis dead took {took:?} (timeout {timeout:?})");
+    }
+    assert!(store.breaker().is_open(), "{threshold} failures open the breaker");
+
+    // Open: every operation fails fast, without waiting for the timeout.
+    let slots = ["s1".to_string()];
+    let started = Instant::now();
+    assert_eq!(store.lease(&k, 1, 10, NEVER).await, Err(StoreError::BreakerOpen), "lease");
+    assert_eq!(store.give_back(&k, 1).await, Err(StoreError::BreakerOpen), "give_back");
+    assert_eq!(store.add(&k, 1, NEVER).await, Err(StoreError::BreakerOpen), "add");
+    assert_eq!(store.get(&k).await, Err(StoreError::BreakerOpen), "get");
+    assert_eq!(store.window_add("breaker-a", "tier", MINUTE, W0, 1).await, Err(StoreError::BreakerOpen), "window_add");
+    assert_eq!(store.slot_acquire("breaker-a", "s1", 1, T0, TTL).await, Err(StoreError::BreakerOpen), "slot_acquire");
+    assert_eq!(store.slot_release("breaker-a", "s1").await, Err(StoreError::BreakerOpen), "slot_release");
+    assert_eq!(store.slot_heartbeat("breaker-a", &slots, T0, TTL).await, Err(StoreError::BreakerOpen), "heartbeat");
+    let took = started.elapsed();
+    assert!(took < timeout, "8 calls on an open breaker took {took:?}, more than one timeout ({timeout:?})");
+
+    // Redis is back, but the cooldown has not passed: still refused, Redis is not even asked.
+    tokio::task::block_in_place(|| redis.restart());
+    clock.advance_millis(cooldown.as_millis() as i64 - 1);
+    assert_eq!(store.get(&k).await, Err(StoreError::BreakerOpen), "within the cooldown");
+
+    // After the cooldown the same store reconnects by itself.
+    clock.advance_millis(2);
+    assert!(!store.breaker().is_open(), "the cooldown has passed");
+    let calls = until_healthy(&store, &clock, cooldown, Duration::from_secs(5)).await;
+    assert!(calls <= 10, "the store needed {calls} calls to reconnect");
+    assert_eq!(store.get(&k).await, Ok(0), "the restarted Redis is empty");
+    assert_eq!(store.lease(&k, 3, 10, NEVER).await, grant(3, 3), "leases work again");
+    assert_eq!(store.slot_acquire("breaker-a", "s1", 1, T0, TTL).await, Ok(true), "slots work again");
+}
+
+/// A Redis that accepts the call but does not answer (paused) costs one timeout, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_call_to_a_hung_server_times_out() {
+    let redis = Redis::start();
+    let timeout = Duration::from_millis(50);
+    let clock = ManualClock::new(T0);
+    let breaker = Breaker::new(timeout, 3, Duration::from_secs(30), clock.clone());
+    let store =
+        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store");
+    until_healthy(&store, &clock, Duration::from_secs(30), Duration::from_secs(5)).await;
+
+    let k = key("hung-a", "requests", PERIOD);
+    let pause_ms = 500;
+    let paused = tokio::task::block_in_place(|| redis.command(&["CLIENT", "PAUSE", &pause_ms.to_string(), "ALL"]));
+    assert_eq!(paused, "+OK", "CLIENT PAUSE");
+    let paused_at = Instant::now();
+    let r = store.lease(&k, 1, 10, NEVER).await;
+    let took = paused_at.elapsed();
+    // The breaker reports `Timeout`; the connection's own response timeout (set to the same
+    // value) may fire first and report `Backend("timed out")`. Either is a store error in time.
+    assert!(
+        matches!(&r, Err(StoreError::Timeout) | Err(StoreError::Backend(_))),
+        "a call to a paused Redis fails with a store error, got {r:?}"
+    );
+    assert!(took < Duration::from_secs(1), "the call took {took:?} (timeout {timeout:?})");
+    assert!(!store.breaker().is_open(), "one failure does not open the breaker");
+
+    // Once the pause ends, the same connection answers again.
+    tokio::time::sleep(Duration::from_millis(pause_ms + 100).saturating_sub(paused_at.elapsed())).await;
+    until_healthy(&store, &clock, Duration::from_secs(30), Duration::from_secs(5)).await;
+    let g = store.lease(&k, 1, 10, NEVER).await.expect("lease after the pause");
+    assert_eq!(g.granted, 1, "leases work after the pause");
+    assert!(g.total <= 2, "the timed-out lease was applied at most once (total {})", g.total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Embedded only: persisted usage
+// ---------------------------------------------------------------------------------------------
+
+/// Usage written with `persist_usage` survives reopening the file, and the reopened store
+/// counts it against the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_persisted_usage_survives_reopen() {
+    let dir = TempDir::new("store-conformance-persist");
+    let path = dir.path().join("state").join("tollgate.db");
+    let now = SystemClock.now_millis();
+    let today = now - now.rem_euclid(DAY_MS);
+    let k = key("persist-a", "requests", today);
+    let lifetime = key("persist-a", "lifetime", 0);
+    let untouched = key("persist-b", "requests", today);
+    {
+        let store = Embedded::open(&path, now).expect("open the embedded store");
+        assert_eq!(store.lease(&k, 40, 100, NEVER).await, grant(40, 40));
+        store.persist_usage(&[(k.clone(), 10), (lifetime.clone(), 7)]).await.expect("persist");
+        store.persist_usage(&[(k.clone(), 30)]).await.expect("persist again: the latest value wins");
+        store.persist_usage(&[]).await.expect("persist nothing");
+    }
+
+    let store = Embedded::open(&path, now + 1_000).expect("reopen the embedded store");
+    assert_eq!(store.persisted_usage(&k), 30, "the latest persisted usage");
+    assert_eq!(store.persisted_usage(&lifetime), 7, "`never` periods are loaded too");
+    assert_eq!(store.persisted_usage(&untouched), 0, "nothing persisted for another tenant");
+    assert_eq!(store.get(&k).await, Ok(30), "the reopened counter starts at the persisted usage");
+    assert_eq!(store.lease(&k, 100, 50, NEVER).await, grant(20, 50), "persisted usage counts against the limit");
+    assert_eq!(store.lease(&k, 1, 50, NEVER).await, grant(0, 50), "full");
+    assert_eq!(store.lease(&lifetime, 10, 10, NEVER).await, grant(3, 10), "the `never` counter too");
+    assert_eq!(store.lease(&untouched, 5, 5, NEVER).await, grant(5, 5), "other counters start at 0");
+}
