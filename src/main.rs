@@ -57,6 +57,30 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Usage reports, read straight from the configured store.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// Per-metric totals, a daily breakdown and cost, over an inclusive range of UTC days.
+    Report {
+        #[arg(short, long, default_value = "config/tollgate.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// First day, YYYY-MM-DD.
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
+        format: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +158,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Usage { command: UsageCommand::Report { config, tenant, from, to, format } } => {
+            match tollgate::metering::report::cli(&config, &tenant, &from, &to, &format) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Rules { command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers } } => {
             match tollgate::rules::explain::explain_cli(&config, &method, &path, &host, tier, tenant, &headers) {
                 Ok(text) => {
