@@ -269,7 +269,9 @@ impl QuotaEngine {
                         continue;
                     }
                     st.lease += grant.granted;
-                    st.known_total = grant.total;
+                    // A refused or partial grant's total can include other instances' excess
+                    // that is being handed back: never show more than the ceiling from it.
+                    st.known_total = if grant.granted < want { grant.total.min(ceiling).max(st.known_total) } else { grant.total };
                     if st.lease >= cost {
                         self.take(&cell, &mut st, cost, now);
                         let state = st.snapshot(spec);
@@ -429,10 +431,13 @@ impl QuotaEngine {
             let mut p = self.pending();
             p.persist.extend(persist);
         }
-        let mut failed_returns = Vec::new();
         for (key, units) in give_back {
-            if units > 0 && self.store.give_back(&key, units).await.is_err() {
-                failed_returns.push((key, units));
+            if units > 0 {
+                if let Err(e) = self.store.give_back(&key, units).await {
+                    // Not retried: the DECRBY may have landed. Units not returned are counted as
+                    // used until the period ends — under-admission, never over-admission.
+                    tracing::warn!(error = %e, tenant = %key.tenant, metric = %key.metric, units, "could not return unused quota units");
+                }
             }
         }
         for (cell, key, debt, expire) in debts {
@@ -453,9 +458,6 @@ impl QuotaEngine {
                     }
                 }
             }
-        }
-        if !failed_returns.is_empty() {
-            self.pending().give_back.extend(failed_returns);
         }
     }
 

@@ -147,7 +147,11 @@ impl Counters for Embedded {
         let idx = now_ms.div_euclid(w);
         let id = format!("{tenant}\u{0}{name}");
         let mut mem = self.mem();
-        mem.windows.retain(|(_, i), _| *i >= idx - 1);
+        // Only this counter's old windows are dropped: others may use other window sizes.
+        mem.windows.retain(|(k, i), _| *k != id || *i >= idx - 1);
+        if mem.windows.len() > 1_000_000 {
+            mem.windows.clear();
+        }
         let cur = {
             let c = mem.windows.entry((id.clone(), idx)).or_insert(0);
             *c = c.saturating_add_signed(n);

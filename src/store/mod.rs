@@ -58,7 +58,9 @@ pub struct CounterKey {
 pub struct Grant {
     /// Units granted, `0..=want`.
     pub granted: u64,
-    /// The shared counter after the grant: units granted to every instance this period.
+    /// The shared counter as this call left it: units granted to every instance this period.
+    /// While other callers are handing back their own excess it can be briefly above the
+    /// limit; the grants themselves never are.
     pub total: u64,
 }
 

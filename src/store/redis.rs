@@ -53,7 +53,8 @@ impl RedisStore {
             let client = redis::Client::open(urls[0].as_str()).map_err(backend)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-                .set_response_timeout(Some(timeout))
+                // Longer than the breaker's timeout, so a hung call is reported as a timeout.
+                .set_response_timeout(Some(timeout * 2))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
             Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)
@@ -149,9 +150,18 @@ impl Counters for RedisStore {
         if units == 0 {
             return Ok(());
         }
+        let k = quota_key(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("DECRBY").arg(quota_key(key)).arg(units).ignore();
-        self.run::<()>("give_back", &pipe).await
+        pipe.cmd("DECRBY").arg(&k).arg(units);
+        let (after,): (i64,) = self.run("give_back", &pipe).await?;
+        if after < 0 {
+            // More came back than the counter held (it was reset, or a give-back was repeated):
+            // floor it at zero so later leases still respect the limit.
+            let mut fix = redis::pipe();
+            fix.cmd("INCRBY").arg(&k).arg(-after).ignore();
+            self.run::<()>("give_back_floor", &fix).await?;
+        }
+        Ok(())
     }
 
     async fn add(&self, key: &CounterKey, units: u64, expire_at_ms: i64) -> Result<u64, StoreError> {
@@ -188,11 +198,17 @@ impl Counters for RedisStore {
         let key = format!("{}:slots", tenant_prefix(tenant));
         let mut pipe = redis::pipe();
         pipe.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(now_ms).ignore();
+        pipe.cmd("ZSCORE").arg(&key).arg(slot);
         pipe.cmd("ZADD").arg(&key).arg(now_ms + ttl_ms).arg(slot).ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
         pipe.cmd("ZCARD").arg(&key);
-        let (count,): (i64,) = self.run("slot_acquire", &pipe).await?;
+        let (held_before, count): (Option<f64>, i64) = self.run("slot_acquire", &pipe).await?;
         if count as u64 <= limit as u64 {
+            return Ok(true);
+        }
+        // Over the limit. A slot this caller already held stays held (it was only renewed);
+        // only a new one is taken back.
+        if held_before.is_some() {
             return Ok(true);
         }
         // Too many: take ours back out. Like leases, add-then-check never over-admits.
