@@ -9,11 +9,15 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pingora::http::RequestHeader;
+use std::future::Future;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
 use tollgate::clock::{SharedClock, SystemClock};
 use tollgate::config::{self, Config, Diagnostics};
 use tollgate::directory::Directory;
@@ -45,7 +49,7 @@ const SECRET_LEN: usize = 40;
 const BIG_QUOTA: u64 = 1_000_000_000_000;
 
 const CONFIG: &str = r#"
-metrics = ["tokens"]
+usage_metrics = ["tokens"]
 
 [server]
 listen = ["127.0.0.1:8080"]
@@ -97,6 +101,32 @@ id = "template-k0"
 hash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
 scopes = ["read", "generate"]
 "#;
+
+/// Drives a future the way the gateway's request task does: polled in place, inside the
+/// runtime (background work it spawns, such as a lease prefetch, runs on the runtime's worker).
+/// The limit futures finish on their first poll when no store round trip is needed; if one
+/// does not, it is finished with `block_on`.
+fn run<F: Future>(rt: &Runtime, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let first = {
+        let _enter = rt.enter();
+        fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    };
+    match first {
+        Poll::Ready(v) => v,
+        Poll::Pending => {
+            PENDING.fetch_add(1, Ordering::Relaxed);
+            rt.block_on(fut)
+        }
+    }
+}
+
+/// Futures that did not finish on their first poll (expected: none).
+static PENDING: AtomicU64 = AtomicU64::new(0);
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
+}
 
 fn tenant_id(t: usize) -> String {
     format!("t{t:06}")
@@ -219,7 +249,7 @@ fn measure_bucket_memory() {
 /// The parts, each on its own.
 fn bench_parts(c: &mut Criterion) {
     measure_bucket_memory();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = runtime();
     let clock: SharedClock = Arc::new(SystemClock);
 
     let mut g = c.benchmark_group("limit_parts");
@@ -245,9 +275,6 @@ fn bench_parts(c: &mut Criterion) {
     });
     drop(rl);
 
-    // The cost of driving a future with `block_on`, included in the async cases below.
-    g.bench_function("block_on_empty_future", |b| b.iter(|| rt.block_on(async { black_box(1) })));
-
     // (2) Quota: a warm lease on the embedded store.
     let path = temp_db("parts");
     let store = embedded(&path);
@@ -256,18 +283,18 @@ fn bench_parts(c: &mut Criterion) {
     let qspec = QuotaSpec { limit: BIG_QUOTA, period: Period::Month, hard: true, overage_percent: 0 };
     let metric: Arc<str> = "requests".into();
     for id in ids.iter().take(ROTATION) {
-        let (_, state) = rt.block_on(engine.reserve(id, &metric, &qspec, &policy, 1, StorePolicy::Local)).expect("reserve");
+        let (_, state) = run(&rt, engine.reserve(id, &metric, &qspec, &policy, 1, StorePolicy::Local)).expect("reserve");
         assert_eq!(state.used, 1);
     }
     g.bench_function("quota_reserve_warm_lease", |b| {
         let t = &ids[0];
-        b.iter(|| black_box(rt.block_on(engine.reserve(t, &metric, &qspec, &policy, 1, StorePolicy::Local)).is_ok()))
+        b.iter(|| black_box(run(&rt, engine.reserve(t, &metric, &qspec, &policy, 1, StorePolicy::Local)).is_ok()))
     });
     g.bench_function("quota_reserve_4096_tenants", |b| {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % ROTATION;
-            black_box(rt.block_on(engine.reserve(&ids[i], &metric, &qspec, &policy, 1, StorePolicy::Local)).is_ok())
+            black_box(run(&rt, engine.reserve(&ids[i], &metric, &qspec, &policy, 1, StorePolicy::Local)).is_ok())
         })
     });
     drop(engine);
@@ -279,12 +306,13 @@ fn bench_parts(c: &mut Criterion) {
     g.bench_function("concurrency_acquire_release", |b| {
         let t = &ids[0];
         b.iter(|| {
-            let guard = rt.block_on(conc.acquire(t, &cspec, 0, StorePolicy::Local)).expect("slot");
+            let guard = run(&rt, conc.acquire(t, &cspec, 0, StorePolicy::Local)).expect("slot");
             drop(black_box(guard));
         })
     });
     assert_eq!(conc.in_flight(&ids[0]), 0);
     g.finish();
+    eprintln!("futures not ready on their first poll so far: {}", PENDING.load(Ordering::Relaxed));
 }
 
 struct Prepared<'a> {
@@ -314,7 +342,7 @@ fn bench_admission(c: &mut Criterion) {
     let tenancy = &config.tenancy;
     let max = config.server.max_header_bytes;
     let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = runtime();
     let clock: SharedClock = Arc::new(SystemClock);
     let path = temp_db("admission");
     let store = embedded(&path);
@@ -331,7 +359,7 @@ fn bench_admission(c: &mut Criterion) {
         (0..ROTATION).map(|i| request("POST", "/v1/chat/completions", &secret(pick(i)), Some(250))).collect();
 
     let admit = |req: &RequestHeader| -> bool {
-        rt.block_on(async {
+        run(&rt, async {
             let hints = resolve(tenancy, max, req, peer).ok()?;
             let principal = authenticate(&dir, &hints, NOW_MS).ok()?;
             let permit = authorize(&config.rules, req, &hints, principal).ok()?;
@@ -372,7 +400,7 @@ fn bench_admission(c: &mut Criterion) {
     assert_eq!(&*plain_p[0].permit.rule.name, "read");
     assert_eq!(&*charged_p[0].permit.rule.name, "chat");
     let limit_stages = |p: &Prepared<'_>| -> usize {
-        rt.block_on(async {
+        run(&rt, async {
             let mut headers = LimitHeaders::default();
             rate_limit::check(&limits, &p.permit, &mut headers).await.expect("rate");
             let reserved = quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
@@ -398,7 +426,7 @@ fn bench_admission(c: &mut Criterion) {
     let mut headers = LimitHeaders::default();
     {
         let p = &charged_p[0];
-        rt.block_on(async {
+        run(&rt, async {
             rate_limit::check(&limits, &p.permit, &mut headers).await.expect("rate");
             quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
         });
@@ -413,6 +441,7 @@ fn bench_admission(c: &mut Criterion) {
         })
     });
     g.finish();
+    eprintln!("futures not ready on their first poll so far: {}", PENDING.load(Ordering::Relaxed));
     drop(limits);
     remove_db(&path);
 }

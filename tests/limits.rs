@@ -18,6 +18,7 @@ threads = 2
 upgrade_sock = "{{DIR}}/upgrade.sock"
 pid_file = "{{DIR}}/tollgate.pid"
 shutdown_timeout = "2s"
+shutdown_grace = "1s"
 
 [store]
 {store}
@@ -298,6 +299,7 @@ fn monthly_usage_survives_a_restart() {
     let dir = temp_dir("restart");
     // A long flush interval: only the flush at shutdown can save the usage.
     let store = "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"\nflush_interval = \"60s\"";
+    // The final flush runs in the shutdown grace period.
     let template = config(&echo, store, "quotas.requests = { limit = 10, period = \"month\" }", "");
     let auth = acme();
     {

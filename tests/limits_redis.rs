@@ -32,6 +32,7 @@ threads = 2
 upgrade_sock = "{{DIR}}/upgrade.sock"
 pid_file = "{{DIR}}/tollgate.pid"
 shutdown_timeout = "2s"
+shutdown_grace = "1s"
 
 [store]
 kind = "redis"

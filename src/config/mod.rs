@@ -297,7 +297,7 @@ fn validate(
         admin_listen,
         threads,
         tls,
-        shutdown_grace: duration_or(&s.shutdown_grace, Duration::from_secs(0), src, diags),
+        shutdown_grace: duration_or(&s.shutdown_grace, Duration::from_secs(2), src, diags),
         shutdown_timeout: duration_or(&s.shutdown_timeout, Duration::from_secs(5), src, diags),
         upgrade_sock: s
             .upgrade_sock
@@ -410,6 +410,11 @@ fn validate(
             );
         }
     }
+    if resolve.contains(&Source::Header) && t.trusted_proxies.as_ref().is_none_or(|p| p.is_empty()) {
+        if let Some(h) = t.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "header")) {
+            diags.warn_at(src, h.span(), "`header` resolution is on but `trusted_proxies` is empty: the tenant header is only believed from trusted proxies, so it will be ignored");
+        }
+    }
     let base_domain = t.base_domain.as_ref().map(|d| d.get_ref().trim_start_matches('.').to_ascii_lowercase());
     if resolve.contains(&Source::Subdomain) && base_domain.is_none() {
         if let Some(r) = t.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "subdomain")) {
@@ -445,7 +450,15 @@ fn validate(
                 LogFormat::Plain
             }
         },
-        level: main.log.level.as_ref().map(|l| l.get_ref().clone()).unwrap_or_else(|| "info".into()),
+        level: match &main.log.level {
+            None => "info".into(),
+            Some(l) => {
+                if tracing_subscriber::EnvFilter::try_new(l.get_ref()).is_err() {
+                    diags.error_at(src, l.span(), format!("`{}` is not a log level or filter; use error, warn, info, debug or trace", l.get_ref()));
+                }
+                l.get_ref().clone()
+            }
+        },
         access_log: main.log.access_log.unwrap_or(true),
     };
 
@@ -539,12 +552,18 @@ fn validate(
             }
             Some(list) => {
                 for s in list {
-                    match s.get_ref().to_socket_addrs().map(|mut it| it.next()) {
-                        Ok(Some(a)) => servers.push(a),
+                    match s.get_ref().to_socket_addrs().map(|it| it.collect::<Vec<_>>()) {
+                        Ok(addrs) if !addrs.is_empty() => {
+                            for a in addrs {
+                                if !servers.contains(&a) {
+                                    servers.push(a);
+                                }
+                            }
+                        }
                         _ => diags.error_at(
                             src,
                             s.span(),
-                            format!("`{}` is not a reachable `host:port` address", s.get_ref()),
+                            format!("`{}` is not a `host:port` address that resolves", s.get_ref()),
                         ),
                     }
                 }

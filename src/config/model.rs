@@ -50,9 +50,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub threads: usize,
     pub tls: Option<TlsConfig>,
-    /// How long a draining process keeps accepting before it closes its listeners.
+    /// After SIGTERM (or the hand-over of a zero-downtime upgrade), how long requests in flight
+    /// and the final usage flush get before the runtimes stop. Whole seconds.
     pub shutdown_grace: Duration,
-    /// How long in-flight requests get to finish after that.
+    /// How long the runtimes then get to shut down (blocking work such as SQLite writes).
     pub shutdown_timeout: Duration,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,

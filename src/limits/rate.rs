@@ -121,8 +121,10 @@ impl<C: Clock + Clone> RateLimiters<C> {
         let window_secs = spec.window_secs();
         match bucket.check() {
             Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                let missing = spec.burst.saturating_sub(remaining);
+                // Advertised against `limit`: a burst larger than the limit is not a promise of
+                // more than `limit` per window.
+                let remaining = snapshot.remaining_burst_capacity().min(spec.limit);
+                let missing = spec.burst.saturating_sub(snapshot.remaining_burst_capacity());
                 RateDecision::Allowed {
                     limit: spec.limit,
                     remaining,

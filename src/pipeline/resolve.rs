@@ -221,8 +221,9 @@ pub fn resolve<'r>(
                     .then(|| Claim { source: Source::Subdomain, tenant: Cow::Owned(label.to_string()) })
             }),
             Source::Header => {
-                let peer_trusted = tenancy.trusted_proxies.is_empty()
-                    || peer.is_some_and(|p| tenancy.trusted_proxies.iter().any(|n| n.contains(&canonical_ip(p))));
+                // Anyone can send a header: it names a tenant only when a trusted proxy set it.
+                let peer_trusted =
+                    peer.is_some_and(|p| tenancy.trusted_proxies.iter().any(|n| n.contains(&canonical_ip(p))));
                 match single(headers, &tenancy.tenant_header)? {
                     Some(v) if peer_trusted => {
                         let s = v.to_str().map_err(|_| Reject::BadRequest {

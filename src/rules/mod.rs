@@ -605,7 +605,11 @@ impl Compiler<'_, '_> {
         } else if let Some(g) = &mf.path_glob {
             match Glob::compile(g.get_ref()) {
                 Ok(glob) => c.path = Some(PathMatch::Glob(glob)),
-                Err(e) => self.diags.error_at(src, g.span(), e),
+                Err(e) => {
+                    self.diags.error_at(src, g.span(), e);
+                    // Never matches, so the broken rule cannot shadow anything either.
+                    c.path = Some(PathMatch::Exact("\u{0}invalid glob".into()));
+                }
             }
         }
         if let Some(ms) = &mf.methods {
@@ -674,10 +678,15 @@ impl Compiler<'_, '_> {
         if let Some(f) = &a.require_feature {
             if !self.features.contains(f.get_ref().as_str()) {
                 let known: Vec<&str> = self.features.iter().copied().collect();
+                let known = if known.is_empty() {
+                    "no tier lists any feature".to_string()
+                } else {
+                    format!("features: {}", known.join(", "))
+                };
                 self.diags.error_at(
                     src,
                     f.span(),
-                    format!("feature `{}` is in no tier (features: {})", f.get_ref(), known.join(", ")),
+                    format!("feature `{}` is in no tier ({known}); add it to a tier's `features`", f.get_ref()),
                 );
             }
             out.require_feature = Some(f.get_ref().as_str().into());
