@@ -6,6 +6,14 @@
 //!
 //! Run with `cargo bench --bench limits`. The setup first measures the memory of 1,000,000 rate
 //! buckets (VmRSS before and after) and prints it to stderr, then builds the directory.
+//!
+//! Groups:
+//! - `limit_parts`: `RateLimiters::check` on existing buckets, `QuotaEngine::reserve` from a warm
+//!   lease on the embedded store, `Concurrency::acquire` plus dropping the guard.
+//! - `admission_100k_tenants`: `full_path` runs resolve, authenticate, authorize, then the
+//!   pipeline's rate-limit, quota and concurrency stages on 4,096 requests spread over 100,000
+//!   tenants; `limit_stages_only` runs just the three limit stages on the same requests, already
+//!   authorized; `render_limit_headers` formats the limit headers of one response.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pingora::http::RequestHeader;
@@ -354,8 +362,13 @@ fn bench_admission(c: &mut Criterion) {
     // `GET /v1/models`: tier rate, `requests` quota, concurrency.
     let plain: Vec<RequestHeader> =
         (0..ROTATION).map(|i| request("GET", "/v1/models", &secret(pick(i)), None)).collect();
-    // `POST /v1/chat/completions`: the same plus a charge on `tokens` read from a header.
+    // `POST /v1/chat/completions`: the same plus a charge on `tokens` read from a header, 10
+    // tokens a request.
     let charged: Vec<RequestHeader> =
+        (0..ROTATION).map(|i| request("POST", "/v1/chat/completions", &secret(pick(i)), Some(10))).collect();
+    // The same at 250 tokens a request: a lease block of `max_lease_block` (1,000) units lasts
+    // four requests, so the lease is refilled from the store every few requests.
+    let costly: Vec<RequestHeader> =
         (0..ROTATION).map(|i| request("POST", "/v1/chat/completions", &secret(pick(i)), Some(250))).collect();
 
     let admit = |req: &RequestHeader| -> bool {
@@ -378,7 +391,7 @@ fn bench_admission(c: &mut Criterion) {
     for req in &plain {
         assert!(admit(req), "plain request refused");
     }
-    for req in &charged {
+    for req in charged.iter().chain(&costly) {
         assert!(admit(req), "charged request refused");
     }
 
@@ -397,6 +410,7 @@ fn bench_admission(c: &mut Criterion) {
     // The limit stages alone, on requests already resolved, authenticated and authorized.
     let plain_p = prepare(&config, &dir, &plain);
     let charged_p = prepare(&config, &dir, &charged);
+    let costly_p = prepare(&config, &dir, &costly);
     assert_eq!(&*plain_p[0].permit.rule.name, "read");
     assert_eq!(&*charged_p[0].permit.rule.name, "chat");
     let limit_stages = |p: &Prepared<'_>| -> usize {
@@ -412,7 +426,8 @@ fn bench_admission(c: &mut Criterion) {
     };
     assert_eq!(limit_stages(&plain_p[0]), 1, "one quota: requests");
     assert_eq!(limit_stages(&charged_p[0]), 2, "two quotas: requests and tokens");
-    for (case, prepared) in [("requests_quota", &plain_p), ("requests_quota_and_charge", &charged_p)] {
+    let cases = [("requests_quota", &plain_p), ("requests_quota_and_charge", &charged_p), ("charge_cost_250", &costly_p)];
+    for (case, prepared) in cases {
         g.bench_with_input(BenchmarkId::new("limit_stages_only", case), prepared, |b, prepared| {
             let mut i = 0;
             b.iter(|| {

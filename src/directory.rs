@@ -59,7 +59,8 @@ pub struct Key {
     pub scopes: Box<[Arc<str>]>,
     /// Unix milliseconds.
     pub expires: Option<i64>,
-    pub revoked: bool,
+    /// Revoked from this time on (Unix ms).
+    pub revoked_at: Option<i64>,
 }
 
 impl Key {
@@ -155,6 +156,6 @@ fn key_entry(k: &KeyConfig, tenant: &Arc<Tenant>) -> Key {
         tenant: tenant.clone(),
         scopes: k.scopes.iter().map(|s| Arc::from(s.as_str())).collect(),
         expires: k.expires,
-        revoked: k.revoked,
+        revoked_at: k.revoked_at,
     }
 }

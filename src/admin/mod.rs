@@ -6,6 +6,8 @@
 
 use crate::runtime::SharedRuntime;
 use crate::upstream::Upstreams;
+pub mod core;
+
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;

@@ -766,7 +766,8 @@ fn validate(
                     hash,
                     scopes: kf.scopes.iter().map(|s| s.get_ref().clone()).collect(),
                     expires,
-                    revoked: kf.revoked,
+                    revoked_at: kf.revoked.then_some(i64::MIN),
+                    created: None,
                 });
             }
         }

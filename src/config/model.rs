@@ -220,7 +220,10 @@ pub struct KeyConfig {
     pub scopes: Vec<String>,
     /// Unix milliseconds.
     pub expires: Option<i64>,
-    pub revoked: bool,
+    /// From this time on (Unix ms) the key answers `key_revoked`. A rotated key's grace
+    /// period ends here; `revoked = true` in the config is "since forever".
+    pub revoked_at: Option<i64>,
+    pub created: Option<i64>,
 }
 
 #[derive(Debug, Clone)]

@@ -44,7 +44,7 @@ pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> R
         return Ok(Principal::Anonymous { tenant, unknown });
     };
     let key = dir.key(&KeyHash::of(secret)).ok_or(Reject::InvalidKey)?;
-    if key.revoked {
+    if key.revoked_at.is_some_and(|t| t <= now_ms) {
         return Err(Reject::KeyRevoked);
     }
     if key.expires.is_some_and(|e| e <= now_ms) {

@@ -6,7 +6,7 @@
 //! engine calls every `flush_interval` and at shutdown; it runs on a blocking thread, off the
 //! request path. A crash loses at most the usage of one flush interval.
 
-use super::{CounterKey, Counters, Grant, Ledger, LedgerBatch, LedgerRow, StoreError};
+use super::{CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch, LedgerRow, StoreError, TenantRecord};
 use async_trait::async_trait;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -59,6 +59,10 @@ impl Embedded {
                  cost_micros INTEGER NOT NULL,
                  PRIMARY KEY (tenant, day, metric)
              );
+             CREATE TABLE IF NOT EXISTS dir_tenants (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS dir_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS dir_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+             INSERT OR IGNORE INTO dir_meta (k, v) VALUES ('version', 0);
              CREATE TABLE IF NOT EXISTS ledger_batches (
                  id TEXT PRIMARY KEY,
                  applied_ms INTEGER NOT NULL
@@ -285,5 +289,126 @@ impl Ledger for Embedded {
         })
         .await
         .map_err(backend)?
+    }
+}
+
+impl Embedded {
+    /// Runs `f` on the connection on a blocking thread.
+    async fn with_db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("UPDATE dir_meta SET v = v + 1 WHERE k = 'version'", []).map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl DirectoryStore for Embedded {
+    async fn version(&self) -> Result<u64, StoreError> {
+        self.with_db(|c| {
+            c.query_row("SELECT v FROM dir_meta WHERE k = 'version'", [], |r| r.get::<_, i64>(0))
+                .map(|v| v.max(0) as u64)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn load(&self) -> Result<DirectoryData, StoreError> {
+        self.with_db(|c| {
+            let tx = c.transaction().map_err(backend)?;
+            let version: i64 =
+                tx.query_row("SELECT v FROM dir_meta WHERE k = 'version'", [], |r| r.get(0)).map_err(backend)?;
+            let mut data = DirectoryData { version: version.max(0) as u64, ..DirectoryData::default() };
+            {
+                let mut st = tx.prepare("SELECT record FROM dir_tenants ORDER BY id").map_err(backend)?;
+                let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+                for row in rows {
+                    let json = row.map_err(backend)?;
+                    match serde_json::from_str::<TenantRecord>(&json) {
+                        Ok(t) => data.tenants.push(t),
+                        Err(e) => tracing::error!(error = %e, "skipping an unreadable tenant record"),
+                    }
+                }
+                let mut st = tx.prepare("SELECT record FROM dir_keys ORDER BY id").map_err(backend)?;
+                let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+                for row in rows {
+                    let json = row.map_err(backend)?;
+                    match serde_json::from_str::<KeyRecord>(&json) {
+                        Ok(k) => data.keys.push(k),
+                        Err(e) => tracing::error!(error = %e, "skipping an unreadable key record"),
+                    }
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(data)
+        })
+        .await
+    }
+
+    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(t).map_err(backend)?;
+        let id = t.id.clone();
+        self.with_db(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let n = if create {
+                tx.execute("INSERT OR IGNORE INTO dir_tenants (id, record) VALUES (?1, ?2)", params![id, json])
+            } else {
+                tx.execute(
+                    "INSERT INTO dir_tenants (id, record) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                    params![id, json],
+                )
+            }
+            .map_err(backend)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            bump(&tx)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with_db(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let n = tx.execute("DELETE FROM dir_tenants WHERE id = ?1", params![id]).map_err(backend)?;
+            tx.execute("DELETE FROM dir_keys WHERE tenant = ?1", params![id]).map_err(backend)?;
+            if n > 0 {
+                bump(&tx)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(k).map_err(backend)?;
+        let (id, tenant) = (k.id.clone(), k.tenant.clone());
+        self.with_db(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            tx.execute(
+                "INSERT INTO dir_keys (id, tenant, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, record = excluded.record",
+                params![id, tenant, json],
+            )
+            .map_err(backend)?;
+            bump(&tx)?;
+            tx.commit().map_err(backend)
+        })
+        .await
     }
 }

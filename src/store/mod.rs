@@ -12,7 +12,10 @@
 //! runs against both implementations.
 
 pub mod embedded;
+pub mod records;
 pub mod redis;
+
+pub use records::{DirectoryData, DirectoryStore, KeyRecord, TenantRecord};
 
 use async_trait::async_trait;
 use std::fmt;

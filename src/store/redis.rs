@@ -7,13 +7,18 @@
 //! - `tg:{acme}:slots`: a sorted set of concurrency slot leases, scored by expiry
 //! - `tg:{acme}:usage:<YYYY-MM-DD>`: the usage ledger, a hash of `metric` and `metric|cost`
 //! - `tg:{acme}:lb:<batch>`: marks a ledger batch as applied for the tenant (kept 7 days)
+//! - `tg:{dir}:tenants`, `tg:{dir}:keys`: runtime-managed tenants and keys (JSON per field),
+//!   and `tg:{dir}:version`, bumped by every write (one slot, so writes are transactions)
 //!
 //! Nothing needs server-side scripts. A lease is `INCRBY`, and when that passes the limit, a
 //! `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
 //! interleaving of instances. Every call runs under the [`Breaker`]; the connection
 //! reconnects by itself when Redis comes back.
 
-use super::{tenant_prefix, Breaker, CounterKey, Counters, Grant, Ledger, LedgerBatch, LedgerRow, StoreError, StoreObserver};
+use super::{
+    tenant_prefix, Breaker, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch,
+    LedgerRow, StoreError, StoreObserver, TenantRecord,
+};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -337,5 +342,82 @@ impl Ledger for RedisStore {
             }
         }
         Ok(out)
+    }
+}
+
+const DIR_TENANTS: &str = "tg:{dir}:tenants";
+const DIR_KEYS: &str = "tg:{dir}:keys";
+const DIR_VERSION: &str = "tg:{dir}:version";
+
+#[async_trait]
+impl DirectoryStore for RedisStore {
+    async fn version(&self) -> Result<u64, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(DIR_VERSION);
+        let (v,): (Option<i64>,) = self.run("dir_version", &pipe).await?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn load(&self) -> Result<DirectoryData, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("GET").arg(DIR_VERSION).cmd("HGETALL").arg(DIR_TENANTS).cmd("HGETALL").arg(DIR_KEYS);
+        let (v, tenants, keys): (Option<i64>, std::collections::HashMap<String, String>, std::collections::HashMap<String, String>) =
+            self.run("dir_load", &pipe).await?;
+        let mut data = DirectoryData { version: v.unwrap_or(0).max(0) as u64, ..DirectoryData::default() };
+        for (_, json) in tenants {
+            match serde_json::from_str::<TenantRecord>(&json) {
+                Ok(t) => data.tenants.push(t),
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable tenant record"),
+            }
+        }
+        for (_, json) in keys {
+            match serde_json::from_str::<KeyRecord>(&json) {
+                Ok(k) => data.keys.push(k),
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable key record"),
+            }
+        }
+        data.tenants.sort_by(|a, b| a.id.cmp(&b.id));
+        data.keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(data)
+    }
+
+    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(t).map_err(backend)?;
+        if create {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HSETNX").arg(DIR_TENANTS).arg(&t.id).arg(&json);
+            let (fresh,): (i64,) = self.run("dir_put", &pipe).await?;
+            if fresh == 0 {
+                return Ok(false);
+            }
+            let mut bump = redis::pipe();
+            bump.cmd("INCR").arg(DIR_VERSION).ignore();
+            self.run::<()>("dir_put", &bump).await?;
+            return Ok(true);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("HSET").arg(DIR_TENANTS).arg(&t.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
+        self.run::<()>("dir_put", &pipe).await?;
+        Ok(true)
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+        let data = self.load().await?;
+        let keys: Vec<&str> = data.keys.iter().filter(|k| k.tenant == id).map(|k| k.id.as_str()).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("HDEL").arg(DIR_TENANTS).arg(id);
+        for k in &keys {
+            pipe.cmd("HDEL").arg(DIR_KEYS).arg(*k).ignore();
+        }
+        pipe.cmd("INCR").arg(DIR_VERSION).ignore();
+        let (n,): (i64,) = self.run("dir_delete", &pipe).await?;
+        Ok(n > 0)
+    }
+
+    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(k).map_err(backend)?;
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("HSET").arg(DIR_KEYS).arg(&k.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
+        self.run::<()>("dir_put_key", &pipe).await
     }
 }

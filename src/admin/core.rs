@@ -1,0 +1,796 @@
+//! The operations behind the admin API and tenant self-service: tenants, keys, reloads and the
+//! audit log. The HTTP layers only parse and render; every rule about what may change lives
+//! here, so the admin API and `/_tollgate/` behave the same.
+//!
+//! Every write goes to the store first, then the local directory snapshot is rebuilt, so a
+//! change applies at once on the instance that took it. Other instances see it when their
+//! version poll notices (every 500 ms). Tenants declared in the config file are read-only here.
+
+use crate::clock::SharedClock;
+use crate::config::{self, policy, valid_slug, Config};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, SharedRuntime};
+use crate::store::{DirectoryData, DirectoryStore, KeyRecord, Ledger, StoreError, TenantRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A refusal of an admin operation, mapped to HTTP by the callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    BadRequest(String),
+    NotFound(String),
+    Conflict(String),
+    Unprocessable(String),
+    Forbidden(String),
+    Store(String),
+}
+
+impl AdminError {
+    pub fn status(&self) -> u16 {
+        match self {
+            AdminError::BadRequest(_) => 400,
+            AdminError::Forbidden(_) => 403,
+            AdminError::NotFound(_) => 404,
+            AdminError::Conflict(_) => 409,
+            AdminError::Unprocessable(_) => 422,
+            AdminError::Store(_) => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::BadRequest(_) => "bad_request",
+            AdminError::Forbidden(_) => "insufficient_scope",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
+            AdminError::Unprocessable(_) => "unprocessable",
+            AdminError::Store(_) => "store_unavailable",
+        }
+    }
+
+    pub fn detail(&self) -> &str {
+        match self {
+            AdminError::BadRequest(d)
+            | AdminError::NotFound(d)
+            | AdminError::Conflict(d)
+            | AdminError::Unprocessable(d)
+            | AdminError::Forbidden(d)
+            | AdminError::Store(d) => d,
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        AdminError::Store(format!("the store could not be written ({e}); nothing was changed, retry"))
+    }
+}
+
+/// Who made a change, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// `admin:<token fingerprint>` or `key:<key id>`.
+    pub id: String,
+    pub request_id: String,
+}
+
+/// `POST /v1/tenants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub tier: String,
+    pub status: Option<String>,
+    #[serde(default)]
+    pub subdomains: Vec<String>,
+    #[serde(default)]
+    pub ip_allow: Vec<String>,
+    pub billing_anchor_day: Option<u32>,
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub overrides: serde_json::Map<String, Value>,
+}
+
+/// `PATCH /v1/tenants/{id}`: every field optional.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PatchTenant {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub tier: Option<String>,
+    pub status: Option<String>,
+    pub subdomains: Option<Vec<String>>,
+    pub ip_allow: Option<Vec<String>>,
+    pub billing_anchor_day: Option<u32>,
+    pub timezone: Option<String>,
+    pub overrides: Option<serde_json::Map<String, Value>>,
+}
+
+/// `POST .../keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub expires_in_days: Option<u32>,
+}
+
+/// A tenant as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantView {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    pub tier: String,
+    pub status: String,
+    pub subdomains: Vec<String>,
+    pub ip_allow: Vec<String>,
+    pub billing_anchor_day: u32,
+    pub timezone: String,
+    pub overrides: serde_json::Map<String, Value>,
+    /// `config` (read-only here) or `api`.
+    pub source: &'static str,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+/// A key as the API shows it: never the secret, never the hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyView {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// `active`, `rotating` (revoked at `revoked_at`), `revoked` or `expired`.
+    pub status: &'static str,
+    pub created_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub rotated_to: Option<String>,
+    pub source: &'static str,
+}
+
+fn ts(ms: i64) -> String {
+    crate::limits::headers::rfc3339(ms)
+}
+
+/// The append-only audit log: one JSON line per change, never a secret.
+pub struct Audit {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl Audit {
+    pub fn new(path: PathBuf) -> Audit {
+        Audit { path, file: Mutex::new(None) }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn append(&self, entry: &Value) {
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+                Ok(f) => *guard = Some(f),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %self.path.display(), "cannot open the audit log; entry logged here instead: {entry}");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = guard.as_mut() {
+            let mut line = entry.to_string();
+            line.push('\n');
+            if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.flush()) {
+                tracing::error!(error = %e, "cannot write the audit log; entry: {entry}");
+            }
+        }
+    }
+
+    /// Entries, optionally only those about `tenant`, newest last.
+    pub fn read(&self, tenant: Option<&str>, limit: usize) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let mut out: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| tenant.is_none_or(|t| v["tenant"].as_str() == Some(t)))
+            .collect();
+        if out.len() > limit {
+            out.drain(..out.len() - limit);
+        }
+        out
+    }
+}
+
+/// Everything the admin operations need.
+pub struct AdminCore {
+    pub runtime: SharedRuntime,
+    pub dir_store: Arc<dyn DirectoryStore>,
+    pub ledger: Arc<dyn Ledger>,
+    pub limits: Arc<Limits>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+    pub config_path: PathBuf,
+    pub audit: Audit,
+    /// Upstream pools as built at startup (a reload cannot change them).
+    pub running_upstreams: Vec<(String, Vec<std::net::SocketAddr>)>,
+    seen_version: AtomicU64,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// The result of a successful reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    pub summary: String,
+    pub warnings: Vec<String>,
+}
+
+fn bad(msg: impl Into<String>) -> AdminError {
+    AdminError::BadRequest(msg.into())
+}
+
+impl AdminCore {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        runtime: SharedRuntime,
+        dir_store: Arc<dyn DirectoryStore>,
+        ledger: Arc<dyn Ledger>,
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        config_path: PathBuf,
+        audit_path: PathBuf,
+    ) -> Arc<AdminCore> {
+        let running_upstreams = runtime
+            .load()
+            .config
+            .upstreams
+            .iter()
+            .map(|(n, u)| (n.clone(), u.servers.clone()))
+            .collect();
+        Arc::new(AdminCore {
+            runtime,
+            dir_store,
+            ledger,
+            limits,
+            metrics,
+            clock,
+            config_path,
+            audit: Audit::new(audit_path),
+            running_upstreams,
+            seen_version: AtomicU64::new(u64::MAX),
+            refresh: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn publish(&self, config: Arc<Config>, managed: Arc<DirectoryData>) {
+        let rt = Runtime::build(config, managed);
+        self.metrics.tenants.set(rt.directory.tenant_count() as i64);
+        self.metrics.keys.set(rt.directory.key_count() as i64);
+        self.runtime.store(Arc::new(rt));
+    }
+
+    /// Reloads the store's tenants and keys into the directory.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let _one = self.refresh.lock().await;
+        let data = self.dir_store.load().await?;
+        self.seen_version.store(data.version, Ordering::SeqCst);
+        let config = self.runtime.load().config.clone();
+        self.publish(config, Arc::new(data));
+        Ok(())
+    }
+
+    /// Refreshes when another instance changed the directory. Called every 500 ms.
+    pub async fn poll(&self) {
+        match self.dir_store.version().await {
+            Ok(v) if v != self.seen_version.load(Ordering::SeqCst) => {
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "directory refresh failed; keeping the current snapshot");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "directory version poll failed"),
+        }
+    }
+
+    /// Validates the config file again and swaps it in; an invalid file changes nothing.
+    pub fn reload(&self) -> Result<ReloadOutcome, Vec<String>> {
+        match config::load(&self.config_path) {
+            Err(diags) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                let errors: Vec<String> = diags.items.iter().map(|d| d.to_string()).collect();
+                tracing::error!(errors = ?errors, "config reload refused; the running config stays in place");
+                Err(errors)
+            }
+            Ok(loaded) => {
+                let mut warnings: Vec<String> = loaded.warnings.warnings().map(|w| w.to_string()).collect();
+                let new: Vec<(String, Vec<std::net::SocketAddr>)> =
+                    loaded.config.upstreams.iter().map(|(n, u)| (n.clone(), u.servers.clone())).collect();
+                if new != self.running_upstreams {
+                    warnings.push("upstream pools changed: restart (or upgrade with `run -u`) to apply them; routing uses the pools from startup".into());
+                }
+                let old = self.runtime.load().config.clone();
+                if old.server.listen != loaded.config.server.listen || old.server.admin_listen != loaded.config.server.admin_listen {
+                    warnings.push("listen addresses changed: they apply on the next restart".into());
+                }
+                let summary = loaded.config.summary();
+                let managed = self.runtime.load().managed.clone();
+                self.publish(Arc::new(loaded.config), managed);
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(summary = %summary, "config reloaded");
+                Ok(ReloadOutcome { summary, warnings })
+            }
+        }
+    }
+
+    fn audit(&self, actor: &Actor, action: &str, tenant: &str, target: &str, result: &Result<(), AdminError>) {
+        self.audit.append(&json!({
+            "time": ts(self.clock.now_millis()),
+            "actor": actor.id,
+            "action": action,
+            "tenant": tenant,
+            "target": target,
+            "request_id": actor.request_id,
+            "result": match result { Ok(()) => "ok".to_string(), Err(e) => format!("error: {}", e.code()) },
+        }));
+    }
+
+    /// Runs a change and writes its audit entry either way.
+    async fn audited<T>(
+        &self,
+        actor: &Actor,
+        action: &str,
+        tenant: &str,
+        target: &str,
+        f: impl std::future::Future<Output = Result<T, AdminError>>,
+    ) -> Result<T, AdminError> {
+        let r = f.await;
+        let unit = r.as_ref().map(|_| ()).map_err(|e| e.clone());
+        self.audit(actor, action, tenant, target, &unit);
+        r
+    }
+
+    fn config_tenant(&self, id: &str) -> bool {
+        self.runtime.load().config.tenants.iter().any(|t| t.id == id)
+    }
+
+    fn managed_tenant(&self, id: &str) -> Option<TenantRecord> {
+        self.runtime.load().managed.tenants.iter().find(|t| t.id == id).cloned()
+    }
+
+    fn read_only(id: &str) -> AdminError {
+        AdminError::Conflict(format!(
+            "tenant `{id}` is declared in the config file and is read-only here; edit the file and reload instead"
+        ))
+    }
+
+    /// Every tenant, config and API, optionally filtered.
+    pub fn tenants(&self, tier: Option<&str>, status: Option<&str>) -> Vec<TenantView> {
+        let rt = self.runtime.load();
+        let mut out: Vec<TenantView> = rt
+            .config
+            .tenants
+            .iter()
+            .map(|t| TenantView {
+                id: t.id.clone(),
+                name: t.name.clone(),
+                email: t.email.clone(),
+                tier: t.tier.clone(),
+                status: t.status.as_str().into(),
+                subdomains: t.subdomains.clone(),
+                ip_allow: t.ip_allow.iter().map(|n| n.to_string()).collect(),
+                billing_anchor_day: t.billing_anchor_day,
+                timezone: t.timezone.name().into(),
+                overrides: serde_json::Map::new(),
+                source: "config",
+                created_at: None,
+                updated_at: None,
+            })
+            .chain(rt.managed.tenants.iter().filter(|r| !rt.config.tenants.iter().any(|t| t.id == r.id)).map(view))
+            .filter(|t| tier.is_none_or(|x| t.tier == x) && status.is_none_or(|x| t.status == x))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub fn tenant(&self, id: &str) -> Result<TenantView, AdminError> {
+        self.tenants(None, None)
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))
+    }
+
+    fn validate(&self, r: &TenantRecord) -> Result<(), AdminError> {
+        let rt = self.runtime.load();
+        if !valid_slug(&r.id) {
+            return Err(bad(format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", r.id)));
+        }
+        if !rt.config.tiers.contains_key(&r.tier) {
+            let known: Vec<&str> = rt.config.tiers.keys().map(String::as_str).collect();
+            return Err(AdminError::Unprocessable(format!("tier `{}` does not exist (tiers: {})", r.tier, known.join(", "))));
+        }
+        if r.status != "active" && r.status != "suspended" {
+            return Err(bad("status must be `active` or `suspended`"));
+        }
+        for s in &r.subdomains {
+            if !valid_slug(s) {
+                return Err(bad(format!("subdomain `{s}` must be one DNS label of a-z, 0-9 and `-`")));
+            }
+            let taken = rt.config.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s))
+                || rt.managed.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s));
+            if taken {
+                return Err(AdminError::Conflict(format!("subdomain `{s}` belongs to another tenant")));
+            }
+        }
+        for c in &r.ip_allow {
+            config::parse_cidr(c).map_err(bad)?;
+        }
+        if !(1..=31).contains(&r.billing_anchor_day) {
+            return Err(bad("billing_anchor_day is a day of the month, 1 to 31"));
+        }
+        r.timezone
+            .parse::<chrono_tz::Tz>()
+            .map_err(|_| bad(format!("`{}` is not an IANA time zone, like `Europe/Berlin`", r.timezone)))?;
+        if !r.overrides.is_empty() {
+            let mut table = toml::Table::new();
+            for (k, v) in &r.overrides {
+                let tv = match v {
+                    Value::Number(n) => toml::Value::Integer(n.as_i64().ok_or_else(|| bad(format!("override `{k}` must be an integer")))?),
+                    Value::String(s) => toml::Value::String(s.clone()),
+                    _ => return Err(bad(format!("override `{k}` must be a number or a string"))),
+                };
+                table.insert(k.clone(), tv);
+            }
+            let src = config::SourceFile::new(std::path::Path::new("overrides"), String::new());
+            let mut diags = config::Diagnostics::default();
+            let o = policy::overrides(&toml::Spanned::new(0..0, table), &src, &mut diags);
+            if let Some(e) = diags.errors().next() {
+                return Err(bad(e.message.clone()));
+            }
+            for metric in o.quotas.keys() {
+                if !rt.config.rules.metrics.contains(metric) {
+                    return Err(AdminError::Unprocessable(format!("metric `{metric}` is not declared in the config")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create_tenant(&self, actor: &Actor, req: CreateTenant) -> Result<TenantView, AdminError> {
+        let id = req.id.clone();
+        self.audited(actor, "tenant.create", &id, &format!("tenant:{id}"), async {
+            let now = self.clock.now_millis();
+            let r = TenantRecord {
+                id: req.id.clone(),
+                name: req.name.unwrap_or_else(|| req.id.clone()),
+                email: req.email.unwrap_or_default(),
+                tier: req.tier,
+                status: req.status.unwrap_or_else(|| "active".into()),
+                subdomains: req.subdomains.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                ip_allow: req.ip_allow,
+                billing_anchor_day: req.billing_anchor_day.unwrap_or(1),
+                timezone: req.timezone.unwrap_or_else(|| "UTC".into()),
+                overrides: req.overrides,
+                created_ms: now,
+                updated_ms: now,
+            };
+            self.validate(&r)?;
+            if self.config_tenant(&r.id) {
+                return Err(AdminError::Conflict(format!("tenant `{}` already exists (in the config file)", r.id)));
+            }
+            if !self.dir_store.put_tenant(&r, true).await? {
+                return Err(AdminError::Conflict(format!("tenant `{}` already exists", r.id)));
+            }
+            self.refresh().await?;
+            Ok(view(&r))
+        })
+        .await
+    }
+
+    async fn modify(
+        &self,
+        actor: &Actor,
+        action: &str,
+        id: &str,
+        f: impl FnOnce(&mut TenantRecord) -> Result<(), AdminError>,
+    ) -> Result<TenantView, AdminError> {
+        self.audited(actor, action, id, &format!("tenant:{id}"), async {
+            if self.config_tenant(id) {
+                return Err(Self::read_only(id));
+            }
+            let mut r = self.managed_tenant(id).ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
+            f(&mut r)?;
+            r.updated_ms = self.clock.now_millis();
+            self.validate(&r)?;
+            self.dir_store.put_tenant(&r, false).await?;
+            self.refresh().await?;
+            Ok(view(&r))
+        })
+        .await
+    }
+
+    pub async fn update_tenant(&self, actor: &Actor, id: &str, p: PatchTenant) -> Result<TenantView, AdminError> {
+        self.modify(actor, "tenant.update", id, |r| {
+            if let Some(v) = p.name {
+                r.name = v;
+            }
+            if let Some(v) = p.email {
+                r.email = v;
+            }
+            if let Some(v) = p.tier {
+                r.tier = v;
+            }
+            if let Some(v) = p.status {
+                r.status = v;
+            }
+            if let Some(v) = p.subdomains {
+                r.subdomains = v.iter().map(|s| s.to_ascii_lowercase()).collect();
+            }
+            if let Some(v) = p.ip_allow {
+                r.ip_allow = v;
+            }
+            if let Some(v) = p.billing_anchor_day {
+                r.billing_anchor_day = v;
+            }
+            if let Some(v) = p.timezone {
+                r.timezone = v;
+            }
+            if let Some(v) = p.overrides {
+                r.overrides = v;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_status(&self, actor: &Actor, id: &str, status: &str) -> Result<TenantView, AdminError> {
+        let action = if status == "suspended" { "tenant.suspend" } else { "tenant.reactivate" };
+        self.modify(actor, action, id, |r| {
+            r.status = status.to_string();
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_tier(&self, actor: &Actor, id: &str, tier: &str) -> Result<TenantView, AdminError> {
+        self.modify(actor, "tenant.set_tier", id, |r| {
+            r.tier = tier.to_string();
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete_tenant(&self, actor: &Actor, id: &str) -> Result<(), AdminError> {
+        self.audited(actor, "tenant.delete", id, &format!("tenant:{id}"), async {
+            if self.config_tenant(id) {
+                return Err(Self::read_only(id));
+            }
+            if !self.dir_store.delete_tenant(id).await? {
+                return Err(AdminError::NotFound(format!("no tenant is called `{id}`")));
+            }
+            self.refresh().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Keys of a tenant (config or API), without secrets or hashes.
+    pub fn keys(&self, tenant: &str) -> Result<Vec<KeyView>, AdminError> {
+        let rt = self.runtime.load();
+        let now = self.clock.now_millis();
+        if let Some(t) = rt.config.tenants.iter().find(|t| t.id == tenant) {
+            return Ok(t
+                .keys
+                .iter()
+                .map(|k| KeyView {
+                    id: k.id.clone(),
+                    tenant: tenant.to_string(),
+                    name: k.name.clone(),
+                    scopes: k.scopes.clone(),
+                    status: key_status(k.expires, k.revoked_at, now),
+                    created_at: None,
+                    expires_at: k.expires.map(ts),
+                    revoked_at: k.revoked_at.filter(|t| *t != i64::MIN).map(ts),
+                    rotated_to: None,
+                    source: "config",
+                })
+                .collect());
+        }
+        if !rt.managed.tenants.iter().any(|t| t.id == tenant) {
+            return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
+        }
+        Ok(rt.managed.keys.iter().filter(|k| k.tenant == tenant).map(|k| key_view(k, now)).collect())
+    }
+
+    fn new_key_id() -> String {
+        format!("key_{:016x}", rand::random::<u64>())
+    }
+
+    /// Creates a key; the secret is in the answer and nowhere else.
+    pub async fn create_key(&self, actor: &Actor, tenant: &str, req: CreateKey) -> Result<(KeyView, String), AdminError> {
+        let id = Self::new_key_id();
+        self.audited(actor, "key.create", tenant, &format!("key:{id}"), async {
+            if self.config_tenant(tenant) {
+                return Err(Self::read_only(tenant));
+            }
+            if self.managed_tenant(tenant).is_none() {
+                return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
+            }
+            for s in &req.scopes {
+                if s.is_empty() || s.contains(char::is_whitespace) || s.len() > 64 {
+                    return Err(bad(format!("scope `{s}` must be a word without spaces")));
+                }
+            }
+            if req.expires_in_days == Some(0) {
+                return Err(bad("expires_in_days must be at least 1 (or absent for no expiry)"));
+            }
+            let now = self.clock.now_millis();
+            let generated = crate::keys::generate(crate::keys::DEFAULT_PREFIX);
+            let k = KeyRecord {
+                id: id.clone(),
+                tenant: tenant.to_string(),
+                name: req.name.unwrap_or_default(),
+                hash: generated.hash.to_string(),
+                scopes: req.scopes,
+                created_ms: now,
+                expires_ms: req.expires_in_days.map(|d| now + d as i64 * 86_400_000),
+                revoked_at_ms: None,
+                rotated_to: None,
+            };
+            self.dir_store.put_key(&k).await?;
+            self.refresh().await?;
+            Ok((key_view(&k, now), generated.secret))
+        })
+        .await
+    }
+
+    fn managed_key(&self, key_id: &str, tenant: Option<&str>) -> Result<KeyRecord, AdminError> {
+        let rt = self.runtime.load();
+        if let Some(t) = rt.config.tenants.iter().find(|t| t.keys.iter().any(|k| k.id == key_id)) {
+            if tenant.is_none_or(|x| x == t.id) {
+                return Err(Self::read_only(&t.id));
+            }
+        }
+        rt.managed
+            .keys
+            .iter()
+            .find(|k| k.id == key_id && tenant.is_none_or(|t| k.tenant == t))
+            .cloned()
+            .ok_or_else(|| AdminError::NotFound(format!("no key is called `{key_id}`")))
+    }
+
+    /// Revokes a key now. With `tenant`, only that tenant's keys can be touched.
+    pub async fn revoke_key(&self, actor: &Actor, key_id: &str, tenant: Option<&str>) -> Result<KeyView, AdminError> {
+        let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
+        self.audited(actor, "key.revoke", &owner, &format!("key:{key_id}"), async {
+            let mut k = self.managed_key(key_id, tenant)?;
+            let now = self.clock.now_millis();
+            if k.revoked_at_ms.is_none_or(|t| t > now) {
+                k.revoked_at_ms = Some(now);
+            }
+            self.dir_store.put_key(&k).await?;
+            self.refresh().await?;
+            Ok(key_view(&k, now))
+        })
+        .await
+    }
+
+    /// Replaces a key: a new secret with the same scopes; the old key works until the grace
+    /// period ends, then answers `key_revoked`.
+    pub async fn rotate_key(
+        &self,
+        actor: &Actor,
+        key_id: &str,
+        grace_hours: u32,
+        tenant: Option<&str>,
+    ) -> Result<(KeyView, String), AdminError> {
+        let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
+        let new_id = Self::new_key_id();
+        self.audited(actor, "key.rotate", &owner, &format!("key:{key_id}->{new_id}"), async {
+            if grace_hours > 24 * 90 {
+                return Err(bad("grace_period_hours is at most 2160 (90 days)"));
+            }
+            let mut old = self.managed_key(key_id, tenant)?;
+            let now = self.clock.now_millis();
+            if old.revoked_at_ms.is_some_and(|t| t <= now) {
+                return Err(AdminError::Conflict(format!("key `{key_id}` is already revoked; create a new key instead")));
+            }
+            let generated = crate::keys::generate(crate::keys::DEFAULT_PREFIX);
+            let new = KeyRecord {
+                id: new_id.clone(),
+                tenant: old.tenant.clone(),
+                name: old.name.clone(),
+                hash: generated.hash.to_string(),
+                scopes: old.scopes.clone(),
+                created_ms: now,
+                expires_ms: old.expires_ms,
+                revoked_at_ms: None,
+                rotated_to: None,
+            };
+            let grace_end = now + grace_hours as i64 * 3_600_000;
+            old.revoked_at_ms = Some(old.revoked_at_ms.map_or(grace_end, |t| t.min(grace_end)));
+            old.rotated_to = Some(new_id.clone());
+            self.dir_store.put_key(&new).await?;
+            self.dir_store.put_key(&old).await?;
+            self.refresh().await?;
+            Ok((key_view(&new, now), generated.secret))
+        })
+        .await
+    }
+
+    /// Current usage of a tenant's quotas.
+    pub async fn usage(&self, tenant: &str) -> Result<Vec<crate::metering::report::QuotaUsage>, AdminError> {
+        let t = self.runtime.load().directory.tenant(tenant).cloned();
+        let t = t.ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{tenant}`")))?;
+        Ok(crate::metering::report::current_usage(&self.limits, &t).await)
+    }
+
+    /// A usage report over an inclusive range of UTC days.
+    pub async fn report(&self, tenant: &str, from: &str, to: &str) -> Result<crate::metering::report::Report, AdminError> {
+        if self.runtime.load().directory.tenant(tenant).is_none() {
+            return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
+        }
+        let from = crate::metering::report::parse_day(from).map_err(bad)?;
+        let to = crate::metering::report::parse_day(to).map_err(bad)?;
+        if from > to {
+            return Err(bad(format!("`from` ({from}) is after `to` ({to})")));
+        }
+        let rows = self.ledger.rows(tenant, &from, &to).await?;
+        Ok(crate::metering::report::build(tenant, &from, &to, &rows))
+    }
+}
+
+fn key_status(expires: Option<i64>, revoked_at: Option<i64>, now: i64) -> &'static str {
+    match (expires, revoked_at) {
+        (_, Some(t)) if t <= now => "revoked",
+        (Some(e), _) if e <= now => "expired",
+        (_, Some(_)) => "rotating",
+        _ => "active",
+    }
+}
+
+fn key_view(k: &KeyRecord, now: i64) -> KeyView {
+    KeyView {
+        id: k.id.clone(),
+        tenant: k.tenant.clone(),
+        name: k.name.clone(),
+        scopes: k.scopes.clone(),
+        status: key_status(k.expires_ms, k.revoked_at_ms, now),
+        created_at: Some(ts(k.created_ms)),
+        expires_at: k.expires_ms.map(ts),
+        revoked_at: k.revoked_at_ms.map(ts),
+        rotated_to: k.rotated_to.clone(),
+        source: "api",
+    }
+}
+
+fn view(r: &TenantRecord) -> TenantView {
+    TenantView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        email: r.email.clone(),
+        tier: r.tier.clone(),
+        status: r.status.clone(),
+        subdomains: r.subdomains.clone(),
+        ip_allow: r.ip_allow.clone(),
+        billing_anchor_day: r.billing_anchor_day,
+        timezone: r.timezone.clone(),
+        overrides: r.overrides.clone(),
+        source: "api",
+        created_at: Some(ts(r.created_ms)),
+        updated_at: Some(ts(r.updated_ms)),
+    }
+}
