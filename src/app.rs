@@ -10,7 +10,7 @@ use crate::pipeline::Gateway;
 use crate::runtime::{self, Runtime};
 use crate::store::embedded::Embedded;
 use crate::store::redis::RedisStore;
-use crate::store::{Breaker, Counters, Ledger};
+use crate::store::{Breaker, Counters, DirectoryStore, Ledger};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -61,6 +61,7 @@ pub fn load_or_report(path: &Path) -> Result<Config, String> {
 pub struct Stores {
     pub counters: Arc<dyn Counters>,
     pub ledger: Arc<dyn Ledger>,
+    pub directory: Arc<dyn DirectoryStore>,
 }
 
 /// Opens the configured store. Redis connects lazily, so a Redis that is down at startup is
@@ -77,7 +78,7 @@ pub fn open_store(
                 Embedded::open(&cfg.path, clock.now_millis())
                     .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?,
             );
-            Ok(Stores { counters: store.clone(), ledger: store })
+            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store })
         }
         StoreKind::Redis => {
             let _guard = bg.enter();
@@ -86,7 +87,7 @@ pub fn open_store(
                 RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
                     .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?,
             );
-            Ok(Stores { counters: store.clone(), ledger: store })
+            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store })
         }
     }
 }
@@ -95,6 +96,7 @@ pub fn open_store(
 /// slots, evicts idle state, and at shutdown returns leases and flushes one last time.
 struct Maintenance {
     limits: Arc<Limits>,
+    admin: Arc<crate::admin::core::AdminCore>,
     meter: Arc<crate::metering::Meter>,
     flush_interval: Duration,
     meter_interval: Duration,
@@ -108,13 +110,15 @@ impl BackgroundService for Maintenance {
         let mut slots = tokio::time::interval((self.slot_ttl / 3).max(Duration::from_millis(100)));
         let mut evict = tokio::time::interval(Duration::from_secs(60));
         let mut meter = tokio::time::interval(self.meter_interval);
-        for t in [&mut flush, &mut slots, &mut evict, &mut meter] {
+        let mut directory = tokio::time::interval(Duration::from_millis(500));
+        for t in [&mut flush, &mut slots, &mut evict, &mut meter, &mut directory] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
             tokio::select! {
                 _ = flush.tick() => self.limits.quotas.flush().await,
                 _ = meter.tick() => self.meter.flush().await,
+                _ = directory.tick() => self.admin.poll().await,
                 _ = slots.tick() => self.limits.concurrency.maintain().await,
                 _ = evict.tick() => {
                     self.limits.rates.evict_idle(Duration::from_secs(600));
@@ -140,8 +144,8 @@ pub struct Built {
     pub metrics: Arc<Metrics>,
 }
 
-/// Builds the Pingora server for `config`. `run` serves it forever.
-pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Result<Built, String> {
+/// Builds the Pingora server for `config` (loaded from `config_path`, which reloads re-read).
+pub fn build_server(config: Config, config_path: &Path, opts: &RunOptions, clock: SharedClock) -> Result<Built, String> {
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
@@ -193,12 +197,55 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     let tls = config.server.tls.clone();
     let flush_interval = config.store.flush_interval;
     let slot_ttl = config.store.slot_ttl;
-    let rt = Runtime::new(config);
+    let managed = match background.block_on(async {
+        tokio::time::timeout(Duration::from_secs(2), stores.directory.load()).await
+    }) {
+        Ok(Ok(data)) => data,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot load managed tenants yet; serving config tenants and retrying");
+            Default::default()
+        }
+        Err(_) => {
+            tracing::warn!("the store did not answer in time; serving config tenants and retrying");
+            Default::default()
+        }
+    };
+    let audit_path = config.admin.audit_log.clone().unwrap_or_else(|| {
+        config_path.parent().map(|d| d.join("tollgate-audit.log")).unwrap_or_else(|| "tollgate-audit.log".into())
+    });
+    let rt = Runtime::build(Arc::new(config), Arc::new(managed));
     metrics.tenants.set(rt.directory.tenant_count() as i64);
     metrics.keys.set(rt.directory.key_count() as i64);
     let runtime = runtime::shared(rt);
 
+    let admin_core = crate::admin::core::AdminCore::new(
+        runtime.clone(),
+        stores.directory.clone(),
+        stores.ledger.clone(),
+        limits.clone(),
+        metrics.clone(),
+        clock.clone(),
+        config_path.to_path_buf(),
+        audit_path,
+    );
+    // SIGHUP reloads the config (validated first; an invalid file changes nothing).
+    {
+        let core = admin_core.clone();
+        background.spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                tracing::error!("cannot listen for SIGHUP; reload through POST /v1/reload");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match core.reload() {
+                    Ok(o) => tracing::info!(summary = %o.summary, warnings = ?o.warnings, "SIGHUP: config reloaded"),
+                    Err(errors) => tracing::error!(?errors, "SIGHUP: config not reloaded"),
+                }
+            }
+        });
+    }
     let gateway = Gateway {
+        admin: admin_core.clone(),
         runtime: runtime.clone(),
         upstreams: upstreams.clone(),
         clock,
@@ -216,7 +263,7 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
             .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
     }
     let mut admin =
-        Service::new("tollgate admin".to_string(), AdminApp { runtime, upstreams, metrics: metrics.clone() });
+        Service::new("tollgate admin".to_string(), AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() });
     admin.add_tcp(&admin_listen.to_string());
 
     server.add_service(proxy);
@@ -226,7 +273,7 @@ pub fn build_server(config: Config, opts: &RunOptions, clock: SharedClock) -> Re
     }
     server.add_service(background_service(
         "limits maintenance",
-        Maintenance { limits, meter, flush_interval, meter_interval, slot_ttl },
+        Maintenance { limits, admin: admin_core, meter, flush_interval, meter_interval, slot_ttl },
     ));
     Ok(Built { server, background, metrics })
 }
@@ -242,7 +289,7 @@ pub fn run(path: &Path, opts: RunOptions) -> Result<(), String> {
         summary = %config.summary(),
         "tollgate starting"
     );
-    let built = build_server(config, &opts, Arc::new(SystemClock))?;
+    let built = build_server(config, path, &opts, Arc::new(SystemClock))?;
     let Built { server, background, .. } = built;
     // The store runtime must outlive the server; run_forever never returns.
     let _keep = background;

@@ -91,7 +91,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         }
     });
     let built =
-        crate::app::build_server(config, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
+        crate::app::build_server(config, &path, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
     let crate::app::Built { server, background, .. } = built;
     let _keep = background;
     server.run_forever()

@@ -731,6 +731,12 @@ impl AdminCore {
         .await
     }
 
+    /// Records a reload request in the audit log.
+    pub fn audit_reload(&self, actor: &Actor, ok: bool) {
+        let r = if ok { Ok(()) } else { Err(AdminError::Unprocessable("invalid config".into())) };
+        self.audit(actor, "config.reload", "", "config", &r);
+    }
+
     /// Current usage of a tenant's quotas.
     pub async fn usage(&self, tenant: &str) -> Result<Vec<crate::metering::report::QuotaUsage>, AdminError> {
         let t = self.runtime.load().directory.tenant(tenant).cloned();

@@ -43,6 +43,7 @@ use std::time::Instant;
 
 /// The gateway service.
 pub struct Gateway {
+    pub admin: Arc<crate::admin::core::AdminCore>,
     pub runtime: SharedRuntime,
     pub upstreams: Arc<Upstreams>,
     pub clock: SharedClock,
