@@ -272,7 +272,7 @@ impl Meter {
         let old = self.top_now.load_full();
         for gone in old.difference(&new) {
             if !self.tenant_allow.contains(&**gone) {
-                for d in ["forwarded", "rejected", "upstream_error", "aborted"] {
+                for d in ["forwarded", "rejected", "upstream_error", "aborted", "served"] {
                     let _ = self.metrics.tenant_requests.remove_label_values(&[gone, d]);
                 }
             }

@@ -23,6 +23,8 @@ pub enum Decision {
     Rejected,
     /// Sent upstream, which failed (502/504).
     UpstreamError,
+    /// Answered by the gateway itself (self-service).
+    Served,
 }
 
 impl Decision {
@@ -32,6 +34,7 @@ impl Decision {
             Decision::Forwarded => "forwarded",
             Decision::Rejected => "rejected",
             Decision::UpstreamError => "upstream_error",
+            Decision::Served => "served",
         }
     }
 }

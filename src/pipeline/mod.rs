@@ -25,6 +25,7 @@ pub mod meter;
 pub mod quota;
 pub mod rate_limit;
 pub mod resolve;
+pub mod self_service;
 
 use crate::clock::SharedClock;
 use crate::directory::canonical_ip;
@@ -68,9 +69,17 @@ fn request_id(req: &RequestHeader) -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// What admission decided, short of a refusal.
+enum Admission {
+    /// Go upstream.
+    Proxy,
+    /// A `/_tollgate/` self-service call the gateway answers itself.
+    SelfService(self_service::Call),
+}
+
 impl Gateway {
     /// Runs every admission stage in order and records what later phases need.
-    async fn admit(&self, rt: &crate::runtime::Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<(), Reject> {
+    async fn admit(&self, rt: &crate::runtime::Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<Admission, Reject> {
         let req = session.req_header();
         let cfg = &rt.config;
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| canonical_ip(a.ip()));
@@ -84,6 +93,14 @@ impl Gateway {
         ctx.tenant = principal.tenant().cloned();
         if let authenticate::Principal::Keyed { key } = &principal {
             ctx.key_id = Some(key.id.clone());
+        }
+        if hints.path.starts_with("/_tollgate/") {
+            return match &principal {
+                authenticate::Principal::Keyed { key } => {
+                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, &hints.path, &ctx.request_id)))
+                }
+                authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
+            };
         }
         let permit = authorize::authorize(&cfg.rules, req, &hints, principal)?;
         ctx.rule = Some(permit.rule.clone());
@@ -109,7 +126,37 @@ impl Gateway {
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(Admission::Proxy)
+    }
+
+    /// Reads the body (up to the admin limit) and answers a self-service call.
+    async fn serve_self(&self, session: &mut Session, ctx: &mut RequestCtx, call: self_service::Call) {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() <= crate::admin::MAX_BODY => body.extend_from_slice(&chunk),
+                Ok(Some(_)) => {
+                    respond(session, ctx, Reject::BodyTooLarge { limit: crate::admin::MAX_BODY as u64 }).await;
+                    return;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    respond(session, ctx, Reject::BadRequest { detail: "The request body could not be read.".into() }).await;
+                    return;
+                }
+            }
+        }
+        let answer = self_service::handle(&self.admin, &call, &body).await;
+        ctx.status = answer.status;
+        ctx.decision = Decision::Served;
+        let Ok(mut resp) = ResponseHeader::build(answer.status, Some(4)) else { return };
+        let _ = resp.insert_header("content-type", answer.content_type);
+        let _ = resp.insert_header("content-length", answer.body.len().to_string());
+        let _ = resp.insert_header("cache-control", "no-store");
+        let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        if session.write_response_header(Box::new(resp), false).await.is_ok() {
+            let _ = session.write_response_body(Some(Bytes::from(answer.body)), true).await;
+        }
     }
 }
 
@@ -195,7 +242,11 @@ impl ProxyHttp for Gateway {
         let outcome = self.admit(&rt, session, ctx).await;
         ctx.runtime = Some(rt);
         match outcome {
-            Ok(()) => Ok(false),
+            Ok(Admission::Proxy) => Ok(false),
+            Ok(Admission::SelfService(call)) => {
+                self.serve_self(session, ctx, call).await;
+                Ok(true)
+            }
             Err(reject) => {
                 ctx.decision = Decision::Rejected;
                 respond(session, ctx, reject).await;

@@ -1,0 +1,134 @@
+//! Tenant self-service on the data plane, under `/_tollgate/`, with the tenant's own key:
+//!
+//! - `GET /_tollgate/usage`: current quota usage (scope `read` or `billing`)
+//! - `GET /_tollgate/keys`, `POST /_tollgate/keys`: list or create the tenant's keys (`admin`)
+//! - `DELETE /_tollgate/keys/{id}`: revoke one of the tenant's own keys (`admin`)
+//!
+//! The gateway answers these itself; nothing is forwarded. Changes go through the same
+//! [`AdminCore`] as the admin API, with the key id as the audit actor.
+
+use crate::admin::core::{Actor, AdminCore, AdminError, CreateKey};
+use crate::directory::Key;
+use http::Method;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// A self-service request, resolved and authenticated.
+pub struct Call {
+    pub tenant: Arc<str>,
+    pub key_id: Arc<str>,
+    pub scopes: Vec<Arc<str>>,
+    pub method: Method,
+    pub path: String,
+    pub request_id: String,
+}
+
+impl Call {
+    pub fn new(key: &Key, method: &Method, path: &str, request_id: &str) -> Call {
+        Call {
+            tenant: key.tenant.id.clone(),
+            key_id: key.id.clone(),
+            scopes: key.scopes.to_vec(),
+            method: method.clone(),
+            path: path.to_string(),
+            request_id: request_id.to_string(),
+        }
+    }
+
+    fn has(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| &**s == scope)
+    }
+}
+
+/// The answer: status, content type, body.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+fn ok(status: u16, v: Value) -> Answer {
+    Answer { status, content_type: "application/json", body: serde_json::to_vec(&v).unwrap_or_default() }
+}
+
+fn problem(status: u16, code: &str, detail: &str, request_id: &str) -> Answer {
+    let v = json!({
+        "type": format!("urn:tollgate:error:{code}"),
+        "title": http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id,
+    });
+    Answer { status, content_type: "application/problem+json", body: serde_json::to_vec(&v).unwrap_or_default() }
+}
+
+fn from_admin(e: AdminError, request_id: &str) -> Answer {
+    problem(e.status(), e.code(), e.detail(), request_id)
+}
+
+fn scope_needed(call: &Call, scopes: &[&str]) -> Option<Answer> {
+    if scopes.iter().any(|s| call.has(s)) {
+        return None;
+    }
+    let detail = format!("This needs a key with the {} scope.", scopes.join(" or "));
+    let mut a = problem(403, "insufficient_scope", &detail, &call.request_id);
+    if let Ok(mut v) = serde_json::from_slice::<Value>(&a.body) {
+        v["missing_scopes"] = json!(scopes);
+        a.body = serde_json::to_vec(&v).unwrap_or_default();
+    }
+    Some(a)
+}
+
+/// Handles one self-service call.
+pub async fn handle(core: &AdminCore, call: &Call, body: &[u8]) -> Answer {
+    let rid = call.request_id.as_str();
+    let actor = Actor { id: format!("key:{}", call.key_id), request_id: call.request_id.clone() };
+    let segs: Vec<&str> = call.path.trim_start_matches("/_tollgate/").split('/').filter(|s| !s.is_empty()).collect();
+    match (segs.as_slice(), &call.method) {
+        (["usage"], &Method::GET) => {
+            if let Some(a) = scope_needed(call, &["read", "billing"]) {
+                return a;
+            }
+            match core.usage(&call.tenant).await {
+                Ok(u) => ok(200, json!({"tenant": &*call.tenant, "quotas": u})),
+                Err(e) => from_admin(e, rid),
+            }
+        }
+        (["keys"], &Method::GET) => {
+            if let Some(a) = scope_needed(call, &["admin"]) {
+                return a;
+            }
+            match core.keys(&call.tenant) {
+                Ok(k) => ok(200, json!({"items": k})),
+                Err(e) => from_admin(e, rid),
+            }
+        }
+        (["keys"], &Method::POST) => {
+            if let Some(a) = scope_needed(call, &["admin"]) {
+                return a;
+            }
+            let req: CreateKey = match serde_json::from_slice(if body.is_empty() { b"{}" } else { body }) {
+                Ok(r) => r,
+                Err(e) => return problem(400, "bad_request", &format!("The JSON body is not valid here: {e}."), rid),
+            };
+            match core.create_key(&actor, &call.tenant, req).await {
+                Ok((k, secret)) => ok(201, json!({"key": k, "secret": secret})),
+                Err(e) => from_admin(e, rid),
+            }
+        }
+        (["keys", id], &Method::DELETE) => {
+            if let Some(a) = scope_needed(call, &["admin"]) {
+                return a;
+            }
+            match core.revoke_key(&actor, id, Some(&call.tenant)).await {
+                Ok(k) => ok(200, json!(k)),
+                Err(e) => from_admin(e, rid),
+            }
+        }
+        (["usage"], _) => problem(405, "method_not_allowed", "Use GET.", rid),
+        (["keys"], _) => problem(405, "method_not_allowed", "Use GET or POST.", rid),
+        (["keys", _], _) => problem(405, "method_not_allowed", "Use DELETE.", rid),
+        _ => problem(404, "not_found", "Self-service endpoints: /_tollgate/usage and /_tollgate/keys.", rid),
+    }
+}
