@@ -62,6 +62,87 @@ enum Command {
         #[command(subcommand)]
         command: UsageCommand,
     },
+    /// Manage tenants through the admin API of a running gateway.
+    Tenants {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Manage API keys through the admin API of a running gateway.
+    Keys {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin listener.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+    admin_url: String,
+    /// The admin token (its SHA-256 is `[admin] token_hash` in the config).
+    #[arg(long, global = true, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// List tenants.
+    List {
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Create a tenant.
+    Create {
+        id: String,
+        #[arg(long)]
+        tier: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        email: Option<String>,
+        /// Repeatable.
+        #[arg(long = "subdomain")]
+        subdomains: Vec<String>,
+    },
+    /// Show one tenant.
+    Get { id: String },
+    /// Suspend a tenant: its keys answer 403 until it is reactivated.
+    Suspend { id: String },
+    /// Reactivate a suspended tenant.
+    Reactivate { id: String },
+    /// Move a tenant to another tier; the new limits apply on its next request.
+    SetTier { id: String, tier: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// List a tenant's keys (never secrets).
+    List { tenant: String },
+    /// Create a key; the secret is printed once.
+    Create {
+        tenant: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Comma-separated.
+        #[arg(long, default_value = "read")]
+        scopes: String,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke a key now.
+    Revoke { key_id: String },
+    /// Replace a key; the old one keeps working for the grace period.
+    Rotate {
+        key_id: String,
+        #[arg(long, default_value_t = 24)]
+        grace_period_hours: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +239,50 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Tenants { admin, command } => {
+            use serde_json::json;
+            let (method, path, body) = match command {
+                TenantsCommand::List { tier, status } => {
+                    let mut q = Vec::new();
+                    if let Some(t) = tier {
+                        q.push(format!("tier={t}"));
+                    }
+                    if let Some(s) = status {
+                        q.push(format!("status={s}"));
+                    }
+                    ("GET", format!("/v1/tenants?{}", q.join("&")), None)
+                }
+                TenantsCommand::Create { id, tier, name, email, subdomains } => (
+                    "POST",
+                    "/v1/tenants".to_string(),
+                    Some(json!({"id": id, "tier": tier, "name": name, "email": email, "subdomains": subdomains})),
+                ),
+                TenantsCommand::Get { id } => ("GET", format!("/v1/tenants/{id}"), None),
+                TenantsCommand::Suspend { id } => ("POST", format!("/v1/tenants/{id}/suspend"), None),
+                TenantsCommand::Reactivate { id } => ("POST", format!("/v1/tenants/{id}/reactivate"), None),
+                TenantsCommand::SetTier { id, tier } => ("PUT", format!("/v1/tenants/{id}/tier"), Some(json!({"tier": tier}))),
+            };
+            admin_call(&admin, method, &path, body)
+        }
+        Command::Keys { admin, command } => {
+            use serde_json::json;
+            let (method, path, body) = match command {
+                KeysCommand::List { tenant } => ("GET", format!("/v1/tenants/{tenant}/keys"), None),
+                KeysCommand::Create { tenant, name, scopes, expires_in_days } => {
+                    let scopes: Vec<&str> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                    (
+                        "POST",
+                        format!("/v1/tenants/{tenant}/keys"),
+                        Some(json!({"name": name, "scopes": scopes, "expires_in_days": expires_in_days})),
+                    )
+                }
+                KeysCommand::Revoke { key_id } => ("DELETE", format!("/v1/keys/{key_id}"), None),
+                KeysCommand::Rotate { key_id, grace_period_hours } => {
+                    ("POST", format!("/v1/keys/{key_id}/rotate"), Some(json!({"grace_period_hours": grace_period_hours})))
+                }
+            };
+            admin_call(&admin, method, &path, body)
+        }
         Command::Usage { command: UsageCommand::Report { config, tenant, from, to, format } } => {
             match tollgate::metering::report::cli(&config, &tenant, &from, &to, &format) {
                 Ok(text) => {
@@ -181,6 +306,32 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn admin_call(admin: &AdminArgs, method: &str, path: &str, body: Option<serde_json::Value>) -> ExitCode {
+    if admin.token.is_empty() {
+        eprintln!("set TOLLGATE_ADMIN_TOKEN (or --token) to the admin token");
+        return ExitCode::FAILURE;
+    }
+    // Drop nulls: the API rejects unknown fields, not absent ones.
+    let body = body.map(|mut b| {
+        if let Some(o) = b.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+        b
+    });
+    match tollgate::admin::client::call(&admin.admin_url, &admin.token, method, path, body.as_ref())
+        .and_then(tollgate::admin::client::render)
+    {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,6 +8,7 @@
 //!   `Authorization: Bearer <admin token>`; the config holds only the token's SHA-256 and the
 //!   comparison takes constant time. Errors are `application/problem+json`.
 
+pub mod client;
 pub mod core;
 
 use crate::keys::KeyHash;
