@@ -3,6 +3,7 @@
 #   cmake        - Pingora's zlib-ng build
 #   redis-server - the Redis store's tests start their own server on a free port
 #   curl, openssl - the TLS listener test makes a certificate and calls it over HTTPS
+#   prometheus   - its `promtool check metrics` validates the /metrics output in the tests
 # As root it installs with apt-get; otherwise it prints the command to run and exits 1.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 
 if ! command -v cargo >/dev/null 2>&1; then

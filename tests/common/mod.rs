@@ -516,20 +516,33 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
+    persistent: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
         let port = free_port();
         let dir = temp_dir("redis");
-        let mut r = Redis { port, child: None, dir };
+        let mut r = Redis { port, child: None, dir, persistent: false };
+        r.spawn();
+        r
+    }
+
+    /// A Redis that keeps its data across `kill` + `restart` (append-only file, fsync always).
+    pub fn start_persistent() -> Redis {
+        let port = free_port();
+        let dir = temp_dir("redis");
+        let mut r = Redis { port, child: None, dir, persistent: true };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
+        let aof: &[&str] =
+            if self.persistent { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
