@@ -86,15 +86,35 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
         let _ = writeln!(out, "  priority: {}", a.priority);
     }
     let tier_name = req.tier.unwrap_or("default");
-    if let Some(r) = a.rate_for(tier_name) {
+    let (rate, from) = match (a.rate_for(tier_name), tier.and_then(|t| t.limits.rate.as_ref())) {
+        (Some(r), _) => (Some(r), "the rule"),
+        (None, Some(r)) => (Some(r), "the tier"),
+        (None, None) => (None, ""),
+    };
+    if let Some(r) = rate {
         let _ = writeln!(
             out,
-            "  rate: {} per {}s, burst {}{}",
+            "  rate: {} per {}s, burst {}{} (from {from})",
             r.limit,
             r.period.as_secs(),
             r.burst,
             if r.global { ", global" } else { "" }
         );
+    }
+    if let Some(t) = tier {
+        for (metric, q) in &t.limits.quotas {
+            let _ = writeln!(
+                out,
+                "  quota {metric}: {} per {}{} (from tier `{}`)",
+                q.limit,
+                q.period.as_str(),
+                if q.hard { "" } else { ", soft" },
+                t.name
+            );
+        }
+        if let Some(c) = &t.limits.concurrency {
+            let _ = writeln!(out, "  concurrency: {}{}", c.limit, if c.queue.is_some() { " (queued)" } else { "" });
+        }
     }
     if let Some(c) = &a.charge {
         let cost = match &c.cost {
@@ -175,10 +195,30 @@ pub fn explain_cli(
         }
     }
     let host = host.split(':').next().unwrap_or("").to_ascii_lowercase();
+    // The same path the gateway matches: `/t/<tenant>` stripped (when path resolution is on),
+    // then normalized.
+    let mut routed = p.to_string();
+    let mut tenant = tenant;
+    if config.tenancy.uses(crate::config::Source::Path) {
+        if let Some(rest) = p.strip_prefix("/t/") {
+            let (t, tail) = rest.split_once('/').map(|(t, r)| (t, format!("/{r}"))).unwrap_or((rest, "/".into()));
+            if !t.is_empty() {
+                tenant = tenant.or_else(|| Some(t.to_ascii_lowercase()));
+                routed = tail;
+            }
+        }
+    }
+    if let Some(n) = crate::pipeline::resolve::normalize_path(&routed) {
+        routed = n;
+    }
+    let tier = tier.or_else(|| {
+        let t = tenant.as_deref()?;
+        config.tenants.iter().find(|x| x.id == t).map(|x| x.tier.clone())
+    });
     let view = RequestView {
         method: &method,
         host: &host,
-        path: p,
+        path: &routed,
         query: q,
         headers: &map,
         tier: tier.as_deref(),

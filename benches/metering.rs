@@ -1,0 +1,2 @@
+//! Metering benchmarks (being written).
+fn main() {}
