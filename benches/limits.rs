@@ -36,11 +36,11 @@ use tollgate::limits::headers::LimitHeaders;
 use tollgate::limits::quota::QuotaEngine;
 use tollgate::limits::rate::{RateDecision, RateLimiters, TIER_SLOT};
 use tollgate::limits::Limits;
+use tollgate::metrics::Metrics;
 use tollgate::pipeline::authenticate::authenticate;
 use tollgate::pipeline::authorize::{authorize, Permit};
-use tollgate::pipeline::resolve::{resolve, Hints};
-use tollgate::metrics::Metrics;
 use tollgate::pipeline::quota::WarnSink;
+use tollgate::pipeline::resolve::{resolve, Hints};
 use tollgate::pipeline::{concurrency, quota, rate_limit};
 use tollgate::policy::{ConcurrencySpec, Period, Policy, QuotaSpec, RateSpec, StorePolicy};
 use tollgate::store::embedded::Embedded;
@@ -183,7 +183,12 @@ fn build_directory(config: &Config) -> Directory {
         dir.add(config, &tc);
     }
     assert_eq!(dir.tenant_count(), TENANTS);
-    eprintln!("directory built: {} tenants, {} keys in {:.2} s", dir.tenant_count(), dir.key_count(), start.elapsed().as_secs_f64());
+    eprintln!(
+        "directory built: {} tenants, {} keys in {:.2} s",
+        dir.tenant_count(),
+        dir.key_count(),
+        start.elapsed().as_secs_f64()
+    );
     dir
 }
 
@@ -292,7 +297,8 @@ fn bench_parts(c: &mut Criterion) {
     let qspec = QuotaSpec { limit: BIG_QUOTA, period: Period::Month, hard: true, overage_percent: 0 };
     let metric: Arc<str> = "requests".into();
     for id in ids.iter().take(ROTATION) {
-        let (_, state) = run(&rt, engine.reserve(id, &metric, &qspec, &policy, 1, StorePolicy::Local)).expect("reserve");
+        let (_, state) =
+            run(&rt, engine.reserve(id, &metric, &qspec, &policy, 1, StorePolicy::Local)).expect("reserve");
         assert_eq!(state.used, 1);
     }
     g.bench_function("quota_reserve_warm_lease", |b| {
@@ -435,7 +441,8 @@ fn bench_admission(c: &mut Criterion) {
         run(&rt, async {
             let mut headers = LimitHeaders::default();
             rate_limit::check(&limits, &p.permit, &mut headers).await.expect("rate");
-            let reserved = quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
+            let reserved =
+                quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
             let slot = concurrency::acquire(&limits, &p.permit).await.expect("slot");
             black_box(&headers);
             drop(slot);
@@ -444,7 +451,8 @@ fn bench_admission(c: &mut Criterion) {
     };
     assert_eq!(limit_stages(&plain_p[0]), 1, "one quota: requests");
     assert_eq!(limit_stages(&charged_p[0]), 2, "two quotas: requests and tokens");
-    let cases = [("requests_quota", &plain_p), ("requests_quota_and_charge", &charged_p), ("charge_cost_250", &costly_p)];
+    let cases =
+        [("requests_quota", &plain_p), ("requests_quota_and_charge", &charged_p), ("charge_cost_250", &costly_p)];
     for (case, prepared) in cases {
         g.bench_with_input(BenchmarkId::new("limit_stages_only", case), prepared, |b, prepared| {
             let mut i = 0;

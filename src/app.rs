@@ -145,7 +145,12 @@ pub struct Built {
 }
 
 /// Builds the Pingora server for `config` (loaded from `config_path`, which reloads re-read).
-pub fn build_server(config: Config, config_path: &Path, opts: &RunOptions, clock: SharedClock) -> Result<Built, String> {
+pub fn build_server(
+    config: Config,
+    config_path: &Path,
+    opts: &RunOptions,
+    clock: SharedClock,
+) -> Result<Built, String> {
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
@@ -197,9 +202,9 @@ pub fn build_server(config: Config, config_path: &Path, opts: &RunOptions, clock
     let tls = config.server.tls.clone();
     let flush_interval = config.store.flush_interval;
     let slot_ttl = config.store.slot_ttl;
-    let managed = match background.block_on(async {
-        tokio::time::timeout(Duration::from_secs(2), stores.directory.load()).await
-    }) {
+    let managed = match background
+        .block_on(async { tokio::time::timeout(Duration::from_secs(2), stores.directory.load()).await })
+    {
         Ok(Ok(data)) => data,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot load managed tenants yet; serving config tenants and retrying");
@@ -262,8 +267,10 @@ pub fn build_server(config: Config, config_path: &Path, opts: &RunOptions, clock
             .add_tls(&tls.listen.to_string(), &tls.cert.display().to_string(), &tls.key.display().to_string())
             .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
     }
-    let mut admin =
-        Service::new("tollgate admin".to_string(), AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() });
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() },
+    );
     admin.add_tcp(&admin_listen.to_string());
 
     server.add_service(proxy);

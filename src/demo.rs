@@ -90,8 +90,12 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             eprintln!("the gateway did not start listening on {listen}");
         }
     });
-    let built =
-        crate::app::build_server(config, &path, &crate::app::RunOptions::default(), Arc::new(crate::clock::SystemClock))?;
+    let built = crate::app::build_server(
+        config,
+        &path,
+        &crate::app::RunOptions::default(),
+        Arc::new(crate::clock::SystemClock),
+    )?;
     let crate::app::Built { server, background, .. } = built;
     let _keep = background;
     server.run_forever()

@@ -260,7 +260,9 @@ fn main() -> ExitCode {
                 TenantsCommand::Get { id } => ("GET", format!("/v1/tenants/{id}"), None),
                 TenantsCommand::Suspend { id } => ("POST", format!("/v1/tenants/{id}/suspend"), None),
                 TenantsCommand::Reactivate { id } => ("POST", format!("/v1/tenants/{id}/reactivate"), None),
-                TenantsCommand::SetTier { id, tier } => ("PUT", format!("/v1/tenants/{id}/tier"), Some(json!({"tier": tier}))),
+                TenantsCommand::SetTier { id, tier } => {
+                    ("PUT", format!("/v1/tenants/{id}/tier"), Some(json!({"tier": tier})))
+                }
             };
             admin_call(&admin, method, &path, body)
         }
@@ -277,9 +279,11 @@ fn main() -> ExitCode {
                     )
                 }
                 KeysCommand::Revoke { key_id } => ("DELETE", format!("/v1/keys/{key_id}"), None),
-                KeysCommand::Rotate { key_id, grace_period_hours } => {
-                    ("POST", format!("/v1/keys/{key_id}/rotate"), Some(json!({"grace_period_hours": grace_period_hours})))
-                }
+                KeysCommand::Rotate { key_id, grace_period_hours } => (
+                    "POST",
+                    format!("/v1/keys/{key_id}/rotate"),
+                    Some(json!({"grace_period_hours": grace_period_hours})),
+                ),
             };
             admin_call(&admin, method, &path, body)
         }

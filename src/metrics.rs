@@ -45,14 +45,18 @@ impl Metrics {
         let r = &registry;
         let latency = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("tollgate_request_duration_seconds", "Time from request start to the end of the response.")
-                .buckets(latency.clone()),
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from request start to the end of the response.",
+            )
+            .buckets(latency.clone()),
             &["tier", "rule"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(request_duration.clone())).unwrap_or_else(|e| panic!("{e}"));
         let upstream_duration = HistogramVec::new(
-            HistogramOpts::new("tollgate_upstream_duration_seconds", "Time spent waiting on the upstream.").buckets(latency),
+            HistogramOpts::new("tollgate_upstream_duration_seconds", "Time spent waiting on the upstream.")
+                .buckets(latency),
             &["upstream"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -82,14 +86,44 @@ impl Metrics {
         r.register(Box::new(build_info.clone())).unwrap_or_else(|e| panic!("{e}"));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
-            requests: counter(r, "tollgate_requests_total", "Requests, by outcome.", &["tier", "rule", "decision", "status_class"]),
-            rejections: counter(r, "tollgate_rejections_total", "Requests refused by the gateway, by reason.", &["tier", "reason"]),
+            requests: counter(
+                r,
+                "tollgate_requests_total",
+                "Requests, by outcome.",
+                &["tier", "rule", "decision", "status_class"],
+            ),
+            rejections: counter(
+                r,
+                "tollgate_rejections_total",
+                "Requests refused by the gateway, by reason.",
+                &["tier", "reason"],
+            ),
             request_duration,
             upstream_duration,
-            bytes: counter(r, "tollgate_bytes_total", "Body bytes, by direction (in: from clients, out: to clients).", &["direction"]),
-            usage_units: counter(r, "tollgate_usage_units_total", "Metered usage units, by metric.", &["tier", "metric"]),
-            store_round_trips: counter(r, "tollgate_store_round_trips_total", "Calls to the shared store.", &["store", "op"]),
-            store_errors: counter(r, "tollgate_store_errors_total", "Failed or timed-out store calls.", &["store", "op"]),
+            bytes: counter(
+                r,
+                "tollgate_bytes_total",
+                "Body bytes, by direction (in: from clients, out: to clients).",
+                &["direction"],
+            ),
+            usage_units: counter(
+                r,
+                "tollgate_usage_units_total",
+                "Metered usage units, by metric.",
+                &["tier", "metric"],
+            ),
+            store_round_trips: counter(
+                r,
+                "tollgate_store_round_trips_total",
+                "Calls to the shared store.",
+                &["store", "op"],
+            ),
+            store_errors: counter(
+                r,
+                "tollgate_store_errors_total",
+                "Failed or timed-out store calls.",
+                &["store", "op"],
+            ),
             ledger_flush,
             ledger_buffered,
             ledger_dropped,
@@ -97,8 +131,18 @@ impl Metrics {
             tenants,
             keys,
             build_info,
-            quota_warnings: counter(r, "tollgate_quota_warnings_total", "Quota warning thresholds crossed.", &["tier", "metric", "threshold"]),
-            tenant_requests: counter(r, "tollgate_tenant_requests_total", "Requests of opted-in tenants.", &["tenant", "decision"]),
+            quota_warnings: counter(
+                r,
+                "tollgate_quota_warnings_total",
+                "Quota warning thresholds crossed.",
+                &["tier", "metric", "threshold"],
+            ),
+            tenant_requests: counter(
+                r,
+                "tollgate_tenant_requests_total",
+                "Requests of opted-in tenants.",
+                &["tenant", "decision"],
+            ),
             registry,
         }
     }

@@ -198,10 +198,15 @@ fn token_guards_v1_config_tenants_are_read_only_and_bad_input_changes_nothing() 
     let r = get(gw.admin, "/v1/tenants", &[("authorization", &format!("Basic {ADMIN_TOKEN}"))]).expect("request");
     problem(&r, 401, "missing_token");
     // The data-plane key of a tenant is not an admin token.
-    problem(&get(gw.admin, "/v1/tenants", &[("authorization", &bearer(ACME_KEY))]).expect("request"), 401, "invalid_token");
+    problem(
+        &get(gw.admin, "/v1/tenants", &[("authorization", &bearer(ACME_KEY))]).expect("request"),
+        401,
+        "invalid_token",
+    );
     // Writes are guarded too, and a refused write changes nothing.
-    let r = request(gw.admin, "POST", "/v1/tenants", &[], json!({"id": "sneaky", "tier": "free"}).to_string().as_bytes())
-        .expect("request");
+    let r =
+        request(gw.admin, "POST", "/v1/tenants", &[], json!({"id": "sneaky", "tier": "free"}).to_string().as_bytes())
+            .expect("request");
     problem(&r, 401, "missing_token");
     let r = admin(&gw, "GET", "/v1/tenants", "");
     expect(&r, 200);
@@ -210,10 +215,15 @@ fn token_guards_v1_config_tenants_are_read_only_and_bad_input_changes_nothing() 
     // The operational endpoints need no token.
     let r = get(gw.admin, "/healthz", &[]).expect("healthz");
     assert_eq!(expect(&r, 200).json()["status"], "ok");
-    let r = get(gw.admin, "/readyz", &[]).expect("readyz");
-    assert_eq!(expect(&r, 200).json()["status"], "ready");
+    within(Instant::now(), Duration::from_secs(5), "/readyz answers 200 without a token", || {
+        let r = get(gw.admin, "/readyz", &[]).expect("readyz");
+        match (r.status, r.json()["status"].as_str()) {
+            (200, Some("ready")) => Ok(()),
+            _ => Err(format!("{} {}", r.status, r.text())),
+        }
+    });
     let r = get(gw.admin, "/metrics", &[]).expect("metrics");
-    assert!(expect(&r, 200).text().contains("tollgate_config_reloads_total"), "{}", r.text());
+    assert!(expect(&r, 200).text().contains("tollgate_tenants 1"), "{}", r.text());
 
     // 4. A config tenant is read-only through the API.
     let before = admin(&gw, "GET", "/v1/tenants/acme", "").json();
@@ -232,7 +242,8 @@ fn token_guards_v1_config_tenants_are_read_only_and_bad_input_changes_nothing() 
         let detail = v["detail"].as_str().unwrap_or_default();
         assert!(detail.contains("config file") && detail.contains("read-only"), "{method} {path}: {detail}");
     }
-    let v = problem(&admin(&gw, "POST", "/v1/tenants", &json!({"id": "acme", "tier": "pro"}).to_string()), 409, "conflict");
+    let v =
+        problem(&admin(&gw, "POST", "/v1/tenants", &json!({"id": "acme", "tier": "pro"}).to_string()), 409, "conflict");
     assert!(v["detail"].as_str().is_some_and(|d| d.contains("config file")), "{v}");
     assert_eq!(admin(&gw, "GET", "/v1/tenants/acme", "").json(), before, "a refused change altered the config tenant");
     let keys = admin(&gw, "GET", "/v1/tenants/acme/keys", "");
@@ -331,8 +342,15 @@ fn token_guards_v1_config_tenants_are_read_only_and_bad_input_changes_nothing() 
     }
     assert_eq!(snapshot(), state, "a refused request changed the tenant list");
     let dup = admin(&gw, "GET", "/v1/tenants/dup", "").json();
-    assert_eq!((dup["name"].as_str(), dup["tier"].as_str(), dup["status"].as_str()), (Some("Original"), Some("free"), Some("active")));
-    assert_eq!(admin(&gw, "GET", "/v1/tenants/dup/keys", "").json()["items"], json!([]), "a refused key creation left a key");
+    assert_eq!(
+        (dup["name"].as_str(), dup["tier"].as_str(), dup["status"].as_str()),
+        (Some("Original"), Some("free"), Some("active"))
+    );
+    assert_eq!(
+        admin(&gw, "GET", "/v1/tenants/dup/keys", "").json()["items"],
+        json!([]),
+        "a refused key creation left a key"
+    );
     for id in ["bad-json", "bad-field", "bad-type", "bad-tier", "big", "put", "sneaky"] {
         problem(&admin(&gw, "GET", &format!("/v1/tenants/{id}"), ""), 404, "not_found");
     }
@@ -369,7 +387,10 @@ fn tenants_and_keys_apply_at_once_and_survive_a_restart() {
     assert_eq!(beta["created_at"], beta["updated_at"]);
     assert_eq!(expect(&admin(&gw, "GET", "/v1/tenants/beta", ""), 200).json(), beta);
     let gamma = create_tenant(gw.admin, "gamma", "pro");
-    assert_eq!((gamma["name"].as_str(), gamma["timezone"].as_str(), gamma["billing_anchor_day"].as_u64()), (Some("gamma"), Some("UTC"), Some(1)));
+    assert_eq!(
+        (gamma["name"].as_str(), gamma["timezone"].as_str(), gamma["billing_anchor_day"].as_u64()),
+        (Some("gamma"), Some("UTC"), Some(1))
+    );
     let r = admin(&gw, "POST", "/v1/tenants", r#"{"id": "delta", "tier": "free", "status": "suspended"}"#);
     assert_eq!(expect(&r, 201).json()["status"], "suspended");
 
@@ -397,7 +418,11 @@ fn tenants_and_keys_apply_at_once_and_survive_a_restart() {
     let r = admin(&gw, "PATCH", "/v1/tenants/beta", r#"{"name": "Beta Inc", "email": "billing@beta.test"}"#);
     let patched = expect(&r, 200).json();
     assert_eq!((patched["name"].as_str(), patched["email"].as_str()), (Some("Beta Inc"), Some("billing@beta.test")));
-    assert_eq!((patched["tier"].as_str(), patched["timezone"].as_str()), (Some("free"), Some("Europe/Berlin")), "PATCH touched other fields");
+    assert_eq!(
+        (patched["tier"].as_str(), patched["timezone"].as_str()),
+        (Some("free"), Some("Europe/Berlin")),
+        "PATCH touched other fields"
+    );
     assert_eq!(patched["created_at"], beta["created_at"]);
     assert_eq!(admin(&gw, "GET", "/v1/tenants/beta", "").json(), patched);
 
@@ -472,7 +497,10 @@ fn tenants_and_keys_apply_at_once_and_survive_a_restart() {
     assert_no_secrets(&r, &[&k1_secret, &k2_secret, &k3_secret]);
     let listed = r.json();
     let find = |v: &Value, id: &str| {
-        v["items"].as_array().and_then(|a| a.iter().find(|k| k["id"] == id).cloned()).unwrap_or_else(|| panic!("{id} not in {v}"))
+        v["items"]
+            .as_array()
+            .and_then(|a| a.iter().find(|k| k["id"] == id).cloned())
+            .unwrap_or_else(|| panic!("{id} not in {v}"))
     };
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(3));
     let old = find(&listed, &k1);
@@ -548,7 +576,7 @@ fn changes_on_one_instance_reach_another_within_a_second_over_redis() {
     let t = Instant::now();
     within(t, bound, "a tier change reaches B", || {
         let r = on_b(&secret);
-        match (r.status, r.header("x-quota-limit").or(r.header("ratelimit-policy"))) {
+        match (r.status, r.header("x-quota-remaining")) {
             (200, Some(_)) if r.upstream_headers()["x-tenant-tier"] == "pro" => Ok(()),
             _ => Err(format!("{} {:?}", state(&r), r.headers)),
         }
@@ -611,7 +639,13 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
     let gw = Gateway::start(&config(echo.addr, EMBEDDED, "", "free"));
     let mut secrets: Vec<String> = vec![ADMIN_TOKEN.to_string()];
 
-    let r = admin_with(gw.admin, "POST", "/v1/tenants", r#"{"id": "ss-one", "tier": "pro"}"#, &[("x-request-id", "audit-create-1")]);
+    let r = admin_with(
+        gw.admin,
+        "POST",
+        "/v1/tenants",
+        r#"{"id": "ss-one", "tier": "pro"}"#,
+        &[("x-request-id", "audit-create-1")],
+    );
     expect(&r, 201);
     create_tenant(gw.admin, "ss-two", "free");
     let r = admin_with(
@@ -622,7 +656,8 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
         &[("x-request-id", "audit-key-1")],
     );
     let v = expect(&r, 201).json();
-    let (admin_key, admin_secret) = (v["key"]["id"].as_str().expect("id").to_string(), v["secret"].as_str().expect("s").to_string());
+    let (admin_key, admin_secret) =
+        (v["key"]["id"].as_str().expect("id").to_string(), v["secret"].as_str().expect("s").to_string());
     let (read_key, read_secret) = create_key(gw.admin, "ss-one", &["read"]);
     let (other_key, other_secret) = create_key(gw.admin, "ss-two", &["read", "admin"]);
     secrets.extend([admin_secret.clone(), read_secret.clone(), other_secret.clone()]);
@@ -668,7 +703,11 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
     assert_eq!(theirs["items"][0]["status"], "active", "{theirs}");
 
     // Without the `admin` scope: 403, nothing changes.
-    for (method, path) in [("GET", "/_tollgate/keys".to_string()), ("POST", "/_tollgate/keys".to_string()), ("DELETE", format!("/_tollgate/keys/{admin_key}"))] {
+    for (method, path) in [
+        ("GET", "/_tollgate/keys".to_string()),
+        ("POST", "/_tollgate/keys".to_string()),
+        ("DELETE", format!("/_tollgate/keys/{admin_key}")),
+    ] {
         let v = problem(&ss(method, &path, &read_secret, ""), 403, "insufficient_scope");
         assert_eq!(v["missing_scopes"], json!(["admin"]), "{method} {path}: {v}");
     }
@@ -688,7 +727,10 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
     let quotas = usage["quotas"].as_array().expect("quotas");
     assert_eq!(quotas.len(), 1, "{usage}");
     let q = &quotas[0];
-    assert_eq!((q["metric"].as_str(), q["limit"].as_u64(), q["period"].as_str()), (Some("requests"), Some(100), Some("month")));
+    assert_eq!(
+        (q["metric"].as_str(), q["limit"].as_u64(), q["period"].as_str()),
+        (Some("requests"), Some(100), Some("month"))
+    );
     assert_eq!((q["used"].as_u64(), q["remaining"].as_u64()), (Some(3), Some(97)), "{usage}");
     assert!(q["reset_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{usage}");
     let (_, billing_secret) = create_key(gw.admin, "ss-one", &["billing"]);
@@ -699,9 +741,21 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
     problem(&ss("POST", "/_tollgate/usage", &read_secret, ""), 405, "method_not_allowed");
 
     // More changes for the audit: a rotation, a refused duplicate, a suspension.
-    let r = admin_with(gw.admin, "POST", &format!("/v1/keys/{read_key}/rotate"), r#"{"grace_period_hours": 1}"#, &[("x-request-id", "audit-rotate-1")]);
+    let r = admin_with(
+        gw.admin,
+        "POST",
+        &format!("/v1/keys/{read_key}/rotate"),
+        r#"{"grace_period_hours": 1}"#,
+        &[("x-request-id", "audit-rotate-1")],
+    );
     secrets.push(expect(&r, 201).json()["secret"].as_str().expect("secret").to_string());
-    let r = admin_with(gw.admin, "POST", "/v1/tenants", r#"{"id": "ss-one", "tier": "free"}"#, &[("x-request-id", "audit-dup-1")]);
+    let r = admin_with(
+        gw.admin,
+        "POST",
+        "/v1/tenants",
+        r#"{"id": "ss-one", "tier": "free"}"#,
+        &[("x-request-id", "audit-dup-1")],
+    );
     problem(&r, 409, "conflict");
     let r = admin_with(gw.admin, "POST", "/v1/tenants/ss-one/suspend", "", &[("x-request-id", "audit-suspend-1")]);
     expect(&r, 200);
@@ -717,22 +771,35 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
         assert!(e["time"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')), "{e}");
     }
     let by_rid = |rid: &str| {
-        entries.iter().find(|e| e["request_id"] == rid).cloned().unwrap_or_else(|| panic!("no entry for {rid}: {entries:?}"))
+        entries
+            .iter()
+            .find(|e| e["request_id"] == rid)
+            .cloned()
+            .unwrap_or_else(|| panic!("no entry for {rid}: {entries:?}"))
     };
     let admin_actor = by_rid("audit-create-1")["actor"].as_str().expect("actor").to_string();
     assert!(admin_actor.starts_with("admin:"), "{admin_actor}");
     let e = by_rid("audit-create-1");
-    assert_eq!((e["action"].as_str(), e["target"].as_str(), e["result"].as_str()), (Some("tenant.create"), Some("tenant:ss-one"), Some("ok")));
+    assert_eq!(
+        (e["action"].as_str(), e["target"].as_str(), e["result"].as_str()),
+        (Some("tenant.create"), Some("tenant:ss-one"), Some("ok"))
+    );
     let e = by_rid("audit-key-1");
     let target = format!("key:{admin_key}");
-    assert_eq!((e["action"].as_str(), e["target"].as_str(), e["result"].as_str()), (Some("key.create"), Some(target.as_str()), Some("ok")));
+    assert_eq!(
+        (e["action"].as_str(), e["target"].as_str(), e["result"].as_str()),
+        (Some("key.create"), Some(target.as_str()), Some("ok"))
+    );
     let e = by_rid("audit-rotate-1");
     assert_eq!((e["action"].as_str(), e["result"].as_str()), (Some("key.rotate"), Some("ok")));
     assert!(e["target"].as_str().is_some_and(|t| t.starts_with(&format!("key:{read_key}->key_"))), "{e}");
     let e = by_rid("audit-dup-1");
     assert_eq!((e["action"].as_str(), e["result"].as_str()), (Some("tenant.create"), Some("error: conflict")));
     let e = by_rid("audit-suspend-1");
-    assert_eq!((e["action"].as_str(), e["actor"].as_str(), e["result"].as_str()), (Some("tenant.suspend"), Some(admin_actor.as_str()), Some("ok")));
+    assert_eq!(
+        (e["action"].as_str(), e["actor"].as_str(), e["result"].as_str()),
+        (Some("tenant.suspend"), Some(admin_actor.as_str()), Some("ok"))
+    );
     // Self-service changes name the key that made them.
     let self_actor = format!("key:{admin_key}");
     let actions: Vec<(&str, &str)> = entries
@@ -742,7 +809,10 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
         .collect();
     assert!(actions.contains(&("key.create", "ok")) && actions.contains(&("key.revoke", "ok")), "{actions:?}");
     let others = admin(&gw, "GET", "/v1/audit?tenant=ss-two", "").json();
-    assert!(others["items"].as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|e| e["tenant"] == "ss-two")), "{others}");
+    assert!(
+        others["items"].as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|e| e["tenant"] == "ss-two")),
+        "{others}"
+    );
 
     // The file holds every entry and no secret.
     let text = std::fs::read_to_string(gw.dir.join("audit.log")).expect("audit.log");
@@ -766,11 +836,15 @@ fn self_service_is_confined_to_its_tenant_and_every_change_is_audited_without_se
 fn reloads_swap_the_config_refuse_invalid_ones_and_drop_no_request() {
     let echo = Echo::start();
     let base = config(echo.addr, EMBEDDED, "", "free");
-    let gw = Gateway::start(&base);
+    let mut gw = Gateway::start(&base);
     let tiers = |gw: &Gateway| {
         let r = admin(gw, "GET", "/v1/tiers", "");
-        let mut names: Vec<String> =
-            expect(&r, 200).json()["items"].as_array().expect("items").iter().map(|t| t["name"].as_str().expect("name").to_string()).collect();
+        let mut names: Vec<String> = expect(&r, 200).json()["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|t| t["name"].as_str().expect("name").to_string())
+            .collect();
         names.sort();
         names
     };
@@ -779,12 +853,16 @@ fn reloads_swap_the_config_refuse_invalid_ones_and_drop_no_request() {
         .as_array()
         .and_then(|a| a.iter().find(|t| t["name"] == "slow").cloned())
         .expect("slow");
-    assert_eq!((slow["rate"]["limit"].as_u64(), slow["rate"]["period_seconds"].as_u64()), (Some(1), Some(60)), "{slow}");
+    assert_eq!(
+        (slow["rate"]["limit"].as_u64(), slow["rate"]["period_seconds"].as_u64()),
+        (Some(1), Some(60)),
+        "{slow}"
+    );
     create_tenant(gw.admin, "managed", "free");
     let (_, managed_secret) = create_key(gw.admin, "managed", &["read"]);
 
     // POST /v1/reload picks up a new tier.
-    let gold = "[tiers.gold]\nupstream = \"default\"\nrate = { requests_per_minute = 600 }";
+    let gold = "[tiers.gold]\nupstream = \"default\"\nfeatures = [\"streaming\"]";
     rewrite_config(&gw, &config(echo.addr, EMBEDDED, gold, "free"));
     let r = admin(&gw, "POST", "/v1/reload", "");
     let v = expect(&r, 200).json();
@@ -798,8 +876,11 @@ fn reloads_swap_the_config_refuse_invalid_ones_and_drop_no_request() {
     assert_eq!(expect(&r, 200).upstream_headers()["x-tenant-tier"], "gold");
 
     // An invalid file is refused with its errors; the running config stays.
-    std::fs::write(&gw.config_path, render(&config(echo.addr, EMBEDDED, gold, "missing-tier"), gw.addr, gw.admin, &gw.dir))
-        .expect("write");
+    std::fs::write(
+        &gw.config_path,
+        render(&config(echo.addr, EMBEDDED, gold, "missing-tier"), gw.addr, gw.admin, &gw.dir),
+    )
+    .expect("write");
     let r = admin(&gw, "POST", "/v1/reload", "");
     let v = problem(&r, 422, "invalid_config");
     let errors = v["errors"].as_array().expect("errors");
@@ -835,9 +916,7 @@ fn reloads_swap_the_config_refuse_invalid_ones_and_drop_no_request() {
     });
     assert_eq!(tiers(&gw), ["free", "gold", "platinum", "pro", "slow"]);
     assert_eq!(metric(gw.admin, "tollgate_config_reloads_total{result=\"ok\"}"), 2);
-    let mut gw = gw;
     assert!(gw.wait_exit(Duration::from_millis(200)).is_none(), "SIGHUP stopped the gateway");
-    let gw = gw;
 
     // 20 reloads, alternating HTTP and SIGHUP, under continuous keep-alive traffic.
     let stop = Arc::new(AtomicBool::new(false));
@@ -888,13 +967,19 @@ fn reloads_swap_the_config_refuse_invalid_ones_and_drop_no_request() {
     stop.store(true, Ordering::Relaxed);
     let failures: Vec<String> = workers.into_iter().flat_map(|w| w.join().expect("worker")).collect();
     let total = sent.load(Ordering::Relaxed);
-    assert!(failures.is_empty(), "{} of {total} requests failed during reloads: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed during reloads: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(total >= 200, "only {total} requests were sent during the reloads");
     assert!(tiers(&gw).contains(&"extra-19".to_string()), "{:?}", tiers(&gw));
     assert_eq!(metric(gw.admin, "tollgate_config_reloads_total{result=\"error\"}"), 3);
     // The reloads are in the audit log as well (the HTTP ones carry an admin actor).
     let audit = admin(&gw, "GET", "/v1/audit", "").json();
-    let reloads = audit["items"].as_array().map(|a| a.iter().filter(|e| e["action"] == "config.reload").count()).unwrap_or(0);
+    let reloads =
+        audit["items"].as_array().map(|a| a.iter().filter(|e| e["action"] == "config.reload").count()).unwrap_or(0);
     assert!(reloads >= 13, "{reloads} reload entries in {audit}");
 }
 
@@ -956,7 +1041,8 @@ upstream = "default"
         );
         std::fs::write(&config_path, &text).expect("write config");
         let mut diags = tollgate::config::Diagnostics::default();
-        let config = tollgate::config::load_str(&config_path, text, &mut diags).unwrap_or_else(|| panic!("config: {diags}"));
+        let config =
+            tollgate::config::load_str(&config_path, text, &mut diags).unwrap_or_else(|| panic!("config: {diags}"));
 
         let start = 1_750_000_000_000; // 2025-06-15T15:06:40Z
         let manual = ManualClock::new(start);
@@ -982,9 +1068,14 @@ upstream = "default"
             dir.join("audit.log"),
         );
         let actor = Actor { id: "admin:test".into(), request_id: "rotation-test".into() };
-        let tenant: CreateTenant = serde_json::from_value(serde_json::json!({"id": "rot", "tier": "free"})).expect("tenant");
+        let tenant: CreateTenant =
+            serde_json::from_value(serde_json::json!({"id": "rot", "tier": "free"})).expect("tenant");
         core.create_tenant(&actor, tenant).await.expect("create tenant");
-        let req = CreateKey { name: Some("main".into()), scopes: vec!["read".into(), "generate".into()], expires_in_days: None };
+        let req = CreateKey {
+            name: Some("main".into()),
+            scopes: vec!["read".into(), "generate".into()],
+            expires_in_days: None,
+        };
         let (old, old_secret) = core.create_key(&actor, "rot", req).await.expect("create key");
         assert_eq!(authenticate_now(&core, &manual, &old_secret), Ok(old.id.clone()));
 
@@ -997,13 +1088,21 @@ upstream = "default"
         assert_eq!(status(&old.id), Some("rotating"));
 
         manual.set_millis(start + HOUR + 59 * MINUTE);
-        assert_eq!(authenticate_now(&core, &manual, &old_secret), Ok(old.id.clone()), "the old key failed inside the grace period");
+        assert_eq!(
+            authenticate_now(&core, &manual, &old_secret),
+            Ok(old.id.clone()),
+            "the old key failed inside the grace period"
+        );
         assert_eq!(authenticate_now(&core, &manual, &new_secret), Ok(new.id.clone()));
         manual.set_millis(start + 2 * HOUR - 1);
         assert_eq!(authenticate_now(&core, &manual, &old_secret), Ok(old.id.clone()));
 
         manual.set_millis(start + 2 * HOUR);
-        assert_eq!(authenticate_now(&core, &manual, &old_secret), Err(Reject::KeyRevoked), "the old key outlived its grace period");
+        assert_eq!(
+            authenticate_now(&core, &manual, &old_secret),
+            Err(Reject::KeyRevoked),
+            "the old key outlived its grace period"
+        );
         assert_eq!(authenticate_now(&core, &manual, &new_secret), Ok(new.id.clone()));
         assert_eq!(status(&old.id), Some("revoked"));
         assert_eq!(status(&new.id), Some("active"));

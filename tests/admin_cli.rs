@@ -33,7 +33,10 @@ fn every_admin_subcommand_works_end_to_end() {
 
     let (ok, t, err) = cli(&gw, &["tenants", "create", "initech", "--tier", "free", "--name", "Initech"]);
     assert!(ok, "{err}");
-    assert_eq!((t["id"].as_str(), t["tier"].as_str(), t["source"].as_str()), (Some("initech"), Some("free"), Some("api")));
+    assert_eq!(
+        (t["id"].as_str(), t["tier"].as_str(), t["source"].as_str()),
+        (Some("initech"), Some("free"), Some("api"))
+    );
     let (ok, list, _) = cli(&gw, &["tenants", "list", "--tier", "free"]);
     assert!(ok && list["items"].as_array().is_some_and(|i| i.iter().any(|t| t["id"] == "initech")));
     let (ok, t, _) = cli(&gw, &["tenants", "get", "initech"]);

@@ -118,7 +118,9 @@ fn hard_quota_rejects_past_the_limit_and_names_it() {
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-quota-remaining"), Some(remaining.to_string().as_str()));
         assert!(r.header("x-quota-reset").is_some_and(|v| v.ends_with('Z')));
-        assert!(r.header("ratelimit-policy").is_some_and(|v| v.contains("\"quota\";q=3;") && v.contains("qu=\"requests\"")));
+        assert!(r
+            .header("ratelimit-policy")
+            .is_some_and(|v| v.contains("\"quota\";q=3;") && v.contains("qu=\"requests\"")));
     }
     let r = gw.get("/x", &[("authorization", &auth)]);
     assert_eq!(r.status, 429);
@@ -198,7 +200,8 @@ charge = { metric = "records", cost_from_query = "num_rows", max_cost = 500, set
 #[test]
 fn a_request_refused_by_one_quota_gives_back_the_others() {
     let echo = Echo::start();
-    let tier = "quotas.requests = { limit = 100, period = \"month\" }\nquotas.records = { limit = 5, period = \"month\" }";
+    let tier =
+        "quotas.requests = { limit = 100, period = \"month\" }\nquotas.records = { limit = 5, period = \"month\" }";
     let rules = r#"
 [[rule]]
 name = "gen"

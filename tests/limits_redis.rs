@@ -213,7 +213,12 @@ quotas.requests = { limit = 40, period = "month" }
         if total >= 250 {
             break;
         }
-        assert!(Instant::now() < deadline, "outage usage not reconciled: {total} {keys:?} {:?}\n{}", keys.iter().map(|k| redis.command(&["GET", k])).collect::<Vec<_>>(), gw.log().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+        assert!(
+            Instant::now() < deadline,
+            "outage usage not reconciled: {total} {keys:?} {:?}\n{}",
+            keys.iter().map(|k| redis.command(&["GET", k])).collect::<Vec<_>>(),
+            gw.log().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

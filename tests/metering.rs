@@ -106,7 +106,12 @@ fn stop(gw: &mut Gateway) {
 fn embedded_usage_equals_admitted_requests_across_a_restart() {
     let echo = Echo::start();
     let dir = temp_dir("meter-embedded");
-    let template = config(&echo, "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"", "quotas.requests = { limit = 30, period = \"month\" }", "");
+    let template = config(
+        &echo,
+        "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"",
+        "quotas.requests = { limit = 30, period = \"month\" }",
+        "",
+    );
     let mut gw = Gateway::start_in(dir.clone(), &template, &[]);
     let first = traffic(&[&gw], 20, "/a");
     stop(&mut gw);
@@ -126,7 +131,8 @@ fn embedded_usage_equals_admitted_requests_across_a_restart() {
 fn redis_usage_is_exact_across_three_instances_and_a_redis_crash() {
     let mut redis = Redis::start_persistent();
     let echo = Echo::start();
-    let store = format!("kind = \"redis\"\nurl = \"{}\"\ntimeout = \"200ms\"\nbreaker_cooldown = \"200ms\"", redis.url());
+    let store =
+        format!("kind = \"redis\"\nurl = \"{}\"\ntimeout = \"200ms\"\nbreaker_cooldown = \"200ms\"", redis.url());
     let template = config(&echo, &store, "", "");
     let mut gws: Vec<Gateway> = (0..3).map(|_| Gateway::start(&template)).collect();
     let refs: Vec<&Gateway> = gws.iter().collect();
@@ -158,7 +164,8 @@ fn settlement_replaces_the_estimate_in_usage_and_cost() {
     stop(&mut gw);
     let r = report(&dir.join("tollgate.toml"), &today(), &today());
     assert_eq!(total(&r, "records"), 12, "7 settled + 5 estimated: {r}");
-    let cost = r["totals"].as_array().and_then(|t| t.iter().find(|x| x["metric"] == "records")).map(|x| x["cost"].as_f64());
+    let cost =
+        r["totals"].as_array().and_then(|t| t.iter().find(|x| x["metric"] == "records")).map(|x| x["cost"].as_f64());
     assert_eq!(cost, Some(Some(0.024)), "12 × 0.002");
 }
 
@@ -252,9 +259,13 @@ fn metrics_pass_promtool_and_stay_bounded_with_ten_thousand_tenants() {
     let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
     let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
     assert!(series.len() < 400, "{} series with {n} tenants", series.len());
-    let tenant_series: Vec<&&str> = series.iter().filter(|l| l.starts_with("tollgate_tenant_requests_total{")).collect();
+    let tenant_series: Vec<&&str> =
+        series.iter().filter(|l| l.starts_with("tollgate_tenant_requests_total{")).collect();
     assert!(!tenant_series.is_empty() && tenant_series.len() <= 4 * 5, "{tenant_series:?}");
-    assert!(tenant_series.iter().all(|l| ["t1\"", "t2\"", "t3\"", "t7\""].iter().any(|t| l.contains(t))), "{tenant_series:?}");
+    assert!(
+        tenant_series.iter().all(|l| ["t1\"", "t2\"", "t3\"", "t7\""].iter().any(|t| l.contains(t))),
+        "{tenant_series:?}"
+    );
     for name in [
         "tollgate_requests_total{",
         "tollgate_request_duration_seconds_bucket{",
@@ -273,7 +284,12 @@ fn metrics_pass_promtool_and_stay_bounded_with_ten_thousand_tenants() {
         .stdin(std::fs::File::open(&file).expect("open"))
         .output()
         .expect("promtool (scripts/ensure-deps.sh installs the prometheus package)");
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn traffic_for(gw: &Gateway, i: usize, times: usize) {
@@ -283,8 +299,11 @@ fn traffic_for(gw: &Gateway, i: usize, times: usize) {
     }
 }
 
+/// Deliveries a receiver saw: headers and body of each.
+type Deliveries = Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
+
 /// A webhook receiver that refuses the first `fail_first` deliveries with 500.
-fn receiver(fail_first: usize) -> (std::net::SocketAddr, Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>) {
+fn receiver(fail_first: usize) -> (std::net::SocketAddr, Deliveries) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -305,7 +324,8 @@ fn receiver(fail_first: usize) -> (std::net::SocketAddr, Arc<Mutex<Vec<(Vec<(Str
                     headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
                 }
             }
-            let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            let len: usize =
+                headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
             let mut body = vec![0u8; len];
             let _ = r.read_exact(&mut body);
             seen += 1;
@@ -322,7 +342,8 @@ fn quota_warnings_fire_once_per_crossing_with_a_signed_retried_webhook() {
     let echo = Echo::start();
     let (addr, got) = receiver(1);
     let secret = "webhook-secret-0123456789";
-    let tail = format!("[metering.webhook]\nurl = \"http://{addr}/hooks/quota\"\nsecret = \"{secret}\"\nmax_attempts = 3\n");
+    let tail =
+        format!("[metering.webhook]\nurl = \"http://{addr}/hooks/quota\"\nsecret = \"{secret}\"\nmax_attempts = 3\n");
     let tier = "quotas.requests = { limit = 10, period = \"month\" }\nwarn_at = [50, 80]";
     let gw = Gateway::start(&config(&echo, "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"", tier, &tail));
     let auth = bearer(ACME_KEY);
@@ -350,11 +371,17 @@ fn quota_warnings_fire_once_per_crossing_with_a_signed_retried_webhook() {
         let ts: i64 = h("x-tollgate-timestamp").parse().expect("timestamp");
         assert_eq!(h("x-tollgate-signature"), tollgate::metering::webhook::sign(secret, ts, body), "signature");
         let v: serde_json::Value = serde_json::from_slice(body).expect("json");
-        assert_eq!((v["tenant"].as_str(), v["metric"].as_str(), v["limit"].as_u64()), (Some("acme"), Some("requests"), Some(10)));
+        assert_eq!(
+            (v["tenant"].as_str(), v["metric"].as_str(), v["limit"].as_u64()),
+            (Some("acme"), Some("requests"), Some(10))
+        );
         assert!(v["reset_at"].as_str().is_some());
         thresholds.push(v["threshold"].as_u64().unwrap_or(0));
     }
     assert_eq!(thresholds, vec![50, 50, 80]);
     let metrics = get(gw.admin, "/metrics", &[]).expect("metrics").text();
-    assert!(metrics.contains("tollgate_quota_warnings_total{metric=\"requests\",threshold=\"50\",tier=\"basic\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_quota_warnings_total{metric=\"requests\",threshold=\"50\",tier=\"basic\"} 1"),
+        "{metrics}"
+    );
 }

@@ -65,7 +65,8 @@ fn until_all_ok(gw: &Gateway, n: usize) {
 fn tcp_health_check_takes_a_dead_server_out_of_rotation() {
     let alive = Echo::start();
     let dead = format!("127.0.0.1:{}", free_port());
-    let gw = Gateway::start(&config(&format!("\"{}\", \"{dead}\"", alive.addr), "health_check = { interval = \"200ms\" }"));
+    let gw =
+        Gateway::start(&config(&format!("\"{}\", \"{dead}\"", alive.addr), "health_check = { interval = \"200ms\" }"));
     until_all_ok(&gw, 10);
     let ready = get(gw.admin, "/readyz", &[]).expect("readyz");
     assert_eq!(ready.status, 200);
@@ -87,7 +88,8 @@ fn http_health_check_uses_the_path_and_readyz_fails_without_a_healthy_server() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let down = Gateway::start(&config(&format!("\"127.0.0.1:{}\"", free_port()), "health_check = { interval = \"200ms\" }"));
+    let down =
+        Gateway::start(&config(&format!("\"127.0.0.1:{}\"", free_port()), "health_check = { interval = \"200ms\" }"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = get(down.admin, "/readyz", &[]).expect("readyz");

@@ -15,10 +15,12 @@ pub struct Answer {
 
 /// Sends one request to the admin API. `base` is like `http://127.0.0.1:9090`.
 pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, String> {
-    let rest = base.strip_prefix("http://").ok_or_else(|| format!("--admin-url must start with http://, got `{base}`"))?;
+    let rest =
+        base.strip_prefix("http://").ok_or_else(|| format!("--admin-url must start with http://, got `{base}`"))?;
     let authority = rest.trim_end_matches('/');
-    let mut stream = TcpStream::connect(authority)
-        .map_err(|e| format!("cannot reach the admin API at {base}: {e}. Is the gateway running, and is --admin-url right?"))?;
+    let mut stream = TcpStream::connect(authority).map_err(|e| {
+        format!("cannot reach the admin API at {base}: {e}. Is the gateway running, and is --admin-url right?")
+    })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!(
@@ -40,10 +42,9 @@ pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<&Val
         _ => return Err("the admin API sent a malformed answer".into()),
     };
     let status = resp.code.unwrap_or(0);
-    let chunked = resp
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding") && String::from_utf8_lossy(h.value).contains("chunked"));
+    let chunked = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding") && String::from_utf8_lossy(h.value).contains("chunked")
+    });
     let mut body = raw[head_len..].to_vec();
     if chunked {
         body = dechunk(&body);
@@ -81,7 +82,12 @@ pub fn render(a: Answer) -> Result<String, String> {
     let detail = serde_json::from_slice::<Value>(&a.body)
         .ok()
         .map(|v| {
-            let mut d = format!("{} ({}): {}", a.status, v["code"].as_str().unwrap_or("error"), v["detail"].as_str().unwrap_or(""));
+            let mut d = format!(
+                "{} ({}): {}",
+                a.status,
+                v["code"].as_str().unwrap_or("error"),
+                v["detail"].as_str().unwrap_or("")
+            );
             if let Some(errs) = v["errors"].as_array() {
                 for e in errs {
                     d.push_str(&format!("\n  {}", e.as_str().unwrap_or_default()));

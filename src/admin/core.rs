@@ -254,13 +254,8 @@ impl AdminCore {
         config_path: PathBuf,
         audit_path: PathBuf,
     ) -> Arc<AdminCore> {
-        let running_upstreams = runtime
-            .load()
-            .config
-            .upstreams
-            .iter()
-            .map(|(n, u)| (n.clone(), u.servers.clone()))
-            .collect();
+        let running_upstreams =
+            runtime.load().config.upstreams.iter().map(|(n, u)| (n.clone(), u.servers.clone())).collect();
         Arc::new(AdminCore {
             runtime,
             dir_store,
@@ -323,7 +318,9 @@ impl AdminCore {
                     warnings.push("upstream pools changed: restart (or upgrade with `run -u`) to apply them; routing uses the pools from startup".into());
                 }
                 let old = self.runtime.load().config.clone();
-                if old.server.listen != loaded.config.server.listen || old.server.admin_listen != loaded.config.server.admin_listen {
+                if old.server.listen != loaded.config.server.listen
+                    || old.server.admin_listen != loaded.config.server.admin_listen
+                {
                     warnings.push("listen addresses changed: they apply on the next restart".into());
                 }
                 let summary = loaded.config.summary();
@@ -420,7 +417,11 @@ impl AdminCore {
         }
         if !rt.config.tiers.contains_key(&r.tier) {
             let known: Vec<&str> = rt.config.tiers.keys().map(String::as_str).collect();
-            return Err(AdminError::Unprocessable(format!("tier `{}` does not exist (tiers: {})", r.tier, known.join(", "))));
+            return Err(AdminError::Unprocessable(format!(
+                "tier `{}` does not exist (tiers: {})",
+                r.tier,
+                known.join(", ")
+            )));
         }
         if r.status != "active" && r.status != "suspended" {
             return Err(bad("status must be `active` or `suspended`"));
@@ -448,7 +449,9 @@ impl AdminCore {
             let mut table = toml::Table::new();
             for (k, v) in &r.overrides {
                 let tv = match v {
-                    Value::Number(n) => toml::Value::Integer(n.as_i64().ok_or_else(|| bad(format!("override `{k}` must be an integer")))?),
+                    Value::Number(n) => toml::Value::Integer(
+                        n.as_i64().ok_or_else(|| bad(format!("override `{k}` must be an integer")))?,
+                    ),
                     Value::String(s) => toml::Value::String(s.clone()),
                     _ => return Err(bad(format!("override `{k}` must be a number or a string"))),
                 };
@@ -511,7 +514,8 @@ impl AdminCore {
             if self.config_tenant(id) {
                 return Err(Self::read_only(id));
             }
-            let mut r = self.managed_tenant(id).ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
+            let mut r =
+                self.managed_tenant(id).ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
             f(&mut r)?;
             r.updated_ms = self.clock.now_millis();
             self.validate(&r)?;
@@ -620,7 +624,12 @@ impl AdminCore {
     }
 
     /// Creates a key; the secret is in the answer and nowhere else.
-    pub async fn create_key(&self, actor: &Actor, tenant: &str, req: CreateKey) -> Result<(KeyView, String), AdminError> {
+    pub async fn create_key(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        req: CreateKey,
+    ) -> Result<(KeyView, String), AdminError> {
         let id = Self::new_key_id();
         self.audited(actor, "key.create", tenant, &format!("key:{id}"), async {
             if self.config_tenant(tenant) {
@@ -706,7 +715,9 @@ impl AdminCore {
             let mut old = self.managed_key(key_id, tenant)?;
             let now = self.clock.now_millis();
             if old.revoked_at_ms.is_some_and(|t| t <= now) {
-                return Err(AdminError::Conflict(format!("key `{key_id}` is already revoked; create a new key instead")));
+                return Err(AdminError::Conflict(format!(
+                    "key `{key_id}` is already revoked; create a new key instead"
+                )));
             }
             let generated = crate::keys::generate(crate::keys::DEFAULT_PREFIX);
             let new = KeyRecord {
@@ -745,7 +756,12 @@ impl AdminCore {
     }
 
     /// A usage report over an inclusive range of UTC days.
-    pub async fn report(&self, tenant: &str, from: &str, to: &str) -> Result<crate::metering::report::Report, AdminError> {
+    pub async fn report(
+        &self,
+        tenant: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<crate::metering::report::Report, AdminError> {
         if self.runtime.load().directory.tenant(tenant).is_none() {
             return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
         }

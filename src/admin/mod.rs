@@ -37,6 +37,9 @@ pub struct AdminApp {
 
 type Resp = Response<Vec<u8>>;
 
+/// An early answer (a refusal) from a helper; boxed because responses are large.
+type Early = Box<Resp>;
+
 fn respond(status: u16, content_type: &str, body: Vec<u8>, extra: &[(&str, String)]) -> Resp {
     let mut b = Response::builder()
         .status(status)
@@ -84,13 +87,13 @@ pub fn digest_eq(a: &KeyHash, b: &KeyHash) -> bool {
 }
 
 /// Parses a JSON body into `T`, with the admin API's error answers.
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Resp> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Early> {
     if body.is_empty() {
-        return Err(problem(400, "bad_request", "This endpoint needs a JSON body."));
+        return Err(Box::new(problem(400, "bad_request", "This endpoint needs a JSON body.")));
     }
     serde_json::from_slice(body).map_err(|e| {
         let detail = format!("The JSON body is not valid here: {e}. See /v1/openapi.json for the schema.");
-        problem(400, "bad_request", &detail)
+        Box::new(problem(400, "bad_request", &detail))
     })
 }
 
@@ -131,14 +134,14 @@ impl AdminApp {
     }
 
     /// Checks the admin bearer token. Returns the actor id.
-    fn authorize(&self, session: &ServerSession) -> Result<String, Resp> {
+    fn authorize(&self, session: &ServerSession) -> Result<String, Early> {
         let rt = self.runtime.load();
         let Some(expected) = rt.config.admin.token_hash else {
-            return Err(problem(
+            return Err(Box::new(problem(
                 401,
                 "admin_disabled",
                 "The admin API is off: set `[admin] token_hash` in the config (`tollgate keygen --prefix tg_admin` makes a token and its hash).",
-            ));
+            )));
         };
         let presented = session
             .req_header()
@@ -149,11 +152,16 @@ impl AdminApp {
             .map(str::trim);
         let challenge = [("www-authenticate", "Bearer".to_string())];
         let Some(token) = presented.filter(|t| !t.is_empty()) else {
-            return Err(problem_with(401, "missing_token", "Send the admin token as `Authorization: Bearer <token>`.", &challenge));
+            return Err(Box::new(problem_with(
+                401,
+                "missing_token",
+                "Send the admin token as `Authorization: Bearer <token>`.",
+                &challenge,
+            )));
         };
         let hash = KeyHash::of(token.as_bytes());
         if !digest_eq(&hash, &expected) {
-            return Err(problem_with(401, "invalid_token", "The admin token is not valid.", &challenge));
+            return Err(Box::new(problem_with(401, "invalid_token", "The admin token is not valid.", &challenge)));
         }
         Ok(format!("admin:{}", &hex::encode(expected.0)[..8]))
     }
@@ -180,7 +188,7 @@ impl AdminApp {
         }
         let actor_id = match self.authorize(session) {
             Ok(a) => a,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         // A request body is read for every method, so a too-large body answers 413 first.
         let declared = session
@@ -210,16 +218,18 @@ impl AdminApp {
         match segs.as_slice() {
             ["tenants"] => match *m {
                 Method::GET => {
-                    let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
+                    let limit =
+                        query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
                     let cursor = query_param(query, "cursor");
                     let all = core.tenants(query_param(query, "tier"), query_param(query, "status"));
-                    let start = cursor.map(|c| all.iter().position(|t| t.id.as_str() > c).unwrap_or(all.len())).unwrap_or(0);
+                    let start =
+                        cursor.map(|c| all.iter().position(|t| t.id.as_str() > c).unwrap_or(all.len())).unwrap_or(0);
                     let page: Vec<_> = all.iter().skip(start).take(limit).cloned().collect();
                     let next = (start + page.len() < all.len()).then(|| page.last().map(|t| t.id.clone())).flatten();
                     json_response(200, json!({"items": page, "next_cursor": next}))
                 }
                 Method::POST => match parse::<CreateTenant>(&body) {
-                    Err(r) => r,
+                    Err(r) => *r,
                     Ok(req) => match core.create_tenant(&actor, req).await {
                         Ok(t) => json_response(201, json!(t)),
                         Err(e) => admin_error(&e),
@@ -230,7 +240,7 @@ impl AdminApp {
             ["tenants", id] => match *m {
                 Method::GET => result(core.tenant(id).map(|t| json!(t)), 200),
                 Method::PATCH => match parse::<PatchTenant>(&body) {
-                    Err(r) => r,
+                    Err(r) => *r,
                     Ok(p) => result(core.update_tenant(&actor, id, p).await.map(|t| json!(t)), 200),
                 },
                 Method::DELETE => match core.delete_tenant(&actor, id).await {
@@ -254,7 +264,7 @@ impl AdminApp {
                         tier: String,
                     }
                     match parse::<SetTier>(&body) {
-                        Err(r) => r,
+                        Err(r) => *r,
                         Ok(t) => result(core.set_tier(&actor, id, &t.tier).await.map(|t| json!(t)), 200),
                     }
                 }
@@ -263,7 +273,7 @@ impl AdminApp {
             ["tenants", id, "keys"] => match *m {
                 Method::GET => result(core.keys(id).map(|k| json!({"items": k})), 200),
                 Method::POST => match parse::<CreateKey>(&body) {
-                    Err(r) => r,
+                    Err(r) => *r,
                     Ok(req) => match core.create_key(&actor, id, req).await {
                         Ok((k, secret)) => json_response(201, json!({"key": k, "secret": secret})),
                         Err(e) => admin_error(&e),
@@ -313,7 +323,7 @@ impl AdminApp {
                     } else {
                         match parse::<Rotate>(&body) {
                             Ok(r) => r,
-                            Err(r) => return r,
+                            Err(r) => return *r,
                         }
                     };
                     match core.rotate_key(&actor, key_id, req.grace_period_hours.unwrap_or(24), None).await {
@@ -333,7 +343,10 @@ impl AdminApp {
                     let ok = r.is_ok();
                     core.audit_reload(&actor, ok);
                     match r {
-                        Ok(outcome) => json_response(200, json!({"status": "reloaded", "summary": outcome.summary, "warnings": outcome.warnings})),
+                        Ok(outcome) => json_response(
+                            200,
+                            json!({"status": "reloaded", "summary": outcome.summary, "warnings": outcome.warnings}),
+                        ),
                         Err(errors) => {
                             let body = json!({
                                 "type": "urn:tollgate:error:invalid_config",
@@ -351,7 +364,8 @@ impl AdminApp {
             },
             ["audit"] => match *m {
                 Method::GET => {
-                    let limit = query_param(query, "limit").and_then(|l| l.parse().ok()).unwrap_or(1000usize).clamp(1, 100_000);
+                    let limit =
+                        query_param(query, "limit").and_then(|l| l.parse().ok()).unwrap_or(1000usize).clamp(1, 100_000);
                     json_response(200, json!({"items": core.audit.read(query_param(query, "tenant"), limit)}))
                 }
                 _ => method_not_allowed("GET"),
@@ -404,7 +418,11 @@ impl ServeHttp for AdminApp {
                 respond(200, "text/plain; version=0.0.4; charset=utf-8", body, &[])
             }
             p if p.starts_with("/v1/") => self.v1(session, method, p, query.as_deref()).await,
-            _ => problem(404, "not_found", "No such admin endpoint. Try /healthz, /readyz, /metrics or /v1/openapi.json."),
+            _ => problem(
+                404,
+                "not_found",
+                "No such admin endpoint. Try /healthz, /readyz, /metrics or /v1/openapi.json.",
+            ),
         }
     }
 }

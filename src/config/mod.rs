@@ -208,7 +208,9 @@ fn cidrs(list: &[SStr], src: &SourceFile, diags: &mut Diagnostics) -> Vec<IpNet>
 
 /// The default instance id: the host name and process id, unique enough among a fleet.
 fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "tollgate".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "tollgate".into());
     format!("{host}-{}", std::process::id())
 }
 
@@ -324,7 +326,11 @@ fn validate(
     if let Some(u) = &sf.url {
         for part in u.get_ref().split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
-                diags.error_at(src, u.span(), format!("`{part}` is not a Redis URL; write it like `redis://127.0.0.1:6379`"));
+                diags.error_at(
+                    src,
+                    u.span(),
+                    format!("`{part}` is not a Redis URL; write it like `redis://127.0.0.1:6379`"),
+                );
             }
             urls.push(part.to_string());
         }
@@ -454,7 +460,14 @@ fn validate(
             None => "info".into(),
             Some(l) => {
                 if tracing_subscriber::EnvFilter::try_new(l.get_ref()).is_err() {
-                    diags.error_at(src, l.span(), format!("`{}` is not a log level or filter; use error, warn, info, debug or trace", l.get_ref()));
+                    diags.error_at(
+                        src,
+                        l.span(),
+                        format!(
+                            "`{}` is not a log level or filter; use error, warn, info, debug or trace",
+                            l.get_ref()
+                        ),
+                    );
                 }
                 l.get_ref().clone()
             }
@@ -469,7 +482,11 @@ fn validate(
         let url = match &wf.url {
             Some(u) if u.get_ref().starts_with("http://") => u.get_ref().clone(),
             Some(u) => {
-                diags.error_at(src, u.span(), "the webhook `url` must start with `http://` (send it to a local relay for TLS)");
+                diags.error_at(
+                    src,
+                    u.span(),
+                    "the webhook `url` must start with `http://` (send it to a local relay for TLS)",
+                );
                 return None;
             }
             None => {
@@ -496,7 +513,12 @@ fn validate(
                 5
             }
         };
-        Some(WebhookConfig { url, secret, max_attempts, timeout: duration_or(&wf.timeout, Duration::from_secs(2), src, diags) })
+        Some(WebhookConfig {
+            url,
+            secret,
+            max_attempts,
+            timeout: duration_or(&wf.timeout, Duration::from_secs(2), src, diags),
+        })
     });
     let metering = MeteringConfig {
         flush_interval: duration_or(&mf.flush_interval, Duration::from_secs(1), src, diags),
@@ -523,7 +545,11 @@ fn validate(
                 None => 0,
                 Some(n) if (0..=1000).contains(n.get_ref()) => *n.get_ref() as usize,
                 Some(n) => {
-                    diags.error_at(src, n.span(), "`top` must be between 0 and 1000: per-tenant series must stay bounded");
+                    diags.error_at(
+                        src,
+                        n.span(),
+                        "`top` must be between 0 and 1000: per-tenant series must stay bounded",
+                    );
                     0
                 }
             };
@@ -782,7 +808,11 @@ fn validate(
         let timezone = match &tf.timezone {
             None => chrono_tz::UTC,
             Some(z) => z.get_ref().parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
-                diags.error_at(src, z.span(), format!("`{}` is not an IANA time zone; write it like `Europe/Berlin` or `UTC`", z.get_ref()));
+                diags.error_at(
+                    src,
+                    z.span(),
+                    format!("`{}` is not an IANA time zone; write it like `Europe/Berlin` or `UTC`", z.get_ref()),
+                );
                 chrono_tz::UTC
             }),
         };
@@ -813,7 +843,12 @@ fn validate(
 
     // Tier quotas and prices may only name metrics that exist.
     for (name, tf) in &main.tiers {
-        let metrics = tf.quotas.iter().flatten().map(|(m, q)| (m, q.span())).chain(tf.price.iter().flatten().map(|(m, p)| (m, p.span())));
+        let metrics = tf
+            .quotas
+            .iter()
+            .flatten()
+            .map(|(m, q)| (m, q.span()))
+            .chain(tf.price.iter().flatten().map(|(m, p)| (m, p.span())));
         for (metric, span) in metrics {
             if !rules.metrics.contains(metric) {
                 let known: Vec<&str> = rules.metrics.iter().map(String::as_str).collect();
@@ -825,7 +860,11 @@ fn validate(
         for metric in t.overrides.quotas.keys() {
             if !rules.metrics.contains(metric) {
                 let span = tspan.get_ref().overrides.as_ref().map(|o| o.span()).unwrap_or(tspan.span());
-                diags.error_at(src, span, format!("tenant `{}` overrides a quota on metric `{metric}`, which is not declared", t.id));
+                diags.error_at(
+                    src,
+                    span,
+                    format!("tenant `{}` overrides a quota on metric `{metric}`, which is not declared", t.id),
+                );
             }
         }
     }

@@ -64,7 +64,11 @@ pub fn rate_spec(rf: &RateFile, span: Range<usize>, src: &SourceFile, diags: &mu
     .filter_map(|(v, d)| v.as_ref().map(|v| (v, d)))
     .collect();
     if given.len() != 1 {
-        diags.error_at(src, span, "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour");
+        diags.error_at(
+            src,
+            span,
+            "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour",
+        );
         return None;
     }
     let (v, period) = given[0];
@@ -107,7 +111,11 @@ pub fn quota_spec(q: &Spanned<QuotaFile>, src: &SourceFile, diags: &mut Diagnost
     };
     let period = match &qf.period {
         Some(p) => Period::parse(p.get_ref()).unwrap_or_else(|| {
-            diags.error_at(src, p.span(), format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()));
+            diags.error_at(
+                src,
+                p.span(),
+                format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()),
+            );
             Period::Month
         }),
         None => Period::Month,
@@ -157,7 +165,8 @@ pub fn tier_limits(tf: &TierFile, src: &SourceFile, diags: &mut Diagnostics) -> 
             let queue = tf.queue.as_ref().map(|q| {
                 let qf = q.get_ref();
                 let max = qf.max.as_ref().and_then(|m| positive(m, "queue.max", src, diags)).unwrap_or(100);
-                let timeout = qf.timeout.as_ref().and_then(|t| duration(t, src, diags)).unwrap_or(Duration::from_secs(5));
+                let timeout =
+                    qf.timeout.as_ref().and_then(|t| duration(t, src, diags)).unwrap_or(Duration::from_secs(5));
                 QueueSpec { max: max.min(u32::MAX as u64) as u32, timeout }
             });
             out.concurrency = Some(ConcurrencySpec { limit: limit.min(u32::MAX as u64) as u32, queue });
@@ -169,7 +178,11 @@ pub fn tier_limits(tf: &TierFile, src: &SourceFile, diags: &mut Diagnostics) -> 
     if let Some(p) = &tf.on_store_error {
         match StorePolicy::parse(p.get_ref()) {
             Some(v) => out.on_store_error = v,
-            None => diags.error_at(src, p.span(), format!("unknown on_store_error `{}`; use local, open or closed", p.get_ref())),
+            None => diags.error_at(
+                src,
+                p.span(),
+                format!("unknown on_store_error `{}`; use local, open or closed", p.get_ref()),
+            ),
         }
     }
     for (metric, price) in tf.price.iter().flatten() {
@@ -277,7 +290,8 @@ pub fn merge(tier: &TierLimits, o: &Overrides, anchor_day: u32, timezone: chrono
     let rate = match (&tier.rate, o.rate_limit, o.rate_burst) {
         (base, None, None) => base.clone(),
         (base, limit, burst) => {
-            let (l, period) = limit.or(base.as_ref().map(|b| (b.limit, b.period))).unwrap_or((u32::MAX, Duration::from_secs(1)));
+            let (l, period) =
+                limit.or(base.as_ref().map(|b| (b.limit, b.period))).unwrap_or((u32::MAX, Duration::from_secs(1)));
             let burst = burst.or(base.as_ref().map(|b| b.burst)).unwrap_or(l);
             Some(RateSpec { limit: l, period, burst, global: base.as_ref().is_some_and(|b| b.global) })
         }

@@ -97,8 +97,12 @@ impl Drop for SlotGuard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConcurrencyError {
     /// Every slot is busy (and the queue is full, or the wait timed out).
-    Full { limit: u32 },
-    StoreUnavailable { retry_after: Duration },
+    Full {
+        limit: u32,
+    },
+    StoreUnavailable {
+        retry_after: Duration,
+    },
 }
 
 /// All tenants' slots.
@@ -113,7 +117,12 @@ pub struct Concurrency {
 
 impl Concurrency {
     /// `shared`: the store to lease slots in (Redis), or `None` for a single node.
-    pub fn new(shared: Option<Arc<dyn Counters>>, instance: String, ttl: Duration, clock: SharedClock) -> Arc<Concurrency> {
+    pub fn new(
+        shared: Option<Arc<dyn Counters>>,
+        instance: String,
+        ttl: Duration,
+        clock: SharedClock,
+    ) -> Arc<Concurrency> {
         Arc::new(Concurrency { map: DashMap::new(), shared, instance, seq: AtomicU64::new(0), ttl, clock })
     }
 
@@ -193,7 +202,12 @@ impl Concurrency {
     }
 
     /// Makes sure a locally admitted request also holds a shared slot (when there is a store).
-    async fn lease_shared(&self, mut guard: SlotGuard, limit: u32, on_error: StorePolicy) -> Result<SlotGuard, ConcurrencyError> {
+    async fn lease_shared(
+        &self,
+        mut guard: SlotGuard,
+        limit: u32,
+        on_error: StorePolicy,
+    ) -> Result<SlotGuard, ConcurrencyError> {
         let Some(store) = &self.shared else { return Ok(guard) };
         if guard.shared.is_some() {
             return Ok(guard);
@@ -224,7 +238,8 @@ impl Concurrency {
         for slots in tenants {
             let (release, renew) = {
                 let mut st = slots.lock();
-                let (old, keep): (Vec<_>, Vec<_>) = st.idle.drain(..).partition(|(_, t)| now - t >= IDLE_SHARED_SLOT_MS);
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    st.idle.drain(..).partition(|(_, t)| now - t >= IDLE_SHARED_SLOT_MS);
                 st.idle = keep;
                 for (s, _) in &old {
                     st.held.remove(s);

@@ -63,7 +63,8 @@ impl LimitHeaders {
             out.push(("x-ratelimit-reset", r.reset_secs.to_string()));
         }
         if let Some(q) = &self.quota {
-            let reset_secs = if q.reset_ms == i64::MAX { 0 } else { ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000) };
+            let reset_secs =
+                if q.reset_ms == i64::MAX { 0 } else { ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000) };
             if q.reset_ms == i64::MAX {
                 policy.push(format!("\"quota\";q={};qu=\"{}\"", q.limit, q.metric));
                 state.push(format!("\"quota\";r={}", q.remaining));

@@ -24,11 +24,23 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn new(store: Arc<dyn Counters>, shared: bool, clock: SharedClock, max_block: u64, instance: String, slot_ttl: Duration) -> Arc<Limits> {
+    pub fn new(
+        store: Arc<dyn Counters>,
+        shared: bool,
+        clock: SharedClock,
+        max_block: u64,
+        instance: String,
+        slot_ttl: Duration,
+    ) -> Arc<Limits> {
         Arc::new(Limits {
             rates: rate::RateLimiters::new(),
             quotas: quota::QuotaEngine::new(store.clone(), clock.clone(), max_block),
-            concurrency: concurrency::Concurrency::new(shared.then(|| store.clone()), instance, slot_ttl, clock.clone()),
+            concurrency: concurrency::Concurrency::new(
+                shared.then(|| store.clone()),
+                instance,
+                slot_ttl,
+                clock.clone(),
+            ),
             store,
             shared,
             clock,

@@ -9,7 +9,9 @@
 //! Local midnights that do not exist (a DST gap) start at the first instant that does.
 
 use crate::policy::Period;
-use chrono::{DateTime, Datelike, Duration as ChronoDuration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Timelike};
+use chrono::{
+    DateTime, Datelike, Duration as ChronoDuration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Timelike,
+};
 use chrono_tz::Tz;
 
 /// A period as `[start, end)` in Unix milliseconds.
@@ -40,10 +42,7 @@ fn resolve_local(tz: Tz, naive: NaiveDateTime) -> i64 {
 
 fn days_in_month(year: i32, month: u32) -> u32 {
     let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-    NaiveDate::from_ymd_opt(ny, nm, 1)
-        .and_then(|d| d.pred_opt())
-        .map(|d| d.day())
-        .unwrap_or(28)
+    NaiveDate::from_ymd_opt(ny, nm, 1).and_then(|d| d.pred_opt()).map(|d| d.day()).unwrap_or(28)
 }
 
 fn anchor_date(year: i32, month: u32, anchor: u32) -> NaiveDate {

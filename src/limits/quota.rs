@@ -255,7 +255,15 @@ impl QuotaEngine {
                     self.take(&cell, &mut st, cost, now);
                     self.maybe_prefetch(&cell, &mut st, spec, ceiling);
                     let state = st.snapshot(spec);
-                    return Ok((Reservation { cell: cell.clone(), period_start: st.window.start_ms, units: cost, metric: metric.clone() }, state));
+                    return Ok((
+                        Reservation {
+                            cell: cell.clone(),
+                            period_start: st.window.start_ms,
+                            units: cost,
+                            metric: metric.clone(),
+                        },
+                        state,
+                    ));
                 }
                 let remaining = spec.limit.saturating_sub(st.used());
                 let want = cost - st.lease + block_size(remaining, self.max_block);
@@ -271,11 +279,15 @@ impl QuotaEngine {
                     st.lease += grant.granted;
                     // A refused or partial grant's total can include other instances' excess
                     // that is being handed back: never show more than the ceiling from it.
-                    st.known_total = if grant.granted < want { grant.total.min(ceiling).max(st.known_total) } else { grant.total };
+                    st.known_total =
+                        if grant.granted < want { grant.total.min(ceiling).max(st.known_total) } else { grant.total };
                     if st.lease >= cost {
                         self.take(&cell, &mut st, cost, now);
                         let state = st.snapshot(spec);
-                        return Ok((Reservation { cell: cell.clone(), period_start, units: cost, metric: metric.clone() }, state));
+                        return Ok((
+                            Reservation { cell: cell.clone(), period_start, units: cost, metric: metric.clone() },
+                            state,
+                        ));
                     }
                     // The shared counter is at its ceiling. Return what we hold so another
                     // instance can use it, and refuse.
@@ -323,7 +335,10 @@ impl QuotaEngine {
         st.lease += cost;
         self.take(cell, &mut st, cost, now);
         let state = st.snapshot(spec);
-        Ok((Reservation { cell: cell.clone(), period_start: st.window.start_ms, units: cost, metric: metric.clone() }, state))
+        Ok((
+            Reservation { cell: cell.clone(), period_start: st.window.start_ms, units: cost, metric: metric.clone() },
+            state,
+        ))
     }
 
     fn maybe_prefetch(self: &Arc<Self>, cell: &Arc<Cell>, st: &mut CellState, spec: &QuotaSpec, ceiling: u64) {

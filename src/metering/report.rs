@@ -29,7 +29,8 @@ pub async fn current_usage(limits: &Limits, tenant: &Tenant) -> Vec<QuotaUsage> 
         let local = limits.quotas.state(&tenant.id, metric, spec, policy);
         let mut used = local.used;
         if limits.shared {
-            let key = CounterKey { tenant: tenant.id.clone(), metric: metric.clone(), period_start: local.period_start_ms };
+            let key =
+                CounterKey { tenant: tenant.id.clone(), metric: metric.clone(), period_start: local.period_start_ms };
             if let Ok(total) = limits.store.get(&key).await {
                 used = used.max(total);
             }
@@ -87,7 +88,12 @@ pub fn build(tenant: &str, from: &str, to: &str, rows: &[LedgerRow]) -> Report {
         let t = totals.entry(r.metric.to_string()).or_insert((0, 0));
         t.0 += r.value;
         t.1 += r.cost_micros;
-        daily.push(Daily { day: r.day.clone(), metric: r.metric.to_string(), value: r.value, cost: money(r.cost_micros) });
+        daily.push(Daily {
+            day: r.day.clone(),
+            metric: r.metric.to_string(),
+            value: r.value,
+            cost: money(r.cost_micros),
+        });
     }
     let total_micros: u64 = totals.values().map(|t| t.1).sum();
     Report {
@@ -170,10 +176,13 @@ mod tests {
             row("2027-02-01", "records", 5, 5_000),
         ];
         let r = build("acme", "2027-01-31", "2027-02-01", &rows);
-        assert_eq!(r.totals, vec![
-            Total { metric: "records".into(), value: 15, cost: 0.015 },
-            Total { metric: "requests".into(), value: 2, cost: 0.0 },
-        ]);
+        assert_eq!(
+            r.totals,
+            vec![
+                Total { metric: "records".into(), value: 15, cost: 0.015 },
+                Total { metric: "requests".into(), value: 2, cost: 0.0 },
+            ]
+        );
         assert_eq!(r.daily.len(), 3);
         let csv = r.to_csv();
         assert!(csv.starts_with("date,metric,value,cost\r\n2027-01-31,records,10,0.010000\r\n"));

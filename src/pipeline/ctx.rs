@@ -1,10 +1,10 @@
 //! Per-request state carried between Pingora's phases.
 
 use crate::directory::Tenant;
+use crate::error::Reject;
 use crate::limits::concurrency::SlotGuard;
 use crate::limits::headers::LimitHeaders;
 use crate::pipeline::quota::Reserved;
-use crate::error::Reject;
 use crate::rules::Rule;
 use crate::runtime::Runtime;
 use std::net::IpAddr;

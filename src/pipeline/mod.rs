@@ -79,7 +79,12 @@ enum Admission {
 
 impl Gateway {
     /// Runs every admission stage in order and records what later phases need.
-    async fn admit(&self, rt: &crate::runtime::Runtime, session: &Session, ctx: &mut RequestCtx) -> Result<Admission, Reject> {
+    async fn admit(
+        &self,
+        rt: &crate::runtime::Runtime,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admission, Reject> {
         let req = session.req_header();
         let cfg = &rt.config;
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| canonical_ip(a.ip()));
@@ -141,7 +146,8 @@ impl Gateway {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    respond(session, ctx, Reject::BadRequest { detail: "The request body could not be read.".into() }).await;
+                    respond(session, ctx, Reject::BadRequest { detail: "The request body could not be read.".into() })
+                        .await;
                     return;
                 }
             }

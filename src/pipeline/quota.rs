@@ -41,13 +41,18 @@ fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &H
         CostSource::Header(h) => (req.headers.get(h).and_then(|v| v.to_str().ok()), format!("header `{h}`")),
         CostSource::Query(q) => (query_param(hints.query, q), format!("query parameter `{q}`")),
     };
-    let raw = raw.ok_or_else(|| Reject::InvalidCost { detail: format!("This route is charged by the {what}; send it as a whole number.") })?;
-    let n: u64 = raw.trim().parse().map_err(|_| Reject::InvalidCost {
-        detail: format!("The {what} must be a whole number, not `{raw}`."),
+    let raw = raw.ok_or_else(|| Reject::InvalidCost {
+        detail: format!("This route is charged by the {what}; send it as a whole number."),
     })?;
+    let n: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| Reject::InvalidCost { detail: format!("The {what} must be a whole number, not `{raw}`.") })?;
     if let Some(max) = max {
         if n > max {
-            return Err(Reject::InvalidCost { detail: format!("The {what} is {n}; this route allows at most {max} per request.") });
+            return Err(Reject::InvalidCost {
+                detail: format!("The {what} is {n}; this route allows at most {max} per request."),
+            });
         }
     }
     Ok(n)
@@ -113,7 +118,12 @@ pub async fn reserve(
     let mut out = Reserved::default();
     if let Some(c) = &actions.charge {
         let estimate = cost_of(&c.cost, c.max_cost, req, hints)?;
-        out.charge = Some(ChargeInfo { metric: c.metric.clone(), estimate, actual: None, settle_header: c.settle_from_header.clone() });
+        out.charge = Some(ChargeInfo {
+            metric: c.metric.clone(),
+            estimate,
+            actual: None,
+            settle_header: c.settle_from_header.clone(),
+        });
     }
     let Some(tenant) = permit.tenant else { return Ok(out) };
     let policy = &tenant.policy;

@@ -63,7 +63,11 @@ async fn global(
                 // Take back this request's increment: a refused request is not counted.
                 let _ = limits.store.window_add(tenant, &name, window_ms, now, -1).await;
                 headers.rate = Some(RateInfo { limit: spec.limit, remaining: 0, reset_secs, window_secs });
-                return Err(Reject::RateLimited { limit: spec.limit, retry_after: reset_secs.max(1), reset: reset_secs });
+                return Err(Reject::RateLimited {
+                    limit: spec.limit,
+                    retry_after: reset_secs.max(1),
+                    reset: reset_secs,
+                });
             }
             let remaining = (limit - estimate).max(0.0) as u32;
             headers.rate = Some(RateInfo { limit: spec.limit, remaining, reset_secs, window_secs });

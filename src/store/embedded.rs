@@ -6,7 +6,10 @@
 //! engine calls every `flush_interval` and at shutdown; it runs on a blocking thread, off the
 //! request path. A crash loses at most the usage of one flush interval.
 
-use super::{CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch, LedgerRow, StoreError, TenantRecord};
+use super::{
+    CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch, LedgerRow, StoreError,
+    TenantRecord,
+};
 use async_trait::async_trait;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -146,7 +149,14 @@ impl Counters for Embedded {
         Ok(self.mem().granted.get(key).copied().unwrap_or(0))
     }
 
-    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: i64) -> Result<(u64, u64), StoreError> {
+    async fn window_add(
+        &self,
+        tenant: &str,
+        name: &str,
+        window_ms: u64,
+        now_ms: i64,
+        n: i64,
+    ) -> Result<(u64, u64), StoreError> {
         let w = window_ms.max(1) as i64;
         let idx = now_ms.div_euclid(w);
         let id = format!("{tenant}\u{0}{name}");
@@ -165,7 +175,14 @@ impl Counters for Embedded {
         Ok((cur, prev))
     }
 
-    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+    async fn slot_acquire(
+        &self,
+        tenant: &str,
+        slot: &str,
+        limit: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
         let mut mem = self.mem();
         let slots = mem.slots.entry(tenant.to_string()).or_default();
         slots.retain(|_, exp| *exp > now_ms);
@@ -239,7 +256,10 @@ impl Ledger for Embedded {
             // One transaction: the batch marker and the rows land together or not at all.
             let tx = conn.transaction().map_err(backend)?;
             let fresh = tx
-                .execute("INSERT OR IGNORE INTO ledger_batches (id, applied_ms) VALUES (?1, ?2)", params![batch.id, now])
+                .execute(
+                    "INSERT OR IGNORE INTO ledger_batches (id, applied_ms) VALUES (?1, ?2)",
+                    params![batch.id, now],
+                )
                 .map_err(backend)?;
             if fresh == 0 {
                 return tx.commit().map_err(backend);

@@ -100,7 +100,14 @@ pub trait Counters: Send + Sync + 'static {
 
     /// Takes a concurrency slot for `tenant` if fewer than `limit` live slots exist. A slot
     /// lives `ttl_ms` unless its holder renews it.
-    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError>;
+    async fn slot_acquire(
+        &self,
+        tenant: &str,
+        slot: &str,
+        limit: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Frees a slot.
     async fn slot_release(&self, tenant: &str, slot: &str) -> Result<(), StoreError>;

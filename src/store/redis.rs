@@ -53,7 +53,12 @@ impl RedisStore {
     /// Creates the client. It connects lazily, so the gateway starts (and applies its failure
     /// policy) even while Redis is down. One URL means a single Redis; several mean a cluster.
     /// Must be called inside a Tokio runtime.
-    pub fn connect(urls: &[String], breaker: Breaker, observer: Arc<dyn StoreObserver>, timeout: Duration) -> Result<RedisStore, StoreError> {
+    pub fn connect(
+        urls: &[String],
+        breaker: Breaker,
+        observer: Arc<dyn StoreObserver>,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
         let conn = if urls.len() == 1 {
             let client = redis::Client::open(urls[0].as_str()).map_err(backend)?;
             let config = ConnectionManagerConfig::new()
@@ -185,7 +190,14 @@ impl Counters for RedisStore {
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
-    async fn window_add(&self, tenant: &str, name: &str, window_ms: u64, now_ms: i64, n: i64) -> Result<(u64, u64), StoreError> {
+    async fn window_add(
+        &self,
+        tenant: &str,
+        name: &str,
+        window_ms: u64,
+        now_ms: i64,
+        n: i64,
+    ) -> Result<(u64, u64), StoreError> {
         let w = window_ms.max(1) as i64;
         let idx = now_ms.div_euclid(w);
         let prefix = tenant_prefix(tenant);
@@ -199,7 +211,14 @@ impl Counters for RedisStore {
         Ok((c.max(0) as u64, p.unwrap_or(0).max(0) as u64))
     }
 
-    async fn slot_acquire(&self, tenant: &str, slot: &str, limit: u32, now_ms: i64, ttl_ms: i64) -> Result<bool, StoreError> {
+    async fn slot_acquire(
+        &self,
+        tenant: &str,
+        slot: &str,
+        limit: u32,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
         let key = format!("{}:slots", tenant_prefix(tenant));
         let mut pipe = redis::pipe();
         pipe.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(now_ms).ignore();
@@ -314,7 +333,8 @@ impl Ledger for RedisStore {
     }
 
     async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {
-        let parse = |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|e| StoreError::Backend(e.to_string()));
+        let parse =
+            |d: &str| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|e| StoreError::Backend(e.to_string()));
         let (mut day, last) = (parse(from)?, parse(to)?);
         let mut days = Vec::new();
         while day <= last && days.len() <= 3660 {
@@ -325,7 +345,8 @@ impl Ledger for RedisStore {
         for d in &days {
             pipe.cmd("HGETALL").arg(usage_key(tenant, d));
         }
-        let maps: Vec<std::collections::HashMap<String, i64>> = if days.is_empty() { Vec::new() } else { self.run("ledger_read", &pipe).await? };
+        let maps: Vec<std::collections::HashMap<String, i64>> =
+            if days.is_empty() { Vec::new() } else { self.run("ledger_read", &pipe).await? };
         let mut out = Vec::new();
         for (d, map) in days.iter().zip(maps) {
             let mut metrics: Vec<(&String, &i64)> = map.iter().filter(|(k, _)| !k.ends_with("|cost")).collect();
@@ -361,8 +382,11 @@ impl DirectoryStore for RedisStore {
     async fn load(&self) -> Result<DirectoryData, StoreError> {
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("GET").arg(DIR_VERSION).cmd("HGETALL").arg(DIR_TENANTS).cmd("HGETALL").arg(DIR_KEYS);
-        let (v, tenants, keys): (Option<i64>, std::collections::HashMap<String, String>, std::collections::HashMap<String, String>) =
-            self.run("dir_load", &pipe).await?;
+        let (v, tenants, keys): (
+            Option<i64>,
+            std::collections::HashMap<String, String>,
+            std::collections::HashMap<String, String>,
+        ) = self.run("dir_load", &pipe).await?;
         let mut data = DirectoryData { version: v.unwrap_or(0).max(0) as u64, ..DirectoryData::default() };
         for (_, json) in tenants {
             match serde_json::from_str::<TenantRecord>(&json) {
