@@ -242,7 +242,10 @@ pub fn build_server(
                 return;
             };
             while hup.recv().await.is_some() {
-                match core.reload() {
+                let outcome = core.reload();
+                let actor = crate::admin::core::Actor { id: "signal:SIGHUP".into(), request_id: "-".into() };
+                core.audit_reload(&actor, outcome.is_ok());
+                match outcome {
                     Ok(o) => tracing::info!(summary = %o.summary, warnings = ?o.warnings, "SIGHUP: config reloaded"),
                     Err(errors) => tracing::error!(?errors, "SIGHUP: config not reloaded"),
                 }

@@ -1114,3 +1114,40 @@ upstream = "default"
         assert_eq!(again.map(|_| ()).map_err(|e| e.status()), Err(409));
     }
 }
+
+#[test]
+fn zz_experiment_tier_removed() {
+    let echo = Echo::start();
+    let gold = "[tiers.gold]\nupstream = \"default\"";
+    let gw = Gateway::start(&config(echo.addr, EMBEDDED, gold, "free"));
+    create_tenant(gw.admin, "m", "gold");
+    let (_, s) = create_key(gw.admin, "m", &["read"]);
+    expect(&call(gw.addr, "/x", &s), 200);
+    rewrite_config(&gw, &config(echo.addr, EMBEDDED, "", "free"));
+    let r = admin(&gw, "POST", "/v1/reload", "");
+    eprintln!("reload: {} {}", r.status, r.text());
+    let r = call(gw.addr, "/x", &s);
+    eprintln!("data: {} {}", r.status, r.text());
+    let r = admin(&gw, "GET", "/v1/tenants/m", "");
+    eprintln!("get: {} {}", r.status, r.text());
+    let r = admin(&gw, "PATCH", "/v1/tenants/m", r#"{"name":"x"}"#);
+    eprintln!("patch: {} {}", r.status, r.text());
+}
+
+#[test]
+fn zz_experiment_lost_update() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let store = format!("kind = \"redis\"\nurl = \"{}\"", redis.url());
+    let template = config(echo.addr, &store, "", "free");
+    let a = Gateway::start(&template);
+    let b = Gateway::start(&template);
+    create_tenant(a.admin, "lu", "free");
+    std::thread::sleep(Duration::from_millis(1200));
+    expect(&admin(&a, "POST", "/v1/tenants/lu/suspend", ""), 200);
+    let r = admin(&b, "PATCH", "/v1/tenants/lu", r#"{"name":"renamed"}"#);
+    eprintln!("patch on b: {} {}", r.status, r.text());
+    std::thread::sleep(Duration::from_millis(1500));
+    eprintln!("a: {}", admin(&a, "GET", "/v1/tenants/lu", "").text());
+    eprintln!("b: {}", admin(&b, "GET", "/v1/tenants/lu", "").text());
+}

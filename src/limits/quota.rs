@@ -482,7 +482,9 @@ impl QuotaEngine {
         let mut returns = Vec::new();
         self.cells.retain(|_, cell| {
             let mut st = cell.lock();
-            if now - st.last_used_ms < IDLE_CELL_MS || st.dirty || st.debt > 0 || st.prefetching {
+            // A cell that announced a warning this period keeps it, so the warning is not repeated.
+            let announced = st.warned > 0 && now < st.window.end_ms;
+            if now - st.last_used_ms < IDLE_CELL_MS || st.dirty || st.debt > 0 || st.prefetching || announced {
                 return true;
             }
             if st.lease > 0 {

@@ -64,8 +64,13 @@ pub struct Meter {
     buffer: Mutex<VecDeque<LedgerBatch>>,
     max_buffered: usize,
     instance: String,
+    /// Random per process start: batch ids never repeat across restarts (a container keeps
+    /// its host name and pid 1).
+    run_id: u64,
     seq: AtomicU64,
     names: Names,
+    /// Decayed request counts per tenant, for choosing the top N (touched by the flush only).
+    top_scores: Mutex<HashMap<Arc<str>, f64>>,
     tenant_allow: HashSet<String>,
     tenant_top: usize,
     /// The current top-N tenants; read on the hot path, replaced by the flush.
@@ -129,7 +134,9 @@ impl Meter {
             buffer: Mutex::new(VecDeque::new()),
             max_buffered: max_buffered.max(1),
             instance,
+            run_id: rand::random::<u64>(),
             seq: AtomicU64::new(0),
+            top_scores: Mutex::new(HashMap::new()),
             names: Names {
                 requests: "requests".into(),
                 bytes_in: "bytes_in".into(),
@@ -232,7 +239,7 @@ impl Meter {
         }
         self.refresh_top(counts);
         if !rows.is_empty() {
-            let id = format!("{}-{}-{}", self.instance, std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed));
+            let id = format!("{}-{}-{}", self.instance, self.run_id, self.seq.fetch_add(1, Ordering::Relaxed));
             let mut buf = lock(&self.buffer);
             buf.push_back(LedgerBatch { id, rows, uncertain: false });
             while buf.len() > self.max_buffered {
@@ -266,9 +273,20 @@ impl Meter {
         if self.tenant_top == 0 {
             return;
         }
-        let mut v: Vec<(Arc<str>, u64)> = counts.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let new: HashSet<Arc<str>> = v.into_iter().take(self.tenant_top).map(|(t, _)| t).collect();
+        // Scores decay by half a minute's worth per flush at 1 s intervals, so the top N follows
+        // sustained traffic rather than the last second, and series do not churn.
+        let mut scores = lock(&self.top_scores);
+        for s in scores.values_mut() {
+            *s *= 0.98;
+        }
+        for (t, n) in counts {
+            *scores.entry(t).or_insert(0.0) += n as f64;
+        }
+        scores.retain(|_, s| *s >= 0.5);
+        let mut v: Vec<(&Arc<str>, &f64)> = scores.iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        let new: HashSet<Arc<str>> = v.into_iter().take(self.tenant_top).map(|(t, _)| t.clone()).collect();
+        drop(scores);
         let old = self.top_now.load_full();
         for gone in old.difference(&new) {
             if !self.tenant_allow.contains(&**gone) {

@@ -70,6 +70,7 @@ impl Embedded {
                  id TEXT PRIMARY KEY,
                  applied_ms INTEGER NOT NULL
              );
+             CREATE INDEX IF NOT EXISTS ledger_batches_applied ON ledger_batches (applied_ms);
              CREATE TABLE IF NOT EXISTS quota_usage (
                  tenant TEXT NOT NULL,
                  metric TEXT NOT NULL,
@@ -264,6 +265,9 @@ impl Ledger for Embedded {
             if fresh == 0 {
                 return tx.commit().map_err(backend);
             }
+            // Batch ids only guard retries, which happen within minutes: forget week-old ones.
+            tx.execute("DELETE FROM ledger_batches WHERE applied_ms < ?1", params![now - 7 * 86_400_000])
+                .map_err(backend)?;
             {
                 let mut stmt = tx
                     .prepare_cached(
