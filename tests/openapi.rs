@@ -96,7 +96,13 @@ impl Checker {
             assert!(r.header("allow").is_some(), "405 without Allow on {template}");
             let doc = self.doc.clone();
             let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-            validate(&doc, &json!({"$ref": "#/components/schemas/Problem"}), &body, &format!("{method} {template} 405"), &mut self.errors);
+            validate(
+                &doc,
+                &json!({"$ref": "#/components/schemas/Problem"}),
+                &body,
+                &format!("{method} {template} 405"),
+                &mut self.errors,
+            );
             self.checked.push(format!("{method} {template} 405"));
             return;
         }
@@ -161,7 +167,11 @@ fn every_admin_response_matches_the_openapi_document() {
     }
     c.check("GET", "/v1/tenants", &get(gw.admin, "/v1/tenants", &[]).expect("call"));
     c.check("GET", "/v1/tenants", &call("GET", "/v1/tenants?limit=2", None));
-    c.check("POST", "/v1/tenants", &call("POST", "/v1/tenants", Some(json!({"id": "initech", "tier": "gold", "email": "a@b.c"}))));
+    c.check(
+        "POST",
+        "/v1/tenants",
+        &call("POST", "/v1/tenants", Some(json!({"id": "initech", "tier": "gold", "email": "a@b.c"}))),
+    );
     c.check("POST", "/v1/tenants", &call("POST", "/v1/tenants", Some(json!({"id": "initech", "tier": "gold"}))));
     c.check("POST", "/v1/tenants", &call("POST", "/v1/tenants", Some(json!({"id": "x", "tier": "platinum"}))));
     c.check("POST", "/v1/tenants", &call("POST", "/v1/tenants", Some(json!({"id": "Bad Id", "tier": "gold"}))));
@@ -173,16 +183,36 @@ fn every_admin_response_matches_the_openapi_document() {
     c.check("POST", "/v1/tenants/{id}/suspend", &call("POST", "/v1/tenants/initech/suspend", None));
     c.check("POST", "/v1/tenants/{id}/reactivate", &call("POST", "/v1/tenants/initech/reactivate", None));
     c.check("PUT", "/v1/tenants/{id}/tier", &call("PUT", "/v1/tenants/initech/tier", Some(json!({"tier": "free"}))));
-    let r = call("POST", "/v1/tenants/initech/keys", Some(json!({"name": "ci", "scopes": ["read"], "expires_in_days": 30})));
+    let r = call(
+        "POST",
+        "/v1/tenants/initech/keys",
+        Some(json!({"name": "ci", "scopes": ["read"], "expires_in_days": 30})),
+    );
     c.check("POST", "/v1/tenants/{id}/keys", &r);
     let key_id = r.json()["key"]["id"].as_str().unwrap_or_default().to_string();
     c.check("GET", "/v1/tenants/{id}/keys", &call("GET", "/v1/tenants/initech/keys", None));
     c.check("GET", "/v1/tenants/{id}/keys", &call("GET", "/v1/tenants/acme/keys", None));
     c.check("GET", "/v1/tenants/{id}/usage", &call("GET", "/v1/tenants/initech/usage", None));
-    c.check("GET", "/v1/tenants/{id}/usage/report", &call("GET", "/v1/tenants/initech/usage/report?from=2027-01-01&to=2027-01-31", None));
-    c.check("GET", "/v1/tenants/{id}/usage/report", &call("GET", "/v1/tenants/initech/usage/report?from=2027-01-01&to=2027-01-31&format=csv", None));
-    c.check("GET", "/v1/tenants/{id}/usage/report", &call("GET", "/v1/tenants/initech/usage/report?from=nope&to=2027-01-31", None));
-    c.check("POST", "/v1/keys/{key_id}/rotate", &call("POST", &format!("/v1/keys/{key_id}/rotate"), Some(json!({"grace_period_hours": 1}))));
+    c.check(
+        "GET",
+        "/v1/tenants/{id}/usage/report",
+        &call("GET", "/v1/tenants/initech/usage/report?from=2027-01-01&to=2027-01-31", None),
+    );
+    c.check(
+        "GET",
+        "/v1/tenants/{id}/usage/report",
+        &call("GET", "/v1/tenants/initech/usage/report?from=2027-01-01&to=2027-01-31&format=csv", None),
+    );
+    c.check(
+        "GET",
+        "/v1/tenants/{id}/usage/report",
+        &call("GET", "/v1/tenants/initech/usage/report?from=nope&to=2027-01-31", None),
+    );
+    c.check(
+        "POST",
+        "/v1/keys/{key_id}/rotate",
+        &call("POST", &format!("/v1/keys/{key_id}/rotate"), Some(json!({"grace_period_hours": 1}))),
+    );
     c.check("DELETE", "/v1/keys/{key_id}", &call("DELETE", &format!("/v1/keys/{key_id}"), None));
     c.check("DELETE", "/v1/keys/{key_id}", &call("DELETE", "/v1/keys/key_nope", None));
     c.check("GET", "/v1/tiers", &call("GET", "/v1/tiers", None));
@@ -190,9 +220,17 @@ fn every_admin_response_matches_the_openapi_document() {
     c.check("GET", "/v1/audit", &call("GET", "/v1/audit?tenant=initech", None));
     c.check("DELETE", "/v1/tenants/{id}", &call("DELETE", "/v1/tenants/initech", None));
     c.check("DELETE", "/v1/tenants/{id}", &call("DELETE", "/v1/tenants/initech", None));
-    c.check("POST", "/v1/tenants", &call("POST", "/v1/tenants", Some(json!({"id": "y", "tier": "gold", "colour": "red"}))));
+    c.check(
+        "POST",
+        "/v1/tenants",
+        &call("POST", "/v1/tenants", Some(json!({"id": "y", "tier": "gold", "colour": "red"}))),
+    );
     let big = format!("{{\"id\": \"z\", \"tier\": \"gold\", \"name\": \"{}\"}}", "n".repeat(1_100_000));
-    c.check("POST", "/v1/tenants", &request(gw.admin, "POST", "/v1/tenants", &[("authorization", a)], big.as_bytes()).expect("big"));
+    c.check(
+        "POST",
+        "/v1/tenants",
+        &request(gw.admin, "POST", "/v1/tenants", &[("authorization", a)], big.as_bytes()).expect("big"),
+    );
     c.check("GET", "/v1/openapi.json", &get(gw.admin, "/v1/openapi.json", &[]).expect("openapi"));
     // A broken config: the reload answers 422 with the errors.
     let cfg = std::fs::read_to_string(&gw.config_path).expect("read config");

@@ -294,7 +294,8 @@ pub fn merge(tier: &TierLimits, o: &Overrides, anchor_day: u32, timezone: chrono
                 limit.or(base.as_ref().map(|b| (b.limit, b.period))).unwrap_or((u32::MAX, Duration::from_secs(1)));
             // Without its own burst, an overridden limit keeps the tier's burst only up to the new
             // limit: a tier burst that defaulted to a larger limit must not outgrow it.
-            let burst = burst.or(base.as_ref().map(|b| if limit.is_some() { b.burst.min(l) } else { b.burst })).unwrap_or(l);
+            let burst =
+                burst.or(base.as_ref().map(|b| if limit.is_some() { b.burst.min(l) } else { b.burst })).unwrap_or(l);
             Some(RateSpec { limit: l, period, burst, global: base.as_ref().is_some_and(|b| b.global) })
         }
     };

@@ -110,6 +110,8 @@ pub struct Reservation {
 #[derive(Default)]
 struct Pending {
     give_back: Vec<(CounterKey, u64)>,
+    /// Debt of periods that ended, to add to their counters.
+    add: Vec<(CounterKey, u64, i64)>,
     persist: Vec<(CounterKey, u64)>,
     dirty: Vec<Arc<Cell>>,
 }
@@ -162,25 +164,35 @@ impl QuotaEngine {
             return c.clone();
         }
         let w = window(spec.period, now, policy.timezone, policy.billing_anchor_day);
-        let key = CounterKey { tenant: tenant.clone(), metric: metric.clone(), period_start: w.start_ms };
-        let base = self.store.persisted_usage(&key);
-        let cell = Arc::new(Cell {
-            st: Mutex::new(CellState {
-                key,
-                window: w,
-                period: spec.period,
-                base,
-                spent: 0,
-                lease: 0,
-                known_total: base,
-                debt: 0,
-                prefetching: false,
-                dirty: false,
-                last_used_ms: now,
-                warned: 0,
-            }),
-        });
+        let cell = Arc::new(Cell { st: Mutex::new(self.fresh(tenant.clone(), metric.clone(), w, spec.period, now)) });
         self.cells.entry(id).or_insert(cell).clone()
+    }
+
+    /// The state of a period that just started, with what earlier processes recorded for it.
+    fn fresh(
+        &self,
+        tenant: Arc<str>,
+        metric: Arc<str>,
+        w: Window,
+        period: crate::policy::Period,
+        now: i64,
+    ) -> CellState {
+        let key = CounterKey { tenant, metric, period_start: w.start_ms };
+        let base = self.store.persisted_usage(&key);
+        CellState {
+            key,
+            window: w,
+            period,
+            base,
+            spent: 0,
+            lease: 0,
+            known_total: base,
+            debt: 0,
+            prefetching: false,
+            dirty: false,
+            last_used_ms: now,
+            warned: 0,
+        }
     }
 
     /// Moves the cell to the period containing `now`, settling the old one.
@@ -201,25 +213,12 @@ impl QuotaEngine {
             if st.dirty {
                 p.persist.push((st.key.clone(), st.base + st.spent));
             }
+            // Debt belongs to the period it was spent in: it is added to that period's counter.
+            if st.debt > 0 {
+                p.add.push((st.key.clone(), st.debt, expire_at(&st.window)));
+            }
         }
-        let key = CounterKey { tenant: st.key.tenant.clone(), metric: st.key.metric.clone(), period_start: w.start_ms };
-        let base = self.store.persisted_usage(&key);
-        *st = CellState {
-            key,
-            window: w,
-            period: spec.period,
-            base,
-            spent: 0,
-            lease: 0,
-            known_total: base,
-            debt: st.debt,
-            prefetching: false,
-            dirty: false,
-            last_used_ms: now,
-            warned: 0,
-        };
-        // Debt belongs to the period it was spent in; carrying it would overcount the new one.
-        st.debt = 0;
+        *st = self.fresh(st.key.tenant.clone(), st.key.metric.clone(), w, spec.period, now);
     }
 
     fn take(&self, cell: &Arc<Cell>, st: &mut CellState, cost: u64, now: i64) {
@@ -428,10 +427,20 @@ impl QuotaEngine {
     /// Writes usage, returns old leases, and adds debt to the shared counters. Called every
     /// `flush_interval` by a background task, and at shutdown.
     pub async fn flush(&self) {
-        let (give_back, mut persist, dirty) = {
+        let (give_back, mut persist, dirty, adds) = {
             let mut p = self.pending();
-            (std::mem::take(&mut p.give_back), std::mem::take(&mut p.persist), std::mem::take(&mut p.dirty))
+            (
+                std::mem::take(&mut p.give_back),
+                std::mem::take(&mut p.persist),
+                std::mem::take(&mut p.dirty),
+                std::mem::take(&mut p.add),
+            )
         };
+        for (key, units, expire) in adds {
+            if self.store.add(&key, units, expire).await.is_err() {
+                self.pending().add.push((key, units, expire));
+            }
+        }
         let mut debts = Vec::new();
         for cell in &dirty {
             let mut st = cell.lock();
@@ -523,5 +532,83 @@ impl QuotaEngine {
 
     pub fn cell_count(&self) -> usize {
         self.cells.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::policy::Period;
+    use crate::store::embedded::Embedded;
+
+    fn ms(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s).map(|d| d.timestamp_millis()).expect("time")
+    }
+
+    fn policy(anchor: u32, tz: &str) -> Policy {
+        Policy { billing_anchor_day: anchor, timezone: tz.parse().expect("tz"), ..Policy::default() }
+    }
+
+    fn engine(clock: Arc<ManualClock>) -> (Arc<QuotaEngine>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-{}-{}", std::process::id(), rand::random::<u64>()));
+        let path = dir.join("q.db");
+        let store = Arc::new(Embedded::open(&path, clock.now_millis()).expect("store"));
+        (QuotaEngine::new(store, clock, 1000), path)
+    }
+
+    #[tokio::test]
+    async fn a_monthly_quota_resets_on_the_anchor_day_in_the_tenant_zone() {
+        let clock = ManualClock::new(ms("2027-01-30T12:00:00Z"));
+        let (q, _) = engine(clock.clone());
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
+        let spec = QuotaSpec { limit: 3, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(31, "America/New_York");
+        for _ in 0..3 {
+            q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("within the quota");
+        }
+        let err = q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.err();
+        let Some(QuotaError::Exceeded(state)) = err else { panic!("expected exceeded") };
+        // Anchor 31 in New York: the period ends at local midnight starting 31 Jan (05:00 UTC).
+        assert_eq!(state.reset_ms, ms("2027-01-31T05:00:00Z"));
+        clock.set_millis(ms("2027-01-31T04:59:59Z"));
+        assert!(q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_err(), "still January's period");
+        clock.set_millis(ms("2027-01-31T05:00:00Z"));
+        let (_, state) = q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("a new period");
+        assert_eq!((state.used, state.remaining), (1, 2));
+        // February has no 31st: the next period starts on the 28th.
+        assert_eq!(state.reset_ms, ms("2027-02-28T05:00:00Z"));
+    }
+
+    #[tokio::test]
+    async fn refunds_and_settlement_adjust_usage_and_survive_a_reopen() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let (q, path) = engine(clock.clone());
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "records".into());
+        let spec = QuotaSpec { limit: 100, period: Period::Day, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        let (r, _) = q.reserve(&t, &m, &spec, &p, 40, StorePolicy::Local).await.expect("reserve");
+        q.settle(&r, 10);
+        let (r2, _) = q.reserve(&t, &m, &spec, &p, 20, StorePolicy::Local).await.expect("reserve");
+        q.refund(&r2, 20);
+        assert_eq!(q.state(&t, &m, &spec, &p).used, 10);
+        q.shutdown().await;
+        let store = Arc::new(Embedded::open(&path, clock.now_millis()).expect("reopen"));
+        let q2 = QuotaEngine::new(store, clock.clone(), 1000);
+        assert_eq!(q2.state(&t, &m, &spec, &p).used, 10, "usage persisted at shutdown");
+        let (_, s) = q2.reserve(&t, &m, &spec, &p, 90, StorePolicy::Local).await.expect("the rest");
+        assert_eq!(s.remaining, 0);
+        assert!(q2.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_err());
+        // The next local day starts over.
+        clock.advance_millis(86_400_000);
+        assert!(q2.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_ok());
+    }
+
+    #[test]
+    fn lease_blocks_shrink_to_exact_grants_near_the_limit() {
+        assert_eq!(block_size(1_000_000, 1000), 1000);
+        assert_eq!(block_size(320, 1000), 10);
+        assert_eq!(block_size(63, 1000), 0);
+        assert_eq!(block_size(0, 1000), 0);
     }
 }

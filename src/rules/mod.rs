@@ -731,52 +731,9 @@ impl Compiler<'_, '_> {
         out.priority = a.priority.as_ref().map(|p| *p.get_ref()).unwrap_or(0);
         for (tier, r) in a.rate.iter().flatten() {
             self.tier_key(src, tier, r.span());
-            let rf = r.get_ref();
-            let given: Vec<(&Spanned<i64>, Duration)> = [
-                (&rf.requests_per_second, Duration::from_secs(1)),
-                (&rf.requests_per_minute, Duration::from_secs(60)),
-                (&rf.requests_per_hour, Duration::from_secs(3600)),
-            ]
-            .into_iter()
-            .filter_map(|(v, d)| v.as_ref().map(|v| (v, d)))
-            .collect();
-            if given.len() != 1 {
-                self.diags.error_at(
-                    src,
-                    r.span(),
-                    "a rate needs exactly one of requests_per_second, requests_per_minute or requests_per_hour",
-                );
-                continue;
+            if let Some(spec) = crate::config::policy::rate_spec(r.get_ref(), r.span(), src, self.diags) {
+                out.rate.insert(tier.clone(), spec);
             }
-            let (v, period) = given[0];
-            let Some(limit) = positive(v, "rate", src, self.diags) else { continue };
-            let burst = match &rf.burst {
-                Some(b) => positive(b, "burst", src, self.diags).unwrap_or(1),
-                None => limit,
-            };
-            let global = match rf.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                None | Some("local") => false,
-                Some("global") => true,
-                Some(other) => {
-                    if let Some(m) = &rf.mode {
-                        self.diags.error_at(
-                            src,
-                            m.span(),
-                            format!("unknown rate mode `{other}`; use `local` or `global`"),
-                        );
-                    }
-                    false
-                }
-            };
-            out.rate.insert(
-                tier.clone(),
-                RateSpec {
-                    limit: limit.min(u32::MAX as u64) as u32,
-                    period,
-                    burst: burst.min(u32::MAX as u64) as u32,
-                    global,
-                },
-            );
         }
         if let Some(ch) = &a.charge {
             let cf = ch.get_ref();
@@ -819,57 +776,9 @@ impl Compiler<'_, '_> {
         for (tier, metrics) in a.quota.iter().flatten() {
             for (metric, q) in metrics {
                 self.tier_key(src, tier, q.span());
-                let m = Spanned::new(q.span(), metric.clone());
-                self.metric(src, &m);
-                let qf = q.get_ref();
-                let limit = match &qf.limit {
-                    Some(l) if *l.get_ref() >= 0 => *l.get_ref() as u64,
-                    Some(l) => {
-                        self.diags.error_at(src, l.span(), "a quota limit cannot be negative");
-                        0
-                    }
-                    None => {
-                        self.diags.error_at(src, q.span(), "a quota needs a `limit`");
-                        0
-                    }
-                };
-                let period = match &qf.period {
-                    Some(p) => Period::parse(p.get_ref()).unwrap_or_else(|| {
-                        self.diags.error_at(
-                            src,
-                            p.span(),
-                            format!("unknown period `{}`; use minute, hour, day, month or never", p.get_ref()),
-                        );
-                        Period::Month
-                    }),
-                    None => Period::Month,
-                };
-                let hard = match qf.enforcement.as_ref().map(|e| e.get_ref().as_str()) {
-                    None | Some("hard") => true,
-                    Some("soft") => false,
-                    Some(other) => {
-                        if let Some(e) = &qf.enforcement {
-                            self.diags.error_at(
-                                src,
-                                e.span(),
-                                format!("unknown enforcement `{other}`; use `hard` or `soft`"),
-                            );
-                        }
-                        true
-                    }
-                };
-                let overage_percent = match &qf.overage {
-                    Some(o) if (0..=1000).contains(o.get_ref()) => *o.get_ref() as u32,
-                    Some(o) => {
-                        self.diags.error_at(src, o.span(), "`overage` is a percentage between 0 and 1000");
-                        0
-                    }
-                    None => 0,
-                };
-                out.quota
-                    .entry(tier.clone())
-                    .or_default()
-                    .insert(metric.clone(), QuotaSpec { limit, period, hard, overage_percent });
+                self.metric(src, &Spanned::new(q.span(), metric.clone()));
+                let spec = crate::config::policy::quota_spec(q, src, self.diags);
+                out.quota.entry(tier.clone()).or_default().insert(metric.clone(), spec);
             }
         }
         if let Some(p) = &a.on_store_error {
