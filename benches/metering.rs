@@ -6,26 +6,32 @@
 //!
 //! Run with `cargo bench --bench metering`. The Redis cases start their own `redis-server` on
 //! a free local port (no persistence) and stop it at the end; they are skipped when
-//! `redis-server` is not on the `PATH`. The embedded cases use a SQLite file in the temp dir.
+//! `redis-server` is not on the `PATH`. The embedded cases use SQLite files in the temp dir.
 //!
 //! Groups:
 //! - `meter_record`: `Meter::record` for an admitted, charged request (tenant, rule `gen`,
-//!   decision `forwarded`, status 200, body bytes, upstream time, a `records` charge), over
-//!   4,096 tenants of 10,000. `single_thread` on one thread; `two_threads` with two threads
-//!   recording at once into the same `Meter` (the time is per record on each thread, so it is
-//!   comparable with `single_thread`); `single_thread_tenant_top_100` with
-//!   `[metrics] tenant_labels = { top = 100 }`, which also counts requests per tenant.
+//!   decision `forwarded`, status 200, body bytes, upstream time, a `records` charge: 7 usage
+//!   rows), cycling over 4,096 tenants of 10,000. `single_thread`: one thread, aggregates
+//!   already holding every key. `two_threads`: the same, timed on the main thread while a
+//!   second thread records into the same `Meter` for the whole benchmark (its own rate goes to
+//!   stderr). `single_thread_tenant_top_100`: with `[metrics] tenant_labels = { top = 100 }`,
+//!   which also counts requests per tenant. `first_of_interval`: the meter is flushed after
+//!   every 4,096 records (untimed), so every timed record is its tenant's first since the last
+//!   flush and inserts its keys into emptied aggregates.
 //! - `ledger_flush_10k_tenants`: 10,000 tenants with 3 usage rows each (`requests`,
 //!   `status_2xx`, `records`: one charged request per tenant with no bytes and no time, so the
 //!   other usage metrics stay zero and are not written) = 30,000 rows.
-//!   `meter_flush/<store>` times `Meter::flush` (swap the shards out, build the batch, write
-//!   it); `ledger_apply/<store>` times `Ledger::apply` on a prebuilt 30,000-row batch;
-//!   `meter_flush/no_store` is the flush with a ledger that does nothing, i.e. the in-process
-//!   part. Every iteration writes a batch with a fresh id.
+//!   `meter_flush/<store>` times `Meter::flush` (swap the aggregates out, build the batch,
+//!   write it; the recording before it is not timed); `meter_flush/no_store` is the same with a
+//!   ledger that does nothing, i.e. the in-process part. `ledger_apply/<store>` times
+//!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order);
+//!   `ledger_apply/embedded_sorted` applies the same rows sorted by (tenant, day, metric).
+//!   Every iteration writes a batch with a fresh id.
 //!
-//! The Redis store here has a 10 s breaker timeout so that a slow flush is measured rather than
-//! cut off. With the default `[store] timeout = "50ms"` a separate check (printed to stderr)
-//! applies the same batch through a store built as the gateway builds it.
+//! The Redis stores here have a 10 s timeout so that a slow flush is measured rather than cut
+//! off. After the benchmarks, stderr gets how much of a Redis apply is Redis executing commands
+//! (`INFO commandstats`), and the outcome of five applies through a store with the gateway's
+//! default `[store] timeout = "50ms"`.
 
 use async_trait::async_trait;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};

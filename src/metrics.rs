@@ -145,6 +145,15 @@ impl Metrics {
             ),
             registry,
         }
+        .with_initial_series()
+    }
+
+    /// Series that should read 0 rather than be absent before their first event.
+    fn with_initial_series(self) -> Self {
+        for result in ["ok", "error"] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+        self
     }
 
     /// The text exposition format.

@@ -229,6 +229,8 @@ pub struct AdminCore {
     pub running_upstreams: Vec<(String, Vec<std::net::SocketAddr>)>,
     seen_version: AtomicU64,
     refresh: tokio::sync::Mutex<()>,
+    /// Serializes read-modify-write changes on this instance.
+    writes: tokio::sync::Mutex<()>,
 }
 
 /// The result of a successful reload.
@@ -268,6 +270,7 @@ impl AdminCore {
             running_upstreams,
             seen_version: AtomicU64::new(u64::MAX),
             refresh: tokio::sync::Mutex::new(()),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -311,6 +314,23 @@ impl AdminCore {
                 Err(errors)
             }
             Ok(loaded) => {
+                // A tier that API tenants are on cannot disappear under them.
+                let managed = self.runtime.load().managed.clone();
+                let stranded: Vec<String> = managed
+                    .tenants
+                    .iter()
+                    .filter(|t| !loaded.config.tiers.contains_key(&t.tier))
+                    .map(|t| format!("tenant `{}` (tier `{}`)", t.id, t.tier))
+                    .collect();
+                if !stranded.is_empty() {
+                    self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                    let msg = format!(
+                        "the new config removes tiers that API-managed tenants are on: {}; move them to another tier first (PUT /v1/tenants/{{id}}/tier)",
+                        stranded.join(", ")
+                    );
+                    tracing::error!(error = %msg, "config reload refused; the running config stays in place");
+                    return Err(vec![msg]);
+                }
                 let mut warnings: Vec<String> = loaded.warnings.warnings().map(|w| w.to_string()).collect();
                 let new: Vec<(String, Vec<std::net::SocketAddr>)> =
                     loaded.config.upstreams.iter().map(|(n, u)| (n.clone(), u.servers.clone())).collect();
@@ -514,6 +534,10 @@ impl AdminCore {
             if self.config_tenant(id) {
                 return Err(Self::read_only(id));
             }
+            // Read the record fresh from the store, not from this instance's snapshot, so a
+            // change another instance made a moment ago is not written over.
+            let _w = self.writes.lock().await;
+            self.refresh().await?;
             let mut r =
                 self.managed_tenant(id).ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
             f(&mut r)?;
@@ -685,6 +709,8 @@ impl AdminCore {
     pub async fn revoke_key(&self, actor: &Actor, key_id: &str, tenant: Option<&str>) -> Result<KeyView, AdminError> {
         let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
         self.audited(actor, "key.revoke", &owner, &format!("key:{key_id}"), async {
+            let _w = self.writes.lock().await;
+            self.refresh().await?;
             let mut k = self.managed_key(key_id, tenant)?;
             let now = self.clock.now_millis();
             if k.revoked_at_ms.is_none_or(|t| t > now) {
@@ -712,6 +738,8 @@ impl AdminCore {
             if grace_hours > 24 * 90 {
                 return Err(bad("grace_period_hours is at most 2160 (90 days)"));
             }
+            let _w = self.writes.lock().await;
+            self.refresh().await?;
             let mut old = self.managed_key(key_id, tenant)?;
             let now = self.clock.now_millis();
             if old.revoked_at_ms.is_some_and(|t| t <= now) {
