@@ -24,9 +24,9 @@
 //!   `meter_flush/<store>` times `Meter::flush` (swap the aggregates out, build the batch,
 //!   write it; the recording before it is not timed); `meter_flush/no_store` is the same with a
 //!   ledger that does nothing, i.e. the in-process part. `ledger_apply/<store>` times
-//!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order);
-//!   `ledger_apply/embedded_sorted` applies the same rows sorted by (tenant, day, metric).
-//!   Every iteration writes a batch with a fresh id.
+//!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order). Every
+//!   iteration writes a batch with a fresh id. After each `meter_flush` case, stderr gets the
+//!   part of the flush spent in `Ledger::apply` (`tollgate_ledger_flush_seconds`).
 //!
 //! The Redis stores here have a 10 s timeout so that a slow flush is measured rather than cut
 //! off. After the benchmarks, stderr gets how much of a Redis apply is Redis executing commands
@@ -343,6 +343,16 @@ fn time_meter_flush(rt: &Runtime, meter: &Meter, tenants: &[Arc<Tenant>], metric
     total
 }
 
+/// The time `Meter::flush` spent in `Ledger::apply`, from `tollgate_ledger_flush_seconds`.
+fn report_apply_share(name: &str, meter: &Meter) {
+    let h = &meter.metrics().ledger_flush;
+    let n = h.get_sample_count();
+    eprintln!(
+        "{name}: Ledger::apply took {:.1} ms on average over {n} flushes",
+        h.get_sample_sum() * 1000.0 / n.max(1) as f64
+    );
+}
+
 /// Times `Ledger::apply` of a 30,000-row batch under a fresh id.
 fn time_apply(
     rt: &Runtime,
@@ -437,15 +447,11 @@ fn bench_flush(c: &mut Criterion) {
     rt.block_on(meter_none.flush());
     let rows = std::mem::take(&mut *no_store.captured.lock().expect("captured rows"));
     assert_eq!(rows.len(), TENANTS * METRICS_PER_TENANT);
-    let mut rows_sorted = rows.clone();
-    rows_sorted.sort_by(|a, b| (&a.tenant, &a.day, &a.metric).cmp(&(&b.tenant, &b.day, &b.metric)));
 
     let db_flush = temp_db("flush");
     let db_apply = temp_db("apply");
-    let db_sorted = temp_db("sorted");
     let emb_flush = embedded(&db_flush);
     let emb_apply = embedded(&db_apply);
-    let emb_sorted = embedded(&db_sorted);
     let meter_emb = Meter::new(emb_flush.clone(), Arc::new(Metrics::new()), 3600, "bench-emb".into(), Vec::new(), 0);
     fill(&meter_emb, &tenants, &metric);
     rt.block_on(meter_emb.flush());
@@ -465,6 +471,25 @@ fn bench_flush(c: &mut Criterion) {
         (meter, apply)
     });
 
+    if std::env::var("METERING_EXPERIMENT").is_ok() {
+        for kib in [0, 2000, 32000, 0] {
+            let p = temp_db("exp");
+            let e = embedded(&p);
+            if kib > 0 {
+                e.connection().lock().unwrap().execute_batch(&format!("PRAGMA cache_size = -{kib};")).unwrap();
+            }
+            let v: Vec<String> = (0..15)
+                .map(|_| format!("{:.0}", time_apply(&rt, &*e, &rows, "x", &seq, 1).as_secs_f64() * 1000.0))
+                .collect();
+            eprintln!("cache {kib} KiB: {}", v.join(" "));
+            drop(e);
+            remove_db(&p);
+        }
+        let v: Vec<String> = (0..15)
+            .map(|_| format!("{:.0}", time_apply(&rt, &*emb_apply, &rows, "x", &seq, 1).as_secs_f64() * 1000.0))
+            .collect();
+        eprintln!("emb_apply: {}", v.join(" "));
+    }
     let mut g = c.benchmark_group("ledger_flush_10k_tenants");
     g.sample_size(50)
         .warm_up_time(Duration::from_secs(1))
@@ -480,9 +505,6 @@ fn bench_flush(c: &mut Criterion) {
     g.bench_function("ledger_apply/embedded", |b| {
         b.iter_custom(|iters| time_apply(&rt, &*emb_apply, &rows, "emb", &seq, iters))
     });
-    g.bench_function("ledger_apply/embedded_sorted", |b| {
-        b.iter_custom(|iters| time_apply(&rt, &*emb_sorted, &rows_sorted, "emb-sorted", &seq, iters))
-    });
     if let Some((meter_redis, apply_redis)) = &redis_stores {
         g.bench_function("meter_flush/redis", |b| {
             b.iter_custom(|iters| time_meter_flush(&rt, meter_redis, &tenants, &metric, iters))
@@ -493,13 +515,17 @@ fn bench_flush(c: &mut Criterion) {
     }
     g.finish();
 
+    report_apply_share("meter_flush/embedded", &meter_emb);
+    if let Some((meter_redis, _)) = &redis_stores {
+        report_apply_share("meter_flush/redis", meter_redis);
+    }
     if let Some(server) = &redis {
         redis_checks(&rt, &server.url, &rows);
     }
     drop(redis_stores);
     drop(redis);
     drop(rt);
-    for db in [&db_flush, &db_apply, &db_sorted] {
+    for db in [&db_flush, &db_apply] {
         remove_db(db);
     }
 }
