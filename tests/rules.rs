@@ -434,6 +434,13 @@ fn rule_validation_errors_name_file_line_and_column() {
         3,
         13,
     );
+    assert_rule_error("[[rule]]\nname = \"a\"\ncharge = { metric = \"requests\" }\n", "already counts once", 3, 21);
+    assert_rule_error(
+        "usage_metrics = [\"tokens\"]\n[[rule]]\nname = \"a\"\nquota.default.tokens = { limit = 5 }\n",
+        "only `requests` and the rule's charged metric",
+        2,
+        1,
+    );
 }
 
 #[test]

@@ -160,6 +160,8 @@ impl Concurrency {
                 st.in_flight += 1;
                 Step::Admitted(st.idle.pop().map(|(s, _)| s))
             } else {
+                // Waiters that gave up (timed out, client gone) no longer hold a place.
+                st.waiters.retain(|w| !w.tx.is_closed());
                 match &spec.queue {
                     Some(q) if (st.waiters.len() as u32) < q.max => {
                         let (tx, rx) = oneshot::channel();
@@ -231,7 +233,13 @@ impl Concurrency {
 
     /// Renews held shared slots and returns idle ones. Run every `ttl / 3`.
     pub async fn maintain(&self) {
-        let Some(store) = &self.shared else { return };
+        let Some(store) = &self.shared else {
+            self.map.retain(|_, s| {
+                let st = s.lock();
+                st.in_flight > 0 || !st.waiters.is_empty() || Arc::strong_count(s) > 1
+            });
+            return;
+        };
         let now = self.clock.now_millis();
         let ttl = self.ttl.as_millis() as i64;
         let tenants: Vec<Arc<TenantSlots>> = self.map.iter().map(|e| e.value().clone()).collect();
@@ -323,6 +331,21 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap_or_else(|p| p.into_inner()), vec!["high", "low-1", "low-2"]);
         assert_eq!(c.in_flight("acme"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_frees_its_place_in_the_queue() {
+        let c = Concurrency::new(None, "i".into(), Duration::from_secs(10), Arc::new(SystemClock));
+        let t: Arc<str> = "acme".into();
+        let s = spec(1, Some((1, 50)));
+        let held = c.acquire(&t, &s, 0, StorePolicy::Local).await.expect("held");
+        assert!(c.acquire(&t, &s, 0, StorePolicy::Local).await.is_err(), "timed out");
+        // The queue (max 1) has room again: this one waits and gets the slot.
+        let (c2, t2, s2) = (c.clone(), t.clone(), spec(1, Some((1, 5_000))));
+        let waiter = tokio::spawn(async move { c2.acquire(&t2, &s2, 0, StorePolicy::Local).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(waiter.await.expect("task"));
     }
 
     #[tokio::test]

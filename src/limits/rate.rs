@@ -147,9 +147,14 @@ impl<C: Clock + Clone> RateLimiters<C> {
     /// Drops buckets unused for `idle`. A dropped bucket is full when it comes back, which is
     /// exactly its state after that much idleness whenever `idle` ≥ the time to refill.
     pub fn evict_idle(&self, idle: Duration) -> usize {
-        let cutoff = self.now_secs().saturating_sub(idle.as_secs());
+        let now = self.now_secs();
         let before = self.map.len();
-        self.map.retain(|_, e| e.last_used.load(Ordering::Relaxed) > cutoff || !full_after(&e.spec, idle));
+        // A bucket goes once it has been idle for `idle` and long enough to be full again, so
+        // dropping it (a new one starts full) changes nothing.
+        self.map.retain(|_, e| {
+            let needed = idle.max(refill_time(&e.spec)).as_secs();
+            now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < needed
+        });
         before - self.map.len()
     }
 
@@ -162,10 +167,9 @@ impl<C: Clock + Clone> RateLimiters<C> {
     }
 }
 
-/// Is a bucket of `spec` certainly full after `idle` without requests?
-fn full_after(spec: &RateSpec, idle: Duration) -> bool {
-    let per = spec.period / spec.limit.max(1);
-    per * spec.burst <= idle
+/// How long an empty bucket of `spec` takes to fill.
+fn refill_time(spec: &RateSpec) -> Duration {
+    (spec.period / spec.limit.max(1)) * spec.burst
 }
 
 #[cfg(test)]

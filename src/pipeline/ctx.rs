@@ -62,6 +62,8 @@ pub struct RequestCtx {
     pub body_limit: Option<u64>,
     pub body_seen: u64,
     pub upstream_started: Option<Instant>,
+    /// A connection to the upstream was made: from here on the request counts as usage.
+    pub upstream_reached: bool,
     pub upstream_time: Option<Duration>,
     pub status: u16,
     /// Limit state for the response headers.
@@ -92,6 +94,7 @@ impl RequestCtx {
             body_limit: None,
             body_seen: 0,
             upstream_started: None,
+            upstream_reached: false,
             upstream_time: None,
             status: 0,
             limit_headers: LimitHeaders::default(),

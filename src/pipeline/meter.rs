@@ -15,8 +15,7 @@ pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Met
     let total = ctx.started.elapsed().as_secs_f64();
     let charge = ctx.reserved.charge.as_ref().map(|c| (&c.metric, c.actual.unwrap_or(c.estimate)));
     // A request whose upstream was never reached is not usage (its quota units were given back).
-    let never_reached = matches!(ctx.reject, Some(crate::error::Reject::UpstreamUnavailable { .. }));
-    let admitted = matches!(ctx.decision, Decision::Forwarded | Decision::UpstreamError) && !never_reached;
+    let admitted = matches!(ctx.decision, Decision::Forwarded | Decision::UpstreamError) && ctx.upstream_reached;
     meter.record(
         &Record {
             tenant: ctx.tenant.as_deref(),

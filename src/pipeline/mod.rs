@@ -329,6 +329,20 @@ impl ProxyHttp for Gateway {
         forward::downstream_response(upstream_response, ctx)
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_reached = true;
+        Ok(())
+    }
+
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
@@ -349,7 +363,7 @@ impl ProxyHttp for Gateway {
             ctx.upstream_time = ctx.upstream_started.map(|s| s.elapsed());
         }
         let reject = classify(e, ctx);
-        if matches!(reject, Some(Reject::UpstreamUnavailable { .. })) {
+        if !ctx.upstream_reached {
             // The upstream was never reached: the tenant got nothing, so it pays nothing.
             quota::refund_all(&self.limits, &ctx.reserved);
             ctx.reserved.items.clear();

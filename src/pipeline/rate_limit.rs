@@ -78,8 +78,12 @@ async fn global(
             StorePolicy::Open => Ok(()),
             // Fall back to this instance's own bucket.
             StorePolicy::Local => match limits.rates.check(&tenant.into(), slot, spec) {
-                RateDecision::Allowed { .. } => Ok(()),
-                RateDecision::Limited { limit, retry_after_secs, reset_secs, .. } => {
+                RateDecision::Allowed { limit, remaining, reset_secs, window_secs } => {
+                    headers.rate = Some(RateInfo { limit, remaining, reset_secs, window_secs });
+                    Ok(())
+                }
+                RateDecision::Limited { limit, retry_after_secs, reset_secs, window_secs } => {
+                    headers.rate = Some(RateInfo { limit, remaining: 0, reset_secs, window_secs });
                     Err(Reject::RateLimited { limit, retry_after: retry_after_secs, reset: reset_secs })
                 }
             },

@@ -299,6 +299,23 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             };
             let own = c.actions(src, rf, Some(&name));
             let actions = merge(&defaults, &own, dref_fields(rf));
+            if actions.charge.as_ref().is_some_and(|c| &*c.metric == "requests") {
+                let span = rf
+                    .charge
+                    .as_ref()
+                    .and_then(|ch| ch.get_ref().metric.as_ref())
+                    .map(|m| m.span())
+                    .unwrap_or(r.span());
+                c.diags.error_at(src, span, format!("rule `{name}` charges `requests`, which every request already counts once; charge another metric"));
+            }
+            for (tier, metrics) in &actions.quota {
+                for metric in metrics.keys() {
+                    let charged = actions.charge.as_ref().is_some_and(|c| *c.metric == **metric);
+                    if metric != "requests" && !charged {
+                        c.diags.error_at(src, r.span(), format!("rule `{name}` has a `quota.{tier}.{metric}`, but only `requests` and the rule's charged metric are counted on it"));
+                    }
+                }
+            }
             if actions.public && !actions.require_scopes.is_empty() {
                 c.diags.error_at(
                     src,

@@ -93,8 +93,9 @@ impl RedisStore {
 
     /// Runs one pipeline (one round trip) under the breaker.
     async fn run<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
-        self.observer.round_trip("redis", op);
         let fut = async {
+            // Counted only when Redis is really called (not when the breaker refuses).
+            self.observer.round_trip("redis", op);
             match &self.conn {
                 Conn::Single(m) => {
                     let mut c = m.clone();
