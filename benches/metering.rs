@@ -24,9 +24,11 @@
 //!   `meter_flush/<store>` times `Meter::flush` (swap the aggregates out, build the batch,
 //!   write it; the recording before it is not timed); `meter_flush/no_store` is the same with a
 //!   ledger that does nothing, i.e. the in-process part. `ledger_apply/<store>` times
-//!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order). Every
-//!   iteration writes a batch with a fresh id. After each `meter_flush` case, stderr gets the
-//!   part of the flush spent in `Ledger::apply` (`tollgate_ledger_flush_seconds`).
+//!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order);
+//!   `ledger_apply/embedded_cache_32mib` is the same on a store whose SQLite connection was
+//!   given `PRAGMA cache_size = -32768` (the gateway leaves SQLite's default 2 MB). Every
+//!   iteration writes a batch with a fresh id. After the group, stderr gets the part of each
+//!   store's `meter_flush` spent in `Ledger::apply` (from `tollgate_ledger_flush_seconds`).
 //!
 //! The Redis stores here have a 10 s timeout so that a slow flush is measured rather than cut
 //! off. After the benchmarks, stderr gets how much of a Redis apply is Redis executing commands
@@ -450,8 +452,17 @@ fn bench_flush(c: &mut Criterion) {
 
     let db_flush = temp_db("flush");
     let db_apply = temp_db("apply");
+    let db_cache = temp_db("cache");
     let emb_flush = embedded(&db_flush);
     let emb_apply = embedded(&db_apply);
+    // The same store with a 32 MiB SQLite page cache instead of SQLite's default 2 MB.
+    let emb_cache = embedded(&db_cache);
+    emb_cache
+        .connection()
+        .lock()
+        .expect("sqlite connection")
+        .execute_batch("PRAGMA cache_size = -32768;")
+        .expect("cache_size");
     let meter_emb = Meter::new(emb_flush.clone(), Arc::new(Metrics::new()), 3600, "bench-emb".into(), Vec::new(), 0);
     fill(&meter_emb, &tenants, &metric);
     rt.block_on(meter_emb.flush());
@@ -471,25 +482,6 @@ fn bench_flush(c: &mut Criterion) {
         (meter, apply)
     });
 
-    if std::env::var("METERING_EXPERIMENT").is_ok() {
-        for kib in [0, 2000, 32000, 0] {
-            let p = temp_db("exp");
-            let e = embedded(&p);
-            if kib > 0 {
-                e.connection().lock().unwrap().execute_batch(&format!("PRAGMA cache_size = -{kib};")).unwrap();
-            }
-            let v: Vec<String> = (0..15)
-                .map(|_| format!("{:.0}", time_apply(&rt, &*e, &rows, "x", &seq, 1).as_secs_f64() * 1000.0))
-                .collect();
-            eprintln!("cache {kib} KiB: {}", v.join(" "));
-            drop(e);
-            remove_db(&p);
-        }
-        let v: Vec<String> = (0..15)
-            .map(|_| format!("{:.0}", time_apply(&rt, &*emb_apply, &rows, "x", &seq, 1).as_secs_f64() * 1000.0))
-            .collect();
-        eprintln!("emb_apply: {}", v.join(" "));
-    }
     let mut g = c.benchmark_group("ledger_flush_10k_tenants");
     g.sample_size(50)
         .warm_up_time(Duration::from_secs(1))
@@ -504,6 +496,9 @@ fn bench_flush(c: &mut Criterion) {
     });
     g.bench_function("ledger_apply/embedded", |b| {
         b.iter_custom(|iters| time_apply(&rt, &*emb_apply, &rows, "emb", &seq, iters))
+    });
+    g.bench_function("ledger_apply/embedded_cache_32mib", |b| {
+        b.iter_custom(|iters| time_apply(&rt, &*emb_cache, &rows, "emb-cache", &seq, iters))
     });
     if let Some((meter_redis, apply_redis)) = &redis_stores {
         g.bench_function("meter_flush/redis", |b| {
@@ -525,7 +520,7 @@ fn bench_flush(c: &mut Criterion) {
     drop(redis_stores);
     drop(redis);
     drop(rt);
-    for db in [&db_flush, &db_apply] {
+    for db in [&db_flush, &db_apply, &db_cache] {
         remove_db(db);
     }
 }
