@@ -25,15 +25,16 @@
 //!   write it; the recording before it is not timed); `meter_flush/no_store` is the same with a
 //!   ledger that does nothing, i.e. the in-process part. `ledger_apply/<store>` times
 //!   `Ledger::apply` on a batch the flush built (rows in the aggregate maps' order);
-//!   `ledger_apply/embedded_cache_32mib` is the same on a store whose SQLite connection was
-//!   given `PRAGMA cache_size = -32768` (the gateway leaves SQLite's default 2 MB). Every
-//!   iteration writes a batch with a fresh id. After the group, stderr gets the part of each
-//!   store's `meter_flush` spent in `Ledger::apply` (from `tollgate_ledger_flush_seconds`).
+//!   `ledger_apply/embedded_30_days` is the same on a ledger that already holds the 30 previous
+//!   days of these rows (900,000 rows), as after a month of running. Every iteration writes a
+//!   batch with a fresh id. After the group, stderr gets the part of each store's
+//!   `meter_flush` spent in `Ledger::apply` (from `tollgate_ledger_flush_seconds`).
 //!
 //! The Redis stores here have a 10 s timeout so that a slow flush is measured rather than cut
 //! off. After the benchmarks, stderr gets how much of a Redis apply is Redis executing commands
 //! (`INFO commandstats`), and the outcome of five applies through a store with the gateway's
-//! default `[store] timeout = "50ms"`.
+//! default `[store] timeout = "50ms"`. It also gets the time of the first flush of three new
+//! UTC days on the 30-day ledger, where every row is an insert.
 
 use async_trait::async_trait;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
@@ -65,6 +66,8 @@ const NOW_MS: i64 = 1_750_000_000_000;
 const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
 const DEFAULT_BREAKER_FAILURES: u32 = 5;
 const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+/// Days of ledger history before today in `ledger_apply/embedded_30_days`.
+const HISTORY_DAYS: i64 = 30;
 /// The benchmark store's timeout: long enough that every flush finishes and is timed.
 const BENCH_STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -379,6 +382,40 @@ fn time_apply(
     total
 }
 
+/// `rows` moved to another UTC day.
+fn on_day(rows: &[LedgerRow], day: i64) -> Vec<LedgerRow> {
+    let day = day_string(day);
+    rows.iter().map(|r| LedgerRow { day: day.clone(), ..r.clone() }).collect()
+}
+
+/// Gives a ledger the 30 days before `NOW_MS` of history (900,000 rows), then today's rows.
+fn fill_history(rt: &Runtime, ledger: &dyn Ledger, rows: &[LedgerRow], seq: &AtomicU64) {
+    let start = Instant::now();
+    let today = day_number(NOW_MS);
+    for day in today - HISTORY_DAYS..today {
+        time_apply(rt, ledger, &on_day(rows, day), "history", seq, 1);
+    }
+    time_apply(rt, ledger, rows, "history", seq, 1);
+    eprintln!(
+        "embedded ledger with {HISTORY_DAYS} days of history: {} rows written in {:.1} s",
+        rows.len() as i64 * (HISTORY_DAYS + 1),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// The first flush of a UTC day inserts every row instead of adding to it: three such days on
+/// the ledger with history, printed to stderr.
+fn day_rollover(rt: &Runtime, ledger: &dyn Ledger, rows: &[LedgerRow], seq: &AtomicU64) {
+    let today = day_number(NOW_MS);
+    let times: Vec<String> = (1..=3)
+        .map(|d| {
+            let t = time_apply(rt, ledger, &on_day(rows, today + d), "rollover", seq, 1);
+            format!("{:.1} ms", t.as_secs_f64() * 1000.0)
+        })
+        .collect();
+    eprintln!("ledger_apply/embedded_30_days, first flush of a new day (all inserts): {}", times.join(", "));
+}
+
 /// Sum of `usec` over `INFO commandstats`: the time Redis spent executing commands.
 async fn redis_command_usec(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.expect("INFO commandstats");
@@ -452,17 +489,11 @@ fn bench_flush(c: &mut Criterion) {
 
     let db_flush = temp_db("flush");
     let db_apply = temp_db("apply");
-    let db_cache = temp_db("cache");
+    let db_history = temp_db("history");
     let emb_flush = embedded(&db_flush);
     let emb_apply = embedded(&db_apply);
-    // The same store with a 32 MiB SQLite page cache instead of SQLite's default 2 MB.
-    let emb_cache = embedded(&db_cache);
-    emb_cache
-        .connection()
-        .lock()
-        .expect("sqlite connection")
-        .execute_batch("PRAGMA cache_size = -32768;")
-        .expect("cache_size");
+    let emb_history = embedded(&db_history);
+    fill_history(&rt, &*emb_history, &rows, &seq);
     let meter_emb = Meter::new(emb_flush.clone(), Arc::new(Metrics::new()), 3600, "bench-emb".into(), Vec::new(), 0);
     fill(&meter_emb, &tenants, &metric);
     rt.block_on(meter_emb.flush());
@@ -497,8 +528,8 @@ fn bench_flush(c: &mut Criterion) {
     g.bench_function("ledger_apply/embedded", |b| {
         b.iter_custom(|iters| time_apply(&rt, &*emb_apply, &rows, "emb", &seq, iters))
     });
-    g.bench_function("ledger_apply/embedded_cache_32mib", |b| {
-        b.iter_custom(|iters| time_apply(&rt, &*emb_cache, &rows, "emb-cache", &seq, iters))
+    g.bench_function("ledger_apply/embedded_30_days", |b| {
+        b.iter_custom(|iters| time_apply(&rt, &*emb_history, &rows, "emb-history", &seq, iters))
     });
     if let Some((meter_redis, apply_redis)) = &redis_stores {
         g.bench_function("meter_flush/redis", |b| {
@@ -511,6 +542,7 @@ fn bench_flush(c: &mut Criterion) {
     g.finish();
 
     report_apply_share("meter_flush/embedded", &meter_emb);
+    day_rollover(&rt, &*emb_history, &rows, &seq);
     if let Some((meter_redis, _)) = &redis_stores {
         report_apply_share("meter_flush/redis", meter_redis);
     }
@@ -520,7 +552,7 @@ fn bench_flush(c: &mut Criterion) {
     drop(redis_stores);
     drop(redis);
     drop(rt);
-    for db in [&db_flush, &db_apply, &db_cache] {
+    for db in [&db_flush, &db_apply, &db_history] {
         remove_db(db);
     }
 }

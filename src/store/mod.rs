@@ -212,10 +212,19 @@ impl Breaker {
     where
         F: Future<Output = Result<T, StoreError>>,
     {
+        self.call_within(self.timeout, fut).await
+    }
+
+    /// Like [`Breaker::call`] with another timeout: bulk background work (ledger batches,
+    /// directory loads) may take longer than a hot-path call ever should.
+    pub async fn call_within<T, F>(&self, timeout: Duration, fut: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
         if self.is_open() {
             return Err(StoreError::BreakerOpen);
         }
-        let result = match tokio::time::timeout(self.timeout, fut).await {
+        let result = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout),
         };

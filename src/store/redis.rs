@@ -41,6 +41,9 @@ pub struct RedisStore {
     observer: Arc<dyn StoreObserver>,
 }
 
+/// Timeout of bulk calls: ledger batches of tens of thousands of rows, directory loads.
+const BULK_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -64,7 +67,9 @@ impl RedisStore {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
                 // Longer than the breaker's timeout, so a hung call is reported as a timeout.
-                .set_response_timeout(Some(timeout * 2))
+                // No connection-level response timeout: every call has its own (the hot-path
+                // timeout, or a longer one for bulk work), enforced by the breaker.
+                .set_response_timeout(None)
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
             Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)
@@ -93,6 +98,20 @@ impl RedisStore {
 
     /// Runs one pipeline (one round trip) under the breaker.
     async fn run<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.run_within(op, pipe, None).await
+    }
+
+    /// Runs one pipeline with `timeout` instead of the hot-path timeout (bulk background work).
+    async fn run_bulk<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.run_within(op, pipe, Some(BULK_TIMEOUT)).await
+    }
+
+    async fn run_within<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        pipe: &Pipeline,
+        timeout: Option<Duration>,
+    ) -> Result<T, StoreError> {
         let fut = async {
             // Counted only when Redis is really called (not when the breaker refuses).
             self.observer.round_trip("redis", op);
@@ -110,7 +129,10 @@ impl RedisStore {
                 }
             }
         };
-        let r = self.breaker.call(fut).await;
+        let r = match timeout {
+            Some(t) => self.breaker.call_within(t, fut).await,
+            None => self.breaker.call(fut).await,
+        };
         if r.is_err() {
             self.observer.error("redis", op);
         }
@@ -270,9 +292,9 @@ fn usage_key(tenant: &str, day: &str) -> String {
     format!("{}:usage:{day}", tenant_prefix(tenant))
 }
 
+/// Adds one tenant's rows and batch marker to `pipe`. The caller wraps them in MULTI/EXEC, so
+/// the marker and the increments apply together or not at all.
 fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&LedgerRow]) {
-    // MULTI/EXEC: the marker and the increments apply together or not at all.
-    pipe.cmd("MULTI").ignore();
     pipe.cmd("SET").arg(format!("{}:lb:{id}", tenant_prefix(tenant))).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
     for r in rows {
         let key = usage_key(tenant, &r.day);
@@ -281,7 +303,6 @@ fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&Ledger
             pipe.cmd("HINCRBY").arg(&key).arg(format!("{}|cost", r.metric)).arg(r.cost_micros).ignore();
         }
     }
-    pipe.cmd("EXEC").ignore();
 }
 
 #[async_trait]
@@ -307,7 +328,7 @@ impl Ledger for RedisStore {
                 }
                 out
             } else {
-                self.run("ledger_check", &check).await?
+                self.run_bulk("ledger_check", &check).await?
             };
             let done: Vec<&str> = by_tenant.keys().zip(applied).filter(|(_, a)| *a > 0).map(|(t, _)| *t).collect();
             for t in done {
@@ -321,16 +342,21 @@ impl Ledger for RedisStore {
             // Each tenant's keys share a slot; different tenants may not.
             for (t, rows) in &by_tenant {
                 let mut pipe = redis::pipe();
+                pipe.cmd("MULTI").ignore();
                 add_tenant_batch(&mut pipe, t, &batch.id, rows);
-                self.run::<()>("ledger_apply", &pipe).await?;
+                pipe.cmd("EXEC").ignore();
+                self.run_bulk::<()>("ledger_apply", &pipe).await?;
             }
             return Ok(());
         }
+        // One node: the whole batch is one transaction in one round trip.
         let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
         for (t, rows) in &by_tenant {
             add_tenant_batch(&mut pipe, t, &batch.id, rows);
         }
-        self.run::<()>("ledger_apply", &pipe).await
+        pipe.cmd("EXEC").ignore();
+        self.run_bulk::<()>("ledger_apply", &pipe).await
     }
 
     async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {
@@ -347,7 +373,7 @@ impl Ledger for RedisStore {
             pipe.cmd("HGETALL").arg(usage_key(tenant, d));
         }
         let maps: Vec<std::collections::HashMap<String, i64>> =
-            if days.is_empty() { Vec::new() } else { self.run("ledger_read", &pipe).await? };
+            if days.is_empty() { Vec::new() } else { self.run_bulk("ledger_read", &pipe).await? };
         let mut out = Vec::new();
         for (d, map) in days.iter().zip(maps) {
             let mut metrics: Vec<(&String, &i64)> = map.iter().filter(|(k, _)| !k.ends_with("|cost")).collect();
@@ -387,7 +413,7 @@ impl DirectoryStore for RedisStore {
             Option<i64>,
             std::collections::HashMap<String, String>,
             std::collections::HashMap<String, String>,
-        ) = self.run("dir_load", &pipe).await?;
+        ) = self.run_bulk("dir_load", &pipe).await?;
         let mut data = DirectoryData { version: v.unwrap_or(0).max(0) as u64, ..DirectoryData::default() };
         for (_, json) in tenants {
             match serde_json::from_str::<TenantRecord>(&json) {
