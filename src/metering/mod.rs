@@ -19,6 +19,34 @@ use crate::metrics::Metrics;
 use crate::store::{Ledger, LedgerBatch, LedgerRow};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
+
+fn decision_index(d: &str) -> u8 {
+    match d {
+        "forwarded" => 0,
+        "rejected" => 1,
+        "upstream_error" => 2,
+        "served" => 3,
+        _ => 4,
+    }
+}
+
+/// A cached `tollgate_usage_units_total` counter; allocates only on a label pair's first use.
+fn counter_for<'a>(
+    cache: &'a mut HashMap<String, HashMap<String, prometheus::IntCounter, Fast>, Fast>,
+    m: &Metrics,
+    tier: &str,
+    metric: &str,
+) -> &'a prometheus::IntCounter {
+    if !cache.contains_key(tier) {
+        cache.insert(tier.to_string(), HashMap::default());
+    }
+    let by_metric = cache.entry(tier.to_string()).or_default();
+    if !by_metric.contains_key(metric) {
+        by_metric.insert(metric.to_string(), m.usage_units.with_label_values(&[tier, metric]));
+    }
+    &by_metric[metric]
+}
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -26,14 +54,78 @@ use std::time::Instant;
 /// Number of aggregate shards; more than threads, so two threads rarely share one.
 const SHARDS: usize = 16;
 
-type AggKey = (Arc<str>, i64, Arc<str>);
+/// Fixed usage slots of a tenant-day: requests, bytes in/out, upstream and total ms, and one
+/// per status class.
+const FIXED: usize = 11;
+const REQUESTS: usize = 0;
+const BYTES_IN: usize = 1;
+const BYTES_OUT: usize = 2;
+const UPSTREAM_MS: usize = 3;
+const TOTAL_MS: usize = 4;
+const STATUS0: usize = 5;
+
+/// One tenant's usage on one UTC day, as one map entry: a request touches one entry, not one
+/// per metric.
+struct TenantDay {
+    id: Arc<str>,
+    tier: Arc<crate::config::Tier>,
+    fixed: [u64; FIXED],
+    charged: Vec<(Arc<str>, u64)>,
+    rejected: Vec<(&'static str, u64)>,
+}
+
+/// A cheap hasher for keys that are already well spread (addresses, small integers).
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+}
+
+type Fast = std::hash::BuildHasherDefault<FastHasher>;
+
+/// Metric handles for one label combination, cached per shard so the hot path skips the
+/// registry's label lookup and its shared lock. The labels are kept to check a cache hit: the
+/// key holds addresses, which a reload may reuse for other strings.
+struct Handles {
+    tier: String,
+    rule: String,
+    requests: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    rejections: Option<prometheus::IntCounter>,
+}
+
+type HandleKey = (usize, usize, usize, usize, u8, u8, usize);
 
 #[derive(Default)]
 struct Shard {
-    /// (tenant, UTC day number, metric) → (value, cost in micros)
-    usage: HashMap<AggKey, (u64, u64)>,
+    /// (tenant id address, UTC day number) → usage. The entry holds the id, so the address is
+    /// not reused while the key exists.
+    usage: HashMap<(usize, i64), TenantDay, Fast>,
     /// Requests per tenant since the last flush, for the top-N per-tenant series.
     tenant_counts: HashMap<Arc<str>, u64>,
+    handles: HashMap<HandleKey, Handles, Fast>,
+    upstreams: HashMap<String, prometheus::Histogram>,
+    units: HashMap<String, HashMap<String, prometheus::IntCounter, Fast>, Fast>,
 }
 
 /// What one finished request contributes.
@@ -69,6 +161,8 @@ pub struct Meter {
     run_id: u64,
     seq: AtomicU64,
     names: Names,
+    bytes_in: prometheus::IntCounter,
+    bytes_out: prometheus::IntCounter,
     /// Decayed request counts per tenant, for choosing the top N (touched by the flush only).
     top_scores: Mutex<HashMap<Arc<str>, f64>>,
     tenant_allow: HashSet<String>,
@@ -127,6 +221,8 @@ impl Meter {
         tenant_allow: Vec<String>,
         tenant_top: usize,
     ) -> Arc<Meter> {
+        let (bytes_in, bytes_out) =
+            (metrics.bytes.with_label_values(&["in"]), metrics.bytes.with_label_values(&["out"]));
         Arc::new(Meter {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             ledger,
@@ -137,6 +233,8 @@ impl Meter {
             run_id: rand::random::<u64>(),
             seq: AtomicU64::new(0),
             top_scores: Mutex::new(HashMap::new()),
+            bytes_in,
+            bytes_out,
             names: Names {
                 requests: "requests".into(),
                 bytes_in: "bytes_in".into(),
@@ -167,16 +265,51 @@ impl Meter {
         let tier = r.tenant.map(|t| &*t.tier.name).unwrap_or("-");
         let class = status_class(r.status);
         let m = &self.metrics;
-        m.requests.with_label_values(&[tier, r.rule, r.decision, STATUS_LABELS[class]]).inc();
-        if let Some(reason) = r.reason {
-            m.rejections.with_label_values(&[tier, reason]).inc();
+        let mut shard = self.shard();
+        let sh = &mut *shard;
+
+        let reason = r.reason.unwrap_or("");
+        let key: HandleKey = (
+            r.rule.as_ptr() as usize,
+            r.rule.len(),
+            tier.as_ptr() as usize,
+            tier.len(),
+            decision_index(r.decision),
+            class as u8,
+            reason.as_ptr() as usize,
+        );
+        let fresh = sh.handles.get(&key).is_none_or(|h| h.rule != r.rule || h.tier != tier);
+        if fresh {
+            sh.handles.insert(
+                key,
+                Handles {
+                    tier: tier.to_string(),
+                    rule: r.rule.to_string(),
+                    requests: m.requests.with_label_values(&[tier, r.rule, r.decision, STATUS_LABELS[class]]),
+                    duration: m.request_duration.with_label_values(&[tier, r.rule]),
+                    rejections: r.reason.map(|reason| m.rejections.with_label_values(&[tier, reason])),
+                },
+            );
         }
-        m.request_duration.with_label_values(&[tier, r.rule]).observe(r.total_secs);
+        if let Some(h) = sh.handles.get(&key) {
+            h.requests.inc();
+            h.duration.observe(r.total_secs);
+            if let Some(rej) = &h.rejections {
+                rej.inc();
+            }
+        }
         if let (Some(u), Some(s)) = (r.upstream, r.upstream_secs) {
-            m.upstream_duration.with_label_values(&[u]).observe(s);
+            match sh.upstreams.get(u) {
+                Some(hist) => hist.observe(s),
+                None => {
+                    let hist = m.upstream_duration.with_label_values(&[u]);
+                    hist.observe(s);
+                    sh.upstreams.insert(u.to_string(), hist);
+                }
+            }
         }
-        m.bytes.with_label_values(&["in"]).inc_by(r.bytes_in);
-        m.bytes.with_label_values(&["out"]).inc_by(r.bytes_out);
+        self.bytes_in.inc_by(r.bytes_in);
+        self.bytes_out.inc_by(r.bytes_out);
 
         let Some(tenant) = r.tenant else { return };
         if (self.tenant_top > 0 || !self.tenant_allow.is_empty())
@@ -184,41 +317,42 @@ impl Meter {
         {
             m.tenant_requests.with_label_values(&[&tenant.id, r.decision]).inc();
         }
-        let day = day_number(now_ms);
-        let prices = &tenant.tier.limits.prices;
-        let mut shard = self.shard();
         if self.tenant_top > 0 {
-            *shard.tenant_counts.entry(tenant.id.clone()).or_insert(0) += 1;
+            *sh.tenant_counts.entry(tenant.id.clone()).or_insert(0) += 1;
         }
-        let mut add = |metric: &Arc<str>, value: u64| {
-            if value == 0 {
-                return;
-            }
-            let price = prices.get(metric).copied().unwrap_or(0.0);
-            let cost = (value as f64 * price * 1_000_000.0).round() as u64;
-            let e = shard.usage.entry((tenant.id.clone(), day, metric.clone())).or_insert((0, 0));
-            e.0 += value;
-            e.1 += cost;
-        };
+        let day = day_number(now_ms);
+        let agg = sh.usage.entry((tenant.id.as_ptr() as usize, day)).or_insert_with(|| TenantDay {
+            id: tenant.id.clone(),
+            tier: tenant.tier.clone(),
+            fixed: [0; FIXED],
+            charged: Vec::new(),
+            rejected: Vec::new(),
+        });
         if !r.admitted {
             if let Some(reason) = r.reason {
-                add(&self.rejected_name(reason), 1);
+                match agg.rejected.iter_mut().find(|(c, _)| *c == reason) {
+                    Some(e) => e.1 += 1,
+                    None => agg.rejected.push((reason, 1)),
+                }
             }
             return;
         }
-        add(&self.names.requests, 1);
-        add(&self.names.bytes_in, r.bytes_in);
-        add(&self.names.bytes_out, r.bytes_out);
-        add(&self.names.status[class], 1);
-        add(&self.names.total_ms, (r.total_secs * 1000.0).round() as u64);
+        agg.fixed[REQUESTS] += 1;
+        agg.fixed[BYTES_IN] += r.bytes_in;
+        agg.fixed[BYTES_OUT] += r.bytes_out;
+        agg.fixed[STATUS0 + class] += 1;
+        agg.fixed[TOTAL_MS] += (r.total_secs * 1000.0).round() as u64;
         if let Some(s) = r.upstream_secs {
-            add(&self.names.upstream_ms, (s * 1000.0).round() as u64);
+            agg.fixed[UPSTREAM_MS] += (s * 1000.0).round() as u64;
         }
         if let Some((metric, units)) = r.charge {
-            add(metric, units);
-            m.usage_units.with_label_values(&[tier, metric]).inc_by(units);
+            match agg.charged.iter_mut().find(|(m, _)| Arc::ptr_eq(m, metric) || **m == **metric) {
+                Some(e) => e.1 += units,
+                None => agg.charged.push((metric.clone(), units)),
+            }
+            counter_for(&mut sh.units, m, tier, metric).inc_by(units);
         }
-        m.usage_units.with_label_values(&[tier, "requests"]).inc();
+        counter_for(&mut sh.units, m, tier, "requests").inc();
     }
 
     /// Swaps out the aggregates as one batch and writes every buffered batch, oldest first.
@@ -230,8 +364,8 @@ impl Meter {
                 let mut g = lock(s);
                 (std::mem::take(&mut g.usage), std::mem::take(&mut g.tenant_counts))
             };
-            for ((tenant, day, metric), (value, cost_micros)) in usage {
-                rows.push(LedgerRow { tenant, metric, day: day_string(day), value, cost_micros });
+            for ((_, day), agg) in usage {
+                self.rows_of(agg, day, &mut rows);
             }
             for (t, n) in tc {
                 *counts.entry(t).or_insert(0) += n;
@@ -266,6 +400,41 @@ impl Meter {
             }
         }
         self.metrics.ledger_buffered.set(lock(&self.buffer).len() as i64);
+    }
+
+    /// Ledger rows of one tenant-day, with cost from the tier's prices.
+    fn rows_of(&self, agg: TenantDay, day: i64, out: &mut Vec<LedgerRow>) {
+        let day = day_string(day);
+        let prices = &agg.tier.limits.prices;
+        let mut push = |metric: &Arc<str>, value: u64| {
+            if value == 0 {
+                return;
+            }
+            let price = prices.get(metric).copied().unwrap_or(0.0);
+            let cost_micros = (value as f64 * price * 1_000_000.0).round() as u64;
+            out.push(LedgerRow {
+                tenant: agg.id.clone(),
+                metric: metric.clone(),
+                day: day.clone(),
+                value,
+                cost_micros,
+            });
+        };
+        let n = &self.names;
+        push(&n.requests, agg.fixed[REQUESTS]);
+        push(&n.bytes_in, agg.fixed[BYTES_IN]);
+        push(&n.bytes_out, agg.fixed[BYTES_OUT]);
+        push(&n.upstream_ms, agg.fixed[UPSTREAM_MS]);
+        push(&n.total_ms, agg.fixed[TOTAL_MS]);
+        for (i, name) in n.status.iter().enumerate() {
+            push(name, agg.fixed[STATUS0 + i]);
+        }
+        for (metric, units) in &agg.charged {
+            push(metric, *units);
+        }
+        for (reason, count) in &agg.rejected {
+            push(&self.rejected_name(reason), *count);
+        }
     }
 
     /// Recomputes the top-N tenants and drops series of tenants that left it.
