@@ -6,7 +6,8 @@
 //! - `tg:{acme}:w:<name>:<window>`: sliding-window request counts (`mode = "global"`)
 //! - `tg:{acme}:slots`: a sorted set of concurrency slot leases, scored by expiry
 //! - `tg:{acme}:usage:<YYYY-MM-DD>`: the usage ledger, a hash of `metric` and `metric|cost`
-//! - `tg:{acme}:lb:<batch>`: marks a ledger batch as applied for the tenant (kept 7 days)
+//! - `tg:{ledger}:lb:<batch>` (one Redis) or `tg:{acme}:lb:<batch>` (per tenant, Redis
+//!   Cluster): marks a ledger batch as applied (kept 7 days)
 //! - `tg:{dir}:tenants`, `tg:{dir}:keys`: runtime-managed tenants and keys (JSON per field),
 //!   and `tg:{dir}:version`, bumped by every write (one slot, so writes are transactions)
 //!
@@ -296,6 +297,10 @@ fn usage_key(tenant: &str, day: &str) -> String {
 /// the marker and the increments apply together or not at all.
 fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&LedgerRow]) {
     pipe.cmd("SET").arg(format!("{}:lb:{id}", tenant_prefix(tenant))).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
+    add_rows(pipe, tenant, rows);
+}
+
+fn add_rows(pipe: &mut Pipeline, tenant: &str, rows: &[&LedgerRow]) {
     for r in rows {
         let key = usage_key(tenant, &r.day);
         pipe.cmd("HINCRBY").arg(&key).arg(&*r.metric).arg(r.value).ignore();
@@ -305,12 +310,43 @@ fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&Ledger
     }
 }
 
+impl RedisStore {
+    /// One node: the whole batch is one transaction in one round trip, with one batch marker
+    /// (`tg:{ledger}:lb:<id>`) instead of one per tenant.
+    async fn apply_single_node(
+        &self,
+        batch: &LedgerBatch,
+        by_tenant: std::collections::BTreeMap<&str, Vec<&LedgerRow>>,
+    ) -> Result<(), StoreError> {
+        let marker = format!("tg:{{ledger}}:lb:{}", batch.id);
+        if batch.uncertain {
+            let mut check = redis::pipe();
+            check.cmd("EXISTS").arg(&marker);
+            let (applied,): (i64,) = self.run_bulk("ledger_check", &check).await?;
+            if applied > 0 {
+                return Ok(());
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        pipe.cmd("SET").arg(&marker).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
+        for (t, rows) in &by_tenant {
+            add_rows(&mut pipe, t, rows);
+        }
+        pipe.cmd("EXEC").ignore();
+        self.run_bulk::<()>("ledger_apply", &pipe).await
+    }
+}
+
 #[async_trait]
 impl Ledger for RedisStore {
     async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
         let mut by_tenant: std::collections::BTreeMap<&str, Vec<&LedgerRow>> = std::collections::BTreeMap::new();
         for r in &batch.rows {
             by_tenant.entry(&r.tenant).or_default().push(r);
+        }
+        if !self.is_cluster() {
+            return self.apply_single_node(batch, by_tenant).await;
         }
         if batch.uncertain {
             // The last attempt may have landed: skip the tenants whose marker exists.
@@ -349,14 +385,7 @@ impl Ledger for RedisStore {
             }
             return Ok(());
         }
-        // One node: the whole batch is one transaction in one round trip.
-        let mut pipe = redis::pipe();
-        pipe.cmd("MULTI").ignore();
-        for (t, rows) in &by_tenant {
-            add_tenant_batch(&mut pipe, t, &batch.id, rows);
-        }
-        pipe.cmd("EXEC").ignore();
-        self.run_bulk::<()>("ledger_apply", &pipe).await
+        Ok(())
     }
 
     async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {
