@@ -57,9 +57,6 @@ pub fn load_str(path: &Path, text: String, diags: &mut Diagnostics) -> Option<Co
 
     let mut files = vec![path.to_path_buf()];
     let mut rule_files = Vec::new();
-    if let Some(r) = main.rules.as_ref() {
-        let _ = r;
-    }
     for pattern in &main.include {
         for inc in expand_include(&base_dir, pattern, &src, diags) {
             match std::fs::read_to_string(&inc) {

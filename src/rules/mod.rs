@@ -254,7 +254,7 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
         if let Some(m) = &dref.matcher {
             c.diags.error_at(src, m.span(), "`[defaults]` cannot have a `match`; defaults apply to every rule");
         }
-        let compiled = c.actions(src, dref, None);
+        let compiled = c.actions(src, dref);
         for field in set_fields(dref) {
             if let Some(prev) = defaults_seen.get(field) {
                 c.diags.error_at(
@@ -297,7 +297,7 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
                 Some(m) => c.conditions(src, m),
                 None => Conditions::default(),
             };
-            let own = c.actions(src, rf, Some(&name));
+            let own = c.actions(src, rf);
             let actions = merge(&defaults, &own, dref_fields(rf));
             if actions.charge.as_ref().is_some_and(|c| &*c.metric == "requests") {
                 let span = rf
@@ -485,9 +485,8 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
         out.extend(b.iter().cloned());
         out
     }
-    let pick = |s: bool| s;
     Actions {
-        public: if pick(set.public) { own.public } else { defaults.public },
+        public: if set.public { own.public } else { defaults.public },
         require_scopes: union(&defaults.require_scopes, &own.require_scopes),
         require_feature: if set.require_feature {
             own.require_feature.clone()
@@ -684,7 +683,7 @@ impl Compiler<'_, '_> {
         }
     }
 
-    fn actions(&mut self, src: &SourceFile, a: &ActionsFile, rule: Option<&str>) -> Actions {
+    fn actions(&mut self, src: &SourceFile, a: &ActionsFile) -> Actions {
         let mut out = Actions { public: a.public.as_ref().is_some_and(|p| *p.get_ref()), ..Actions::default() };
         for s in a.require_scopes.iter().flatten() {
             if s.get_ref().is_empty() || s.get_ref().contains(char::is_whitespace) {
@@ -808,7 +807,6 @@ impl Compiler<'_, '_> {
                 ),
             }
         }
-        let _ = rule;
         out
     }
 }
