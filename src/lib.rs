@@ -12,6 +12,7 @@ pub mod demo;
 pub mod directory;
 pub mod echo;
 pub mod error;
+pub mod fasthash;
 pub mod keys;
 pub mod limits;
 pub mod metering;

@@ -107,7 +107,7 @@ pub enum ConcurrencyError {
 
 /// All tenants' slots.
 pub struct Concurrency {
-    map: DashMap<Arc<str>, Arc<TenantSlots>>,
+    map: DashMap<Arc<str>, Arc<TenantSlots>, crate::fasthash::Fast>,
     shared: Option<Arc<dyn Counters>>,
     instance: String,
     seq: AtomicU64,
@@ -123,7 +123,7 @@ impl Concurrency {
         ttl: Duration,
         clock: SharedClock,
     ) -> Arc<Concurrency> {
-        Arc::new(Concurrency { map: DashMap::new(), shared, instance, seq: AtomicU64::new(0), ttl, clock })
+        Arc::new(Concurrency { map: DashMap::default(), shared, instance, seq: AtomicU64::new(0), ttl, clock })
     }
 
     fn slots(&self, tenant: &Arc<str>) -> Arc<TenantSlots> {

@@ -120,7 +120,7 @@ struct Pending {
 pub struct QuotaEngine {
     store: Arc<dyn Counters>,
     clock: SharedClock,
-    cells: DashMap<(Arc<str>, Arc<str>), Arc<Cell>>,
+    cells: DashMap<(Arc<str>, Arc<str>), Arc<Cell>, crate::fasthash::Fast>,
     max_block: u64,
     pending: Mutex<Pending>,
 }
@@ -148,7 +148,7 @@ impl QuotaEngine {
         Arc::new(QuotaEngine {
             store,
             clock,
-            cells: DashMap::new(),
+            cells: DashMap::default(),
             max_block: max_block.max(1),
             pending: Mutex::new(Pending::default()),
         })

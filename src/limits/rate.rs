@@ -50,7 +50,7 @@ pub enum RateDecision {
 
 /// All buckets.
 pub struct RateLimiters<C: Clock = DefaultClock> {
-    map: DashMap<(Arc<str>, u32), Entry<C>>,
+    map: DashMap<(Arc<str>, u32), Entry<C>, crate::fasthash::Fast>,
     clock: C,
     epoch: Instant,
 }
@@ -87,7 +87,7 @@ impl Default for RateLimiters<DefaultClock> {
 impl<C: Clock + Clone> RateLimiters<C> {
     /// A table on an injected clock (tests use governor's `FakeRelativeClock`).
     pub fn with_clock(clock: C) -> Self {
-        RateLimiters { map: DashMap::new(), clock, epoch: Instant::now() }
+        RateLimiters { map: DashMap::default(), clock, epoch: Instant::now() }
     }
 
     fn now_secs(&self) -> u64 {

@@ -15,6 +15,7 @@
 pub mod report;
 pub mod webhook;
 
+use crate::fasthash::Fast;
 use crate::metrics::Metrics;
 use crate::store::{Ledger, LedgerBatch, LedgerRow};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -73,35 +74,6 @@ struct TenantDay {
     charged: Vec<(Arc<str>, u64)>,
     rejected: Vec<(&'static str, u64)>,
 }
-
-/// A cheap hasher for keys that are already well spread (addresses, small integers).
-#[derive(Default, Clone, Copy)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
-    fn write_i64(&mut self, v: i64) {
-        self.write_u64(v as u64);
-    }
-    fn write_u8(&mut self, v: u8) {
-        self.write_u64(u64::from(v));
-    }
-}
-
-type Fast = std::hash::BuildHasherDefault<FastHasher>;
 
 /// Metric handles for one label combination, cached per shard so the hot path skips the
 /// registry's label lookup and its shared lock. The labels are kept to check a cache hit: the
