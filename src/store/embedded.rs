@@ -53,6 +53,7 @@ impl Embedded {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
+             PRAGMA cache_size = -32768;
              PRAGMA busy_timeout = 5000;
              CREATE TABLE IF NOT EXISTS usage (
                  tenant TEXT NOT NULL,
