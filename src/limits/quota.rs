@@ -252,7 +252,7 @@ impl QuotaEngine {
                 self.roll(&mut st, spec, policy, now);
                 if st.lease >= cost {
                     self.take(&cell, &mut st, cost, now);
-                    self.maybe_prefetch(&cell, &mut st, spec, ceiling);
+                    self.maybe_prefetch(&cell, &mut st, spec, ceiling, cost);
                     let state = st.snapshot(spec);
                     return Ok((
                         Reservation {
@@ -265,7 +265,7 @@ impl QuotaEngine {
                     ));
                 }
                 let remaining = spec.limit.saturating_sub(st.used());
-                let want = cost - st.lease + block_size(remaining, self.max_block);
+                let want = cost - st.lease + block_size(remaining, self.block_cap(cost));
                 (st.key.clone(), want, expire_at(&st.window), st.window.start_ms)
             };
             match self.store.lease(&key, want, ceiling, expire).await {
@@ -340,9 +340,23 @@ impl QuotaEngine {
         ))
     }
 
-    fn maybe_prefetch(self: &Arc<Self>, cell: &Arc<Cell>, st: &mut CellState, spec: &QuotaSpec, ceiling: u64) {
+    /// The largest block for requests costing `cost`: `max_lease_block`, but at least 16
+    /// requests' worth, so costly requests do not refill every few requests. Blocks stay at
+    /// most `remaining / 32`, which keeps grants exact near the limit.
+    fn block_cap(&self, cost: u64) -> u64 {
+        self.max_block.max(cost.saturating_mul(16))
+    }
+
+    fn maybe_prefetch(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        st: &mut CellState,
+        spec: &QuotaSpec,
+        ceiling: u64,
+        cost: u64,
+    ) {
         let remaining = spec.limit.saturating_sub(st.used());
-        let block = block_size(remaining, self.max_block);
+        let block = block_size(remaining, self.block_cap(cost));
         if st.prefetching || block == 0 || st.lease >= block / 2 {
             return;
         }
