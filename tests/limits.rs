@@ -318,3 +318,26 @@ fn monthly_usage_survives_a_restart() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-quota-remaining"), Some("5"), "4 before the restart + 1 now");
 }
+
+#[test]
+fn a_rule_quota_counts_only_that_rules_requests_in_its_own_counter() {
+    let echo = Echo::start();
+    let rules = r#"
+[[rule]]
+name = "bulk"
+match = { path_prefix = "/bulk/" }
+quota.default.requests = { limit = 2, period = "day" }
+"#;
+    let gw = Gateway::start(&config(&echo, EMBEDDED, "quotas.requests = { limit = 100, period = \"month\" }", rules));
+    let auth = acme();
+    for _ in 0..2 {
+        assert_eq!(gw.get("/bulk/x", &[("authorization", &auth)]).status, 200);
+    }
+    let r = gw.get("/bulk/x", &[("authorization", &auth)]);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["metric"], "requests@bulk");
+    // Other routes are not held back by the rule's counter; the tier quota saw the 2 + this one.
+    let r = gw.get("/other", &[("authorization", &auth)]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-quota-remaining"), Some("97"));
+}

@@ -386,6 +386,3 @@ pub fn de_unit<T: DeserializeOwned>(
         }
     }
 }
-
-/// Tables indexed by name, kept in file order for stable error output.
-pub type Named<T> = BTreeMap<String, T>;

@@ -205,7 +205,8 @@ pub fn settle(limits: &Limits, reserved: &mut Reserved, actual: u64) {
     let Some(charge) = reserved.charge.as_mut() else { return };
     charge.actual = Some(actual);
     for r in &reserved.items {
-        if *r.metric == *charge.metric || r.metric.starts_with(&format!("{}@", charge.metric)) {
+        let rule_scoped = r.metric.strip_prefix(&*charge.metric).is_some_and(|rest| rest.starts_with('@'));
+        if *r.metric == *charge.metric || rule_scoped {
             limits.quotas.settle(r, actual);
         }
     }

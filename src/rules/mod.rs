@@ -166,25 +166,6 @@ pub struct RuleSet {
     index: matcher::Index,
 }
 
-impl Default for RuleSet {
-    fn default() -> Self {
-        let fallback = Some(Arc::new(Rule {
-            index: usize::MAX,
-            name: "default".into(),
-            origin: "(no rule matched; unmatched = \"allow\")".into(),
-            when: Conditions::default(),
-            actions: Actions::default(),
-        }));
-        RuleSet {
-            rules: Vec::new(),
-            fallback,
-            unmatched: Unmatched::Allow,
-            metrics: BUILTIN_METRICS.iter().map(|s| s.to_string()).collect(),
-            index: matcher::Index::default(),
-        }
-    }
-}
-
 impl RuleSet {
     pub fn len(&self) -> usize {
         self.rules.len()
