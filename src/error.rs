@@ -12,8 +12,16 @@ use serde_json::{json, Map, Value};
 pub enum Reject {
     /// 400: the request is malformed in a way the gateway will not guess about.
     BadRequest { detail: String },
-    /// 400: a header that must appear at most once appeared twice (credential, tenant, host).
+    /// 400: a header that must appear at most once appeared twice (credential, tenant, host,
+    /// Content-Length).
     DuplicateHeader { header: String },
+    /// 400: the request-target is not origin-form or absolute-form, or its path uses a spelling
+    /// servers disagree about (see `pipeline::canonical`).
+    InvalidTarget { detail: String },
+    /// 400: the host is missing, malformed, or named twice in disagreeing ways.
+    InvalidHost { detail: String },
+    /// 405: the method is not in `[server] allowed_methods` (compared case-sensitively).
+    MethodNotAllowed { method: String, allow: String, case_only: bool },
     /// 431: the request head is larger than `server.max_header_bytes`.
     HeadersTooLarge { limit: usize },
     /// 401: no credential on a route that needs one.
@@ -65,6 +73,9 @@ pub enum Reject {
 pub const CODES: &[&str] = &[
     "bad_request",
     "duplicate_header",
+    "invalid_target",
+    "invalid_host",
+    "method_not_allowed",
     "headers_too_large",
     "missing_key",
     "invalid_key",
@@ -103,6 +114,9 @@ impl Reject {
         match self {
             Reject::BadRequest { .. } => "bad_request",
             Reject::DuplicateHeader { .. } => "duplicate_header",
+            Reject::InvalidTarget { .. } => "invalid_target",
+            Reject::InvalidHost { .. } => "invalid_host",
+            Reject::MethodNotAllowed { .. } => "method_not_allowed",
             Reject::HeadersTooLarge { .. } => "headers_too_large",
             Reject::MissingKey => "missing_key",
             Reject::InvalidKey => "invalid_key",
@@ -130,7 +144,12 @@ impl Reject {
 
     pub fn status(&self) -> u16 {
         match self {
-            Reject::BadRequest { .. } | Reject::DuplicateHeader { .. } | Reject::InvalidCost { .. } => 400,
+            Reject::BadRequest { .. }
+            | Reject::DuplicateHeader { .. }
+            | Reject::InvalidTarget { .. }
+            | Reject::InvalidHost { .. }
+            | Reject::InvalidCost { .. } => 400,
+            Reject::MethodNotAllowed { .. } => 405,
             Reject::RateLimited { .. } | Reject::QuotaExceeded { .. } | Reject::ConcurrencyLimit { .. } => 429,
             Reject::StoreUnavailable { .. } => 503,
             Reject::HeadersTooLarge { .. } => 431,
@@ -153,6 +172,9 @@ impl Reject {
         match self {
             Reject::BadRequest { .. } => "Bad request",
             Reject::DuplicateHeader { .. } => "Duplicate header",
+            Reject::InvalidTarget { .. } => "Invalid request target",
+            Reject::InvalidHost { .. } => "Invalid host",
+            Reject::MethodNotAllowed { .. } => "Method not allowed",
             Reject::HeadersTooLarge { .. } => "Request headers too large",
             Reject::MissingKey => "API key required",
             Reject::InvalidKey => "Invalid API key",
@@ -184,6 +206,14 @@ impl Reject {
             Reject::BadRequest { detail } => detail.clone(),
             Reject::DuplicateHeader { header } => format!(
                 "The `{header}` header appears more than once; send it exactly once."
+            ),
+            Reject::InvalidTarget { detail } | Reject::InvalidHost { detail } => detail.clone(),
+            Reject::MethodNotAllowed { method, allow, case_only: true } => format!(
+                "HTTP methods are case-sensitive: `{method}` is not `{}`. Send one of: {allow}.",
+                method.to_ascii_uppercase()
+            ),
+            Reject::MethodNotAllowed { method, allow, case_only: false } => format!(
+                "The method `{method}` is not served here. Send one of: {allow}."
             ),
             Reject::HeadersTooLarge { limit } => format!(
                 "The request headers exceed {limit} bytes; send fewer or smaller headers."
@@ -327,6 +357,9 @@ impl Reject {
         }
         if let Some(secs) = self.retry_after() {
             headers.push(("retry-after", secs.to_string()));
+        }
+        if let Reject::MethodNotAllowed { allow, .. } = self {
+            headers.push(("allow", allow.clone()));
         }
         if !request_id.is_empty() {
             headers.push(("x-request-id", request_id.to_string()));

@@ -300,7 +300,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Rules { command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers } } => {
-            match tollgate::rules::explain::explain_cli(&config, &method, &path, &host, tier, tenant, &headers) {
+            match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -45,6 +45,11 @@ pub struct ServerFile {
     pub upgrade_sock: Option<SStr>,
     pub pid_file: Option<SStr>,
     pub max_header_bytes: Option<Spanned<IntOrStr>>,
+    pub allowed_methods: Option<Vec<SStr>>,
+    pub header_timeout: Option<SStr>,
+    pub idle_timeout: Option<SStr>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +120,7 @@ pub struct TenantLabelsFile {
 pub struct AdminFile {
     pub token_hash: Option<SStr>,
     pub audit_log: Option<SStr>,
+    pub reload_max_removed_fraction: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

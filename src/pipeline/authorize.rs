@@ -33,8 +33,8 @@ pub fn authorize<'d>(
     let tenant = principal.tenant();
     let view = RequestView {
         method: &req.method,
-        host: &hints.host,
-        path: &hints.path,
+        host: hints.host,
+        path: hints.path,
         query: hints.query,
         headers: &req.headers,
         tier: tenant.map(|t| &*t.tier.name),

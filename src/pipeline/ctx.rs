@@ -51,6 +51,8 @@ pub struct RequestCtx {
     pub upstream: Option<Arc<str>>,
     /// The path (and query) to send upstream when it differs from the client's.
     pub upstream_uri: Option<String>,
+    /// The `Host` to send upstream when the client named the host only in an absolute-form target.
+    pub upstream_host: Option<String>,
     pub client_ip: Option<IpAddr>,
     /// The TCP peer, and whether it is a trusted proxy.
     pub peer_ip: Option<IpAddr>,
@@ -85,6 +87,7 @@ impl RequestCtx {
             rule: None,
             upstream: None,
             upstream_uri: None,
+            upstream_host: None,
             client_ip: None,
             peer_ip: None,
             peer_trusted: false,

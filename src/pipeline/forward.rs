@@ -52,9 +52,13 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
     }
 
     if let Some(uri) = &ctx.upstream_uri {
-        if let Ok(u) = uri.parse::<http::Uri>() {
-            req.set_uri(u);
-        }
+        // The canonical target only holds visible ASCII, so it always parses; refusing here
+        // rather than forwarding the client's spelling keeps "forward what was checked" true.
+        let u = uri.parse::<http::Uri>().map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "canonical target does not parse"))?;
+        req.set_uri(u);
+    }
+    if let Some(host) = &ctx.upstream_host {
+        req.insert_header(http::header::HOST, host.as_str())?;
     }
     if let Some(t) = &ctx.tenant {
         req.insert_header("x-tenant-id", &*t.id)?;

@@ -1,8 +1,8 @@
 //! The request pipeline, and the Pingora `ProxyHttp` impl that sequences it.
 //!
 //! ```text
-//!  request_filter ─► resolve ─► authenticate ─► authorize ─► rate_limit ─► quota ─► concurrency
-//!                    Hints      Principal       Permit       (&Permit)     Reserved  SlotGuard
+//!  request_filter ─► canonicalize ─► resolve ─► authenticate ─► authorize ─► rate_limit ─► quota ─► concurrency
+//!                    Canonical       Hints      Principal       Permit       (&Permit)     Reserved  SlotGuard
 //!                    any refusal: one problem+json response, reservations given back, Ok(true)
 //!  request_body_filter: counts streamed bodies against the rule's max_body
 //!  upstream_peer ────────────────────────────────► forward::peer (round robin, timeouts)
@@ -18,6 +18,7 @@
 
 pub mod authenticate;
 pub mod authorize;
+pub mod canonical;
 pub mod concurrency;
 pub mod ctx;
 pub mod forward;
@@ -92,7 +93,10 @@ impl Gateway {
         ctx.peer_trusted = peer.is_some_and(|p| cfg.tenancy.trusted_proxies.iter().any(|n| n.contains(&p)));
         ctx.https = session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some();
 
-        let hints = resolve::resolve(&cfg.tenancy, cfg.server.max_header_bytes, req, peer)?;
+        resolve::check_size(req, cfg.server.max_header_bytes)?;
+        let canon = canonical::canonicalize(&req.method, req.raw_path(), &req.headers, &canonical::Policy::of(cfg))?;
+        ctx.upstream_host = canon.missing_host_header().map(str::to_string);
+        let hints = resolve::resolve(&cfg.tenancy, &canon, req, peer)?;
         ctx.client_ip = hints.client_ip;
         let principal = authenticate::authenticate(&rt.directory, &hints, self.clock.now_millis())?;
         ctx.tenant = principal.tenant().cloned();
@@ -102,7 +106,7 @@ impl Gateway {
         if hints.path.starts_with("/_tollgate/") {
             return match &principal {
                 authenticate::Principal::Keyed { key } => {
-                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, &hints.path, &ctx.request_id)))
+                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, hints.path, &ctx.request_id)))
                 }
                 authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
             };
@@ -112,7 +116,9 @@ impl Gateway {
         ctx.body_limit = permit.rule.actions.max_body;
         ctx.upstream = Some(forward_target(cfg, &permit)?);
         if hints.path_rewritten {
-            let mut uri = hints.path.to_string();
+            // Forward what was checked: the canonical path and query, never the client's spelling.
+            let mut uri = String::with_capacity(hints.path.len() + hints.query.map_or(0, |q| q.len() + 1));
+            uri.push_str(hints.path);
             if let Some(q) = hints.query {
                 uri.push('?');
                 uri.push_str(q);

@@ -1,14 +1,17 @@
 //! Stage 1, resolve: read what the request says about itself, before trusting any of it.
 //!
-//! It finds the credential (if any), the tenant each configured source names, the host, the
-//! routing path and the client address. It rejects only malformed input: oversized or
-//! duplicated security-relevant headers, and two non-key sources that name different tenants.
-//! It does not look anything up; [`super::authenticate`] decides what to believe.
+//! It works on the [`Canonical`] view, never on the raw target or `Host`, so every spelling of
+//! a host or a `/t/{tenant}/` prefix resolves to the same tenant. It finds the credential (if
+//! any), the tenant each configured source names, the routing path and the client address. It
+//! rejects only malformed input: oversized or duplicated security-relevant headers, and two
+//! non-key sources that name different tenants. It does not look anything up;
+//! [`super::authenticate`] decides what to believe.
 
+use super::canonical::Canonical;
 use crate::config::{Source, Tenancy};
 use crate::directory::canonical_ip;
 use crate::error::Reject;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use pingora::http::RequestHeader;
 use std::borrow::Cow;
@@ -28,12 +31,13 @@ pub struct Hints<'r> {
     pub credential: Option<&'r [u8]>,
     /// The first tenant named by a non-key source, in configured order.
     pub claim: Option<Claim<'r>>,
-    /// Host without port; compared case-insensitively.
-    pub host: Cow<'r, str>,
-    /// The path rules match and the upstream receives (tenant prefix stripped, normalized).
-    pub path: Cow<'r, str>,
+    /// The canonical host: lower case, no port, no trailing dot.
+    pub host: &'r str,
+    /// The path rules match and the upstream receives (canonical, tenant prefix stripped).
+    pub path: &'r str,
+    /// The canonical query.
     pub query: Option<&'r str>,
-    /// `true` when `path` differs from the client's path.
+    /// `true` when the upstream must be sent `path?query` instead of the client's target.
     pub path_rewritten: bool,
     pub client_ip: Option<IpAddr>,
 }
@@ -93,76 +97,12 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end.max(start)]
 }
 
-/// The host the client asked for: `:authority` for h2, else the `Host` header; port removed.
-fn host(req: &RequestHeader) -> Result<&str, Reject> {
-    if let Some(h) = req.uri.host() {
-        return Ok(h);
-    }
-    let Some(v) = single(&req.headers, &HOST)? else { return Ok("") };
-    let s = v.to_str().map_err(|_| Reject::BadRequest { detail: "The Host header is not valid ASCII.".into() })?;
-    // Strip a port, keeping bracketed IPv6 literals whole.
-    let without_port = if s.starts_with('[') {
-        s.find(']').map(|i| &s[..=i]).unwrap_or(s)
-    } else {
-        s.rsplit_once(':').map(|(h, _)| h).unwrap_or(s)
-    };
-    Ok(without_port)
-}
-
 fn lower(s: &str) -> Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(s.to_ascii_lowercase())
     } else {
         Cow::Borrowed(s)
     }
-}
-
-/// Normalizes a path for matching and forwarding: decodes percent-encoded unreserved
-/// characters, merges `//`, and resolves `.` and `..`, so `/%69nternal/../internal/x` cannot
-/// slip past a rule on `/internal/**`. Returns `None` when the path is already normal.
-pub fn normalize_path(path: &str) -> Option<String> {
-    let needs = path.contains('%') || path.contains("//") || path.contains("/.");
-    if !needs {
-        return None;
-    }
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(c) = hex {
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    decoded.push(c);
-                    i += 3;
-                    continue;
-                }
-            }
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
-    let decoded = String::from_utf8(decoded).ok()?;
-    let mut out: Vec<&str> = Vec::new();
-    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut norm = String::with_capacity(decoded.len());
-    for s in &out {
-        norm.push('/');
-        norm.push_str(s);
-    }
-    if norm.is_empty() || (trailing && !norm.ends_with('/')) {
-        norm.push('/');
-    }
-    (norm != path).then_some(norm)
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
@@ -192,24 +132,29 @@ pub fn client_ip(tenancy: &Tenancy, peer: Option<IpAddr>, headers: &HeaderMap) -
     Some(candidate)
 }
 
-/// Runs the stage.
-pub fn resolve<'r>(
-    tenancy: &Tenancy,
-    max_header_bytes: usize,
-    req: &'r RequestHeader,
-    peer: Option<IpAddr>,
-) -> Result<Hints<'r>, Reject> {
+/// Checks the head's size before anything else reads it.
+pub fn check_size(req: &RequestHeader, max_header_bytes: usize) -> Result<(), Reject> {
     if head_size(req) > max_header_bytes {
         return Err(Reject::HeadersTooLarge { limit: max_header_bytes });
     }
+    Ok(())
+}
+
+/// Runs the stage.
+pub fn resolve<'r>(
+    tenancy: &Tenancy,
+    canon: &'r Canonical<'_>,
+    req: &'r RequestHeader,
+    peer: Option<IpAddr>,
+) -> Result<Hints<'r>, Reject> {
     let headers = &req.headers;
     let credential = if tenancy.uses(Source::ApiKey) { credential(tenancy, headers)? } else { None };
-    let host = lower(host(req)?);
+    let host = canon.host();
     let client_ip = client_ip(tenancy, peer, headers);
 
-    let raw_path = req.uri.path();
-    let query = req.uri.query();
-    let mut path: Cow<'r, str> = Cow::Borrowed(raw_path);
+    let raw_path = canon.path();
+    let query = canon.query();
+    let mut path: &'r str = raw_path;
     let mut claims: [Option<Claim<'r>>; 3] = [None, None, None];
     let mut n = 0;
     for source in &tenancy.resolve {
@@ -218,7 +163,7 @@ pub fn resolve<'r>(
             Source::Subdomain => tenancy.base_domain.as_deref().and_then(|base| {
                 let label = host.strip_suffix(base)?.strip_suffix('.')?;
                 (!label.is_empty() && !label.contains('.'))
-                    .then(|| Claim { source: Source::Subdomain, tenant: Cow::Owned(label.to_string()) })
+                    .then_some(Claim { source: Source::Subdomain, tenant: Cow::Borrowed(label) })
             }),
             Source::Header => {
                 // Anyone can send a header: it names a tenant only when a trusted proxy set it.
@@ -243,7 +188,7 @@ pub fn resolve<'r>(
                 if tenant.is_empty() {
                     return None;
                 }
-                path = Cow::Borrowed(tail);
+                path = tail;
                 Some(Claim { source: Source::Path, tenant: lower(tenant) })
             }),
         };
@@ -263,27 +208,13 @@ pub fn resolve<'r>(
             Some(_) => {}
         }
     }
-    let mut path_rewritten = matches!(path, Cow::Borrowed(p) if p.len() != raw_path.len());
-    if let Some(norm) = normalize_path(&path) {
-        path = Cow::Owned(norm);
-        path_rewritten = true;
-    }
+    let path_rewritten = canon.rewritten() || path.len() != raw_path.len();
     Ok(Hints { credential, claim: first, host, path, query, path_rewritten, client_ip })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normalizes_paths() {
-        assert_eq!(normalize_path("/api/x"), None);
-        assert_eq!(normalize_path("/%69nternal/x").as_deref(), Some("/internal/x"));
-        assert_eq!(normalize_path("/a/../internal//x").as_deref(), Some("/internal/x"));
-        assert_eq!(normalize_path("/a/./b/").as_deref(), Some("/a/b/"));
-        assert_eq!(normalize_path("/%2F"), None);
-        assert_eq!(normalize_path("/.."), Some("/".into()));
-    }
 
     #[test]
     fn trims_credentials() {

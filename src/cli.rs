@@ -1,0 +1,77 @@
+//! Command-line glue that needs the whole crate: `tollgate rules explain`. Nothing in the
+//! library imports this module, so it may depend on every other one.
+
+use crate::pipeline::canonical::{canonicalize, Policy};
+use crate::rules::explain::explain;
+use crate::rules::matcher::RequestView;
+
+/// The `tollgate rules explain` command: loads the config and explains one request, read
+/// through the same canonical view as the gateway (so `--method delete` is refused as it would
+/// be on the wire). When only `tenant` is given, its tier comes from the config.
+pub fn explain_cli(
+    path: &std::path::Path,
+    method: &str,
+    target: &str,
+    host: &str,
+    tier: Option<String>,
+    tenant: Option<String>,
+    headers: &[String],
+) -> Result<String, String> {
+    let config = crate::app::load_or_report(path)?;
+    let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| format!("`{method}` is not an HTTP method"))?;
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').ok_or_else(|| format!("--header `{h}` must look like `name: value`"))?;
+        let name = http::HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("`{k}` is not a header name"))?;
+        let value = http::HeaderValue::from_str(v.trim()).map_err(|_| format!("bad value for header `{k}`"))?;
+        map.append(name, value);
+    }
+    // Without --host the request is explained as if sent to `localhost`, and host conditions
+    // do not match.
+    let host_given = !host.is_empty();
+    let host_value = if host_given { host } else { "localhost" };
+    let host_value = http::HeaderValue::from_str(host_value).map_err(|_| format!("`{host}` is not a host name"))?;
+    map.insert(http::header::HOST, host_value);
+    let canon = canonicalize(&method, target.as_bytes(), &map, &Policy::of(&config))
+        .map_err(|r| format!("the gateway would refuse this request: {} {}", r.status(), r.code()))?;
+    let tier = tier.or_else(|| {
+        let t = tenant.as_deref()?;
+        config.tenants.iter().find(|x| x.id == t).map(|x| x.tier.clone())
+    });
+    if let Some(t) = &tier {
+        if !config.tiers.contains_key(t) {
+            return Err(format!("tier `{t}` is not defined in {}", path.display()));
+        }
+    }
+    // The same path the gateway matches: canonical, then `/t/<tenant>` stripped (when path
+    // resolution is on).
+    let mut routed = canon.path();
+    let mut tenant = tenant;
+    if config.tenancy.uses(crate::config::Source::Path) {
+        if let Some(rest) = routed.strip_prefix("/t/") {
+            let (t, tail) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if !t.is_empty() {
+                tenant = tenant.or_else(|| Some(t.to_ascii_lowercase()));
+                routed = tail;
+            }
+        }
+    }
+    let tier = tier.or_else(|| {
+        let t = tenant.as_deref()?;
+        config.tenants.iter().find(|x| x.id == t).map(|x| x.tier.clone())
+    });
+    let view = RequestView {
+        method: canon.method(),
+        host: if host_given { canon.host() } else { "" },
+        path: routed,
+        query: canon.query(),
+        headers: &map,
+        tier: tier.as_deref(),
+        tenant: tenant.as_deref(),
+    };
+    Ok(explain(&config, &view))
+}
