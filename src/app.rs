@@ -3,7 +3,8 @@
 
 use crate::admin::AdminApp;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{self, Config, LogFormat, StoreConfig, StoreKind};
+use crate::config::{self, Config, StoreConfig, StoreKind};
+use crate::edge::{Edge, EdgeLimits};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
@@ -29,19 +30,9 @@ pub struct RunOptions {
     pub daemon: bool,
 }
 
-/// Installs the `tracing` subscriber for the config's log settings. `RUST_LOG` wins when set.
+/// Installs logging for the config's settings (see [`crate::logging`]).
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},pingora=warn", config.log.level)));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Plain => builder.try_init(),
-    };
+    crate::logging::init(config);
 }
 
 /// Loads the config or returns every problem as text.
@@ -198,6 +189,8 @@ pub fn build_server(
     let (upstreams, health_checks) = Upstreams::build(&config.upstreams)?;
     let upstreams = Arc::new(upstreams);
     let listen = config.server.listen.clone();
+    let edge_cfg = config.server.clone();
+    let trusted_proxies = config.tenancy.trusted_proxies.clone();
     let admin_listen = config.server.admin_listen;
     let tls = config.server.tls.clone();
     let flush_interval = config.store.flush_interval;
@@ -261,7 +254,20 @@ pub fn build_server(
         meter: meter.clone(),
         webhook,
     };
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate proxy");
+    let fd_limit = crate::edge::raise_fd_limit();
+    let proxy_limits = EdgeLimits {
+        listener: "proxy",
+        header_timeout: edge_cfg.header_timeout,
+        idle_timeout: edge_cfg.idle_timeout,
+        max_connections: match edge_cfg.max_connections {
+            0 => crate::edge::default_max_connections(fd_limit),
+            n => n,
+        },
+        max_connections_per_ip: edge_cfg.max_connections_per_ip,
+        exempt: trusted_proxies,
+    };
+    let proxy_app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut proxy = Service::new("tollgate proxy".to_string(), Edge::new(proxy_app, proxy_limits, &metrics));
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }
@@ -270,9 +276,22 @@ pub fn build_server(
             .add_tls(&tls.listen.to_string(), &tls.cert.display().to_string(), &tls.key.display().to_string())
             .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
     }
+    // The admin listener has caps of its own, so a flood on the data plane cannot starve it.
+    let admin_limits = EdgeLimits {
+        listener: "admin",
+        header_timeout: edge_cfg.header_timeout,
+        idle_timeout: edge_cfg.idle_timeout,
+        max_connections: 256,
+        max_connections_per_ip: 64,
+        exempt: Vec::new(),
+    };
     let mut admin = Service::new(
         "tollgate admin".to_string(),
-        AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() },
+        Edge::new(
+            AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() },
+            admin_limits,
+            &metrics,
+        ),
     );
     admin.add_tcp(&admin_listen.to_string());
 

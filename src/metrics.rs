@@ -30,6 +30,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub quota_warnings: IntCounterVec,
     pub tenant_requests: IntCounterVec,
+    pub connections_refused: IntCounterVec,
+    pub connections_timed_out: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -128,6 +130,18 @@ impl Metrics {
             ledger_buffered,
             ledger_dropped,
             config_reloads: counter(r, "tollgate_config_reloads_total", "Config reloads, by result.", &["result"]),
+            connections_refused: counter(
+                r,
+                "tollgate_connections_refused_total",
+                "Connections closed at accept because a connection cap was reached.",
+                &["listener", "reason"],
+            ),
+            connections_timed_out: counter(
+                r,
+                "tollgate_connections_timed_out_total",
+                "Connections closed because a client did not send a whole request head in time.",
+                &["listener", "reason"],
+            ),
             tenants,
             keys,
             build_info,

@@ -248,6 +248,19 @@ impl ProxyHttp for Gateway {
         RequestCtx::new()
     }
 
+    /// Runs right after the request head is read (the connection edge always leaves a context):
+    /// the head deadline no longer applies to this request.
+    fn on_connection_reuse(&self, _session: &mut Session, _ctx: &mut RequestCtx, prev: Box<dyn std::any::Any + Send + Sync>) {
+        crate::edge::mark_head_read(Some(prev));
+    }
+
+    /// What Pingora prints about a request in its own log lines: the method, the path without
+    /// the query (which may carry secrets) and the request id.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {} request_id={}", req.method, req.uri.path(), ctx.request_id)
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(session.req_header());
         let rt = self.runtime.load_full();

@@ -1,0 +1,256 @@
+//! The connection edge: what happens to a TCP connection before and between HTTP requests.
+//!
+//! Pingora reads request heads with a per-read timeout and, once a client has asked for
+//! keep-alive, waits for the next request forever, so a client sending one header byte at a
+//! time, or thousands of idle sockets, can hold the process's file descriptors. [`Edge`] wraps an
+//! HTTP application (the proxy or the admin API) and guarantees, per listener:
+//!
+//! - **A whole-head deadline.** A connection that has not delivered a complete request head
+//!   `header_timeout` after it was accepted is closed. On a reused keep-alive connection the
+//!   bound is `idle_timeout + header_timeout` from the end of the previous response.
+//! - **An idle deadline.** A keep-alive connection with no byte of a new request for
+//!   `idle_timeout` is closed quietly (a debug line, never an error).
+//! - **Connection caps.** At most `max_connections` connections at once, and at most
+//!   `max_connections_per_ip` from one client address (trusted proxies are exempt from the
+//!   per-address cap). A connection over a cap is closed at accept, counted in
+//!   `tollgate_connections_refused_total{listener,reason}`, and logged at most once a second
+//!   per listener. The data plane's default total cap leaves half the file-descriptor limit for
+//!   upstream connections and the admin listener, which has caps of its own, so a flood on the
+//!   data plane cannot starve the admin API.
+//! - **Pipelining kept.** Requests pipelined behind another are answered in order, not dropped.
+//!
+//! The head deadline learns that a head was read through the connection's user context: the
+//! edge stores a [`HeadRead`] flag in it before each request, and the application marks it as
+//! soon as the head is parsed (`ProxyHttp::on_connection_reuse` in the gateway, the first line of
+//! the admin app's handler).
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::server::ShutdownWatch;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Set by the application once the request head has been read.
+#[derive(Debug, Default)]
+pub struct HeadRead(AtomicBool);
+
+impl HeadRead {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Marks the head of the request whose session carried `ctx` as read. Called by applications
+/// with whatever user context their session held.
+pub fn mark_head_read(ctx: Option<Box<dyn std::any::Any + Send + Sync>>) {
+    if let Some(ctx) = ctx {
+        if let Ok(flag) = ctx.downcast::<Arc<HeadRead>>() {
+            flag.mark();
+        }
+    }
+}
+
+/// Deadlines and caps of one listener.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    /// `listener` label of the metrics and logs (`proxy`, `admin`).
+    pub listener: &'static str,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Addresses exempt from the per-address cap (load balancers, trusted proxies).
+    pub exempt: Vec<IpNet>,
+}
+
+/// Counts of open connections, total and per client address.
+#[derive(Debug, Default)]
+struct Open {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds one connection's place under the caps; frees it when dropped.
+struct Place<'a> {
+    open: &'a Open,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.open.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut map = self.open.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP application behind deadlines and connection caps.
+pub struct Edge<A> {
+    app: Arc<A>,
+    limits: EdgeLimits,
+    open: Open,
+    refused: prometheus::IntCounterVec,
+    timed_out: prometheus::IntCounterVec,
+    /// Unix seconds of the last "refused" log line, so a flood logs once a second.
+    last_log: AtomicI64,
+}
+
+impl<A> Edge<A> {
+    pub fn new(app: A, limits: EdgeLimits, metrics: &crate::metrics::Metrics) -> Edge<A> {
+        Edge {
+            app: Arc::new(app),
+            limits,
+            open: Open::default(),
+            refused: metrics.connections_refused.clone(),
+            timed_out: metrics.connections_timed_out.clone(),
+            last_log: AtomicI64::new(0),
+        }
+    }
+
+    /// Takes a place for a connection from `ip`, or says which cap is full.
+    fn admit(&self, ip: Option<IpAddr>) -> Result<Place<'_>, &'static str> {
+        let total = self.open.total.fetch_add(1, Ordering::AcqRel) + 1;
+        // From here on the place is held; dropping it (on refusal too) gives it back.
+        let mut place = Place { open: &self.open, ip: None };
+        if total > self.limits.max_connections {
+            return Err("max_connections");
+        }
+        let Some(ip) = ip else { return Ok(place) };
+        if self.limits.exempt.iter().any(|n| n.contains(&ip)) {
+            return Ok(place);
+        }
+        let mut map = self.open.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.limits.max_connections_per_ip {
+            return Err("max_connections_per_ip");
+        }
+        *n += 1;
+        place.ip = Some(ip);
+        Ok(place)
+    }
+
+    fn log_refusal(&self, ip: Option<IpAddr>, reason: &'static str) {
+        self.refused.with_label_values(&[self.limits.listener, reason]).inc();
+        let now = chrono::Utc::now().timestamp();
+        let last = self.last_log.load(Ordering::Relaxed);
+        if now > last && self.last_log.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            let limit = if reason == "max_connections" {
+                self.limits.max_connections
+            } else {
+                self.limits.max_connections_per_ip
+            };
+            tracing::warn!(
+                listener = self.limits.listener,
+                client = %ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                reason,
+                limit,
+                "connection refused: `server.{reason}` reached (raise it, or find the client holding connections); \
+                 further refusals this second are only counted in tollgate_connections_refused_total"
+            );
+        }
+    }
+}
+
+/// Resolves after `budget` unless the head was read by then, in which case it never resolves.
+async fn head_deadline(flag: &HeadRead, budget: Duration) {
+    tokio::time::sleep(budget).await;
+    if flag.is_marked() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for Edge<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| crate::directory::canonical_ip(a.ip())));
+        let _place = match self.admit(ip) {
+            Ok(place) => place,
+            Err(reason) => {
+                self.log_refusal(ip, reason);
+                return None;
+            }
+        };
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 has its own connection management in Pingora; only the caps apply.
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let idle = self.limits.idle_timeout.as_secs().max(1);
+        let mut session = ServerSession::new_http1(stream);
+        session.set_pipelining_enabled(true);
+        let mut budget = self.limits.header_timeout;
+        loop {
+            // Pingora's keep-alive timeout bounds each read of the next head; our own
+            // deadline bounds the whole head.
+            session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
+            let flag = Arc::new(HeadRead::default());
+            session.set_connection_user_context(Some(Box::new(flag.clone())));
+            let outcome = tokio::select! {
+                biased;
+                r = self.app.process_new_http(session, shutdown) => r,
+                _ = head_deadline(&flag, budget) => {
+                    self.timed_out.with_label_values(&[self.limits.listener, "header_timeout"]).inc();
+                    tracing::debug!(listener = self.limits.listener, client = ?ip, "request head not complete in time; connection closed");
+                    return None;
+                }
+            };
+            let (stream, settings) = outcome?.consume();
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            session.set_pipelining_enabled(true);
+            budget = self.limits.idle_timeout + self.limits.header_timeout;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit and returns it, so the connection caps
+/// can be sized from what the process may really open.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The data plane's default total cap for an open-files limit: half of what remains after a
+/// reserve for the admin listener, the store, logs and health checks, since every proxied
+/// connection may hold an upstream connection too.
+pub fn default_max_connections(fd_limit: u64) -> usize {
+    (fd_limit.saturating_sub(512) / 2).max(64) as usize
+}
