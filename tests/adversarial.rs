@@ -1,0 +1,609 @@
+//! The raw-socket adversarial suite: request shapes an attacker would try, each sent as exact
+//! bytes to the real gateway in front of the real echo upstream, with the status, the problem
+//! code and whether the upstream was reached, all checked. Then the connection edge: slow
+//! heads, idle keep-alive, connection caps, and logs that never hold a secret.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const ADMIN_TOKEN: &str = "tg_admin_adversarialTokenZZZZZZZZZZZZZZZZZZZZZ";
+
+fn config(echo: SocketAddr, server: &str) -> String {
+    let tail = format!(
+        r#"
+[[rule]]
+name = "deny-internal"
+match = {{ path_glob = "/internal/**" }}
+deny = {{ status = 403, message = "Internal." }}
+
+[[rule]]
+name = "deny-dotfiles"
+match = {{ path_glob = "/**/.*/**" }}
+deny = {{ status = 404, message = "Not found." }}
+
+[[rule]]
+name = "no-delete"
+match = {{ path = "/thing", methods = ["DELETE"] }}
+deny = {{ status = 403, message = "Nothing is deleted here." }}
+
+[[rule]]
+name = "upload"
+match = {{ path = "/upload" }}
+max_body = "1KiB"
+public = true
+
+[admin]
+token_hash = "{}"
+"#,
+        hash_of(ADMIN_TOKEN)
+    );
+    standard_config(
+        echo,
+        Extra { server, tenancy: r#"resolve = ["api_key", "subdomain", "path"]"#, tail: &tail, ..Extra::default() },
+    )
+}
+
+/// One request shape and what must happen to it.
+struct Case {
+    name: &'static str,
+    raw: Vec<u8>,
+    status: u16,
+    /// The problem code; `Some("")` for an answer with no problem body (Pingora's own refusal
+    /// of a head it cannot parse), `None` for an upstream answer.
+    code: Option<&'static str>,
+    reached: bool,
+    /// The path (and query) the upstream must have seen.
+    upstream_target: Option<&'static str>,
+}
+
+fn raw(line: &str, headers: &[&str], body: &str) -> Vec<u8> {
+    let mut s = format!("{line}\r\n");
+    for h in headers {
+        s.push_str(h);
+        s.push_str("\r\n");
+    }
+    s.push_str("\r\n");
+    s.push_str(body);
+    s.into_bytes()
+}
+
+fn refused(name: &'static str, raw: Vec<u8>, status: u16, code: &'static str) -> Case {
+    Case { name, raw, status, code: Some(code), reached: false, upstream_target: None }
+}
+
+fn passed(name: &'static str, raw: Vec<u8>, target: Option<&'static str>) -> Case {
+    Case { name, raw, status: 200, code: None, reached: true, upstream_target: target }
+}
+
+fn cases() -> Vec<Case> {
+    let acme = format!("Authorization: Bearer {ACME_KEY}");
+    let globex = format!("Authorization: Bearer {GLOBEX_KEY}");
+    let a = acme.as_str();
+    let g = globex.as_str();
+    let h = "Host: gateway.test";
+    let big = format!("X-Big: {}", "b".repeat(20 * 1024));
+    let many: Vec<String> = (0..300).map(|i| format!("X-Many-{i}: v")).collect();
+    let many: Vec<&str> = std::iter::once(h).chain(many.iter().map(String::as_str)).collect();
+    let body2k = "x".repeat(2048);
+    vec![
+        // Request-target forms (RFC 9112 section 3.2).
+        refused("relative target .env", raw("GET .env HTTP/1.1", &[h], ""), 400, "invalid_target"),
+        refused(
+            "relative target into a denied dir",
+            raw("GET internal/secret.txt HTTP/1.1", &[h], ""),
+            400,
+            "invalid_target",
+        ),
+        refused(
+            "relative target with an oversized body",
+            raw("POST upload HTTP/1.1", &[h, "Content-Length: 2048"], &body2k),
+            400,
+            "invalid_target",
+        ),
+        refused("authority-form", raw("GET 127.0.0.1:19000 HTTP/1.1", &[h], ""), 400, "invalid_target"),
+        refused("asterisk-form", raw("OPTIONS * HTTP/1.1", &[h], ""), 400, "invalid_target"),
+        refused("CONNECT tunnel", raw("CONNECT 127.0.0.1:443 HTTP/1.1", &[h], ""), 400, ""),
+        refused("other scheme", raw("GET ftp://gateway.test/x HTTP/1.1", &[h], ""), 400, "invalid_target"),
+        refused("userinfo in target", raw("GET http://u:p@gateway.test/x HTTP/1.1", &[h], ""), 400, ""),
+        refused("userinfo in target, no Host", raw("GET http://u:p@gateway.test/x HTTP/1.1", &[], ""), 400, ""),
+        passed(
+            "absolute-form without Host",
+            raw("GET http://gateway.test/api/x?a=1 HTTP/1.1", &[a], ""),
+            Some("/api/x?a=1"),
+        ),
+        passed(
+            "absolute-form agreeing with Host",
+            raw("GET https://gateway.test/api/y HTTP/1.1", &[h, a], ""),
+            Some("/api/y"),
+        ),
+        passed(
+            "absolute-form, upper-case, no Host",
+            raw("GET HTTP://GATEWAY.TEST./api/z HTTP/1.1", &[a], ""),
+            Some("/api/z"),
+        ),
+        refused(
+            "absolute-form spelled unlike Host",
+            raw("GET HTTPS://GATEWAY.test./api/y HTTP/1.1", &[h, a], ""),
+            400,
+            "",
+        ),
+        refused(
+            "absolute-form disagreeing with Host",
+            raw("GET http://evil.test/api/x HTTP/1.1", &[h, a], ""),
+            400,
+            "",
+        ),
+        refused(
+            "absolute-form into a denied dir",
+            raw("GET http://gateway.test/internal/x HTTP/1.1", &[a], ""),
+            403,
+            "denied",
+        ),
+        // Path spellings: each must meet the deny rule, or be refused.
+        refused("plain denied path", raw("GET /internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("encoded letter", raw("GET /%69nternal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("encoded letter, lower hex", raw("GET /%69%6etern%61l/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("dot-dot", raw("GET /api/../internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("double slash", raw("GET //internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("dot segment", raw("GET /./internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("encoded dot-dot", raw("GET /api/%2e%2e/internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("dot-dot above the root", raw("GET /../../internal/x HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("encoded slash", raw("GET /internal%2fx HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("encoded backslash", raw("GET /internal%5cx HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("raw backslash", raw("GET /internal\\x HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("semicolon parameter", raw("GET /internal;x=1/y HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("encoded NUL", raw("GET /internal%00/x HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("broken escape", raw("GET /api/%zz HTTP/1.1", &[h, a], ""), 400, "invalid_target"),
+        refused("dotfile", raw("GET /.env HTTP/1.1", &[h, a], ""), 404, "denied"),
+        refused("dot dir", raw("GET /app/.git/config HTTP/1.1", &[h, a], ""), 404, "denied"),
+        refused("encoded dotfile", raw("GET /%2eenv HTTP/1.1", &[h, a], ""), 404, "denied"),
+        passed(
+            "encoded unreserved forwarded decoded",
+            raw("GET /api/%78%2D1?n%75m=%7e HTTP/1.1", &[h, a], ""),
+            Some("/api/x-1?num=~"),
+        ),
+        passed("dot segments forwarded resolved", raw("GET /api/./a/../b//c HTTP/1.1", &[h, a], ""), Some("/api/b/c")),
+        passed("other escapes kept, upper-cased", raw("GET /caf%c3%a9 HTTP/1.1", &[h, a], ""), Some("/caf%C3%A9")),
+        // Methods are case-sensitive.
+        refused("lower-case delete", raw("delete /thing HTTP/1.1", &[h, a], ""), 405, "method_not_allowed"),
+        refused("mixed-case Delete", raw("Delete /thing HTTP/1.1", &[h, a], ""), 405, "method_not_allowed"),
+        refused("DELETE meets its deny", raw("DELETE /thing HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("lower-case get", raw("get /api/x HTTP/1.1", &[h, a], ""), 405, "method_not_allowed"),
+        refused("TRACE", raw("TRACE /api/x HTTP/1.1", &[h, a], ""), 405, "method_not_allowed"),
+        refused("unknown method", raw("FOO /api/x HTTP/1.1", &[h, a], ""), 405, "method_not_allowed"),
+        passed("PATCH", raw("PATCH /api/x HTTP/1.1", &[h, a, "Content-Length: 0"], ""), Some("/api/x")),
+        // Host.
+        refused("no Host, HTTP/1.1", raw("GET /api/x HTTP/1.1", &[a], ""), 400, "invalid_host"),
+        refused("no Host, HTTP/1.0", raw("GET /api/x HTTP/1.0", &[a], ""), 400, "invalid_host"),
+        refused("two Hosts", raw("GET /api/x HTTP/1.1", &[h, "Host: acme.example.test", a], ""), 400, ""),
+        refused("empty Host", raw("GET /api/x HTTP/1.1", &["Host: ", a], ""), 400, "invalid_host"),
+        refused(
+            "Host with an empty label",
+            raw("GET /api/x HTTP/1.1", &["Host: acme..example.test", a], ""),
+            400,
+            "invalid_host",
+        ),
+        refused(
+            "Host with a bad port",
+            raw("GET /api/x HTTP/1.1", &["Host: acme.example.test:99999", a], ""),
+            400,
+            "invalid_host",
+        ),
+        refused("Host with user info", raw("GET /api/x HTTP/1.1", &["Host: x@acme.example.test", a], ""), 400, ""),
+        passed("IPv6 literal Host", raw("GET /api/x HTTP/1.1", &["Host: [::1]:8080", a], ""), Some("/api/x")),
+        // Tenant spellings: a globex key on acme's host or prefix is always a mismatch.
+        refused("subdomain", raw("GET /api/x HTTP/1.1", &["Host: acme.example.test", g], ""), 403, "tenant_mismatch"),
+        refused(
+            "subdomain, trailing dot",
+            raw("GET /api/x HTTP/1.1", &["Host: acme.example.test.", g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused(
+            "subdomain, upper case and port",
+            raw("GET /api/x HTTP/1.1", &["Host: ACME.Example.Test:8443", g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused(
+            "subdomain in absolute-form",
+            raw("GET http://acme.example.test/api/x HTTP/1.1", &[g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused("path prefix", raw("GET /t/acme/api/x HTTP/1.1", &[h, g], ""), 403, "tenant_mismatch"),
+        refused(
+            "path prefix after a double slash",
+            raw("GET //t/acme/api/x HTTP/1.1", &[h, g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused(
+            "path prefix with an encoded t",
+            raw("GET /%74/acme/api/x HTTP/1.1", &[h, g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused(
+            "path prefix with an encoded tenant",
+            raw("GET /t/%61cme/api/x HTTP/1.1", &[h, g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        refused("path prefix in upper case", raw("GET /t/ACME/api/x HTTP/1.1", &[h, g], ""), 403, "tenant_mismatch"),
+        refused(
+            "path prefix behind dot-dot",
+            raw("GET /x/../t/acme/api HTTP/1.1", &[h, g], ""),
+            403,
+            "tenant_mismatch",
+        ),
+        passed("own path prefix, stripped", raw("GET //t/acme/api/x HTTP/1.1", &[h, a], ""), Some("/api/x")),
+        // Framing.
+        refused(
+            "two equal Content-Lengths",
+            raw("POST /api/x HTTP/1.1", &[h, a, "Content-Length: 3", "Content-Length: 3"], "abc"),
+            400,
+            "duplicate_header",
+        ),
+        refused(
+            "two different Content-Lengths",
+            raw("POST /api/x HTTP/1.1", &[h, a, "Content-Length: 3", "Content-Length: 4"], "abcd"),
+            400,
+            "",
+        ),
+        refused(
+            "comma-joined Content-Length",
+            raw("POST /api/x HTTP/1.1", &[h, a, "Content-Length: 3, 3"], "abc"),
+            400,
+            "duplicate_header",
+        ),
+        refused("non-numeric Content-Length", raw("POST /api/x HTTP/1.1", &[h, a, "Content-Length: abc"], ""), 400, ""),
+        refused("signed Content-Length", raw("POST /api/x HTTP/1.1", &[h, a, "Content-Length: +3"], "abc"), 400, ""),
+        refused(
+            "Transfer-Encoding other than chunked",
+            raw("POST /api/x HTTP/1.1", &[h, a, "Transfer-Encoding: gzip, chunked"], "3\r\nabc\r\n0\r\n\r\n"),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "Transfer-Encoding twice",
+            raw(
+                "POST /api/x HTTP/1.1",
+                &[h, a, "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+                "3\r\nabc\r\n0\r\n\r\n",
+            ),
+            400,
+            "bad_request",
+        ),
+        passed(
+            "Transfer-Encoding with Content-Length: chunked wins",
+            raw(
+                "POST /api/x HTTP/1.1",
+                &[h, a, "Content-Length: 99", "Transfer-Encoding: chunked"],
+                "3\r\nabc\r\n0\r\n\r\n",
+            ),
+            Some("/api/x"),
+        ),
+        refused(
+            "bad chunk size",
+            raw("POST /api/x HTTP/1.1", &[h, a, "Transfer-Encoding: chunked"], "zz\r\nabc\r\n0\r\n\r\n"),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "Connection names X-Forwarded-For",
+            raw("GET /api/x HTTP/1.1", &[h, a, "Connection: X-Forwarded-For"], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "Connection names a tenant header",
+            raw("GET /api/x HTTP/1.1", &[h, a, "Connection: close, x-tenant-id"], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "Connection names the credential",
+            raw("GET /api/x HTTP/1.1", &[h, a, "Connection: authorization"], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "underscore tenant header",
+            raw("GET /api/x HTTP/1.1", &[h, a, "X_Tenant_ID: globex"], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "underscore forwarded-for",
+            raw("GET /api/x HTTP/1.1", &[h, a, "X_Forwarded_For: 10.0.0.1"], ""),
+            400,
+            "bad_request",
+        ),
+        passed(
+            "Connection keep-alive",
+            raw("GET /api/x HTTP/1.1", &[h, a, "Connection: keep-alive"], ""),
+            Some("/api/x"),
+        ),
+        // Sizes and header syntax.
+        refused("oversized header", raw("GET /api/x HTTP/1.1", &[h, a, &big], ""), 431, "headers_too_large"),
+        refused("too many headers", raw("GET /api/x HTTP/1.1", &many, ""), 400, ""),
+        refused("header without a colon", raw("GET /api/x HTTP/1.1", &[h, a, "NoColonHere"], ""), 400, ""),
+        refused("space before the colon", raw("GET /api/x HTTP/1.1", &[h, a, "X-Test : 1"], ""), 400, ""),
+        refused("obsolete line folding", raw("GET /api/x HTTP/1.1", &[h, a, "X-Test: 1", " folded"], ""), 400, ""),
+        refused("garbage request line", raw("HELLO", &[h], ""), 400, ""),
+        refused("unknown version", raw("GET /api/x HTTP/3.0", &[h, a], ""), 400, ""),
+        refused(
+            "body over max_body, declared",
+            raw("POST /upload HTTP/1.1", &[h, "Content-Length: 2048"], &body2k),
+            413,
+            "body_too_large",
+        ),
+        refused(
+            "body over max_body, chunked",
+            raw("POST /upload HTTP/1.1", &[h, "Transfer-Encoding: chunked"], &format!("800\r\n{body2k}\r\n0\r\n\r\n")),
+            413,
+            "body_too_large",
+        ),
+        // Credentials.
+        refused(
+            "two different keys",
+            raw("GET /api/x HTTP/1.1", &[h, a, &format!("X-API-Key: {GLOBEX_KEY}")], ""),
+            400,
+            "bad_request",
+        ),
+        refused("Authorization twice", raw("GET /api/x HTTP/1.1", &[h, a, g], ""), 400, "duplicate_header"),
+        refused(
+            "key in the query is not a key",
+            raw(&format!("GET /api/x?api_key={ACME_KEY} HTTP/1.1"), &[h], ""),
+            401,
+            "missing_key",
+        ),
+    ]
+}
+
+/// Sends `raw` on a fresh connection and reads one answer.
+fn send(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut conn = Conn::open(addr).expect("connect");
+    conn.send_raw(raw).expect("send");
+    conn.read_response(false).unwrap_or_else(|e| panic!("no answer: {e}"))
+}
+
+#[test]
+fn request_shapes_get_their_documented_answers() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(echo.addr, ""));
+    let cases = cases();
+    assert!(cases.len() >= 60, "the suite keeps at least 60 shapes, has {}", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let before = echo.hits();
+        let resp = send(gw.addr, &case.raw);
+        // The echo counts a request before answering; give a forwarded one a moment to land.
+        let reached = echo.hits() > before;
+        let code = if resp.header("content-type") == Some("application/problem+json") {
+            Some(resp.problem_code())
+        } else if resp.status >= 400 && resp.body.is_empty() {
+            Some(String::new())
+        } else {
+            None
+        };
+        let mut wrong = Vec::new();
+        if resp.status != case.status {
+            wrong.push(format!("status {} (want {})", resp.status, case.status));
+        }
+        if code.as_deref() != case.code {
+            wrong.push(format!("code {code:?} (want {:?})", case.code));
+        }
+        if reached != case.reached {
+            wrong.push(format!("reached upstream: {reached} (want {})", case.reached));
+        }
+        if let (Some(want), true) = (case.upstream_target, resp.status == 200) {
+            let v = resp.json();
+            let q = v["query"].as_str().unwrap_or_default();
+            let got = if q.is_empty() {
+                v["path"].as_str().unwrap_or_default().to_string()
+            } else {
+                format!("{}?{q}", v["path"].as_str().unwrap_or_default())
+            };
+            if got != want {
+                wrong.push(format!("upstream saw `{got}` (want `{want}`)"));
+            }
+            if v["headers"]["host"].as_str().is_none_or(str::is_empty) {
+                wrong.push("upstream got no Host".into());
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{}: {}", case.name, wrong.join(", ")));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} shapes misbehaved:\n{}", failures.len(), cases.len(), failures.join("\n"));
+
+    // Logs never hold a key or the admin token, even for heads Pingora could not parse; the
+    // admin listener gets a malformed head carrying its token.
+    let mut conn = Conn::open(gw.admin).expect("admin");
+    conn.send_raw(
+        format!("GET /v1/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nBad Header\r\n\r\n")
+            .as_bytes(),
+    )
+    .expect("send");
+    let _ = conn.read_response(false);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = gw.log();
+    for secret in [ACME_KEY, GLOBEX_KEY, ADMIN_TOKEN] {
+        assert!(!log.contains(secret), "a secret reached the log:\n{log}");
+    }
+    assert!(!log.contains("buf:"), "a raw request head reached the log:\n{log}");
+}
+
+#[test]
+fn pipelined_requests_are_all_answered_in_order() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(echo.addr, ""));
+    let auth = format!("Authorization: Bearer {ACME_KEY}");
+    let mut batch = Vec::new();
+    for p in ["/api/one", "/api/two", "/api/three"] {
+        batch.extend(raw(&format!("GET {p} HTTP/1.1"), &["Host: gateway.test", &auth], ""));
+    }
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    conn.send_raw(&batch).expect("send");
+    for p in ["/api/one", "/api/two", "/api/three"] {
+        let r = conn.read_response(false).expect("answer");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["path"], p);
+    }
+}
+
+/// Whether the server closed `s` within `within` (reads until EOF or an error).
+fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn slow_heads_and_idle_connections_are_closed_quietly() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(echo.addr, "header_timeout = \"2s\"\nidle_timeout = \"3s\""));
+
+    // A head sent one byte at a time: closed at the head deadline, though every byte arrives
+    // well within any per-read timeout.
+    let mut slow = TcpStream::connect(gw.addr).expect("connect");
+    slow.write_all(b"GET /api/x HTTP/1.1\r\nHost: gateway.test\r\n").expect("write");
+    let start = Instant::now();
+    let mut closed_at = None;
+    while start.elapsed() < Duration::from_secs(8) {
+        if slow.write_all(b"X").is_err() || closed_within(&mut slow, Duration::from_millis(250)).is_some() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+    }
+    let took = closed_at.expect("a byte-a-time head was still open after 8 s");
+    assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(5), "closed after {took:?}");
+
+    // A connection that sends nothing is closed at the head deadline too.
+    let mut silent = TcpStream::connect(gw.addr).expect("connect");
+    let t = closed_within(&mut silent, Duration::from_secs(6)).expect("silent connection closed");
+    assert!(t >= Duration::from_millis(1500), "closed too early: {t:?}");
+
+    // Keep-alive: a second request within the idle time is served; then idle, it is closed.
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    let auth = bearer(ACME_KEY);
+    let hdrs = [("host", "gateway.test"), ("authorization", auth.as_str())];
+    assert_eq!(conn.request("GET", "/api/a", &hdrs, b"").expect("first").status, 200);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(conn.request("GET", "/api/b", &hdrs, b"").expect("second").status, 200);
+    let mut idle = TcpStream::connect(gw.addr).expect("connect");
+    idle.write_all(&build_request("GET", "/api/c", &hdrs, b"")).expect("send");
+    read_one_answer(&mut idle);
+    let t = closed_within(&mut idle, Duration::from_secs(8)).expect("idle keep-alive closed");
+    assert!(t >= Duration::from_secs(2), "idle connection closed after {t:?}, before idle_timeout");
+
+    // A slow body is not a slow head: once the head is in, its deadline no longer applies,
+    // though the whole exchange outlasts it.
+    let mut body = Conn::open(gw.addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(1200));
+    body.send_raw(format!("POST /api/slow HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 3\r\nAuthorization: Bearer {ACME_KEY}\r\n\r\na").as_bytes())
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(1200));
+    body.send_raw(b"bc").expect("send");
+    assert_eq!(body.read_response(false).expect("answer").status, 200);
+
+    std::thread::sleep(Duration::from_millis(200));
+    let log = gw.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "closing slow or idle connections logged errors:\n{}", errors.join("\n"));
+}
+
+/// Reads one `Content-Length` answer off `s`, leaving the connection open.
+fn read_one_answer(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = s.read(&mut b).expect("read");
+        assert!(n > 0, "closed before answering");
+        buf.extend_from_slice(&b[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        if buf.len() >= end + 4 + len {
+            return;
+        }
+    }
+}
+
+fn metric(gw: &Gateway, prefix: &str) -> f64 {
+    let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[test]
+fn connection_caps_hold_and_the_admin_listener_stays_up() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(echo.addr, "max_connections_per_ip = 5\nheader_timeout = \"30s\""));
+    let held: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(gw.addr).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The sixth is closed at once, before it can send anything.
+    let mut extra = TcpStream::connect(gw.addr).expect("connect");
+    assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some(), "sixth connection from one address was kept");
+    assert_eq!(get(gw.admin, "/healthz", &[]).expect("admin").status, 200, "admin listener starved");
+    let refused = r#"tollgate_connections_refused_total{listener="proxy",reason="max_connections_per_ip"}"#;
+    assert!(metric(&gw, refused) >= 1.0, "refusal not counted");
+    // A place given back is usable again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let auth = bearer(ACME_KEY);
+    let r = gw.get("/api/x", &[("host", "gateway.test"), ("authorization", &auth)]);
+    assert_eq!(r.status, 200);
+    let log = gw.log();
+    assert!(log.contains("max_connections_per_ip"), "no log line names the cap:\n{log}");
+}
+
+#[test]
+fn a_flood_of_idle_sockets_is_capped_in_total() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(
+        echo.addr,
+        "max_connections = 200\nmax_connections_per_ip = 100000\nheader_timeout = \"30s\"",
+    ));
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        match TcpStream::connect(gw.addr) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut open = 0;
+    for s in held.iter_mut() {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+            _ => {}
+        }
+    }
+    assert!(open <= 200, "{open} connections held against a cap of 200");
+    assert!(open >= 150, "only {open} connections kept under a cap of 200");
+    assert_eq!(get(gw.admin, "/healthz", &[]).expect("admin").status, 200, "admin listener starved");
+    let refused = r#"tollgate_connections_refused_total{listener="proxy",reason="max_connections"}"#;
+    assert!(metric(&gw, refused) >= 700.0);
+}
