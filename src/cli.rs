@@ -18,7 +18,8 @@ pub fn explain_cli(
     headers: &[String],
 ) -> Result<String, String> {
     let config = crate::app::load_or_report(path)?;
-    let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| format!("`{method}` is not an HTTP method"))?;
+    let method =
+        http::Method::from_bytes(method.as_bytes()).map_err(|_| format!("`{method}` is not an HTTP method"))?;
     let mut map = http::HeaderMap::new();
     for h in headers {
         let (k, v) = h.split_once(':').ok_or_else(|| format!("--header `{h}` must look like `name: value`"))?;

@@ -164,11 +164,10 @@ pub fn canonicalize<'r>(
     let method = check_method(method, policy)?;
     check_framing(headers, policy)?;
 
-    let target = std::str::from_utf8(raw_target).map_err(|_| invalid_target("The request target is not valid UTF-8."))?;
+    let target =
+        std::str::from_utf8(raw_target).map_err(|_| invalid_target("The request target is not valid UTF-8."))?;
     if let Some(b) = target.bytes().find(|b| !(0x21..0x7f).contains(b)) {
-        return Err(invalid_target(format!(
-            "The request target contains the byte 0x{b:02x}; percent-encode it."
-        )));
+        return Err(invalid_target(format!("The request target contains the byte 0x{b:02x}; percent-encode it.")));
     }
     if target.contains('#') {
         return Err(invalid_target("The request target contains a fragment (`#`); fragments are not sent to servers."));
@@ -181,7 +180,9 @@ pub fn canonicalize<'r>(
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (auth, pq) = rest.split_at(end);
         if auth.contains('@') {
-            return Err(invalid_target("The request target carries user information (`user@`); send credentials in headers."));
+            return Err(invalid_target(
+                "The request target carries user information (`user@`); send credentials in headers.",
+            ));
         }
         (Some(auth), pq)
     } else if target == "*" {
@@ -218,7 +219,9 @@ pub fn canonicalize<'r>(
         }
         (Some(a), None) => (canonical_host(a)?, Some(a)),
         (None, Some(h)) => (h, None),
-        (None, None) => return Err(invalid_host("The request has no Host header; send `Host: <the API's host name>`.")),
+        (None, None) => {
+            return Err(invalid_host("The request has no Host header; send `Host: <the API's host name>`."))
+        }
     };
 
     let (raw_path, raw_query) = match path_and_query.split_once('?') {
@@ -256,9 +259,7 @@ fn check_framing(headers: &HeaderMap, policy: &Policy<'_>) -> Result<(), Reject>
         }
         let b = v.as_bytes();
         if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
-            return Err(Reject::BadRequest {
-                detail: "Content-Length must be one decimal number of bytes.".into(),
-            });
+            return Err(Reject::BadRequest { detail: "Content-Length must be one decimal number of bytes.".into() });
         }
     }
     let mut te = headers.get_all(TRANSFER_ENCODING).iter();
@@ -270,7 +271,9 @@ fn check_framing(headers: &HeaderMap, policy: &Policy<'_>) -> Result<(), Reject>
         }
     }
     for v in headers.get_all(CONNECTION) {
-        let s = v.to_str().map_err(|_| Reject::BadRequest { detail: "The Connection header is not valid ASCII.".into() })?;
+        let s = v
+            .to_str()
+            .map_err(|_| Reject::BadRequest { detail: "The Connection header is not valid ASCII.".into() })?;
         for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             if policy.is_protected(token) {
                 return Err(Reject::BadRequest {
@@ -285,7 +288,10 @@ fn check_framing(headers: &HeaderMap, policy: &Policy<'_>) -> Result<(), Reject>
         let n = name.as_str();
         if n.contains('_') && policy.is_protected(&n.replace('_', "-")) {
             return Err(Reject::BadRequest {
-                detail: format!("The header `{n}` imitates `{}` with underscores; send only the gateway's spelling.", n.replace('_', "-")),
+                detail: format!(
+                    "The header `{n}` imitates `{}` with underscores; send only the gateway's spelling.",
+                    n.replace('_', "-")
+                ),
             });
         }
     }
@@ -316,7 +322,10 @@ pub fn canonical_host(value: &str) -> Result<Cow<'_, str>, Reject> {
     };
     if let Some(p) = port {
         if p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u32>().map_or(true, |n| n > 65_535) {
-            return Err(invalid_host(format!("The port `{}` is not a number from 0 to 65535.", p.chars().take(16).collect::<String>())));
+            return Err(invalid_host(format!(
+                "The port `{}` is not a number from 0 to 65535.",
+                p.chars().take(16).collect::<String>()
+            )));
         }
     }
     let host = host.strip_suffix('.').unwrap_or(host);
@@ -326,9 +335,7 @@ pub fn canonical_host(value: &str) -> Result<Cow<'_, str>, Reject> {
     if host.len() > 253 {
         return Err(invalid_host("The host name is longer than 253 characters."));
     }
-    if !host.starts_with('[')
-        && !host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    {
+    if !host.starts_with('[') && !host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) {
         return Err(invalid_host(format!(
             "`{}` is not a host name; use letters, digits, `-` and `.` only.",
             host.chars().take(64).collect::<String>()
@@ -462,10 +469,15 @@ mod tests {
         h
     }
 
-    fn canon(method: &str, target: &str, hs: &[(&str, &str)]) -> Result<(String, String, Option<String>, bool), String> {
+    fn canon(
+        method: &str,
+        target: &str,
+        hs: &[(&str, &str)],
+    ) -> Result<(String, String, Option<String>, bool), String> {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let h = headers(hs);
-        let methods: Vec<Method> = crate::config::DEFAULT_METHODS.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect();
+        let methods: Vec<Method> =
+            crate::config::DEFAULT_METHODS.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect();
         let keys = [HeaderName::from_static("x-api-key")];
         let p = Policy { allowed_methods: &methods, allow_header: "GET", key_headers: &keys, tenant_header: None };
         canonicalize(&m, target.as_bytes(), &h, &p)
@@ -512,7 +524,13 @@ mod tests {
 
     #[test]
     fn host_spellings_collapse() {
-        for h in ["acme.example.com", "ACME.example.com", "acme.example.com.", "acme.example.com:8080", "acme.example.com.:80"] {
+        for h in [
+            "acme.example.com",
+            "ACME.example.com",
+            "acme.example.com.",
+            "acme.example.com:8080",
+            "acme.example.com.:80",
+        ] {
             assert_eq!(canon("GET", "/", &[("host", h)]).unwrap().0, "acme.example.com", "{h}");
         }
         for h in ["", ".", "a b", "a@b", "a/b", "a..b", "a:99999", "a:x", "[::1", "a%2eb"] {

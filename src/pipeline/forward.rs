@@ -54,7 +54,9 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
     if let Some(uri) = &ctx.upstream_uri {
         // The canonical target only holds visible ASCII, so it always parses; refusing here
         // rather than forwarding the client's spelling keeps "forward what was checked" true.
-        let u = uri.parse::<http::Uri>().map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "canonical target does not parse"))?;
+        let u = uri.parse::<http::Uri>().map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "canonical target does not parse")
+        })?;
         req.set_uri(u);
     }
     if let Some(host) = &ctx.upstream_host {

@@ -250,7 +250,12 @@ impl ProxyHttp for Gateway {
 
     /// Runs right after the request head is read (the connection edge always leaves a context):
     /// the head deadline no longer applies to this request.
-    fn on_connection_reuse(&self, _session: &mut Session, _ctx: &mut RequestCtx, prev: Box<dyn std::any::Any + Send + Sync>) {
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        prev: Box<dyn std::any::Any + Send + Sync>,
+    ) {
         crate::edge::mark_head_read(Some(prev));
     }
 
