@@ -1,5 +1,5 @@
-//! Command-line glue that needs the whole crate: `tollgate rules explain`. Nothing in the
-//! library imports this module, so it may depend on every other one.
+//! Command-line glue that needs the whole crate: `tollgate rules explain` and `tollgate usage
+//! report`. Nothing in the library imports this module, so it may depend on every other one.
 
 use crate::pipeline::canonical::{canonicalize, Policy};
 use crate::rules::explain::explain;
@@ -75,4 +75,25 @@ pub fn explain_cli(
         tenant: tenant.as_deref(),
     };
     Ok(explain(&config, &view))
+}
+
+/// `tollgate usage report`: opens the configured store and renders a report.
+pub fn usage_report(config_path: &std::path::Path, tenant: &str, from: &str, to: &str, format: &str) -> Result<String, String> {
+    let config = crate::app::load_or_report(config_path)?;
+    let (from, to) = (crate::metering::report::parse_day(from)?, crate::metering::report::parse_day(to)?);
+    if from > to {
+        return Err(format!("--from {from} is after --to {to}"));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let clock: crate::clock::SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+    let stores = crate::app::open_store(&config.store, clock, metrics, &rt)?;
+    let rows = rt
+        .block_on(stores.ledger.rows(tenant, &from, &to))
+        .map_err(|e| format!("cannot read usage from the {} store: {e}", stores.counters.name()))?;
+    let report = crate::metering::report::build(tenant, &from, &to, &rows);
+    Ok(if format == "csv" { report.to_csv() } else { report.to_json() + "\n" })
 }

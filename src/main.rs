@@ -76,6 +76,16 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Reload the config file of a running gateway through its admin API.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Apply the file even if it removes every tenant, every key, the admin token, or more
+        /// than `[admin] reload_max_removed_fraction` of the tenants (invalid files are still
+        /// refused).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -287,8 +297,12 @@ fn main() -> ExitCode {
             };
             admin_call(&admin, method, &path, body)
         }
+        Command::Reload { admin, force } => {
+            let path = if force { "/v1/reload?force=true" } else { "/v1/reload" };
+            admin_call(&admin, "POST", path, None)
+        }
         Command::Usage { command: UsageCommand::Report { config, tenant, from, to, format } } => {
-            match tollgate::metering::report::cli(&config, &tenant, &from, &to, &format) {
+            match tollgate::cli::usage_report(&config, &tenant, &from, &to, &format) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

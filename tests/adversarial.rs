@@ -31,6 +31,11 @@ match = {{ path = "/thing", methods = ["DELETE"] }}
 deny = {{ status = 403, message = "Nothing is deleted here." }}
 
 [[rule]]
+name = "generate"
+match = {{ path = "/generate" }}
+charge = {{ metric = "records", cost_from_query = "num_rows", max_cost = 1000 }}
+
+[[rule]]
 name = "upload"
 match = {{ path = "/upload" }}
 max_body = "1KiB"
@@ -43,7 +48,12 @@ token_hash = "{}"
     );
     standard_config(
         echo,
-        Extra { server, tenancy: r#"resolve = ["api_key", "subdomain", "path"]"#, tail: &tail, ..Extra::default() },
+        Extra {
+            top: r#"usage_metrics = ["records"]"#,
+            server,
+            tenancy: r#"resolve = ["api_key", "subdomain", "path"]"#,
+            tail: &tail,
+        },
     )
 }
 
@@ -89,6 +99,8 @@ fn cases() -> Vec<Case> {
     let many: Vec<String> = (0..300).map(|i| format!("X-Many-{i}: v")).collect();
     let many: Vec<&str> = std::iter::once(h).chain(many.iter().map(String::as_str)).collect();
     let body2k = "x".repeat(2048);
+    let long_url = format!("GET /api/{} HTTP/1.1", "u".repeat(20 * 1024));
+    let huge_head = format!("X-Huge: {}", "h".repeat(1100 * 1024));
     vec![
         // Request-target forms (RFC 9112 section 3.2).
         refused("relative target .env", raw("GET .env HTTP/1.1", &[h], ""), 400, "invalid_target"),
@@ -330,6 +342,8 @@ fn cases() -> Vec<Case> {
             Some("/api/x"),
         ),
         // Sizes and header syntax.
+        refused("oversized URL", raw(&long_url, &[h, a], ""), 431, "headers_too_large"),
+        refused("head over the parser's 1 MiB", raw("GET /api/x HTTP/1.1", &[h, a, &huge_head], ""), 400, ""),
         refused("oversized header", raw("GET /api/x HTTP/1.1", &[h, a, &big], ""), 431, "headers_too_large"),
         refused("too many headers", raw("GET /api/x HTTP/1.1", &many, ""), 400, ""),
         refused("header without a colon", raw("GET /api/x HTTP/1.1", &[h, a, "NoColonHere"], ""), 400, ""),
@@ -348,6 +362,26 @@ fn cases() -> Vec<Case> {
             raw("POST /upload HTTP/1.1", &[h, "Transfer-Encoding: chunked"], &format!("800\r\n{body2k}\r\n0\r\n\r\n")),
             413,
             "body_too_large",
+        ),
+        // Charges: the cost the gateway reads is the one the upstream acts on.
+        passed("charged by the query", raw("POST /generate?num_rows=5 HTTP/1.1", &[h, a, "Content-Length: 0"], ""), Some("/generate?num_rows=5")),
+        refused(
+            "cost named twice",
+            raw("POST /generate?num_rows=1&num_rows=900 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
+            400,
+            "invalid_cost",
+        ),
+        refused(
+            "cost named twice, once encoded",
+            raw("POST /generate?num_rows=1&n%75m_rows=900 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
+            400,
+            "invalid_cost",
+        ),
+        refused(
+            "encoded cost over the maximum",
+            raw("POST /generate?n%75m_rows=5000 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
+            400,
+            "invalid_cost",
         ),
         // Credentials.
         refused(

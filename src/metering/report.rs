@@ -139,27 +139,6 @@ impl Report {
     }
 }
 
-/// `tollgate usage report`: opens the configured store and renders a report.
-pub fn cli(config_path: &std::path::Path, tenant: &str, from: &str, to: &str, format: &str) -> Result<String, String> {
-    let config = crate::app::load_or_report(config_path)?;
-    let (from, to) = (parse_day(from)?, parse_day(to)?);
-    if from > to {
-        return Err(format!("--from {from} is after --to {to}"));
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-    let clock: crate::clock::SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
-    let stores = crate::app::open_store(&config.store, clock, metrics, &rt)?;
-    let rows = rt
-        .block_on(stores.ledger.rows(tenant, &from, &to))
-        .map_err(|e| format!("cannot read usage from the {} store: {e}", stores.counters.name()))?;
-    let report = build(tenant, &from, &to, &rows);
-    Ok(if format == "csv" { report.to_csv() } else { report.to_json() + "\n" })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,6 @@ use crate::limits::headers::{LimitHeaders, QuotaInfo};
 use crate::limits::quota::{QuotaError, QuotaState, Reservation};
 use crate::limits::Limits;
 use crate::policy::QuotaSpec;
-use crate::rules::matcher::query_param;
 use crate::rules::CostSource;
 use pingora::http::RequestHeader;
 use std::sync::Arc;
@@ -34,24 +33,48 @@ pub struct Reserved {
     pub charge: Option<ChargeInfo>,
 }
 
-/// Reads the cost of the rule's charge from the request.
+/// Reads the cost of the rule's charge from the request. A cost named twice is refused: the
+/// gateway would charge one value while an upstream framework may act on the other.
 fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &Hints<'_>) -> Result<u64, Reject> {
-    let (raw, what) = match source {
+    let what = || match source {
+        CostSource::Header(h) => format!("header `{h}`"),
+        CostSource::Query(q) => format!("query parameter `{q}`"),
+        CostSource::Constant(_) => "constant".to_string(),
+    };
+    let twice = || Reject::InvalidCost { detail: format!("The {} appears more than once; send it once.", what()) };
+    let raw = match source {
         CostSource::Constant(n) => return Ok(*n),
-        CostSource::Header(h) => (req.headers.get(h).and_then(|v| v.to_str().ok()), format!("header `{h}`")),
-        CostSource::Query(q) => (query_param(hints.query, q), format!("query parameter `{q}`")),
+        CostSource::Header(h) => {
+            let mut all = req.headers.get_all(h).iter();
+            let first = all.next();
+            if all.next().is_some() {
+                return Err(twice());
+            }
+            first.and_then(|v| v.to_str().ok())
+        }
+        CostSource::Query(q) => {
+            let mut all = hints.query.into_iter().flat_map(|qs| qs.split('&')).filter_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == q.as_str()).then_some(v)
+            });
+            let first = all.next();
+            if all.next().is_some() {
+                return Err(twice());
+            }
+            first
+        }
     };
     let raw = raw.ok_or_else(|| Reject::InvalidCost {
-        detail: format!("This route is charged by the {what}; send it as a whole number."),
+        detail: format!("This route is charged by the {}; send it as a whole number.", what()),
     })?;
     let n: u64 = raw
         .trim()
         .parse()
-        .map_err(|_| Reject::InvalidCost { detail: format!("The {what} must be a whole number, not `{raw}`.") })?;
+        .map_err(|_| Reject::InvalidCost { detail: format!("The {} must be a whole number, not `{raw}`.", what()) })?;
     if let Some(max) = max {
         if n > max {
             return Err(Reject::InvalidCost {
-                detail: format!("The {what} is {n}; this route allows at most {max} per request."),
+                detail: format!("The {} is {n}; this route allows at most {max} per request.", what()),
             });
         }
     }

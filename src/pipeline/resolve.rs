@@ -5,7 +5,7 @@
 //! any), the tenant each configured source names, the routing path and the client address. It
 //! rejects only malformed input: oversized or duplicated security-relevant headers, and two
 //! non-key sources that name different tenants. It does not look anything up;
-//! [`super::authenticate`] decides what to believe.
+//! the authenticate stage decides what to believe.
 
 use super::canonical::Canonical;
 use crate::config::{Source, Tenancy};
