@@ -51,6 +51,16 @@ pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
 
 /// Validates config text as if it were the file at `path` (includes resolve relative to it).
 pub fn load_str(path: &Path, text: String, diags: &mut Diagnostics) -> Option<Config> {
+    // An empty file is valid TOML, and every section has defaults, so it would load as a
+    // gateway with no tenants, no keys and no admin token. That is almost always a file
+    // truncated by a deploy or an editor, never an intended config.
+    if is_blank(&text) {
+        diags.error_file(
+            path,
+            "the config file is empty (it holds nothing but whitespace and comments), so it would serve no tenant and no key; restore the file (a deploy or an editor may have cut it short), or start from the commented example config/tollgate.toml, then run `tollgate check` again",
+        );
+        return None;
+    }
     let src = SourceFile::new(path, text);
     let main = file::parse_main(&src, diags);
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -77,6 +87,14 @@ pub fn load_str(path: &Path, text: String, diags: &mut Diagnostics) -> Option<Co
     } else {
         config
     }
+}
+
+/// True when `text` holds no TOML at all: only blank lines and `#` comments.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    })
 }
 
 /// Expands one `include` entry. A `*` is allowed in the last path component.
@@ -291,6 +309,50 @@ fn validate(
             diags.error_at(src, v.span(), "`max_header_bytes` below 1KiB would reject ordinary requests");
         }
     }
+    let allowed_methods: Vec<http::Method> = match &s.allowed_methods {
+        None => DEFAULT_METHODS.iter().filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok()).collect(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for m in list {
+                let name = m.get_ref();
+                if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    diags.error_at(src, m.span(), format!("`{name}` is not an HTTP method; write it like `GET`"));
+                } else if name.as_str() == "CONNECT" {
+                    diags.error_at(src, m.span(), "`CONNECT` opens a tunnel, which the gateway does not proxy");
+                } else if let Ok(method) = http::Method::from_bytes(name.as_bytes()) {
+                    if !out.contains(&method) {
+                        out.push(method);
+                    }
+                }
+            }
+            if list.is_empty() {
+                diags.error_file(&src.path, "`server.allowed_methods` is empty; every request would be refused");
+            }
+            out
+        }
+    };
+    let allow_header = allowed_methods.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ");
+    let count = |v: &Option<Spanned<i64>>, key: &str, default: usize, max: i64, diags: &mut Diagnostics| match v {
+        None => default,
+        Some(n) if *n.get_ref() >= 1 && *n.get_ref() <= max => *n.get_ref() as usize,
+        Some(n) => {
+            diags.error_at(src, n.span(), format!("`{key}` must be a whole number from 1 to {max}"));
+            default
+        }
+    };
+    let max_connections = count(&s.max_connections, "max_connections", 0, 10_000_000, diags);
+    let max_connections_per_ip = count(&s.max_connections_per_ip, "max_connections_per_ip", 1024, 10_000_000, diags);
+    let header_timeout = duration_or(&s.header_timeout, Duration::from_secs(10), src, diags);
+    let idle_timeout = duration_or(&s.idle_timeout, Duration::from_secs(60), src, diags);
+    for (v, key, d) in
+        [(&s.header_timeout, "header_timeout", header_timeout), (&s.idle_timeout, "idle_timeout", idle_timeout)]
+    {
+        if let Some(v) = v {
+            if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                diags.error_at(src, v.span(), format!("`{key}` must be from 1s to 1h"));
+            }
+        }
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
@@ -305,6 +367,12 @@ fn validate(
             .unwrap_or_else(|| PathBuf::from("/tmp/tollgate_upgrade.sock")),
         pid_file: s.pid_file.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| PathBuf::from("/tmp/tollgate.pid")),
         max_header_bytes,
+        allowed_methods,
+        allow_header,
+        header_timeout,
+        idle_timeout,
+        max_connections,
+        max_connections_per_ip,
     };
 
     // [store]
@@ -418,7 +486,8 @@ fn validate(
             diags.warn_at(src, h.span(), "`header` resolution is on but `trusted_proxies` is empty: the tenant header is only believed from trusted proxies, so it will be ignored");
         }
     }
-    let base_domain = t.base_domain.as_ref().map(|d| d.get_ref().trim_start_matches('.').to_ascii_lowercase());
+    let base_domain =
+        t.base_domain.as_ref().map(|d| d.get_ref().trim_start_matches('.').trim_end_matches('.').to_ascii_lowercase());
     if resolve.contains(&Source::Subdomain) && base_domain.is_none() {
         if let Some(r) = t.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "subdomain")) {
             diags.error_at(src, r.span(), "`subdomain` resolution needs `tenancy.base_domain`, like `api.example.com`");
@@ -562,6 +631,22 @@ fn validate(
             }
         }),
         audit_log: main.admin.audit_log.as_ref().map(|p| rel(p.get_ref())),
+        reload_max_removed_fraction: match &main.admin.reload_max_removed_fraction {
+            None => DEFAULT_RELOAD_MAX_REMOVED_FRACTION,
+            // `contains` is false for NaN, which TOML can spell as `nan`.
+            Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),
+            Some(f) => {
+                diags.error_at(
+                    src,
+                    f.span(),
+                    format!(
+                        "`reload_max_removed_fraction` must be a number from 0.0 to 1.0 (the share of the running tenants a reload may remove, like 0.5 for half), not {}",
+                        f.get_ref()
+                    ),
+                );
+                DEFAULT_RELOAD_MAX_REMOVED_FRACTION
+            }
+        },
     };
 
     // [upstreams.NAME]

@@ -44,6 +44,11 @@ impl Config {
     }
 }
 
+/// The methods allowed when the config names none: every method of RFC 9110 and RFC 5789 a
+/// reverse proxy forwards. `CONNECT` is a tunnel, not a request to an API, and `TRACE` reflects
+/// the request (credentials included) back to the client, so both are left out.
+pub const DEFAULT_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
@@ -59,6 +64,20 @@ pub struct ServerConfig {
     pub pid_file: PathBuf,
     /// Largest request head accepted; more is answered 431.
     pub max_header_bytes: usize,
+    /// Methods the data plane serves, compared case-sensitively; others are answered 405.
+    pub allowed_methods: Vec<http::Method>,
+    /// `allowed_methods` as an `Allow` header value.
+    pub allow_header: String,
+    /// How long a client may take to send a whole request head, from the first byte it is
+    /// awaited (connection accepted) to the end of the head. The connection is closed after.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection is kept between requests.
+    pub idle_timeout: Duration,
+    /// Connections the data plane holds at once; past it new ones are closed at accept. 0 until
+    /// set: the server derives it from the open-files limit.
+    pub max_connections: usize,
+    /// Connections one client address may hold at once (trusted proxies are exempt).
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -253,9 +272,26 @@ pub struct MetricsConfig {
     pub tenant_top: usize,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// SHA-256 of the admin bearer token; `None` disables the `/v1` API.
     pub token_hash: Option<crate::keys::KeyHash>,
     pub audit_log: Option<PathBuf>,
+    /// The largest share (0.0 to 1.0) of the running config's tenants a reload may remove
+    /// without `force`. A file emptied or cut short by a deploy would otherwise take most
+    /// tenants offline at once.
+    pub reload_max_removed_fraction: f64,
+}
+
+/// The default of `[admin] reload_max_removed_fraction`.
+pub const DEFAULT_RELOAD_MAX_REMOVED_FRACTION: f64 = 0.5;
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_hash: None,
+            audit_log: None,
+            reload_max_removed_fraction: DEFAULT_RELOAD_MAX_REMOVED_FRACTION,
+        }
+    }
 }
