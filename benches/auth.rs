@@ -15,7 +15,8 @@ use tollgate::config::{self, Config, Diagnostics};
 use tollgate::directory::Directory;
 use tollgate::keys::KeyHash;
 use tollgate::pipeline::authenticate::{authenticate, Principal};
-use tollgate::pipeline::resolve::resolve;
+use tollgate::pipeline::canonical::{of_request, RequestPolicy};
+use tollgate::pipeline::resolve::{check_size, resolve};
 
 const TENANTS: usize = 100_000;
 const KEYS_PER_TENANT: usize = 10;
@@ -164,6 +165,7 @@ fn bench_auth(c: &mut Criterion) {
     let dir = build_directory(&config);
     let tenancy = &config.tenancy;
     let max = config.server.max_header_bytes;
+    let policy = RequestPolicy::of(&config);
     let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
 
     let bearer: Vec<RequestHeader> = (0..ROTATION)
@@ -189,17 +191,23 @@ fn bench_auth(c: &mut Criterion) {
 
     // Every prepared request must give the expected answer before it is timed.
     for req in bearer.iter().chain(&subdomain) {
-        let hints = resolve(tenancy, max, req, peer).expect("resolves");
+        let canon = of_request(req, &policy).expect("canonical");
+        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
         let principal = authenticate(&dir, &hints, NOW_MS).expect("authenticates");
         assert!(matches!(principal, Principal::Keyed { .. }));
     }
     for req in &unknown {
-        let hints = resolve(tenancy, max, req, peer).expect("resolves");
+        let canon = of_request(req, &policy).expect("canonical");
+        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
         assert!(authenticate(&dir, &hints, NOW_MS).is_err());
     }
 
     let run = |req: &RequestHeader| -> bool {
-        let hints = match resolve(tenancy, max, black_box(req), peer) {
+        if check_size(black_box(req), max).is_err() {
+            return false;
+        }
+        let Ok(canon) = of_request(req, &policy) else { return false };
+        let hints = match resolve(tenancy, &canon, req, peer) {
             Ok(h) => h,
             Err(_) => return false,
         };
@@ -243,7 +251,9 @@ fn bench_auth(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % ROTATION;
-            black_box(resolve(tenancy, max, black_box(&bearer[i]), peer).is_ok())
+            let req = black_box(&bearer[i]);
+            let Ok(canon) = of_request(req, &policy) else { return false };
+            black_box(resolve(tenancy, &canon, req, peer).is_ok())
         })
     });
     let secrets: Vec<String> = (0..ROTATION)

@@ -40,8 +40,9 @@ use tollgate::limits::Limits;
 use tollgate::metrics::Metrics;
 use tollgate::pipeline::authenticate::authenticate;
 use tollgate::pipeline::authorize::{authorize, Permit};
+use tollgate::pipeline::canonical::{of_request, Canonical, RequestPolicy};
 use tollgate::pipeline::quota::WarnSink;
-use tollgate::pipeline::resolve::{resolve, Hints};
+use tollgate::pipeline::resolve::{check_size, resolve, Hints};
 use tollgate::pipeline::{concurrency, quota, rate_limit};
 use tollgate::policy::{ConcurrencySpec, Period, Policy, QuotaSpec, RateSpec, StorePolicy};
 use tollgate::store::embedded::Embedded;
@@ -338,12 +339,23 @@ struct Prepared<'a> {
     permit: Permit<'a>,
 }
 
+/// Reads each request into its canonical view, as the gateway does first.
+fn canonicals<'a>(config: &Config, reqs: &'a [RequestHeader]) -> Vec<Canonical<'a>> {
+    reqs.iter().map(|req| of_request(req, &RequestPolicy::of(config)).expect("canonical")).collect()
+}
+
 /// Runs the stages before the limits once per request, keeping what the limit stages take.
-fn prepare<'a>(config: &'a Config, dir: &'a Directory, reqs: &'a [RequestHeader]) -> Vec<Prepared<'a>> {
+fn prepare<'a>(
+    config: &'a Config,
+    dir: &'a Directory,
+    reqs: &'a [RequestHeader],
+    canons: &'a [Canonical<'a>],
+) -> Vec<Prepared<'a>> {
     let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
     reqs.iter()
-        .map(|req| {
-            let hints = resolve(&config.tenancy, config.server.max_header_bytes, req, peer).expect("resolve");
+        .zip(canons)
+        .map(|(req, canon)| {
+            let hints = resolve(&config.tenancy, canon, req, peer).expect("resolve");
             let principal = authenticate(dir, &hints, NOW_MS).expect("authenticate");
             let permit = authorize(&config.rules, req, &hints, principal).expect("authorize");
             Prepared { req, hints, permit }
@@ -358,6 +370,7 @@ fn bench_admission(c: &mut Criterion) {
     let dir = build_directory(&config);
     let tenancy = &config.tenancy;
     let max = config.server.max_header_bytes;
+    let policy = RequestPolicy::of(&config);
     let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
     let rt = runtime();
     let clock: SharedClock = Arc::new(SystemClock);
@@ -382,7 +395,9 @@ fn bench_admission(c: &mut Criterion) {
 
     let admit = |req: &RequestHeader| -> bool {
         run(&rt, async {
-            let hints = resolve(tenancy, max, req, peer).ok()?;
+            check_size(req, max).ok()?;
+            let canon = of_request(req, &policy).ok()?;
+            let hints = resolve(tenancy, &canon, req, peer).ok()?;
             let principal = authenticate(&dir, &hints, NOW_MS).ok()?;
             let permit = authorize(&config.rules, req, &hints, principal).ok()?;
             let mut headers = LimitHeaders::default();
@@ -405,7 +420,11 @@ fn bench_admission(c: &mut Criterion) {
 
     // The same stages without the limits: what the limit stages add is the difference.
     let before_limits = |req: &RequestHeader| -> bool {
-        let Ok(hints) = resolve(tenancy, max, req, peer) else { return false };
+        if check_size(req, max).is_err() {
+            return false;
+        }
+        let Ok(canon) = of_request(req, &policy) else { return false };
+        let Ok(hints) = resolve(tenancy, &canon, req, peer) else { return false };
         let Ok(principal) = authenticate(&dir, &hints, NOW_MS) else { return false };
         black_box(authorize(&config.rules, req, &hints, principal).is_ok())
     };
@@ -445,9 +464,11 @@ fn bench_admission(c: &mut Criterion) {
     // The limit stages alone, on requests already resolved, authenticated and authorized. The
     // tenant records are no longer in the CPU cache here, as they would be after authentication,
     // so this reads higher than `full_path - before_limits`.
-    let plain_p = prepare(&config, &dir, &plain);
-    let charged_p = prepare(&config, &dir, &charged);
-    let costly_p = prepare(&config, &dir, &costly);
+    let (plain_c, charged_c, costly_c) =
+        (canonicals(&config, &plain), canonicals(&config, &charged), canonicals(&config, &costly));
+    let plain_p = prepare(&config, &dir, &plain, &plain_c);
+    let charged_p = prepare(&config, &dir, &charged, &charged_c);
+    let costly_p = prepare(&config, &dir, &costly, &costly_c);
     assert_eq!(&*plain_p[0].permit.rule.name, "read");
     assert_eq!(&*charged_p[0].permit.rule.name, "chat");
     let limit_stages = |p: &Prepared<'_>| -> usize {

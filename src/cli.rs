@@ -1,7 +1,7 @@
 //! Command-line glue that needs the whole crate: `tollgate rules explain` and `tollgate usage
 //! report`. Nothing in the library imports this module, so it may depend on every other one.
 
-use crate::pipeline::canonical::{canonicalize, Policy};
+use crate::pipeline::canonical::{canonicalize, RequestPolicy};
 use crate::rules::explain::explain;
 use crate::rules::matcher::RequestView;
 
@@ -34,7 +34,7 @@ pub fn explain_cli(
     let host_value = if host_given { host } else { "localhost" };
     let host_value = http::HeaderValue::from_str(host_value).map_err(|_| format!("`{host}` is not a host name"))?;
     map.insert(http::header::HOST, host_value);
-    let canon = canonicalize(&method, target.as_bytes(), &map, &Policy::of(&config))
+    let canon = canonicalize(&method, target.as_bytes(), &map, &RequestPolicy::of(&config))
         .map_err(|r| format!("the gateway would refuse this request: {} {}", r.status(), r.code()))?;
     let tier = tier.or_else(|| {
         let t = tenant.as_deref()?;
@@ -78,7 +78,13 @@ pub fn explain_cli(
 }
 
 /// `tollgate usage report`: opens the configured store and renders a report.
-pub fn usage_report(config_path: &std::path::Path, tenant: &str, from: &str, to: &str, format: &str) -> Result<String, String> {
+pub fn usage_report(
+    config_path: &std::path::Path,
+    tenant: &str,
+    from: &str,
+    to: &str,
+    format: &str,
+) -> Result<String, String> {
     let config = crate::app::load_or_report(config_path)?;
     let (from, to) = (crate::metering::report::parse_day(from)?, crate::metering::report::parse_day(to)?);
     if from > to {

@@ -1056,6 +1056,7 @@ mod rotation {
     use tollgate::limits::Limits;
     use tollgate::metrics::Metrics;
     use tollgate::pipeline::authenticate::{authenticate, Principal};
+    use tollgate::pipeline::canonical::{of_request, RequestPolicy};
     use tollgate::pipeline::resolve::resolve;
     use tollgate::runtime::{shared, Runtime};
     use tollgate::store::embedded::Embedded;
@@ -1070,7 +1071,8 @@ mod rotation {
         let mut req = RequestHeader::build("GET", b"/x", None).expect("request header");
         req.insert_header("host", "localhost").expect("host");
         req.insert_header("authorization", format!("Bearer {secret}")).expect("authorization");
-        let hints = resolve(&rt.config.tenancy, rt.config.server.max_header_bytes, &req, Some([127, 0, 0, 1].into()))?;
+        let canon = of_request(&req, &RequestPolicy::of(&rt.config))?;
+        let hints = resolve(&rt.config.tenancy, &canon, &req, Some([127, 0, 0, 1].into()))?;
         match authenticate(&rt.directory, &hints, clock.now_millis())? {
             Principal::Keyed { key } => Ok(key.id.to_string()),
             Principal::Anonymous { .. } => panic!("a request with a key came out anonymous"),

@@ -15,9 +15,64 @@ use crate::store::{DirectoryData, DirectoryStore, KeyRecord, Ledger, StoreError,
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Write;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The bounds of every admin API input, in one place. `openapi.json` states the same numbers
+/// (`maxLength`, `maxItems`, `maxProperties`, `minimum`, `maximum`), and `tests/openapi.rs`
+/// checks each of them against the running API, so the document and the code cannot drift
+/// apart. Bounds keep one request from storing megabytes in a tenant record, or from making
+/// the gateway scan decades of ledger rows.
+pub mod bounds {
+    use std::ops::RangeInclusive;
+
+    /// Tenant ids are DNS labels: they appear in host names, paths and store keys.
+    pub const TENANT_ID_MAX: usize = 63;
+    /// A tenant's display name, in characters.
+    pub const TENANT_NAME_MAX: usize = 200;
+    /// RFC 5321's limit on an address in a mail path.
+    pub const EMAIL_MAX: usize = 254;
+    /// A tier name, as given in a request (it must also be a tier of the config).
+    pub const TIER_MAX: usize = 128;
+    pub const SUBDOMAINS_MAX: usize = 100;
+    /// One DNS label.
+    pub const SUBDOMAIN_MAX: usize = 63;
+    pub const IP_ALLOW_MAX: usize = 100;
+    /// One `ip_allow` entry, in characters (the longest IPv6 CIDR text is 49).
+    pub const CIDR_MAX: usize = 64;
+    /// An IANA time zone name (the longest today has 32 characters).
+    pub const TIMEZONE_MAX: usize = 64;
+    pub const BILLING_ANCHOR_DAY: RangeInclusive<i64> = 1..=31;
+    pub const OVERRIDES_MAX: usize = 64;
+    /// An override path such as `quotas.<metric>.limit`.
+    pub const OVERRIDE_KEY_MAX: usize = 128;
+    /// An override's integer value.
+    pub const OVERRIDE_VALUE: RangeInclusive<i64> = 0..=i64::MAX;
+    /// A key id in a path: `key_` and 16 hex digits for API keys, any id for config keys.
+    pub const KEY_ID_MAX: usize = 128;
+    /// A key's display name, in characters.
+    pub const KEY_NAME_MAX: usize = 200;
+    pub const SCOPES_MAX: usize = 64;
+    /// One scope, in characters.
+    pub const SCOPE_MAX: usize = 64;
+    /// About ten years.
+    pub const EXPIRES_IN_DAYS: RangeInclusive<i64> = 1..=3650;
+    /// Up to 90 days.
+    pub const GRACE_PERIOD_HOURS: RangeInclusive<i64> = 0..=2160;
+    pub const DEFAULT_GRACE_PERIOD_HOURS: u32 = 24;
+    /// `limit` of `GET /v1/tenants`.
+    pub const TENANT_PAGE: RangeInclusive<i64> = 1..=1000;
+    pub const DEFAULT_TENANT_PAGE: i64 = 100;
+    /// `limit` of `GET /v1/audit`.
+    pub const AUDIT_PAGE: RangeInclusive<i64> = 1..=100_000;
+    pub const DEFAULT_AUDIT_PAGE: i64 = 1000;
+    /// The years a usage report may cover.
+    pub const REPORT_YEARS: RangeInclusive<i32> = 2000..=2100;
+    /// The most days one usage report covers, counting both ends.
+    pub const REPORT_MAX_DAYS: i64 = 366;
+}
 
 /// A refusal of an admin operation, mapped to HTTP by the callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +126,59 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// A JSON number as the client sent it. Integer fields are read through this type so that a
+/// value out of range (negative, fractional, past `u32`) is refused with the field's name and
+/// bounds, not with a generic type error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Int(serde_json::Number);
+
+impl Int {
+    pub fn new(v: i64) -> Int {
+        Int(v.into())
+    }
+
+    /// The value, when it is a whole number within `range`. JSON Schema counts `3.0` as an
+    /// integer, so a zero fraction is accepted.
+    pub fn within(&self, field: &str, range: &RangeInclusive<i64>) -> Result<i64, AdminError> {
+        let n = &self.0;
+        let v = n.as_i64().or_else(|| {
+            n.as_f64().filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64).map(|f| f as i64)
+        });
+        match v {
+            Some(v) if range.contains(&v) => Ok(v),
+            _ => {
+                Err(bad(format!("`{field}` must be a whole number from {} to {}, not {n}", range.start(), range.end())))
+            }
+        }
+    }
+}
+
+/// `s` for an error message: at most 40 characters, so a refused 100 KB value is not echoed.
+pub fn shown(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Refuses a string longer than `max` characters (JSON Schema's `maxLength` counts characters).
+pub fn max_len(field: &str, value: &str, max: usize) -> Result<(), AdminError> {
+    let n = value.chars().count();
+    if n > max {
+        return Err(bad(format!("`{field}` is at most {max} characters; this one has {n}")));
+    }
+    Ok(())
+}
+
+/// Refuses a list with more than `max` items.
+fn max_items<T>(field: &str, items: &[T], max: usize) -> Result<(), AdminError> {
+    if items.len() > max {
+        return Err(bad(format!("`{field}` holds at most {max} entries; this one has {}", items.len())));
+    }
+    Ok(())
+}
+
 /// Who made a change, for the audit log.
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -92,7 +200,7 @@ pub struct CreateTenant {
     pub subdomains: Vec<String>,
     #[serde(default)]
     pub ip_allow: Vec<String>,
-    pub billing_anchor_day: Option<u32>,
+    pub billing_anchor_day: Option<Int>,
     pub timezone: Option<String>,
     #[serde(default)]
     pub overrides: serde_json::Map<String, Value>,
@@ -108,7 +216,7 @@ pub struct PatchTenant {
     pub status: Option<String>,
     pub subdomains: Option<Vec<String>>,
     pub ip_allow: Option<Vec<String>>,
-    pub billing_anchor_day: Option<u32>,
+    pub billing_anchor_day: Option<Int>,
     pub timezone: Option<String>,
     pub overrides: Option<serde_json::Map<String, Value>>,
 }
@@ -120,7 +228,7 @@ pub struct CreateKey {
     pub name: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
-    pub expires_in_days: Option<u32>,
+    pub expires_in_days: Option<Int>,
 }
 
 /// A tenant as the API shows it.
@@ -231,6 +339,80 @@ pub struct AdminCore {
     refresh: tokio::sync::Mutex<()>,
     /// Serializes read-modify-write changes on this instance.
     writes: tokio::sync::Mutex<()>,
+    /// Why the last [`AdminCore::reload`] (the SIGHUP path) failed, for the audit entry
+    /// [`AdminCore::audit_reload`] writes right after it.
+    last_signal_reload: Mutex<Option<&'static str>>,
+}
+
+/// Why a reload did not apply. Either way the running config stays in place.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ReloadError {
+    /// The file has errors, or removes a tier API tenants are on: every message. `force`
+    /// never overrides these.
+    Invalid(Vec<String>),
+    /// The file is valid but would remove too much of the running config: every tenant, every
+    /// key, the admin token, or more than `[admin] reload_max_removed_fraction` of the tenants.
+    /// The message says what and how to override it.
+    Refused(String),
+}
+
+/// The process log prints this (`SIGHUP: config not reloaded errors=…`): the messages alone,
+/// as an operator reads them, without the variant's name.
+impl std::fmt::Debug for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Invalid(errors) => f.debug_list().entries(errors).finish(),
+            ReloadError::Refused(detail) => write!(f, "{detail:?}"),
+        }
+    }
+}
+
+impl ReloadError {
+    /// The problem `code` of the answer, also the audit log's `error: <code>`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReloadError::Invalid(_) => "invalid_config",
+            ReloadError::Refused(_) => "reload_refused",
+        }
+    }
+}
+
+/// What a reload from `old` to `new` would remove that a reload without `force` refuses, each
+/// in words; empty when the reload is safe. A file emptied or truncated by a deploy still
+/// parses (each TOML table stands alone), so validation alone cannot catch it.
+pub fn reload_removals(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let before = old.tenants.len();
+    if before > 0 && new.tenants.is_empty() {
+        out.push(format!("every tenant ({before} → 0)"));
+    } else if before > 0 {
+        let kept: std::collections::HashSet<&str> = new.tenants.iter().map(|t| t.id.as_str()).collect();
+        let removed: Vec<&str> = old.tenants.iter().map(|t| t.id.as_str()).filter(|id| !kept.contains(id)).collect();
+        let share = removed.len() as f64 / before as f64;
+        // The running config's bound, not the new file's: a damaged file must not be able to
+        // loosen the check that guards against it.
+        let max = old.admin.reload_max_removed_fraction;
+        if share > max {
+            let mut names: Vec<String> = removed.iter().take(5).map(|id| format!("`{id}`")).collect();
+            if removed.len() > 5 {
+                names.push(format!("and {} more", removed.len() - 5));
+            }
+            out.push(format!(
+                "{} of {before} tenants ({:.0}%: {}), more than `[admin] reload_max_removed_fraction` = {max} allows",
+                removed.len(),
+                share * 100.0,
+                names.join(", ")
+            ));
+        }
+    }
+    let keys = |c: &Config| c.tenants.iter().map(|t| t.keys.len()).sum::<usize>();
+    if keys(old) > 0 && keys(new) == 0 {
+        out.push(format!("every key ({} → 0)", keys(old)));
+    }
+    if old.admin.token_hash.is_some() && new.admin.token_hash.is_none() {
+        out.push("the admin token (`[admin] token_hash`), which turns the admin API off".into());
+    }
+    out
 }
 
 /// The result of a successful reload.
@@ -242,6 +424,24 @@ pub struct ReloadOutcome {
 
 fn bad(msg: impl Into<String>) -> AdminError {
     AdminError::BadRequest(msg.into())
+}
+
+/// Refuses a tenant id that is not a DNS label (`config::valid_slug`: at most
+/// [`bounds::TENANT_ID_MAX`] characters).
+pub fn check_tenant_id(id: &str) -> Result<(), AdminError> {
+    if !valid_slug(id) {
+        return Err(bad(format!(
+            "tenant id `{}` must be 1-{} characters of a-z, 0-9 and `-`, not starting or ending with `-`",
+            shown(id),
+            bounds::TENANT_ID_MAX
+        )));
+    }
+    Ok(())
+}
+
+fn anchor_day(d: &Int) -> Result<u32, AdminError> {
+    // Within 1..=31, so the conversion cannot fail.
+    d.within("billing_anchor_day", &bounds::BILLING_ANCHOR_DAY).map(|v| v as u32)
 }
 
 impl AdminCore {
@@ -271,6 +471,7 @@ impl AdminCore {
             seen_version: AtomicU64::new(u64::MAX),
             refresh: tokio::sync::Mutex::new(()),
             writes: tokio::sync::Mutex::new(()),
+            last_signal_reload: Mutex::new(None),
         })
     }
 
@@ -304,14 +505,23 @@ impl AdminCore {
         }
     }
 
-    /// Validates the config file again and swaps it in; an invalid file changes nothing.
-    pub fn reload(&self) -> Result<ReloadOutcome, Vec<String>> {
+    /// The SIGHUP reload: [`AdminCore::reload_with`] without `force` (a signal cannot say
+    /// what it means to remove). [`AdminCore::audit_reload`] then records its result.
+    pub fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        let r = self.reload_with(false);
+        *self.last_signal_reload.lock().unwrap_or_else(|p| p.into_inner()) = r.as_ref().err().map(ReloadError::code);
+        r
+    }
+
+    /// Validates the config file again and swaps it in. An invalid file changes nothing, and
+    /// neither does a valid one that removes too much ([`reload_removals`]) unless `force`.
+    pub fn reload_with(&self, force: bool) -> Result<ReloadOutcome, ReloadError> {
         match config::load(&self.config_path) {
             Err(diags) => {
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
                 let errors: Vec<String> = diags.items.iter().map(|d| d.to_string()).collect();
                 tracing::error!(errors = ?errors, "config reload refused; the running config stays in place");
-                Err(errors)
+                Err(ReloadError::Invalid(errors))
             }
             Ok(loaded) => {
                 // A tier that API tenants are on cannot disappear under them.
@@ -329,9 +539,23 @@ impl AdminCore {
                         stranded.join(", ")
                     );
                     tracing::error!(error = %msg, "config reload refused; the running config stays in place");
-                    return Err(vec![msg]);
+                    return Err(ReloadError::Invalid(vec![msg]));
                 }
                 let mut warnings: Vec<String> = loaded.warnings.warnings().map(|w| w.to_string()).collect();
+                let removals = reload_removals(&self.runtime.load().config, &loaded.config);
+                if !removals.is_empty() {
+                    let what = removals.join("; ");
+                    if !force {
+                        self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                        let detail = format!(
+                            "The new config would remove: {what}. The running config stays in place. If the file was emptied or cut short by mistake, restore it and reload again; if the removal is intended, reload with `tollgate reload --force` or `POST /v1/reload?force=true`."
+                        );
+                        tracing::error!(removes = %what, "config reload refused; the running config stays in place");
+                        return Err(ReloadError::Refused(detail));
+                    }
+                    tracing::warn!(removes = %what, "forced config reload");
+                    warnings.push(format!("forced: the reload removed: {what}"));
+                }
                 let new: Vec<(String, Vec<std::net::SocketAddr>)> =
                     loaded.config.upstreams.iter().map(|(n, u)| (n.clone(), u.servers.clone())).collect();
                 if new != self.running_upstreams {
@@ -353,7 +577,8 @@ impl AdminCore {
         }
     }
 
-    fn audit(&self, actor: &Actor, action: &str, tenant: &str, target: &str, result: &Result<(), AdminError>) {
+    /// Appends one audit entry; `failure` is the problem code of a refused change.
+    fn audit(&self, actor: &Actor, action: &str, tenant: &str, target: &str, failure: Option<&str>) {
         self.audit.append(&json!({
             "time": ts(self.clock.now_millis()),
             "actor": actor.id,
@@ -361,7 +586,7 @@ impl AdminCore {
             "tenant": tenant,
             "target": target,
             "request_id": actor.request_id,
-            "result": match result { Ok(()) => "ok".to_string(), Err(e) => format!("error: {}", e.code()) },
+            "result": match failure { None => "ok".to_string(), Some(code) => format!("error: {code}") },
         }));
     }
 
@@ -375,8 +600,7 @@ impl AdminCore {
         f: impl std::future::Future<Output = Result<T, AdminError>>,
     ) -> Result<T, AdminError> {
         let r = f.await;
-        let unit = r.as_ref().map(|_| ()).map_err(|e| e.clone());
-        self.audit(actor, action, tenant, target, &unit);
+        self.audit(actor, action, tenant, target, r.as_ref().err().map(AdminError::code));
         r
     }
 
@@ -432,8 +656,29 @@ impl AdminCore {
 
     fn validate(&self, r: &TenantRecord) -> Result<(), AdminError> {
         let rt = self.runtime.load();
-        if !valid_slug(&r.id) {
-            return Err(bad(format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", r.id)));
+        check_tenant_id(&r.id)?;
+        // Sizes first, so an oversized request is a 400 whatever else is wrong with it.
+        max_len("name", &r.name, bounds::TENANT_NAME_MAX)?;
+        max_len("email", &r.email, bounds::EMAIL_MAX)?;
+        max_len("tier", &r.tier, bounds::TIER_MAX)?;
+        max_len("timezone", &r.timezone, bounds::TIMEZONE_MAX)?;
+        max_items("subdomains", &r.subdomains, bounds::SUBDOMAINS_MAX)?;
+        for s in &r.subdomains {
+            max_len("subdomains[]", s, bounds::SUBDOMAIN_MAX)?;
+        }
+        max_items("ip_allow", &r.ip_allow, bounds::IP_ALLOW_MAX)?;
+        for c in &r.ip_allow {
+            max_len("ip_allow[]", c, bounds::CIDR_MAX)?;
+        }
+        if r.overrides.len() > bounds::OVERRIDES_MAX {
+            return Err(bad(format!(
+                "`overrides` holds at most {} entries; this one has {}",
+                bounds::OVERRIDES_MAX,
+                r.overrides.len()
+            )));
+        }
+        for k in r.overrides.keys() {
+            max_len("overrides (a key)", k, bounds::OVERRIDE_KEY_MAX)?;
         }
         if !rt.config.tiers.contains_key(&r.tier) {
             let known: Vec<&str> = rt.config.tiers.keys().map(String::as_str).collect();
@@ -448,7 +693,7 @@ impl AdminCore {
         }
         for s in &r.subdomains {
             if !valid_slug(s) {
-                return Err(bad(format!("subdomain `{s}` must be one DNS label of a-z, 0-9 and `-`")));
+                return Err(bad(format!("subdomain `{}` must be one DNS label of a-z, 0-9 and `-`", shown(s))));
             }
             let taken = rt.config.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s))
                 || rt.managed.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s));
@@ -459,19 +704,17 @@ impl AdminCore {
         for c in &r.ip_allow {
             config::parse_cidr(c).map_err(bad)?;
         }
-        if !(1..=31).contains(&r.billing_anchor_day) {
-            return Err(bad("billing_anchor_day is a day of the month, 1 to 31"));
+        if !bounds::BILLING_ANCHOR_DAY.contains(&i64::from(r.billing_anchor_day)) {
+            return Err(bad("`billing_anchor_day` is a day of the month, 1 to 31"));
         }
         r.timezone
             .parse::<chrono_tz::Tz>()
-            .map_err(|_| bad(format!("`{}` is not an IANA time zone, like `Europe/Berlin`", r.timezone)))?;
+            .map_err(|_| bad(format!("`{}` is not an IANA time zone, like `Europe/Berlin`", shown(&r.timezone))))?;
         if !r.overrides.is_empty() {
             let mut table = toml::Table::new();
             for (k, v) in &r.overrides {
                 let tv = match v {
-                    Value::Number(n) => toml::Value::Integer(
-                        n.as_i64().ok_or_else(|| bad(format!("override `{k}` must be an integer")))?,
-                    ),
+                    Value::Number(n) => toml::Value::Integer(Int(n.clone()).within(k, &bounds::OVERRIDE_VALUE)?),
                     Value::String(s) => toml::Value::String(s.clone()),
                     _ => return Err(bad(format!("override `{k}` must be a number or a string"))),
                 };
@@ -493,9 +736,12 @@ impl AdminCore {
     }
 
     pub async fn create_tenant(&self, actor: &Actor, req: CreateTenant) -> Result<TenantView, AdminError> {
-        let id = req.id.clone();
+        // A refused id of any length is audited, shortened, so the log does not grow by a
+        // request body per attempt.
+        let id = if valid_slug(&req.id) { req.id.clone() } else { shown(&req.id) };
         self.audited(actor, "tenant.create", &id, &format!("tenant:{id}"), async {
             let now = self.clock.now_millis();
+            let billing_anchor_day = req.billing_anchor_day.as_ref().map(anchor_day).transpose()?.unwrap_or(1);
             let r = TenantRecord {
                 id: req.id.clone(),
                 name: req.name.unwrap_or_else(|| req.id.clone()),
@@ -504,7 +750,7 @@ impl AdminCore {
                 status: req.status.unwrap_or_else(|| "active".into()),
                 subdomains: req.subdomains.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 ip_allow: req.ip_allow,
-                billing_anchor_day: req.billing_anchor_day.unwrap_or(1),
+                billing_anchor_day,
                 timezone: req.timezone.unwrap_or_else(|| "UTC".into()),
                 overrides: req.overrides,
                 created_ms: now,
@@ -570,8 +816,8 @@ impl AdminCore {
             if let Some(v) = p.ip_allow {
                 r.ip_allow = v;
             }
-            if let Some(v) = p.billing_anchor_day {
-                r.billing_anchor_day = v;
+            if let Some(v) = &p.billing_anchor_day {
+                r.billing_anchor_day = anchor_day(v)?;
             }
             if let Some(v) = p.timezone {
                 r.timezone = v;
@@ -662,14 +908,21 @@ impl AdminCore {
             if self.managed_tenant(tenant).is_none() {
                 return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
             }
+            if let Some(name) = &req.name {
+                max_len("name", name, bounds::KEY_NAME_MAX)?;
+            }
+            max_items("scopes", &req.scopes, bounds::SCOPES_MAX)?;
             for s in &req.scopes {
-                if s.is_empty() || s.contains(char::is_whitespace) || s.len() > 64 {
+                max_len("scopes[]", s, bounds::SCOPE_MAX)?;
+                if s.is_empty() || s.contains(char::is_whitespace) {
                     return Err(bad(format!("scope `{s}` must be a word without spaces")));
                 }
             }
-            if req.expires_in_days == Some(0) {
-                return Err(bad("expires_in_days must be at least 1 (or absent for no expiry)"));
-            }
+            let expires_in_days = req
+                .expires_in_days
+                .as_ref()
+                .map(|d| d.within("expires_in_days", &bounds::EXPIRES_IN_DAYS))
+                .transpose()?;
             let now = self.clock.now_millis();
             let generated = crate::keys::generate(crate::keys::DEFAULT_PREFIX);
             let k = KeyRecord {
@@ -679,7 +932,7 @@ impl AdminCore {
                 hash: generated.hash.to_string(),
                 scopes: req.scopes,
                 created_ms: now,
-                expires_ms: req.expires_in_days.map(|d| now + d as i64 * 86_400_000),
+                expires_ms: expires_in_days.map(|d| now + d * 86_400_000),
                 revoked_at_ms: None,
                 rotated_to: None,
             };
@@ -735,9 +988,7 @@ impl AdminCore {
         let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
         let new_id = Self::new_key_id();
         self.audited(actor, "key.rotate", &owner, &format!("key:{key_id}->{new_id}"), async {
-            if grace_hours > 24 * 90 {
-                return Err(bad("grace_period_hours is at most 2160 (90 days)"));
-            }
+            Int::new(i64::from(grace_hours)).within("grace_period_hours", &bounds::GRACE_PERIOD_HOURS)?;
             let _w = self.writes.lock().await;
             self.refresh().await?;
             let mut old = self.managed_key(key_id, tenant)?;
@@ -770,10 +1021,23 @@ impl AdminCore {
         .await
     }
 
-    /// Records a reload request in the audit log.
+    /// Records the last [`AdminCore::reload`] (SIGHUP) in the audit log; `ok` is whether it
+    /// applied.
     pub fn audit_reload(&self, actor: &Actor, ok: bool) {
-        let r = if ok { Ok(()) } else { Err(AdminError::Unprocessable("invalid config".into())) };
-        self.audit(actor, "config.reload", "", "config", &r);
+        let failed = self.last_signal_reload.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let code = if ok { None } else { Some(failed.unwrap_or("invalid_config")) };
+        self.audit_reload_code(actor, false, code);
+    }
+
+    /// Records a reload in the audit log: the action is `config.reload`, or
+    /// `config.force_reload` when it was asked with `force`, whatever its result.
+    pub fn audit_reload_result(&self, actor: &Actor, force: bool, r: &Result<ReloadOutcome, ReloadError>) {
+        self.audit_reload_code(actor, force, r.as_ref().err().map(ReloadError::code));
+    }
+
+    fn audit_reload_code(&self, actor: &Actor, force: bool, failure: Option<&str>) {
+        let action = if force { "config.force_reload" } else { "config.reload" };
+        self.audit(actor, action, "", "config", failure);
     }
 
     /// Current usage of a tenant's quotas.
@@ -790,17 +1054,40 @@ impl AdminCore {
         from: &str,
         to: &str,
     ) -> Result<crate::metering::report::Report, AdminError> {
+        let (first, last) = (report_day("from", from)?, report_day("to", to)?);
+        if first > last {
+            return Err(bad(format!("`from` ({from}) is after `to` ({to})")));
+        }
+        let days = (last - first).num_days() + 1;
+        if days > bounds::REPORT_MAX_DAYS {
+            return Err(bad(format!(
+                "a report covers at most {} days, counting both ends; {from} to {to} is {days} days: ask for it in parts",
+                bounds::REPORT_MAX_DAYS
+            )));
+        }
         if self.runtime.load().directory.tenant(tenant).is_none() {
             return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
         }
-        let from = crate::metering::report::parse_day(from).map_err(bad)?;
-        let to = crate::metering::report::parse_day(to).map_err(bad)?;
-        if from > to {
-            return Err(bad(format!("`from` ({from}) is after `to` ({to})")));
-        }
+        let (from, to) = (first.format("%Y-%m-%d").to_string(), last.format("%Y-%m-%d").to_string());
         let rows = self.ledger.rows(tenant, &from, &to).await?;
         Ok(crate::metering::report::build(tenant, &from, &to, &rows))
     }
+}
+
+/// A report's `from` or `to`: exactly `YYYY-MM-DD`, a real day, in [`bounds::REPORT_YEARS`].
+fn report_day(field: &str, s: &str) -> Result<chrono::NaiveDate, AdminError> {
+    use chrono::Datelike;
+    let shape = s.len() == 10
+        && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let day = shape.then(|| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()).flatten();
+    let Some(day) = day else {
+        return Err(bad(format!("`{field}` must be a day written as YYYY-MM-DD, like 2027-01-31, not `{}`", shown(s))));
+    };
+    let years = &bounds::REPORT_YEARS;
+    if !years.contains(&day.year()) {
+        return Err(bad(format!("`{field}` must be a day in the years {} to {}, not {s}", years.start(), years.end())));
+    }
+    Ok(day)
 }
 
 fn key_status(expires: Option<i64>, revoked_at: Option<i64>, now: i64) -> &'static str {

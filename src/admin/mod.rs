@@ -15,12 +15,14 @@ use crate::keys::KeyHash;
 use crate::runtime::SharedRuntime;
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
-use core::{Actor, AdminCore, AdminError, CreateKey, CreateTenant, PatchTenant};
+use core::{bounds, Actor, AdminCore, AdminError, CreateKey, CreateTenant, Int, PatchTenant, ReloadError};
 use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 /// Largest request body the admin API reads.
@@ -97,12 +99,110 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Early> {
     })
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    crate::rules::matcher::query_param(query, name)
-}
-
 fn method_not_allowed(allowed: &str) -> Resp {
     problem_with(405, "method_not_allowed", &format!("Use {allowed} on this path."), &[("allow", allowed.to_string())])
+}
+
+fn bad_request(detail: &str) -> Early {
+    Box::new(problem(400, "bad_request", detail))
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query parameters of a request, decoded. A name the endpoint does not take, or one given
+/// twice, is refused: like an unknown body field, a misspelled filter must not silently list
+/// everything.
+struct Query(BTreeMap<String, String>);
+
+impl Query {
+    fn parse(query: Option<&str>, takes: &[&str]) -> Result<Query, Early> {
+        let mut out = BTreeMap::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+                return Err(bad_request("The query string has a malformed `%` escape or is not UTF-8."));
+            };
+            if !takes.contains(&k.as_str()) {
+                let expected = if takes.is_empty() {
+                    "This endpoint takes no query parameters.".to_string()
+                } else {
+                    format!("This endpoint takes only {}.", takes.join(", "))
+                };
+                return Err(bad_request(&format!("Unknown query parameter `{}`. {expected}", core::shown(&k))));
+            }
+            if out.contains_key(&k) {
+                return Err(bad_request(&format!("The query parameter `{k}` is given twice; give it once.")));
+            }
+            out.insert(k, v);
+        }
+        Ok(Query(out))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// A string parameter of at most `max` characters.
+    fn text(&self, name: &str, max: usize) -> Result<Option<&str>, Early> {
+        match self.get(name) {
+            Some(v) => match core::max_len(name, v, max) {
+                Ok(()) => Ok(Some(v)),
+                Err(e) => Err(Box::new(admin_error(&e))),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// An integer parameter within `range`, `default` when absent.
+    fn int(&self, name: &str, range: &RangeInclusive<i64>, default: i64) -> Result<i64, Early> {
+        let Some(v) = self.get(name) else { return Ok(default) };
+        match v.parse::<i64>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(bad_request(&format!(
+                "`{name}` must be a whole number from {} to {}, not `{}`.",
+                range.start(),
+                range.end(),
+                core::shown(v)
+            ))),
+        }
+    }
+
+    /// A parameter that is one of `values`, `None` when absent.
+    fn one_of(&self, name: &str, values: &[&'static str]) -> Result<Option<&'static str>, Early> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        match values.iter().find(|x| **x == v) {
+            Some(x) => Ok(Some(x)),
+            None => {
+                Err(bad_request(&format!("`{name}` must be one of {}, not `{}`.", values.join(", "), core::shown(v))))
+            }
+        }
+    }
+}
+
+/// Refuses a `{id}` path parameter that cannot be a tenant id.
+fn tenant_path(id: &str) -> Result<(), Early> {
+    core::check_tenant_id(id).map_err(|e| Box::new(admin_error(&e)))
+}
+
+/// Refuses a `{key_id}` path parameter longer than any key id.
+fn key_path(key_id: &str) -> Result<(), Early> {
+    core::max_len("key_id", key_id, bounds::KEY_ID_MAX).map_err(|e| Box::new(admin_error(&e)))
 }
 
 impl AdminApp {
@@ -184,6 +284,10 @@ impl AdminApp {
 
     async fn v1(&self, session: &mut ServerSession, method: Method, path: &str, query: Option<&str>) -> Resp {
         if path == "/v1/openapi.json" {
+            if method != Method::GET {
+                return method_not_allowed("GET");
+            }
+            // Like the probes, the document ignores any query string.
             return respond(200, "application/json", OPENAPI.as_bytes().to_vec(), &[]);
         }
         let actor_id = match self.authorize(session) {
@@ -213,46 +317,79 @@ impl AdminApp {
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         let actor = Actor { id: actor_id, request_id };
         let segs: Vec<&str> = path.trim_start_matches("/v1/").split('/').filter(|s| !s.is_empty()).collect();
+        match self.route(&method, &segs, query, &body, &actor).await {
+            Ok(r) => r,
+            Err(r) => *r,
+        }
+    }
+
+    /// Answers an authorized `/v1` request. The checks run in the documented order: the path
+    /// and method (404, 405), the path and query parameters (400), the body (400), then the
+    /// operation itself.
+    async fn route(
+        &self,
+        m: &Method,
+        segs: &[&str],
+        query: Option<&str>,
+        body: &[u8],
+        actor: &Actor,
+    ) -> Result<Resp, Early> {
         let core = &self.core;
-        let m = &method;
-        match segs.as_slice() {
+        let no_query = || Query::parse(query, &[]).map(|_| ());
+        Ok(match segs {
             ["tenants"] => match *m {
                 Method::GET => {
-                    let limit =
-                        query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(100).clamp(1, 1000);
-                    let cursor = query_param(query, "cursor");
-                    let all = core.tenants(query_param(query, "tier"), query_param(query, "status"));
+                    let q = Query::parse(query, &["limit", "cursor", "tier", "status"])?;
+                    // Within TENANT_PAGE, so positive and small.
+                    let limit = q.int("limit", &bounds::TENANT_PAGE, bounds::DEFAULT_TENANT_PAGE)? as usize;
+                    let cursor = q.text("cursor", bounds::TENANT_ID_MAX)?;
+                    let tier = q.text("tier", bounds::TIER_MAX)?;
+                    let status = q.one_of("status", &["active", "suspended"])?;
+                    let all = core.tenants(tier, status);
                     let start =
                         cursor.map(|c| all.iter().position(|t| t.id.as_str() > c).unwrap_or(all.len())).unwrap_or(0);
                     let page: Vec<_> = all.iter().skip(start).take(limit).cloned().collect();
                     let next = (start + page.len() < all.len()).then(|| page.last().map(|t| t.id.clone())).flatten();
                     json_response(200, json!({"items": page, "next_cursor": next}))
                 }
-                Method::POST => match parse::<CreateTenant>(&body) {
-                    Err(r) => *r,
-                    Ok(req) => match core.create_tenant(&actor, req).await {
+                Method::POST => {
+                    no_query()?;
+                    let req = parse::<CreateTenant>(body)?;
+                    match core.create_tenant(actor, req).await {
                         Ok(t) => json_response(201, json!(t)),
                         Err(e) => admin_error(&e),
-                    },
-                },
+                    }
+                }
                 _ => method_not_allowed("GET, POST"),
             },
             ["tenants", id] => match *m {
-                Method::GET => result(core.tenant(id).map(|t| json!(t)), 200),
-                Method::PATCH => match parse::<PatchTenant>(&body) {
-                    Err(r) => *r,
-                    Ok(p) => result(core.update_tenant(&actor, id, p).await.map(|t| json!(t)), 200),
-                },
-                Method::DELETE => match core.delete_tenant(&actor, id).await {
-                    Ok(()) => respond(204, "application/json", Vec::new(), &[]),
-                    Err(e) => admin_error(&e),
-                },
+                Method::GET => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    result(core.tenant(id).map(|t| json!(t)), 200)
+                }
+                Method::PATCH => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    let p = parse::<PatchTenant>(body)?;
+                    result(core.update_tenant(actor, id, p).await.map(|t| json!(t)), 200)
+                }
+                Method::DELETE => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    match core.delete_tenant(actor, id).await {
+                        Ok(()) => respond(204, "application/json", Vec::new(), &[]),
+                        Err(e) => admin_error(&e),
+                    }
+                }
                 _ => method_not_allowed("GET, PATCH, DELETE"),
             },
             ["tenants", id, action @ ("suspend" | "reactivate")] => match *m {
                 Method::POST => {
+                    tenant_path(id)?;
+                    no_query()?;
                     let status = if *action == "suspend" { "suspended" } else { "active" };
-                    result(core.set_status(&actor, id, status).await.map(|t| json!(t)), 200)
+                    result(core.set_status(actor, id, status).await.map(|t| json!(t)), 200)
                 }
                 _ => method_not_allowed("POST"),
             },
@@ -263,37 +400,49 @@ impl AdminApp {
                     struct SetTier {
                         tier: String,
                     }
-                    match parse::<SetTier>(&body) {
-                        Err(r) => *r,
-                        Ok(t) => result(core.set_tier(&actor, id, &t.tier).await.map(|t| json!(t)), 200),
+                    tenant_path(id)?;
+                    no_query()?;
+                    let t = parse::<SetTier>(body)?;
+                    if let Err(e) = core::max_len("tier", &t.tier, bounds::TIER_MAX) {
+                        return Ok(admin_error(&e));
                     }
+                    result(core.set_tier(actor, id, &t.tier).await.map(|t| json!(t)), 200)
                 }
                 _ => method_not_allowed("PUT"),
             },
             ["tenants", id, "keys"] => match *m {
-                Method::GET => result(core.keys(id).map(|k| json!({"items": k})), 200),
-                Method::POST => match parse::<CreateKey>(&body) {
-                    Err(r) => *r,
-                    Ok(req) => match core.create_key(&actor, id, req).await {
+                Method::GET => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    result(core.keys(id).map(|k| json!({"items": k})), 200)
+                }
+                Method::POST => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    let req = parse::<CreateKey>(body)?;
+                    match core.create_key(actor, id, req).await {
                         Ok((k, secret)) => json_response(201, json!({"key": k, "secret": secret})),
                         Err(e) => admin_error(&e),
-                    },
-                },
+                    }
+                }
                 _ => method_not_allowed("GET, POST"),
             },
             ["tenants", id, "usage"] => match *m {
-                Method::GET => result(core.usage(id).await.map(|u| json!({"tenant": id, "quotas": u})), 200),
+                Method::GET => {
+                    tenant_path(id)?;
+                    no_query()?;
+                    result(core.usage(id).await.map(|u| json!({"tenant": id, "quotas": u})), 200)
+                }
                 _ => method_not_allowed("GET"),
             },
             ["tenants", id, "usage", "report"] => match *m {
                 Method::GET => {
-                    let (Some(from), Some(to)) = (query_param(query, "from"), query_param(query, "to")) else {
-                        return problem(400, "bad_request", "Give the range as `?from=YYYY-MM-DD&to=YYYY-MM-DD`.");
+                    tenant_path(id)?;
+                    let q = Query::parse(query, &["from", "to", "format"])?;
+                    let (Some(from), Some(to)) = (q.get("from"), q.get("to")) else {
+                        return Err(bad_request("Give the range as `?from=YYYY-MM-DD&to=YYYY-MM-DD`."));
                     };
-                    let format = query_param(query, "format").unwrap_or("json");
-                    if format != "json" && format != "csv" {
-                        return problem(400, "bad_request", "`format` is `json` or `csv`.");
-                    }
+                    let format = q.one_of("format", &["json", "csv"])?.unwrap_or("json");
                     match core.report(id, from, to).await {
                         Ok(r) if format == "csv" => respond(
                             200,
@@ -308,7 +457,11 @@ impl AdminApp {
                 _ => method_not_allowed("GET"),
             },
             ["keys", key_id] => match *m {
-                Method::DELETE => result(core.revoke_key(&actor, key_id, None).await.map(|k| json!(k)), 200),
+                Method::DELETE => {
+                    key_path(key_id)?;
+                    no_query()?;
+                    result(core.revoke_key(actor, key_id, None).await.map(|k| json!(k)), 200)
+                }
                 _ => method_not_allowed("DELETE"),
             },
             ["keys", key_id, "rotate"] => match *m {
@@ -316,17 +469,21 @@ impl AdminApp {
                     #[derive(Deserialize, Default)]
                     #[serde(deny_unknown_fields)]
                     struct Rotate {
-                        grace_period_hours: Option<u32>,
+                        grace_period_hours: Option<Int>,
                     }
-                    let req = if body.is_empty() {
-                        Rotate::default()
-                    } else {
-                        match parse::<Rotate>(&body) {
-                            Ok(r) => r,
-                            Err(r) => return *r,
-                        }
+                    key_path(key_id)?;
+                    no_query()?;
+                    let req = if body.is_empty() { Rotate::default() } else { parse::<Rotate>(body)? };
+                    let grace = match req
+                        .grace_period_hours
+                        .map(|g| g.within("grace_period_hours", &bounds::GRACE_PERIOD_HOURS))
+                    {
+                        // Within GRACE_PERIOD_HOURS, so it fits a u32.
+                        Some(Ok(g)) => g as u32,
+                        Some(Err(e)) => return Ok(admin_error(&e)),
+                        None => bounds::DEFAULT_GRACE_PERIOD_HOURS,
                     };
-                    match core.rotate_key(&actor, key_id, req.grace_period_hours.unwrap_or(24), None).await {
+                    match core.rotate_key(actor, key_id, grace, None).await {
                         Ok((k, secret)) => json_response(201, json!({"key": k, "secret": secret})),
                         Err(e) => admin_error(&e),
                     }
@@ -334,20 +491,25 @@ impl AdminApp {
                 _ => method_not_allowed("POST"),
             },
             ["tiers"] => match *m {
-                Method::GET => json_response(200, json!({"items": tiers_view(&self.runtime.load().config)})),
+                Method::GET => {
+                    no_query()?;
+                    json_response(200, json!({"items": tiers_view(&self.runtime.load().config)}))
+                }
                 _ => method_not_allowed("GET"),
             },
             ["reload"] => match *m {
                 Method::POST => {
-                    let r = core.reload();
-                    let ok = r.is_ok();
-                    core.audit_reload(&actor, ok);
+                    let q = Query::parse(query, &["force"])?;
+                    let force = q.one_of("force", &["true", "false"])? == Some("true");
+                    let r = core.reload_with(force);
+                    core.audit_reload_result(actor, force, &r);
                     match r {
                         Ok(outcome) => json_response(
                             200,
                             json!({"status": "reloaded", "summary": outcome.summary, "warnings": outcome.warnings}),
                         ),
-                        Err(errors) => {
+                        Err(ReloadError::Refused(detail)) => problem(409, "reload_refused", &detail),
+                        Err(ReloadError::Invalid(errors)) => {
                             let body = json!({
                                 "type": "urn:tollgate:error:invalid_config",
                                 "title": "Invalid config",
@@ -364,14 +526,16 @@ impl AdminApp {
             },
             ["audit"] => match *m {
                 Method::GET => {
-                    let limit =
-                        query_param(query, "limit").and_then(|l| l.parse().ok()).unwrap_or(1000usize).clamp(1, 100_000);
-                    json_response(200, json!({"items": core.audit.read(query_param(query, "tenant"), limit)}))
+                    let q = Query::parse(query, &["tenant", "limit"])?;
+                    let tenant = q.text("tenant", bounds::TENANT_ID_MAX)?;
+                    // Within AUDIT_PAGE, so positive.
+                    let limit = q.int("limit", &bounds::AUDIT_PAGE, bounds::DEFAULT_AUDIT_PAGE)? as usize;
+                    json_response(200, json!({"items": core.audit.read(tenant, limit)}))
                 }
                 _ => method_not_allowed("GET"),
             },
             _ => problem(404, "not_found", "No such admin endpoint. See /v1/openapi.json."),
-        }
+        })
     }
 }
 
@@ -404,9 +568,16 @@ fn tiers_view(config: &crate::config::Config) -> Vec<Value> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The head is read: the connection edge's head deadline no longer applies.
+        crate::edge::mark_head_read(session.take_connection_user_context());
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().map(str::to_string);
+        // The probes take GET and no query parameters. A query string is ignored, so a
+        // monitoring system that adds one (a cache buster) cannot fail a health check.
+        if matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics") && method != Method::GET {
+            return method_not_allowed("GET");
+        }
         match path.as_str() {
             "/healthz" => json_response(200, json!({"status": "ok"})),
             "/readyz" => {

@@ -34,7 +34,7 @@ use std::borrow::Cow;
 /// What the canonical view needs from the configuration; borrowed, so building one per
 /// request costs nothing.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy<'c> {
+pub struct RequestPolicy<'c> {
     /// Methods a request may use (`[server] allowed_methods`).
     pub allowed_methods: &'c [Method],
     /// The `Allow` header value listing `allowed_methods`.
@@ -61,10 +61,10 @@ pub const GATEWAY_HEADERS: &[&str] = &[
     "x-request-id",
 ];
 
-impl<'c> Policy<'c> {
+impl<'c> RequestPolicy<'c> {
     /// The policy of a loaded config.
-    pub fn of(config: &'c crate::config::Config) -> Policy<'c> {
-        Policy {
+    pub fn of(config: &'c crate::config::Config) -> RequestPolicy<'c> {
+        RequestPolicy {
             allowed_methods: &config.server.allowed_methods,
             allow_header: &config.server.allow_header,
             key_headers: &config.tenancy.key_headers,
@@ -138,7 +138,7 @@ fn invalid_host(detail: impl Into<String>) -> Reject {
 }
 
 /// Checks the method against the policy.
-pub fn check_method<'m>(method: &'m Method, policy: &Policy<'_>) -> Result<&'m Method, Reject> {
+pub fn check_method<'m>(method: &'m Method, policy: &RequestPolicy<'_>) -> Result<&'m Method, Reject> {
     if policy.allowed_methods.iter().any(|m| m == method) {
         return Ok(method);
     }
@@ -151,6 +151,14 @@ pub fn check_method<'m>(method: &'m Method, policy: &Policy<'_>) -> Result<&'m M
     })
 }
 
+/// [`canonicalize`] for a parsed request head.
+pub fn of_request<'r>(
+    req: &'r pingora::http::RequestHeader,
+    policy: &RequestPolicy<'_>,
+) -> Result<Canonical<'r>, Reject> {
+    canonicalize(&req.method, req.raw_path(), &req.headers, policy)
+}
+
 /// Builds the canonical view of a request head, or refuses it.
 ///
 /// `raw_target` is the request-target exactly as received (Pingora's `raw_path`), `utf8` says
@@ -159,7 +167,7 @@ pub fn canonicalize<'r>(
     method: &'r Method,
     raw_target: &'r [u8],
     headers: &'r HeaderMap,
-    policy: &Policy<'_>,
+    policy: &RequestPolicy<'_>,
 ) -> Result<Canonical<'r>, Reject> {
     let method = check_method(method, policy)?;
     check_framing(headers, policy)?;
@@ -251,7 +259,7 @@ fn strip_scheme(target: &str) -> Option<&str> {
 }
 
 /// Refuses framing that two HTTP parsers could read differently.
-fn check_framing(headers: &HeaderMap, policy: &Policy<'_>) -> Result<(), Reject> {
+fn check_framing(headers: &HeaderMap, policy: &RequestPolicy<'_>) -> Result<(), Reject> {
     let mut cl = headers.get_all(CONTENT_LENGTH).iter();
     if let Some(v) = cl.next() {
         if cl.next().is_some() || v.as_bytes().contains(&b',') {
@@ -479,7 +487,8 @@ mod tests {
         let methods: Vec<Method> =
             crate::config::DEFAULT_METHODS.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect();
         let keys = [HeaderName::from_static("x-api-key")];
-        let p = Policy { allowed_methods: &methods, allow_header: "GET", key_headers: &keys, tenant_header: None };
+        let p =
+            RequestPolicy { allowed_methods: &methods, allow_header: "GET", key_headers: &keys, tenant_header: None };
         canonicalize(&m, target.as_bytes(), &h, &p)
             .map(|c| (c.host().to_string(), c.path().to_string(), c.query().map(str::to_string), c.rewritten()))
             .map_err(|r| r.code().to_string())

@@ -94,7 +94,7 @@ impl Gateway {
         ctx.https = session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some();
 
         resolve::check_size(req, cfg.server.max_header_bytes)?;
-        let canon = canonical::canonicalize(&req.method, req.raw_path(), &req.headers, &canonical::Policy::of(cfg))?;
+        let canon = canonical::of_request(req, &canonical::RequestPolicy::of(cfg))?;
         ctx.upstream_host = canon.missing_host_header().map(str::to_string);
         let hints = resolve::resolve(&cfg.tenancy, &canon, req, peer)?;
         ctx.client_ip = hints.client_ip;
