@@ -24,5 +24,6 @@ pub mod pipeline;
 pub mod policy;
 pub mod rules;
 pub mod runtime;
+pub mod schema;
 pub mod store;
 pub mod upstream;

@@ -5,17 +5,17 @@
 //! at the first problem: all of them come back together in [`Diagnostics`], each with file,
 //! line and column. A failed load changes nothing; callers keep running on the old config.
 
-pub mod diag;
 pub mod file;
 pub mod model;
 pub mod policy;
-pub mod units;
 
-pub use diag::{Diagnostic, Diagnostics, Severity, SourceFile};
+pub use crate::schema::diag::{self, Diagnostic, Diagnostics, Severity, SourceFile};
+pub use crate::schema::units;
+pub use crate::schema::{size_value, valid_slug, wildcard_match};
 pub use model::*;
 
 use crate::keys::KeyHash;
-use file::{DateOrStr, IntOrStr, MainFile, SStr};
+use file::{DateOrStr, MainFile, SStr};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -136,20 +136,6 @@ fn expand_include(base: &Path, pattern: &SStr, src: &SourceFile, diags: &mut Dia
     out
 }
 
-/// `*` matches any run of characters; everything else matches itself.
-pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, rest)) => {
-            let Some(tail) = text.strip_prefix(head) else { return false };
-            if rest.is_empty() {
-                return true;
-            }
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
-        }
-    }
-}
-
 fn duration_or(v: &Option<SStr>, default: Duration, src: &SourceFile, diags: &mut Diagnostics) -> Duration {
     match v {
         None => default,
@@ -158,24 +144,6 @@ fn duration_or(v: &Option<SStr>, default: Duration, src: &SourceFile, diags: &mu
             Err(e) => {
                 diags.error_at(src, s.span(), e);
                 default
-            }
-        },
-    }
-}
-
-/// Parses a size given as an integer or a string like `10MiB`.
-pub fn size_value(v: &Spanned<IntOrStr>, src: &SourceFile, diags: &mut Diagnostics) -> Option<u64> {
-    match v.get_ref() {
-        IntOrStr::Int(n) if *n >= 0 => Some(*n as u64),
-        IntOrStr::Int(_) => {
-            diags.error_at(src, v.span(), "a size cannot be negative");
-            None
-        }
-        IntOrStr::Str(s) => match units::parse_size(s) {
-            Ok(n) => Some(n),
-            Err(e) => {
-                diags.error_at(src, v.span(), e);
-                None
             }
         },
     }
@@ -227,15 +195,6 @@ fn default_instance_id() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "tollgate".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// Tenant ids are slugs: they appear in hostnames, paths, store keys and metric labels.
-pub fn valid_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn header_name(s: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Option<http::HeaderName> {
@@ -920,7 +879,10 @@ fn validate(
         all_rule_files.push(r);
     }
     all_rule_files.extend(rule_files);
-    let ctx = crate::rules::RefContext { tiers: &tiers, upstreams: &upstreams, tenants: &tenants };
+    let ctx = crate::rules::RefContext {
+        tiers: tiers.iter().map(|(name, t)| (name.as_str(), t.features.iter().map(|f| &**f).collect())).collect(),
+        upstreams: upstreams.keys().map(String::as_str).collect(),
+    };
     let rules = crate::rules::compile(all_rule_files, &ctx, diags);
 
     // Tier quotas and prices may only name metrics that exist.

@@ -3,7 +3,7 @@
 //! The key is hashed and looked up in the directory snapshot; no store is consulted. An API key
 //! is authoritative: if a host, header or path names another tenant the answer is
 //! `tenant_mismatch`. Without a key the principal is anonymous, and only a public rule will
-//! accept it (see [`super::authorize`]).
+//! accept it (see the authorize stage).
 
 use super::resolve::Hints;
 use crate::directory::{Directory, Key, Tenant};

@@ -3,8 +3,9 @@
 //! A rule file may hold `unmatched`, `metrics`, `[defaults]` and `[[rule]]` tables. The main
 //! config file may hold the same keys; they are read with the same code.
 
-use crate::config::diag::{Diagnostics, SourceFile};
-use crate::config::file::{de_unit, IntOrStr, SStr};
+use crate::schema::diag::{Diagnostics, SourceFile};
+pub use crate::schema::limits::{QuotaFile, RateFile};
+use crate::schema::value::{de_unit, IntOrStr, SStr};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::de::{DeString, DeValue};
@@ -41,15 +42,6 @@ pub struct DenyFile {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct RateFile {
-    pub requests_per_second: Option<Spanned<i64>>,
-    pub requests_per_minute: Option<Spanned<i64>>,
-    pub requests_per_hour: Option<Spanned<i64>>,
-    pub burst: Option<Spanned<i64>>,
-    pub mode: Option<SStr>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
 pub struct ChargeFile {
     pub metric: Option<SStr>,
     pub cost: Option<Spanned<i64>>,
@@ -57,14 +49,6 @@ pub struct ChargeFile {
     pub cost_from_query: Option<SStr>,
     pub max_cost: Option<Spanned<i64>>,
     pub settle_from_header: Option<SStr>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct QuotaFile {
-    pub limit: Option<Spanned<i64>>,
-    pub period: Option<SStr>,
-    pub enforcement: Option<SStr>,
-    pub overage: Option<Spanned<i64>>,
 }
 
 /// A `[[rule]]` table, or `[defaults]` (which may not have `name` or `match`). One struct for
@@ -139,7 +123,7 @@ pub fn parse_rule_tables(
 
 /// Parses a whole rule file.
 pub fn parse_rule_file(src: &SourceFile, diags: &mut Diagnostics) -> RuleFile {
-    let Some(root) = crate::config::file::parse_document(src, diags) else {
+    let Some(root) = crate::schema::value::parse_document(src, diags) else {
         return RuleFile { src: Some(src.clone()), ..RuleFile::default() };
     };
     let mut tables = Vec::new();

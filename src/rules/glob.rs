@@ -67,7 +67,7 @@ pub fn seg_matches(seg: &Seg, part: &str) -> bool {
     match seg {
         Seg::Literal(l) => l == part,
         Seg::Any => true,
-        Seg::Wild(w) => crate::config::wildcard_match(w, part),
+        Seg::Wild(w) => crate::schema::wildcard_match(w, part),
         Seg::Many => true,
     }
 }

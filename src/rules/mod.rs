@@ -6,14 +6,13 @@
 //! rules. Actions from `[defaults]` are merged into each rule at compile time, so the hot path
 //! reads one finished [`Rule`].
 
-pub mod explain;
 pub mod file;
 pub mod glob;
 pub mod matcher;
 
-use crate::config::diag::{Diagnostics, SourceFile};
-use crate::config::file::SStr;
-use crate::config::{size_value, units, TenantConfig, Tier, UpstreamConfig};
+use crate::schema::diag::{Diagnostic, Diagnostics, Severity, SourceFile};
+use crate::schema::value::SStr;
+use crate::schema::{size_value, units};
 use file::{ActionsFile, MatchFile, Presence, RuleFile};
 use glob::Glob;
 use http::{HeaderName, HeaderValue, Method};
@@ -27,9 +26,10 @@ pub const BUILTIN_METRICS: &[&str] = &["requests"];
 
 /// What the rule compiler may check references against.
 pub struct RefContext<'a> {
-    pub tiers: &'a BTreeMap<String, Arc<Tier>>,
-    pub upstreams: &'a BTreeMap<String, UpstreamConfig>,
-    pub tenants: &'a [TenantConfig],
+    /// Every tier's name, with its features.
+    pub tiers: BTreeMap<&'a str, Vec<&'a str>>,
+    /// Every upstream pool's name.
+    pub upstreams: BTreeSet<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +199,7 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             metrics.insert(m.get_ref().clone());
         }
     }
-    let features = ctx.tiers.values().flat_map(|t| t.features.iter().map(|f| &**f)).collect();
+    let features = ctx.tiers.values().flatten().copied().collect();
     let mut c = Compiler { ctx, features, metrics, diags };
 
     // unmatched: every file that sets it must agree.
@@ -304,7 +304,7 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
                     format!("rule `{name}` is public but requires scopes; a public route has no key to hold them"),
                 );
             }
-            let has_default_pool = ctx.upstreams.contains_key("default") || ctx.upstreams.len() == 1;
+            let has_default_pool = ctx.upstreams.contains("default") || ctx.upstreams.len() == 1;
             if actions.public && actions.upstream.is_none() && !has_default_pool {
                 c.diags.warn_at(
                     src,
@@ -320,8 +320,8 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
     for (j, later) in rules.iter().enumerate() {
         if let Some(earlier) = rules[..j].iter().find(|e| subsumes(&e.when, &later.when)) {
             let (file, line) = split_origin(&later.origin);
-            c.diags.items.push(crate::config::Diagnostic {
-                severity: crate::config::Severity::Warning,
+            c.diags.items.push(Diagnostic {
+                severity: Severity::Warning,
                 file: file.into(),
                 line,
                 col: 1,
@@ -632,7 +632,7 @@ impl Compiler<'_, '_> {
         }
         if let Some(ts) = &mf.tiers {
             for t in ts {
-                if !self.ctx.tiers.contains_key(t.get_ref()) {
+                if !self.ctx.tiers.contains_key(t.get_ref().as_str()) {
                     self.diags.error_at(src, t.span(), format!("`{}` is not a tier", t.get_ref()));
                 }
             }
@@ -640,7 +640,7 @@ impl Compiler<'_, '_> {
         }
         if let Some(ts) = &mf.tenants {
             for t in ts {
-                if !crate::config::valid_slug(t.get_ref()) {
+                if !crate::schema::valid_slug(t.get_ref()) {
                     self.diags.error_at(src, t.span(), format!("`{}` is not a valid tenant id", t.get_ref()));
                 }
             }
@@ -701,7 +701,7 @@ impl Compiler<'_, '_> {
             out.deny = Some((status, message));
         }
         if let Some(u) = &a.upstream {
-            if !self.ctx.upstreams.contains_key(u.get_ref()) {
+            if !self.ctx.upstreams.contains(u.get_ref().as_str()) {
                 self.diags.error_at(
                     src,
                     u.span(),
@@ -728,7 +728,7 @@ impl Compiler<'_, '_> {
         out.priority = a.priority.as_ref().map(|p| *p.get_ref()).unwrap_or(0);
         for (tier, r) in a.rate.iter().flatten() {
             self.tier_key(src, tier, r.span());
-            if let Some(spec) = crate::config::policy::rate_spec(r.get_ref(), r.span(), src, self.diags) {
+            if let Some(spec) = crate::schema::limits::rate_spec(r.get_ref(), r.span(), src, self.diags) {
                 out.rate.insert(tier.clone(), spec);
             }
         }
@@ -774,7 +774,7 @@ impl Compiler<'_, '_> {
             for (metric, q) in metrics {
                 self.tier_key(src, tier, q.span());
                 self.metric(src, &Spanned::new(q.span(), metric.clone()));
-                let spec = crate::config::policy::quota_spec(q, src, self.diags);
+                let spec = crate::schema::limits::quota_spec(q, src, self.diags);
                 out.quota.entry(tier.clone()).or_default().insert(metric.clone(), spec);
             }
         }

@@ -2,9 +2,9 @@
 //! and the effective policy after tier and rule merging. It runs the same matcher as the
 //! gateway, so what it prints is what traffic gets.
 
-use super::matcher::RequestView;
-use super::{CostSource, Rule};
 use crate::config::Config;
+use crate::rules::matcher::RequestView;
+use crate::rules::{CostSource, Rule};
 use std::fmt::Write;
 
 /// Renders the explanation for one request as text.

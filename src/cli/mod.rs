@@ -1,9 +1,11 @@
 //! Command-line glue that needs the whole crate: `tollgate rules explain` and `tollgate usage
 //! report`. Nothing in the library imports this module, so it may depend on every other one.
 
+pub mod explain;
+
 use crate::pipeline::canonical::{canonicalize, RequestPolicy};
-use crate::rules::explain::explain;
 use crate::rules::matcher::RequestView;
+use explain::explain;
 
 /// The `tollgate rules explain` command: loads the config and explains one request, read
 /// through the same canonical view as the gateway (so `--method delete` is refused as it would
