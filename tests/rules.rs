@@ -519,4 +519,24 @@ fn rules_explain_shows_the_match_the_misses_and_the_policy() {
         .expect("explain");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("require_feature: streaming (tier `free` has it)"), "{text}");
+
+    // Explain reads the request through the gateway's canonical view: what the wire refuses,
+    // explain refuses; what the wire normalizes, explain normalizes.
+    let explain = |method: &str, target: &str| {
+        let out = Command::new(bin())
+            .args(["rules", "explain", "-c"])
+            .arg(&path)
+            .args(["--method", method, "--path", target])
+            .output()
+            .expect("explain");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = explain("delete", "/api/admin/x");
+    assert!(!ok && text.contains("405 method_not_allowed"), "{text}");
+    let (ok, text) = explain("GET", "internal/secret.txt");
+    assert!(!ok && text.contains("400 invalid_target"), "{text}");
+    let (ok, text) = explain("GET", "/api/%2e%2e/%69nternal//x");
+    assert!(ok && text.contains("#1 deny-internal") && text.contains("MATCH"), "{text}");
+    let (ok, text) = explain("GET", "/t/acme/api/admin/x");
+    assert!(ok && text.contains("tenant=acme") && text.contains("gen-admin") && text.contains("MATCH"), "{text}");
 }
