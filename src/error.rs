@@ -61,8 +61,13 @@ pub enum Reject {
     ConcurrencyLimit { limit: u32 },
     /// 503: the shared store is failing and the policy is `closed`.
     StoreUnavailable { retry_after: u64 },
-    /// 502: no healthy server in the upstream pool, or it refused the connection.
+    /// 502: the upstream failed the request: it refused the connection, or the connection
+    /// broke while forwarding. Also when no pool can be chosen for the request at all.
     UpstreamUnavailable { upstream: String },
+    /// 503: the pool has no server passing its health check. Same code as a 502
+    /// `upstream_unavailable` (clients branch on the code), but nothing was attempted, so the
+    /// answer says when the next health check may bring a server back.
+    NoHealthyUpstream { upstream: String, retry_after: u64 },
     /// 504: the upstream did not connect or answer within its timeout.
     UpstreamTimeout { upstream: String },
     /// 500: a bug or an unexpected internal failure. The detail is logged, not sent.
@@ -100,6 +105,64 @@ pub const CODES: &[&str] = &[
     "internal_error",
 ];
 
+/// The codes answered only by `/_tollgate/` self-service and the admin listener, on top of
+/// [`CODES`].
+pub const SERVICE_CODES: &[&str] = &[
+    "not_found",
+    "conflict",
+    "unprocessable",
+    "admin_disabled",
+    "missing_token",
+    "invalid_token",
+    "invalid_config",
+    "reload_refused",
+];
+
+/// The one `title` of each problem code, whoever answers it (the proxy, `/_tollgate/`
+/// self-service, the admin listener): a client that shows titles sees one per code. Unknown
+/// codes get a generic title rather than a status's reason phrase, which differs per status.
+pub fn title_of(code: &str) -> &'static str {
+    match code {
+        "bad_request" => "Bad request",
+        "duplicate_header" => "Duplicate header",
+        "invalid_target" => "Invalid request target",
+        "invalid_host" => "Invalid host",
+        "method_not_allowed" => "Method not allowed",
+        "headers_too_large" => "Request headers too large",
+        "missing_key" => "API key required",
+        "invalid_key" => "Invalid API key",
+        "key_expired" => "API key expired",
+        "key_revoked" => "API key revoked",
+        "tenant_suspended" => "Tenant suspended",
+        "ip_not_allowed" => "Client address not allowed",
+        "tenant_mismatch" => "Tenant mismatch",
+        "unknown_tenant" => "Unknown tenant",
+        "no_route" => "No route",
+        "insufficient_scope" => "Insufficient scope",
+        "feature_not_in_tier" => "Feature not in tier",
+        "denied" => "Denied",
+        "body_too_large" => "Request body too large",
+        "invalid_cost" => "Invalid cost",
+        "rate_limited" => "Rate limited",
+        "quota_exceeded" => "Quota exceeded",
+        "concurrency_limit" => "Too many concurrent requests",
+        // Also the admin API's and self-service's answer when the directory store fails.
+        "store_unavailable" => "Store unavailable",
+        "upstream_unavailable" => "Upstream unavailable",
+        "upstream_timeout" => "Upstream timeout",
+        "internal_error" => "Internal error",
+        "not_found" => "Not found",
+        "conflict" => "Conflict",
+        "unprocessable" => "Unprocessable request",
+        "admin_disabled" => "Admin API disabled",
+        "missing_token" => "Admin token required",
+        "invalid_token" => "Invalid admin token",
+        "invalid_config" => "Invalid config",
+        "reload_refused" => "Reload refused",
+        _ => "Error",
+    }
+}
+
 /// A rendered problem: status, headers and body, ready to write.
 #[derive(Debug)]
 pub struct Problem {
@@ -136,7 +199,7 @@ impl Reject {
             Reject::QuotaExceeded { .. } => "quota_exceeded",
             Reject::ConcurrencyLimit { .. } => "concurrency_limit",
             Reject::StoreUnavailable { .. } => "store_unavailable",
-            Reject::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Reject::UpstreamUnavailable { .. } | Reject::NoHealthyUpstream { .. } => "upstream_unavailable",
             Reject::UpstreamTimeout { .. } => "upstream_timeout",
             Reject::Internal => "internal_error",
         }
@@ -151,7 +214,7 @@ impl Reject {
             | Reject::InvalidCost { .. } => 400,
             Reject::MethodNotAllowed { .. } => 405,
             Reject::RateLimited { .. } | Reject::QuotaExceeded { .. } | Reject::ConcurrencyLimit { .. } => 429,
-            Reject::StoreUnavailable { .. } => 503,
+            Reject::StoreUnavailable { .. } | Reject::NoHealthyUpstream { .. } => 503,
             Reject::HeadersTooLarge { .. } => 431,
             Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => 401,
             Reject::TenantSuspended { .. }
@@ -168,36 +231,10 @@ impl Reject {
         }
     }
 
+    /// The problem `title`: one per code, from [`title_of`], so a code reads the same wherever
+    /// it is answered.
     fn title(&self) -> &'static str {
-        match self {
-            Reject::BadRequest { .. } => "Bad request",
-            Reject::DuplicateHeader { .. } => "Duplicate header",
-            Reject::InvalidTarget { .. } => "Invalid request target",
-            Reject::InvalidHost { .. } => "Invalid host",
-            Reject::MethodNotAllowed { .. } => "Method not allowed",
-            Reject::HeadersTooLarge { .. } => "Request headers too large",
-            Reject::MissingKey => "API key required",
-            Reject::InvalidKey => "Invalid API key",
-            Reject::KeyExpired => "API key expired",
-            Reject::KeyRevoked => "API key revoked",
-            Reject::TenantSuspended { .. } => "Tenant suspended",
-            Reject::IpNotAllowed { .. } => "Client address not allowed",
-            Reject::TenantMismatch { .. } => "Tenant mismatch",
-            Reject::UnknownTenant { .. } => "Unknown tenant",
-            Reject::NoRoute => "No route",
-            Reject::InsufficientScope { .. } => "Insufficient scope",
-            Reject::FeatureNotInTier { .. } => "Feature not in tier",
-            Reject::Denied { .. } => "Denied",
-            Reject::BodyTooLarge { .. } => "Request body too large",
-            Reject::InvalidCost { .. } => "Invalid cost",
-            Reject::RateLimited { .. } => "Rate limited",
-            Reject::QuotaExceeded { .. } => "Quota exceeded",
-            Reject::ConcurrencyLimit { .. } => "Too many concurrent requests",
-            Reject::StoreUnavailable { .. } => "Limit store unavailable",
-            Reject::UpstreamUnavailable { .. } => "Upstream unavailable",
-            Reject::UpstreamTimeout { .. } => "Upstream timeout",
-            Reject::Internal => "Internal error",
-        }
+        title_of(self.code())
     }
 
     /// A sentence for a person, saying what happened and what to do next.
@@ -261,6 +298,9 @@ impl Reject {
             Reject::UpstreamUnavailable { upstream } => format!(
                 "The upstream `{upstream}` is unavailable. Retry later."
             ),
+            Reject::NoHealthyUpstream { upstream, retry_after } => format!(
+                "No server of the upstream `{upstream}` is healthy right now. Retry in {retry_after} s."
+            ),
             Reject::UpstreamTimeout { upstream } => format!(
                 "The upstream `{upstream}` did not answer in time. Retry later."
             ),
@@ -293,7 +333,9 @@ impl Reject {
             Reject::HeadersTooLarge { limit } => {
                 ext.insert("limit".into(), json!(limit));
             }
-            Reject::UpstreamUnavailable { upstream } | Reject::UpstreamTimeout { upstream } => {
+            Reject::UpstreamUnavailable { upstream }
+            | Reject::UpstreamTimeout { upstream }
+            | Reject::NoHealthyUpstream { upstream, .. } => {
                 ext.insert("upstream".into(), json!(upstream));
             }
             Reject::RateLimited { limit, reset, retry_after } => {
@@ -325,7 +367,9 @@ impl Reject {
                 Some(if *reset_ms == i64::MAX { 86_400 } else { ((reset_ms - now).max(1000) as u64).div_ceil(1000) })
             }
             Reject::ConcurrencyLimit { .. } => Some(1),
-            Reject::StoreUnavailable { retry_after } => Some(*retry_after),
+            Reject::StoreUnavailable { retry_after } | Reject::NoHealthyUpstream { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
@@ -383,6 +427,25 @@ mod tests {
         assert_eq!(v["missing_scopes"][0], "generate");
         let len = p.headers.iter().find(|(k, _)| *k == "content-length").unwrap();
         assert_eq!(len.1, p.body.len().to_string());
+    }
+
+    #[test]
+    fn every_code_has_its_own_title() {
+        for code in CODES.iter().chain(SERVICE_CODES) {
+            assert_ne!(title_of(code), "Error", "{code} has no title");
+        }
+        let p = Reject::InsufficientScope { missing: vec!["admin".into()] }.problem("r");
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(v["title"], title_of("insufficient_scope"));
+    }
+
+    #[test]
+    fn no_healthy_upstream_is_503_with_retry_after() {
+        let p = Reject::NoHealthyUpstream { upstream: "api".into(), retry_after: 5 }.problem("r");
+        assert_eq!(p.status, 503);
+        assert!(p.headers.iter().any(|(k, v)| *k == "retry-after" && v == "5"));
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!((v["code"].as_str(), v["upstream"].as_str()), (Some("upstream_unavailable"), Some("api")));
     }
 
     #[test]

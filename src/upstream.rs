@@ -20,6 +20,14 @@ pub struct Pool {
     pub lb: Arc<LoadBalancer<RoundRobin>>,
 }
 
+impl Pool {
+    /// Seconds until a pool without a healthy server may have one again: the next health
+    /// check, at least a second.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.config.health_check.as_ref().map_or(1, |hc| hc.interval.as_secs_f64().ceil() as u64).max(1)
+    }
+}
+
 /// All pools, by name.
 #[derive(Default)]
 pub struct Upstreams {
@@ -72,5 +80,18 @@ impl Upstreams {
 
     pub fn get(&self, name: &str) -> Option<&Pool> {
         self.pools.get(name)
+    }
+
+    /// Sets `tollgate_upstream_server_healthy{upstream, server}` from the health checks' last
+    /// results. Called when `/metrics` is scraped, so the hot path never touches it. Pools are
+    /// built once at start-up, so the series set is the config's servers.
+    pub fn export_health(&self, gauge: &prometheus::IntGaugeVec) {
+        for (name, pool) in &self.pools {
+            let backends = pool.lb.backends();
+            for b in backends.get_backend().iter() {
+                let server = b.addr.to_string();
+                gauge.with_label_values(&[&**name, &server]).set(i64::from(backends.ready(b)));
+            }
+        }
     }
 }

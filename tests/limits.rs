@@ -120,7 +120,7 @@ fn hard_quota_rejects_past_the_limit_and_names_it() {
         assert!(r.header("x-quota-reset").is_some_and(|v| v.ends_with('Z')));
         assert!(r
             .header("ratelimit-policy")
-            .is_some_and(|v| v.contains("\"quota\";q=3;") && v.contains("qu=\"requests\"")));
+            .is_some_and(|v| v.contains("\"quota-requests-month\";q=3;") && v.contains("qu=\"requests\"")));
     }
     let r = gw.get("/x", &[("authorization", &auth)]);
     assert_eq!(r.status, 429);
@@ -180,9 +180,11 @@ charge = { metric = "records", cost_from_query = "num_rows", max_cost = 500, set
 "#;
     let gw = Gateway::start(&config(&echo, EMBEDDED, tier, rules));
     let auth = acme();
-    // Asked for 80, produced 10: settled to 10.
+    // Asked for 80, produced 10: settled to 10, and the headers say so.
     let r = gw.get("/gen?num_rows=80&header=x-records-generated:10", &[("authorization", &auth)]);
     assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-quota-remaining"), Some("90"), "the remaining after settlement, not after the estimate");
+    assert!(r.header("ratelimit").is_some_and(|v| v.contains("\"quota-records-month\";r=90;")), "{:?}", r.headers);
     let r = gw.get("/gen?num_rows=90", &[("authorization", &auth)]);
     assert_eq!(r.status, 200, "only the settled 10 were spent: {}", r.text());
     assert_eq!(r.header("x-quota-remaining"), Some("0"));
@@ -217,7 +219,7 @@ charge = { metric = "records", cost_from_query = "n" }
     assert_eq!(r.status, 200);
     // Only this request counted against `requests`: 100 - 1.
     let policy = r.header("ratelimit").unwrap_or_default().to_string();
-    assert!(policy.contains("\"quota\";r=99"), "{policy}");
+    assert!(policy.contains("\"quota-requests-month\";r=99"), "{policy}");
 }
 
 #[test]

@@ -385,3 +385,51 @@ fn quota_warnings_fire_once_per_crossing_with_a_signed_retried_webhook() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_request_that_never_reached_its_upstream_costs_the_tenant_nothing() {
+    let echo = Echo::start();
+    let dir = temp_dir("meter-dead");
+    // A pool nobody listens on, and a charged route to it.
+    let tail = format!(
+        r#"[upstreams.dead]
+servers = ["127.0.0.1:{}"]
+connect_timeout = "500ms"
+
+[[rule]]
+name = "to-dead"
+match = {{ path_prefix = "/dead/" }}
+upstream = "dead"
+charge = {{ metric = "records", cost_from_query = "n" }}
+"#,
+        free_port()
+    );
+    let tier =
+        "quotas.requests = { limit = 3, period = \"month\" }\nquotas.records = { limit = 100, period = \"month\" }";
+    let template = config(&echo, "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"", tier, &tail);
+    let mut gw = Gateway::start_in(dir.clone(), &template, &[]);
+    let auth = bearer(ACME_KEY);
+    // More dead requests than the `requests` quota holds: each one's units are given back, so
+    // none is refused by the quota.
+    for i in 0..5 {
+        let r = gw.get("/dead/x?n=40", &[("authorization", &auth)]);
+        assert_eq!(
+            (r.status, r.problem_code()),
+            (502, "upstream_unavailable".to_string()),
+            "request {i}: {}",
+            r.text()
+        );
+    }
+    let r = gw.get("/a", &[("authorization", &auth)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-quota-remaining"), Some("2"), "only the request that reached its upstream spent quota");
+    let r = gw.get("/gen?n=100", &[("authorization", &auth)]);
+    assert_eq!(r.status, 200, "the records quota is whole: {}", r.text());
+    stop(&mut gw);
+    assert_eq!(echo.hits(), 2);
+    let r = report(&dir.join("tollgate.toml"), &today(), &today());
+    assert_eq!(total(&r, "requests"), 2, "the dead requests are not usage: {r}");
+    assert_eq!(total(&r, "records"), 100, "nor are their charges: {r}");
+    assert_eq!(total(&r, "status_5xx"), 0, "{r}");
+    assert_eq!(total(&r, "rejected.upstream_unavailable"), 5, "they are metered apart: {r}");
+}

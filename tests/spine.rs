@@ -332,3 +332,132 @@ fn access_log_has_the_fields_and_never_the_key() {
     assert!(v["upstream_ms"].as_f64().is_some());
     assert!(log.lines().any(|l| l.contains("\"reason\":\"invalid_key\"")));
 }
+
+/// Key expiry pinned to the millisecond, in process on a manual clock (a running gateway's
+/// clock cannot be moved).
+mod expiry {
+    use super::common::{hash_of, temp_dir};
+    use pingora::http::RequestHeader;
+    use std::sync::Arc;
+    use tollgate::admin::core::{Actor, AdminCore, CreateKey, CreateTenant};
+    use tollgate::clock::{Clock, ManualClock, SharedClock};
+    use tollgate::directory::Directory;
+    use tollgate::error::Reject;
+    use tollgate::limits::Limits;
+    use tollgate::metrics::Metrics;
+    use tollgate::pipeline::authenticate::{authenticate, Principal};
+    use tollgate::pipeline::canonical::{of_request, RequestPolicy};
+    use tollgate::pipeline::resolve::resolve;
+    use tollgate::runtime::{shared, Runtime};
+    use tollgate::store::embedded::Embedded;
+    use tollgate::store::{Counters, DirectoryStore, Ledger};
+
+    const CONFIG_KEY: &str = "tg_live_expiresAt2030HHHHHHHHHHHHHHHHHHHHH";
+    /// 2030-01-01T00:00:00Z, the config key's `expires`.
+    const EXPIRES: i64 = 1_893_456_000_000;
+    const DAY: i64 = 86_400_000;
+
+    /// Authenticates a request carrying `secret` at `now`: the key id.
+    fn key_at(rt: &Runtime, directory: &Directory, secret: &str, now: i64) -> Result<String, Reject> {
+        let mut req = RequestHeader::build("GET", b"/x", None).expect("request header");
+        req.insert_header("host", "localhost").expect("host");
+        req.insert_header("authorization", format!("Bearer {secret}")).expect("authorization");
+        let canon = of_request(&req, &RequestPolicy::of(&rt.config))?;
+        let hints = resolve(&rt.config.tenancy, &canon, &req, Some([127, 0, 0, 1].into()))?;
+        match authenticate(directory, &hints, now)? {
+            Principal::Keyed { key } => Ok(key.id.to_string()),
+            Principal::Anonymous { .. } => panic!("a request with a key came out anonymous"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_works_until_it_expires_and_not_a_millisecond_longer() {
+        let dir = temp_dir("key-expiry");
+        let config_path = dir.join("tollgate.toml");
+        let text = format!(
+            r#"
+[server]
+listen = ["127.0.0.1:1"]
+
+[store]
+kind = "embedded"
+path = "{}/tollgate.db"
+
+[upstreams.default]
+servers = ["127.0.0.1:9"]
+
+[tiers.free]
+upstream = "default"
+
+[[tenants]]
+id = "acme"
+tier = "free"
+
+[[tenants.keys]]
+id = "acme-2029"
+hash = "{}"
+scopes = ["read"]
+expires = 2030-01-01T00:00:00Z
+"#,
+            dir.display(),
+            hash_of(CONFIG_KEY)
+        );
+        std::fs::write(&config_path, &text).expect("write config");
+        let mut diags = tollgate::config::Diagnostics::default();
+        let config =
+            tollgate::config::load_str(&config_path, text, &mut diags).unwrap_or_else(|| panic!("config: {diags}"));
+
+        let start = 1_750_000_000_000; // 2025-06-15T15:06:40Z
+        let manual = ManualClock::new(start);
+        let clock: SharedClock = manual.clone();
+        let store = Arc::new(Embedded::open(&config.store.path, clock.now_millis()).expect("embedded store"));
+        let limits = Limits::new(
+            store.clone() as Arc<dyn Counters>,
+            false,
+            clock.clone(),
+            config.store.max_lease_block,
+            config.store.instance_id.clone(),
+            config.store.slot_ttl,
+        );
+        let core = AdminCore::new(
+            shared(Runtime::new(config)),
+            store.clone() as Arc<dyn DirectoryStore>,
+            store.clone() as Arc<dyn Ledger>,
+            limits,
+            Arc::new(Metrics::new()),
+            clock,
+            config_path,
+            dir.join("audit.log"),
+        );
+
+        // A key from the config file: `expires` is the first instant it is refused.
+        {
+            let rt = core.runtime.load();
+            assert_eq!(key_at(&rt, &rt.directory, CONFIG_KEY, EXPIRES - DAY), Ok("acme-2029".into()));
+            assert_eq!(key_at(&rt, &rt.directory, CONFIG_KEY, EXPIRES - 1), Ok("acme-2029".into()));
+            assert_eq!(key_at(&rt, &rt.directory, CONFIG_KEY, EXPIRES), Err(Reject::KeyExpired));
+            assert_eq!(key_at(&rt, &rt.directory, CONFIG_KEY, EXPIRES + 1), Err(Reject::KeyExpired));
+        }
+
+        // A key created through the API with `expires_in_days`: it expires that many days after
+        // its creation, to the millisecond, on the gateway's clock.
+        let actor = Actor { id: "admin:test".into(), request_id: "expiry-test".into() };
+        let tenant: CreateTenant =
+            serde_json::from_value(serde_json::json!({"id": "brief", "tier": "free"})).expect("tenant");
+        core.create_tenant(&actor, tenant).await.expect("create tenant");
+        let req: CreateKey =
+            serde_json::from_value(serde_json::json!({"scopes": ["read"], "expires_in_days": 3})).expect("key");
+        let (key, secret) = core.create_key(&actor, "brief", req).await.expect("create key");
+        let at = |now: i64| {
+            manual.set_millis(now);
+            let rt = core.runtime.load();
+            key_at(&rt, &rt.directory, &secret, manual.now_millis())
+        };
+        let status = || core.keys("brief").expect("keys").into_iter().find(|k| k.id == key.id).map(|k| k.status);
+        assert_eq!(at(start + 3 * DAY - 1), Ok(key.id.clone()), "the key failed before its expiry");
+        assert_eq!(status(), Some("active"));
+        assert_eq!(at(start + 3 * DAY), Err(Reject::KeyExpired), "the key outlived its expiry");
+        assert_eq!(status(), Some("expired"));
+        assert_eq!(at(start + 30 * DAY), Err(Reject::KeyExpired));
+    }
+}

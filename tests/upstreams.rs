@@ -88,8 +88,8 @@ fn http_health_check_uses_the_path_and_readyz_fails_without_a_healthy_server() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let down =
-        Gateway::start(&config(&format!("\"127.0.0.1:{}\"", free_port()), "health_check = { interval = \"200ms\" }"));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let down = Gateway::start(&config(&format!("\"{dead}\""), "health_check = { interval = \"200ms\" }"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = get(down.admin, "/readyz", &[]).expect("readyz");
@@ -100,6 +100,16 @@ fn http_health_check_uses_the_path_and_readyz_fails_without_a_healthy_server() {
         assert!(Instant::now() < deadline, "readyz stayed ready with every server dead");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Each server's health is a gauge, 1 or 0.
+    let text = get(down.admin, "/metrics", &[]).expect("metrics").text();
+    let gauge = format!("tollgate_upstream_server_healthy{{server=\"{dead}\",upstream=\"pool\"}} 0");
+    assert!(text.lines().any(|l| l == gauge), "{text}");
+    let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+    let gauge = format!("tollgate_upstream_server_healthy{{server=\"{}\",upstream=\"pool\"}} 1", alive.addr);
+    assert!(text.lines().any(|l| l == gauge), "{text}");
+    // Nothing was tried: 503 with the time until the next health check, not a 502.
     let r = down.get("/x", &[("authorization", &bearer(ACME_KEY))]);
-    assert_eq!((r.status, r.problem_code()), (502, "upstream_unavailable".to_string()));
+    assert_eq!((r.status, r.problem_code()), (503, "upstream_unavailable".to_string()));
+    assert_eq!(r.header("retry-after"), Some("1"), "the health check interval, rounded up");
+    assert_eq!(r.json()["upstream"], "pool");
 }

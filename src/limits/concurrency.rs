@@ -74,6 +74,17 @@ pub struct SlotGuard {
     slots: Arc<TenantSlots>,
     shared: Option<String>,
     clock: SharedClock,
+    /// The tenant's requests in flight on this instance once this one was admitted, read
+    /// under the lock that admitted it (for the `RateLimit` header; no second lock).
+    in_flight: u32,
+}
+
+impl SlotGuard {
+    /// The tenant's requests in flight on this instance when this one was admitted, itself
+    /// included.
+    pub fn in_flight_when_admitted(&self) -> u32 {
+        self.in_flight
+    }
 }
 
 impl Drop for SlotGuard {
@@ -136,8 +147,8 @@ impl Concurrency {
             .clone()
     }
 
-    fn guard(&self, slots: Arc<TenantSlots>, shared: Option<String>) -> SlotGuard {
-        SlotGuard { slots, shared, clock: self.clock.clone() }
+    fn guard(&self, slots: Arc<TenantSlots>, shared: Option<String>, in_flight: u32) -> SlotGuard {
+        SlotGuard { slots, shared, clock: self.clock.clone(), in_flight }
     }
 
     /// Takes a slot for `tenant`, waiting in the queue if the spec has one.
@@ -149,7 +160,7 @@ impl Concurrency {
         on_error: StorePolicy,
     ) -> Result<SlotGuard, ConcurrencyError> {
         enum Step {
-            Admitted(Option<String>),
+            Admitted(Option<String>, u32),
             Wait(oneshot::Receiver<Option<String>>, Duration),
             Full,
         }
@@ -158,7 +169,7 @@ impl Concurrency {
             let mut st = slots.lock();
             if st.in_flight < spec.limit {
                 st.in_flight += 1;
-                Step::Admitted(st.idle.pop().map(|(s, _)| s))
+                Step::Admitted(st.idle.pop().map(|(s, _)| s), st.in_flight)
             } else {
                 // Waiters that gave up (timed out, client gone) no longer hold a place.
                 st.waiters.retain(|w| !w.tx.is_closed());
@@ -174,8 +185,8 @@ impl Concurrency {
             }
         };
         let (mut rx, timeout) = match step {
-            Step::Admitted(reuse) => {
-                let guard = self.guard(slots, reuse);
+            Step::Admitted(reuse, in_flight) => {
+                let guard = self.guard(slots, reuse, in_flight);
                 return self.lease_shared(guard, spec.limit, on_error).await;
             }
             Step::Full => return Err(ConcurrencyError::Full { limit: spec.limit }),
@@ -184,7 +195,8 @@ impl Concurrency {
         tokio::select! {
             got = &mut rx => match got {
                 Ok(shared) => {
-                    let guard = self.guard(slots, shared);
+                    // Handed over from a finishing request: every slot is still busy.
+                    let guard = self.guard(slots, shared, spec.limit);
                     self.lease_shared(guard, spec.limit, on_error).await
                 }
                 Err(_) => Err(ConcurrencyError::Full { limit: spec.limit }),
@@ -194,7 +206,7 @@ impl Concurrency {
                 rx.close();
                 match rx.try_recv() {
                     Ok(shared) => {
-                        let guard = self.guard(slots, shared);
+                        let guard = self.guard(slots, shared, spec.limit);
                         self.lease_shared(guard, spec.limit, on_error).await
                     }
                     Err(_) => Err(ConcurrencyError::Full { limit: spec.limit }),

@@ -1,86 +1,213 @@
 //! Limit response headers, on success and rejection alike:
 //!
 //! - `RateLimit-Policy` and `RateLimit` (IETF httpapi ratelimit-headers draft, structured
-//!   fields): one item for the rate bucket (`"rate"`), one for the binding quota (`"quota"`)
+//!   fields): one item per limit the request met, each under a name that always means the same
+//!   policy: `"rate"` for the tier's rate, `"rate-<rule>"` for a rule's own rate,
+//!   `"quota-<metric>-<period>"` for every quota, `"concurrency"` for the in-flight limit
 //! - `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds until full)
 //! - `X-Quota-Remaining`, `X-Quota-Reset` (RFC 3339) for the quota closest to exhaustion
 //! - `X-Quota-Warning` when a warning threshold has been crossed
 //! - `Retry-After` on 429 and 503 (set by the problem rendering)
+//!
+//! On a refusal the refusing item's `t` is the `Retry-After` value, so the two never disagree
+//! about when to come back.
 
+use std::fmt::Write;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateInfo {
     pub limit: u32,
     pub remaining: u32,
+    /// Seconds until the bucket is full again (`X-RateLimit-Reset`).
     pub reset_secs: u64,
     pub window_secs: u64,
+    /// On a refusal: the seconds until one more request is let through, the `Retry-After`.
+    /// It is then the item's `t`: with nothing left, that is when the limit "resets" for the
+    /// client.
+    pub retry_after: Option<u64>,
+    /// The rule whose own rate this is; `None` for the tier's rate.
+    pub rule: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaInfo {
+    /// The quota's counter: the metric, or `<metric>@<rule>` for a rule's own quota.
     pub metric: Arc<str>,
+    /// The period's name (`day`, `month`, …): part of the policy name.
+    pub period: &'static str,
     pub limit: u64,
     pub remaining: u64,
     pub reset_ms: i64,
     pub period_start_ms: i64,
 }
 
+impl QuotaInfo {
+    fn share_left(&self) -> f64 {
+        if self.limit == 0 {
+            0.0
+        } else {
+            self.remaining as f64 / self.limit as f64
+        }
+    }
+}
+
+/// The tenant's in-flight limit, as seen by this instance when the request was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyInfo {
+    pub limit: u32,
+    /// Slots left after this request took one (0 on a refusal).
+    pub remaining: u32,
+}
+
 /// The limit state of one request, collected by the limit stages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LimitHeaders {
     pub rate: Option<RateInfo>,
+    /// The quota closest to exhaustion (smallest remaining share of its limit): the one
+    /// `X-Quota-Remaining` and `X-Quota-Reset` describe. Also in `quotas`.
     pub quota: Option<QuotaInfo>,
+    /// Every quota the request reserved or was refused by, in the order they were checked.
+    pub quotas: Vec<QuotaInfo>,
+    pub concurrency: Option<ConcurrencyInfo>,
     /// `metric=NN%` of a crossed warning threshold.
     pub warning: Option<String>,
     /// A soft quota was exceeded: the request passed, flagged.
     pub soft_over: Option<Arc<str>>,
 }
 
+/// Appends `s` as the inside of a structured-field string: `"` and `\` escaped, anything
+/// outside printable ASCII replaced, so a header value is always valid.
+fn push_sf(out: &mut String, s: &str) {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.push_str(s);
+        return;
+    }
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+}
+
 impl LimitHeaders {
     pub fn is_empty(&self) -> bool {
-        self.rate.is_none() && self.quota.is_none()
+        self.rate.is_none() && self.quotas.is_empty() && self.concurrency.is_none()
     }
 
-    /// Keeps the quota closest to exhaustion (smallest remaining fraction).
+    /// Records one quota the request met, and keeps the one closest to exhaustion.
     pub fn offer_quota(&mut self, q: QuotaInfo) {
-        let frac = |q: &QuotaInfo| if q.limit == 0 { 0.0 } else { q.remaining as f64 / q.limit as f64 };
         match &self.quota {
-            Some(cur) if frac(cur) <= frac(&q) => {}
-            _ => self.quota = Some(q),
+            Some(cur) if cur.share_left() <= q.share_left() => {}
+            _ => self.quota = Some(q.clone()),
+        }
+        self.quotas.push(q);
+    }
+
+    /// Updates a quota after settlement changed its use, so the response shows what is left
+    /// once the charge is final, and picks the quota closest to exhaustion again.
+    pub fn settled(&mut self, metric: &str, used: u64) {
+        let mut changed = false;
+        for q in self.quotas.iter_mut().filter(|q| &*q.metric == metric) {
+            q.remaining = q.limit.saturating_sub(used);
+            changed = true;
+            if used > q.limit {
+                self.soft_over = Some(q.metric.clone());
+            } else if self.soft_over.as_deref() == Some(metric) {
+                self.soft_over = None;
+            }
+        }
+        if changed {
+            // The first of equals wins, as in `offer_quota`.
+            let mut best: Option<&QuotaInfo> = None;
+            for q in &self.quotas {
+                if best.is_none_or(|b| q.share_left() < b.share_left()) {
+                    best = Some(q);
+                }
+            }
+            self.quota = best.cloned();
         }
     }
 
     /// Appends the headers to `out`.
     pub fn render(&self, now_ms: i64, out: &mut Vec<(&'static str, String)>) {
-        let mut policy = Vec::new();
-        let mut state = Vec::new();
+        // One string per field, items written in place: no string per item to join afterwards.
+        let mut policy = String::new();
+        let mut state = String::new();
+        let sep = |s: &mut String| {
+            if !s.is_empty() {
+                s.push_str(", ");
+            }
+        };
         if let Some(r) = &self.rate {
-            policy.push(format!("\"rate\";q={};w={}", r.limit, r.window_secs));
-            state.push(format!("\"rate\";r={};t={}", r.remaining, r.reset_secs));
+            policy.reserve(64);
+            state.reserve(64);
+            let name_into = |s: &mut String| {
+                s.push_str("\"rate");
+                if let Some(rule) = &r.rule {
+                    s.push('-');
+                    push_sf(s, rule);
+                }
+                s.push('"');
+            };
+            name_into(&mut policy);
+            let _ = write!(policy, ";q={};w={}", r.limit, r.window_secs);
+            name_into(&mut state);
+            let _ = write!(state, ";r={};t={}", r.remaining, r.retry_after.unwrap_or(r.reset_secs));
             out.push(("x-ratelimit-limit", r.limit.to_string()));
             out.push(("x-ratelimit-remaining", r.remaining.to_string()));
             out.push(("x-ratelimit-reset", r.reset_secs.to_string()));
         }
-        if let Some(q) = &self.quota {
-            let reset_secs =
-                if q.reset_ms == i64::MAX { 0 } else { ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000) };
-            if q.reset_ms == i64::MAX {
-                policy.push(format!("\"quota\";q={};qu=\"{}\"", q.limit, q.metric));
-                state.push(format!("\"quota\";r={}", q.remaining));
-            } else {
+        for q in &self.quotas {
+            sep(&mut policy);
+            sep(&mut state);
+            let name_into = |s: &mut String| {
+                s.push_str("\"quota-");
+                push_sf(s, &q.metric);
+                s.push('-');
+                s.push_str(q.period);
+                s.push('"');
+            };
+            name_into(&mut policy);
+            let _ = write!(policy, ";q={}", q.limit);
+            if q.reset_ms != i64::MAX {
                 let w = ((q.reset_ms - q.period_start_ms).max(0) as u64) / 1000;
-                policy.push(format!("\"quota\";q={};w={};qu=\"{}\"", q.limit, w, q.metric));
-                state.push(format!("\"quota\";r={};t={}", q.remaining, reset_secs));
+                let _ = write!(policy, ";w={w}");
             }
+            // The unit is the metric; a rule's own quota counts the same unit as the tenant's.
+            policy.push_str(";qu=\"");
+            push_sf(&mut policy, q.metric.split('@').next().unwrap_or(&q.metric));
+            policy.push('"');
+            name_into(&mut state);
+            let _ = write!(state, ";r={}", q.remaining);
+            if q.reset_ms != i64::MAX {
+                let _ = write!(state, ";t={}", ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000));
+            }
+        }
+        if let Some(c) = &self.concurrency {
+            sep(&mut policy);
+            sep(&mut state);
+            let _ = write!(policy, "\"concurrency\";q={};qu=\"concurrent-requests\"", c.limit);
+            let _ = write!(state, "\"concurrency\";r={}", c.remaining);
+            if c.remaining == 0 {
+                // A refusal's `Retry-After: 1`: a slot usually frees within a second.
+                state.push_str(";t=1");
+            }
+        }
+        if let Some(q) = &self.quota {
             out.push(("x-quota-remaining", q.remaining.to_string()));
             if q.reset_ms != i64::MAX {
                 out.push(("x-quota-reset", rfc3339(q.reset_ms)));
             }
         }
         if !policy.is_empty() {
-            out.push(("ratelimit-policy", policy.join(", ")));
-            out.push(("ratelimit", state.join(", ")));
+            out.push(("ratelimit-policy", policy));
+            out.push(("ratelimit", state));
         }
         if let Some(w) = &self.warning {
             out.push(("x-quota-warning", w.clone()));
@@ -96,4 +223,72 @@ pub fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(metric: &str, period: &'static str, limit: u64, remaining: u64) -> QuotaInfo {
+        QuotaInfo { metric: metric.into(), period, limit, remaining, reset_ms: 86_400_000, period_start_ms: 0 }
+    }
+
+    fn header<'a>(out: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        out.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn every_quota_is_listed_under_a_stable_name() {
+        let mut h = LimitHeaders {
+            rate: Some(RateInfo {
+                limit: 10,
+                remaining: 0,
+                reset_secs: 60,
+                window_secs: 60,
+                retry_after: Some(6),
+                rule: Some("bulk".into()),
+            }),
+            ..LimitHeaders::default()
+        };
+        h.offer_quota(quota("requests", "month", 1000, 900));
+        h.offer_quota(quota("records@gen", "day", 100, 5));
+        h.concurrency = Some(ConcurrencyInfo { limit: 4, remaining: 3 });
+        let mut out = Vec::new();
+        h.render(0, &mut out);
+        assert_eq!(
+            header(&out, "ratelimit-policy"),
+            Some(
+                "\"rate-bulk\";q=10;w=60, \"quota-requests-month\";q=1000;w=86400;qu=\"requests\", \
+                 \"quota-records@gen-day\";q=100;w=86400;qu=\"records\", \
+                 \"concurrency\";q=4;qu=\"concurrent-requests\""
+            )
+        );
+        assert_eq!(
+            header(&out, "ratelimit"),
+            Some(
+                "\"rate-bulk\";r=0;t=6, \"quota-requests-month\";r=900;t=86400, \
+                 \"quota-records@gen-day\";r=5;t=86400, \"concurrency\";r=3"
+            )
+        );
+        assert_eq!(header(&out, "x-quota-remaining"), Some("5"), "the quota closest to exhaustion");
+    }
+
+    #[test]
+    fn settlement_updates_what_is_left() {
+        let mut h = LimitHeaders::default();
+        h.offer_quota(quota("requests", "month", 100, 50));
+        h.offer_quota(quota("records", "month", 100, 20));
+        h.settled("records", 10);
+        assert_eq!(h.quota.as_ref().map(|q| (&*q.metric, q.remaining)), Some(("requests", 50)));
+        h.settled("records", 120);
+        assert_eq!(h.quota.as_ref().map(|q| (&*q.metric, q.remaining)), Some(("records", 0)));
+        assert_eq!(h.soft_over.as_deref(), Some("records"));
+    }
+
+    #[test]
+    fn names_stay_valid_structured_field_strings() {
+        let mut s = String::new();
+        push_sf(&mut s, "a\"b\\c\u{e9}");
+        assert_eq!(s, "a\\\"b\\\\c_");
+    }
 }

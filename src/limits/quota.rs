@@ -380,32 +380,41 @@ impl QuotaEngine {
 
     /// Gives back `units` of a reservation (the request was refused later, or settled lower).
     pub fn refund(&self, r: &Reservation, units: u64) {
+        self.give_back_units(r, units);
+    }
+
+    /// [`QuotaEngine::refund`], returning the quota's use afterwards (`None` once the period
+    /// has rolled over).
+    fn give_back_units(&self, r: &Reservation, units: u64) -> Option<u64> {
         let units = units.min(r.units);
         let mut st = r.cell.lock();
-        if st.window.start_ms == r.period_start {
-            st.spent = st.spent.saturating_sub(units);
-            st.lease += units;
-            if !st.dirty {
-                st.dirty = true;
-                self.pending().dirty.push(r.cell.clone());
-            }
+        if st.window.start_ms != r.period_start {
+            return None;
         }
+        st.spent = st.spent.saturating_sub(units);
+        st.lease += units;
+        if !st.dirty {
+            st.dirty = true;
+            self.pending().dirty.push(r.cell.clone());
+        }
+        Some(st.used())
     }
 
     /// Corrects a reservation to the `actual` amount (settlement from a response header).
-    /// More than reserved is spent without a ceiling: the work was done.
-    pub fn settle(&self, r: &Reservation, actual: u64) {
+    /// More than reserved is spent without a ceiling: the work was done. Returns the quota's
+    /// use after settlement, for the response headers (`None` once the period has rolled over:
+    /// the settlement is then ignored).
+    pub fn settle(&self, r: &Reservation, actual: u64) -> Option<u64> {
         if actual < r.units {
-            self.refund(r, r.units - actual);
-            return;
+            return self.give_back_units(r, r.units - actual);
         }
         let extra = actual - r.units;
-        if extra == 0 {
-            return;
-        }
         let mut st = r.cell.lock();
         if st.window.start_ms != r.period_start {
-            return;
+            return None;
+        }
+        if extra == 0 {
+            return Some(st.used());
         }
         let from_lease = extra.min(st.lease);
         st.lease -= from_lease;
@@ -417,6 +426,7 @@ impl QuotaEngine {
             st.dirty = true;
             self.pending().dirty.push(r.cell.clone());
         }
+        Some(st.used())
     }
 
     /// The current state of a quota, without spending (headers, usage API).

@@ -21,6 +21,9 @@ use crate::store::{Ledger, LedgerBatch, LedgerRow};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
+/// The `decision` label values, in [`decision_index`] order.
+const DECISIONS: [&str; 5] = ["forwarded", "rejected", "upstream_error", "served", "aborted"];
+
 fn decision_index(d: &str) -> u8 {
     match d {
         "forwarded" => 0,
@@ -83,20 +86,53 @@ struct Handles {
     rule: String,
     requests: prometheus::IntCounter,
     duration: prometheus::Histogram,
+    /// Only for refusals of the gateway itself (decision `rejected`).
     rejections: Option<prometheus::IntCounter>,
 }
 
-type HandleKey = (usize, usize, usize, usize, u8, u8, usize);
+/// (rule address, length, tier address, length, decision, status class, status label index,
+/// reason address).
+type HandleKey = (usize, usize, usize, usize, u8, u8, u8, usize);
+
+/// One upstream pool's metric handles, cached per shard.
+struct UpstreamHandles {
+    duration: prometheus::Histogram,
+    first_byte: prometheus::Histogram,
+    /// `tollgate_upstream_errors_total` by reason; rare, so a short list.
+    errors: Vec<(&'static str, prometheus::IntCounter)>,
+}
+
+/// A tenant's requests by decision ([`DECISIONS`] order), for the per-tenant series.
+type DecisionCounts = [u64; 5];
+
+/// A tenant tracked for the per-tenant series, by the flush only.
+#[derive(Default)]
+struct Tracked {
+    /// Decayed request count: the top N are the highest.
+    score: f64,
+    /// Requests not yet added to the tenant's series. They are added once the tenant has
+    /// series (it is in `allow`, or enters the top N), so a tenant's series count the requests
+    /// that made it busy too, not only those after.
+    pending: DecisionCounts,
+}
+
+/// Per-tenant series state, touched by the flush only.
+#[derive(Default)]
+struct TenantSeries {
+    tracked: HashMap<Arc<str>, Tracked>,
+    /// The top N of the last flush.
+    top: HashSet<Arc<str>>,
+}
 
 #[derive(Default)]
 struct Shard {
     /// (tenant id address, UTC day number) → usage. The entry holds the id, so the address is
     /// not reused while the key exists.
     usage: HashMap<(usize, i64), TenantDay, Fast>,
-    /// Requests per tenant since the last flush, for the top-N per-tenant series.
-    tenant_counts: HashMap<Arc<str>, u64>,
+    /// Requests per tenant and decision since the last flush, for the per-tenant series.
+    tenant_counts: HashMap<Arc<str>, DecisionCounts>,
     handles: HashMap<HandleKey, Handles, Fast>,
-    upstreams: HashMap<String, prometheus::Histogram>,
+    upstreams: HashMap<String, UpstreamHandles>,
     units: HashMap<String, HashMap<String, prometheus::IntCounter, Fast>, Fast>,
 }
 
@@ -120,6 +156,16 @@ pub struct Record<'a> {
     pub admitted: bool,
 }
 
+/// What a finished request adds to the metrics beyond a [`Record`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Detail {
+    /// Why the upstream side failed it ([`crate::metrics::UPSTREAM_ERROR_REASONS`]), for
+    /// decision `upstream_error`.
+    pub upstream_failure: Option<&'static str>,
+    /// Seconds from choosing an upstream server to its response head.
+    pub first_byte_secs: Option<f64>,
+}
+
 /// The metering stage's state.
 pub struct Meter {
     shards: Vec<Mutex<Shard>>,
@@ -135,12 +181,10 @@ pub struct Meter {
     names: Names,
     bytes_in: prometheus::IntCounter,
     bytes_out: prometheus::IntCounter,
-    /// Decayed request counts per tenant, for choosing the top N (touched by the flush only).
-    top_scores: Mutex<HashMap<Arc<str>, f64>>,
+    /// Per-tenant series bookkeeping (touched by the flush only).
+    tenant_series: Mutex<TenantSeries>,
     tenant_allow: HashSet<String>,
     tenant_top: usize,
-    /// The current top-N tenants; read on the hot path, replaced by the flush.
-    top_now: arc_swap::ArcSwap<HashSet<Arc<str>>>,
 }
 
 /// Interned metric names, so the hot path clones an `Arc` instead of allocating.
@@ -204,7 +248,7 @@ impl Meter {
             instance,
             run_id: rand::random::<u64>(),
             seq: AtomicU64::new(0),
-            top_scores: Mutex::new(HashMap::new()),
+            tenant_series: Mutex::new(TenantSeries::default()),
             bytes_in,
             bytes_out,
             names: Names {
@@ -218,7 +262,6 @@ impl Meter {
             },
             tenant_allow: tenant_allow.into_iter().collect(),
             tenant_top,
-            top_now: arc_swap::ArcSwap::from_pointee(HashSet::new()),
         })
     }
 
@@ -234,32 +277,52 @@ impl Meter {
 
     /// Records one finished request. Called from `logging` on every path.
     pub fn record(&self, r: &Record<'_>, now_ms: i64) {
+        self.record_with(r, &Detail::default(), now_ms);
+    }
+
+    /// [`Meter::record`], with what only the proxy knows about the upstream.
+    pub fn record_with(&self, r: &Record<'_>, d: &Detail, now_ms: i64) {
         let tier = r.tenant.map(|t| &*t.tier.name).unwrap_or("-");
         let class = status_class(r.status);
+        let (status_index, status_label) = crate::metrics::status_label(r.status);
         let m = &self.metrics;
         let mut shard = self.shard();
         let sh = &mut *shard;
 
         let reason = r.reason.unwrap_or("");
+        let decision = decision_index(r.decision);
         let key: HandleKey = (
             r.rule.as_ptr() as usize,
             r.rule.len(),
             tier.as_ptr() as usize,
             tier.len(),
-            decision_index(r.decision),
+            decision,
             class as u8,
+            status_index as u8,
             reason.as_ptr() as usize,
         );
         let fresh = sh.handles.get(&key).is_none_or(|h| h.rule != r.rule || h.tier != tier);
         if fresh {
+            // `tollgate_rejections_total` counts what the gateway refused; an upstream that
+            // failed (decision `upstream_error`) goes to `tollgate_upstream_errors_total`.
+            let refused = r.decision == "rejected";
             sh.handles.insert(
                 key,
                 Handles {
                     tier: tier.to_string(),
                     rule: r.rule.to_string(),
-                    requests: m.requests.with_label_values(&[tier, r.rule, r.decision, STATUS_LABELS[class]]),
+                    requests: m.requests.with_label_values(&[
+                        tier,
+                        r.rule,
+                        r.decision,
+                        STATUS_LABELS[class],
+                        status_label,
+                    ]),
                     duration: m.request_duration.with_label_values(&[tier, r.rule]),
-                    rejections: r.reason.map(|reason| m.rejections.with_label_values(&[tier, reason])),
+                    rejections: r
+                        .reason
+                        .filter(|_| refused)
+                        .map(|reason| m.rejections.with_label_values(&[tier, reason])),
                 },
             );
         }
@@ -270,13 +333,34 @@ impl Meter {
                 rej.inc();
             }
         }
-        if let (Some(u), Some(s)) = (r.upstream, r.upstream_secs) {
-            match sh.upstreams.get(u) {
-                Some(hist) => hist.observe(s),
-                None => {
-                    let hist = m.upstream_duration.with_label_values(&[u]);
-                    hist.observe(s);
-                    sh.upstreams.insert(u.to_string(), hist);
+        if let Some(u) = r.upstream {
+            let touched = r.upstream_secs.is_some() || d.first_byte_secs.is_some() || d.upstream_failure.is_some();
+            if touched {
+                if !sh.upstreams.contains_key(u) {
+                    let handles = UpstreamHandles {
+                        duration: m.upstream_duration.with_label_values(&[u]),
+                        first_byte: m.upstream_first_byte.with_label_values(&[u]),
+                        errors: Vec::new(),
+                    };
+                    sh.upstreams.insert(u.to_string(), handles);
+                }
+                if let Some(h) = sh.upstreams.get_mut(u) {
+                    if let Some(s) = r.upstream_secs {
+                        h.duration.observe(s);
+                    }
+                    if let Some(s) = d.first_byte_secs {
+                        h.first_byte.observe(s);
+                    }
+                    if let Some(reason) = d.upstream_failure {
+                        match h.errors.iter().find(|(r, _)| *r == reason) {
+                            Some((_, c)) => c.inc(),
+                            None => {
+                                let c = m.upstream_errors.with_label_values(&[u, reason]);
+                                c.inc();
+                                h.errors.push((reason, c));
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -284,13 +368,16 @@ impl Meter {
         self.bytes_out.inc_by(r.bytes_out);
 
         let Some(tenant) = r.tenant else { return };
-        if (self.tenant_top > 0 || !self.tenant_allow.is_empty())
-            && (self.tenant_allow.contains(&*tenant.id) || self.top_now.load().contains(&tenant.id))
-        {
-            m.tenant_requests.with_label_values(&[&tenant.id, r.decision]).inc();
-        }
-        if self.tenant_top > 0 {
-            *sh.tenant_counts.entry(tenant.id.clone()).or_insert(0) += 1;
+        if self.tenant_top > 0 || !self.tenant_allow.is_empty() {
+            // Counted here, added to the series at the next flush (see `Tracked`).
+            match sh.tenant_counts.get_mut(&tenant.id) {
+                Some(c) => c[decision as usize] += 1,
+                None => {
+                    let mut c = DecisionCounts::default();
+                    c[decision as usize] = 1;
+                    sh.tenant_counts.insert(tenant.id.clone(), c);
+                }
+            }
         }
         let day = day_number(now_ms);
         let agg = sh.usage.entry((tenant.id.as_ptr() as usize, day)).or_insert_with(|| TenantDay {
@@ -330,7 +417,7 @@ impl Meter {
     /// Swaps out the aggregates as one batch and writes every buffered batch, oldest first.
     pub async fn flush(&self) {
         let mut rows = Vec::new();
-        let mut counts: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut counts: HashMap<Arc<str>, DecisionCounts> = HashMap::new();
         for s in &self.shards {
             let (usage, tc) = {
                 let mut g = lock(s);
@@ -340,10 +427,13 @@ impl Meter {
                 self.rows_of(agg, day, &mut rows);
             }
             for (t, n) in tc {
-                *counts.entry(t).or_insert(0) += n;
+                let sum = counts.entry(t).or_default();
+                for (s, n) in sum.iter_mut().zip(n) {
+                    *s += n;
+                }
             }
         }
-        self.refresh_top(counts);
+        self.refresh_tenant_series(counts);
         if !rows.is_empty() {
             let id = format!("{}-{}-{}", self.instance, self.run_id, self.seq.fetch_add(1, Ordering::Relaxed));
             let mut buf = lock(&self.buffer);
@@ -409,34 +499,54 @@ impl Meter {
         }
     }
 
-    /// Recomputes the top-N tenants and drops series of tenants that left it.
-    fn refresh_top(&self, counts: HashMap<Arc<str>, u64>) {
-        if self.tenant_top == 0 {
+    /// Adds the interval's requests to the per-tenant series, recomputes the top N, and drops
+    /// the series of tenants that left it.
+    fn refresh_tenant_series(&self, counts: HashMap<Arc<str>, DecisionCounts>) {
+        if self.tenant_top == 0 && self.tenant_allow.is_empty() {
             return;
         }
+        let mut state = lock(&self.tenant_series);
+        let TenantSeries { tracked, top } = &mut *state;
         // Scores decay by half a minute's worth per flush at 1 s intervals, so the top N follows
         // sustained traffic rather than the last second, and series do not churn.
-        let mut scores = lock(&self.top_scores);
-        for s in scores.values_mut() {
-            *s *= 0.98;
+        for t in tracked.values_mut() {
+            t.score *= 0.98;
         }
-        for (t, n) in counts {
-            *scores.entry(t).or_insert(0.0) += n as f64;
+        for (id, n) in counts {
+            let t = tracked.entry(id).or_default();
+            t.score += n.iter().sum::<u64>() as f64;
+            for (p, n) in t.pending.iter_mut().zip(n) {
+                *p += n;
+            }
         }
-        scores.retain(|_, s| *s >= 0.5);
-        let mut v: Vec<(&Arc<str>, &f64)> = scores.iter().collect();
-        v.sort_by(|a, b| b.1.total_cmp(a.1).then_with(|| a.0.cmp(b.0)));
-        let new: HashSet<Arc<str>> = v.into_iter().take(self.tenant_top).map(|(t, _)| t.clone()).collect();
-        drop(scores);
-        let old = self.top_now.load_full();
-        for gone in old.difference(&new) {
+        // A tenant idle long enough to fall below half a request leaves the bookkeeping.
+        tracked.retain(|_, t| t.score >= 0.5);
+        let new: HashSet<Arc<str>> = if self.tenant_top == 0 {
+            HashSet::new()
+        } else {
+            let mut v: Vec<(&Arc<str>, f64)> = tracked.iter().map(|(id, t)| (id, t.score)).collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            v.into_iter().take(self.tenant_top).map(|(id, _)| id.clone()).collect()
+        };
+        for gone in top.difference(&new) {
             if !self.tenant_allow.contains(&**gone) {
-                for d in ["forwarded", "rejected", "upstream_error", "aborted", "served"] {
+                for d in DECISIONS {
                     let _ = self.metrics.tenant_requests.remove_label_values(&[gone, d]);
                 }
             }
         }
-        self.top_now.store(Arc::new(new));
+        for (id, t) in tracked.iter_mut() {
+            if !(new.contains(id) || self.tenant_allow.contains(&**id)) {
+                continue;
+            }
+            for (i, n) in t.pending.iter_mut().enumerate() {
+                if *n > 0 {
+                    self.metrics.tenant_requests.with_label_values(&[id, DECISIONS[i]]).inc_by(*n);
+                    *n = 0;
+                }
+            }
+        }
+        *top = new;
     }
 
     /// Batches waiting for the store.

@@ -31,6 +31,17 @@ impl<'d> Principal<'d> {
 
 /// Runs the stage. `now_ms` comes from the injected clock.
 pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> Result<Principal<'d>, Reject> {
+    identify(dir, hints, now_ms).map_err(|(reject, _)| reject)
+}
+
+/// [`authenticate`], also returning on a refusal the key the secret matched, if it matched
+/// one: the access log names the key and its tenant even when the key was then refused
+/// (revoked, expired, another tenant's host, …). The key is not trusted for anything else.
+pub fn identify<'d>(
+    dir: &'d Directory,
+    hints: &Hints<'_>,
+    now_ms: i64,
+) -> Result<Principal<'d>, (Reject, Option<&'d Key>)> {
     let Some(secret) = hints.credential else {
         let tenant = hints.claim.as_ref().and_then(|c| {
             dir.tenant(&c.tenant).or_else(|| {
@@ -43,12 +54,13 @@ pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> R
         };
         return Ok(Principal::Anonymous { tenant, unknown });
     };
-    let key = dir.key(&KeyHash::of(secret)).ok_or(Reject::InvalidKey)?;
+    let key = dir.key(&KeyHash::of(secret)).ok_or((Reject::InvalidKey, None))?;
+    let refuse = |reject| Err((reject, Some(key)));
     if key.revoked_at.is_some_and(|t| t <= now_ms) {
-        return Err(Reject::KeyRevoked);
+        return refuse(Reject::KeyRevoked);
     }
     if key.expires.is_some_and(|e| e <= now_ms) {
-        return Err(Reject::KeyExpired);
+        return refuse(Reject::KeyExpired);
     }
     let tenant = &key.tenant;
     if let Some(claim) = &hints.claim {
@@ -56,13 +68,15 @@ pub fn authenticate<'d>(dir: &'d Directory, hints: &Hints<'_>, now_ms: i64) -> R
             || (claim.source == crate::config::Source::Subdomain
                 && tenant.subdomains.iter().any(|s| *s == *claim.tenant));
         if !same {
-            return Err(Reject::TenantMismatch {
+            return refuse(Reject::TenantMismatch {
                 key_tenant: tenant.id.to_string(),
                 claimed: claim.tenant.to_string(),
             });
         }
     }
-    check_tenant(tenant, hints)?;
+    if let Err(reject) = check_tenant(tenant, hints) {
+        return refuse(reject);
+    }
     Ok(Principal::Keyed { key })
 }
 

@@ -30,6 +30,17 @@ pub fn authorize<'d>(
     hints: &Hints<'_>,
     principal: Principal<'d>,
 ) -> Result<Permit<'d>, Reject> {
+    authorize_rule(rules, req, hints, principal).map_err(|(reject, _)| reject)
+}
+
+/// [`authorize`], also returning on a refusal the rule that matched, if one did: a `deny`,
+/// a missing scope or a body too large is logged and counted under the rule that refused it.
+pub fn authorize_rule<'d>(
+    rules: &'d RuleSet,
+    req: &RequestHeader,
+    hints: &Hints<'_>,
+    principal: Principal<'d>,
+) -> Result<Permit<'d>, (Reject, Option<&'d Arc<Rule>>)> {
     let tenant = principal.tenant();
     let view = RequestView {
         method: &req.method,
@@ -40,7 +51,18 @@ pub fn authorize<'d>(
         tier: tenant.map(|t| &*t.tier.name),
         tenant: tenant.map(|t| &*t.id),
     };
-    let rule = rules.find(&view).ok_or(Reject::NoRoute)?;
+    let rule = rules.find(&view).ok_or((Reject::NoRoute, None))?;
+    check(rule, req, hints, principal, tenant).map_err(|reject| (reject, Some(rule)))
+}
+
+/// The matched rule's access actions.
+fn check<'d>(
+    rule: &'d Arc<Rule>,
+    req: &RequestHeader,
+    hints: &Hints<'_>,
+    principal: Principal<'d>,
+    tenant: Option<&'d Arc<Tenant>>,
+) -> Result<Permit<'d>, Reject> {
     let a = &rule.actions;
     if let Some((status, message)) = &a.deny {
         return Err(Reject::Denied { status: *status, message: message.clone(), rule: rule.name.to_string() });

@@ -6,7 +6,27 @@
 use super::authorize::Permit;
 use crate::error::Reject;
 use crate::limits::concurrency::{ConcurrencyError, SlotGuard};
+use crate::limits::headers::{ConcurrencyInfo, LimitHeaders};
 use crate::limits::Limits;
+
+/// Runs the stage and advertises the limit in the response headers: the slots left on this
+/// instance once the request took one, or none on a refusal.
+pub async fn acquire_advertised(
+    limits: &Limits,
+    permit: &Permit<'_>,
+    headers: &mut LimitHeaders,
+) -> Result<Option<SlotGuard>, Reject> {
+    let result = acquire(limits, permit).await;
+    let limit = permit.tenant.and_then(|t| t.policy.concurrency.as_ref()).map(|c| c.limit);
+    if let Some(limit) = limit {
+        let remaining = match &result {
+            Ok(Some(slot)) => limit.saturating_sub(slot.in_flight_when_admitted()),
+            _ => 0,
+        };
+        headers.concurrency = Some(ConcurrencyInfo { limit, remaining });
+    }
+    result
+}
 
 /// Runs the stage. `None` when the tenant has no concurrency limit.
 pub async fn acquire(limits: &Limits, permit: &Permit<'_>) -> Result<Option<SlotGuard>, Reject> {

@@ -4,6 +4,7 @@ use crate::directory::Tenant;
 use crate::error::Reject;
 use crate::limits::concurrency::SlotGuard;
 use crate::limits::headers::LimitHeaders;
+use crate::metrics::InFlight;
 use crate::pipeline::quota::Reserved;
 use crate::rules::Rule;
 use crate::runtime::Runtime;
@@ -45,7 +46,12 @@ pub struct RequestCtx {
     pub request_id: String,
     /// The runtime snapshot this request runs on, from start to end.
     pub runtime: Option<Arc<Runtime>>,
+    /// The tenant the request is attributed to: limited, metered and forwarded as.
     pub tenant: Option<Arc<Tenant>>,
+    /// The tenant of a key that matched but was then refused (revoked, expired, tenant
+    /// mismatch, …): written to the access log only, never trusted for limits or usage.
+    pub identified_tenant: Option<Arc<Tenant>>,
+    /// The id of the key the request presented, also when that key was refused.
     pub key_id: Option<Arc<str>>,
     pub rule: Option<Arc<Rule>>,
     pub upstream: Option<Arc<str>>,
@@ -67,6 +73,10 @@ pub struct RequestCtx {
     /// A connection to the upstream was made: from here on the request counts as usage.
     pub upstream_reached: bool,
     pub upstream_time: Option<Duration>,
+    /// From choosing the upstream server to the upstream's response head.
+    pub upstream_first_byte: Option<Duration>,
+    /// Why the upstream side failed the request (`tollgate_upstream_errors_total` reason).
+    pub upstream_failure: Option<&'static str>,
     pub status: u16,
     /// Limit state for the response headers.
     pub limit_headers: LimitHeaders,
@@ -74,6 +84,8 @@ pub struct RequestCtx {
     pub reserved: Reserved,
     /// The concurrency slot; freed when the context is dropped.
     pub slot: Option<SlotGuard>,
+    /// Counts the request in `tollgate_requests_in_flight` until the context is dropped.
+    pub in_flight: Option<InFlight>,
 }
 
 impl RequestCtx {
@@ -83,6 +95,7 @@ impl RequestCtx {
             request_id: String::new(),
             runtime: None,
             tenant: None,
+            identified_tenant: None,
             key_id: None,
             rule: None,
             upstream: None,
@@ -99,10 +112,13 @@ impl RequestCtx {
             upstream_started: None,
             upstream_reached: false,
             upstream_time: None,
+            upstream_first_byte: None,
+            upstream_failure: None,
             status: 0,
             limit_headers: LimitHeaders::default(),
             reserved: Reserved::default(),
             slot: None,
+            in_flight: None,
         }
     }
 }

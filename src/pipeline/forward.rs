@@ -17,7 +17,12 @@ use pingora::upstreams::peer::HttpPeer;
 pub fn peer(upstreams: &Upstreams, ctx: &RequestCtx) -> Result<Box<HttpPeer>, Reject> {
     let name = ctx.upstream.as_deref().unwrap_or("");
     let pool = upstreams.get(name).ok_or(Reject::UpstreamUnavailable { upstream: name.to_string() })?;
-    let backend = pool.lb.select(b"", 256).ok_or(Reject::UpstreamUnavailable { upstream: name.to_string() })?;
+    // Nothing was tried, so this is a 503 that says when the next health check runs, not the
+    // 502 of a server that failed the request.
+    let backend = pool.lb.select(b"", 256).ok_or_else(|| Reject::NoHealthyUpstream {
+        upstream: name.to_string(),
+        retry_after: pool.retry_after_secs(),
+    })?;
     let mut peer = Box::new(HttpPeer::new(backend.addr, false, String::new()));
     let cfg = &pool.config;
     let read_timeout = ctx.rule.as_ref().and_then(|r| r.actions.timeout).unwrap_or(cfg.read_timeout);

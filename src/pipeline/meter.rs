@@ -3,20 +3,29 @@
 //! It adds the request to the usage aggregates and metrics ([`crate::metering::Meter`]) and
 //! writes the access log: one structured `tracing` event per request, target
 //! `tollgate::access`, with the request id, tenant, key id (never the key), rule, decision,
-//! status, bytes, timings, charged units and the binding quota's state.
+//! status, bytes, timings (milliseconds, to the microsecond), charged units and the binding
+//! quota's state. A refused key's id and tenant are logged too.
 
 use super::ctx::{Decision, RequestCtx};
-use crate::metering::{Meter, Record};
+use crate::metering::{Detail, Meter, Record};
 use pingora::proxy::Session;
+use std::time::Duration;
+
+/// Milliseconds rounded to the microsecond, for the access log: a float of the raw duration
+/// prints as `0.060566999999999996`, noise no reader needs.
+fn ms(d: Duration) -> f64 {
+    ((d.as_nanos() + 500) / 1000) as f64 / 1000.0
+}
 
 /// Records the finished request.
 pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Meter, now_ms: i64) {
     let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(ctx.status);
-    let total = ctx.started.elapsed().as_secs_f64();
+    let elapsed = ctx.started.elapsed();
+    let total = elapsed.as_secs_f64();
     let charge = ctx.reserved.charge.as_ref().map(|c| (&c.metric, c.actual.unwrap_or(c.estimate)));
     // A request whose upstream was never reached is not usage (its quota units were given back).
     let admitted = matches!(ctx.decision, Decision::Forwarded | Decision::UpstreamError) && ctx.upstream_reached;
-    meter.record(
+    meter.record_with(
         &Record {
             tenant: ctx.tenant.as_deref(),
             rule: ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-"),
@@ -31,22 +40,29 @@ pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Met
             charge: if admitted { charge } else { None },
             admitted,
         },
+        &Detail {
+            upstream_failure: ctx.upstream_failure,
+            first_byte_secs: ctx.upstream_first_byte.map(|d| d.as_secs_f64()),
+        },
         now_ms,
     );
     if !access_log {
         return;
     }
     let req = session.req_header();
-    let total_ms = total * 1000.0;
-    let upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0);
+    let total_ms = ms(elapsed);
+    let upstream_ms = ctx.upstream_time.map(ms);
     let quota = ctx.limit_headers.quota.as_ref();
+    // The tenant of a refused key is logged too: who was turned away matters as much as who
+    // got through.
+    let tenant = ctx.tenant.as_ref().or(ctx.identified_tenant.as_ref());
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
         method = %req.method,
         path = %req.uri.path(),
-        tenant = ctx.tenant.as_ref().map(|t| &*t.id).unwrap_or("-"),
-        tier = ctx.tenant.as_ref().map(|t| &*t.tier.name).unwrap_or("-"),
+        tenant = tenant.map(|t| &*t.id).unwrap_or("-"),
+        tier = tenant.map(|t| &*t.tier.name).unwrap_or("-"),
         key_id = ctx.key_id.as_deref().unwrap_or("-"),
         rule = ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-"),
         decision = ctx.decision.as_str(),

@@ -9,7 +9,7 @@
 //!  upstream_request_filter ──────────────────────► forward::upstream_request (header hygiene)
 //!  upstream_response_filter ─────────────────────► quota::settle (charge settle header)
 //!  response_filter ──────────────────────────────► forward::downstream_response + limit headers
-//!  fail_to_proxy: upstream and body errors ──────► the same problem+json mapping (502/504/413)
+//!  fail_to_proxy: upstream and body errors ──────► the same problem+json mapping (502/503/504/413)
 //!  logging: every request, every path ───────────► meter::record
 //! ```
 //!
@@ -98,7 +98,17 @@ impl Gateway {
         ctx.upstream_host = canon.missing_host_header().map(str::to_string);
         let hints = resolve::resolve(&cfg.tenancy, &canon, req, peer)?;
         ctx.client_ip = hints.client_ip;
-        let principal = authenticate::authenticate(&rt.directory, &hints, self.clock.now_millis())?;
+        let principal = match authenticate::identify(&rt.directory, &hints, self.clock.now_millis()) {
+            Ok(p) => p,
+            Err((reject, key)) => {
+                // Name the refused key and its tenant in the access log (never the secret).
+                if let Some(key) = key {
+                    ctx.key_id = Some(key.id.clone());
+                    ctx.identified_tenant = Some(key.tenant.clone());
+                }
+                return Err(reject);
+            }
+        };
         ctx.tenant = principal.tenant().cloned();
         if let authenticate::Principal::Keyed { key } = &principal {
             ctx.key_id = Some(key.id.clone());
@@ -111,7 +121,14 @@ impl Gateway {
                 authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
             };
         }
-        let permit = authorize::authorize(&cfg.rules, req, &hints, principal)?;
+        let permit = match authorize::authorize_rule(&cfg.rules, req, &hints, principal) {
+            Ok(p) => p,
+            Err((reject, rule)) => {
+                // A refusal by the matched rule (deny, scope, body size) is logged under it.
+                ctx.rule = rule.cloned();
+                return Err(reject);
+            }
+        };
         ctx.rule = Some(permit.rule.clone());
         ctx.body_limit = permit.rule.actions.max_body;
         ctx.upstream = Some(forward_target(cfg, &permit)?);
@@ -129,7 +146,7 @@ impl Gateway {
         rate_limit::check(&self.limits, &permit, &mut ctx.limit_headers).await?;
         let sink = quota::WarnSink { metrics: self.meter.metrics(), webhook: self.webhook.as_ref() };
         ctx.reserved = quota::reserve(&self.limits, &permit, req, &hints, &mut ctx.limit_headers, &sink).await?;
-        match concurrency::acquire(&self.limits, &permit).await {
+        match concurrency::acquire_advertised(&self.limits, &permit, &mut ctx.limit_headers).await {
             Ok(slot) => ctx.slot = slot,
             Err(e) => {
                 quota::refund_all(&self.limits, &ctx.reserved);
@@ -166,6 +183,9 @@ impl Gateway {
         let _ = resp.insert_header("content-length", answer.body.len().to_string());
         let _ = resp.insert_header("cache-control", "no-store");
         let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        for (k, v) in answer.headers {
+            let _ = resp.insert_header(*k, *v);
+        }
         if session.write_response_header(Box::new(resp), false).await.is_ok() {
             let _ = session.write_response_body(Some(Bytes::from(answer.body)), true).await;
         }
@@ -240,6 +260,18 @@ fn classify(e: &pingora::Error, ctx: &RequestCtx) -> Option<Reject> {
     }
 }
 
+/// The `reason` of `tollgate_upstream_errors_total` for an upstream-side failure (one of
+/// [`crate::metrics::UPSTREAM_ERROR_REASONS`]).
+fn upstream_failure(e: &pingora::Error, reject: &Reject, reached: bool) -> &'static str {
+    match (reject, e.etype()) {
+        (Reject::NoHealthyUpstream { .. }, _) => "no_healthy_server",
+        (_, ErrorType::ConnectTimedout) => "connect_timeout",
+        (Reject::UpstreamTimeout { .. }, _) => "timeout",
+        _ if !reached => "connect_error",
+        _ => "error",
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -267,6 +299,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.in_flight = Some(crate::metrics::InFlight::new(&self.meter.metrics().in_flight));
         ctx.request_id = request_id(session.req_header());
         let rt = self.runtime.load_full();
         let outcome = self.admit(&rt, session, ctx).await;
@@ -305,8 +338,9 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
         forward::peer(&self.upstreams, ctx).map_err(|reject| {
+            let status = reject.status();
             ctx.reject = Some(reject);
-            Error::explain(ErrorType::HTTPStatus(502), "no upstream server available")
+            Error::explain(ErrorType::HTTPStatus(status), "no upstream server available")
         })
     }
 
@@ -330,8 +364,11 @@ impl ProxyHttp for Gateway {
         let settle = ctx.reserved.charge.as_ref().and_then(|c| c.settle_header.as_ref()).and_then(|h| {
             upstream_response.headers.get(h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
         });
+        if ctx.upstream_first_byte.is_none() {
+            ctx.upstream_first_byte = ctx.upstream_started.map(|s| s.elapsed());
+        }
         if let Some(actual) = settle {
-            quota::settle(&self.limits, &mut ctx.reserved, actual);
+            quota::settle(&self.limits, &mut ctx.reserved, actual, &mut ctx.limit_headers);
         }
         Ok(())
     }
@@ -395,7 +432,12 @@ impl ProxyHttp for Gateway {
         let code = match reject {
             Some(reject) => {
                 ctx.decision = match reject {
-                    Reject::UpstreamTimeout { .. } | Reject::UpstreamUnavailable { .. } => Decision::UpstreamError,
+                    Reject::UpstreamTimeout { .. }
+                    | Reject::UpstreamUnavailable { .. }
+                    | Reject::NoHealthyUpstream { .. } => {
+                        ctx.upstream_failure = Some(upstream_failure(e, &reject, ctx.upstream_reached));
+                        Decision::UpstreamError
+                    }
                     _ => Decision::Rejected,
                 };
                 respond(session, ctx, reject).await;

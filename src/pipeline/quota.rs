@@ -177,7 +177,7 @@ pub async fn reserve(
     for (metric, spec, cost) in wanted {
         match limits.quotas.reserve(&tenant.id, &metric, spec, policy, cost, on_error).await {
             Ok((r, state)) => {
-                offer(headers, &metric, &state);
+                offer(headers, &metric, spec, &state);
                 if state.over {
                     headers.soft_over = Some(metric.clone());
                 }
@@ -188,7 +188,7 @@ pub async fn reserve(
                 refund_all(limits, &out);
                 return Err(match e {
                     QuotaError::Exceeded(state) => {
-                        offer(headers, &metric, &state);
+                        offer(headers, &metric, spec, &state);
                         Reject::QuotaExceeded {
                             metric: metric.to_string(),
                             used: state.used,
@@ -206,9 +206,10 @@ pub async fn reserve(
     Ok(out)
 }
 
-fn offer(headers: &mut LimitHeaders, metric: &Arc<str>, s: &QuotaState) {
+fn offer(headers: &mut LimitHeaders, metric: &Arc<str>, spec: &QuotaSpec, s: &QuotaState) {
     headers.offer_quota(QuotaInfo {
         metric: metric.clone(),
+        period: spec.period.as_str(),
         limit: s.limit,
         remaining: s.remaining,
         reset_ms: s.reset_ms,
@@ -223,14 +224,18 @@ pub fn refund_all(limits: &Limits, reserved: &Reserved) {
     }
 }
 
-/// Settles the charged metric to the upstream's figure.
-pub fn settle(limits: &Limits, reserved: &mut Reserved, actual: u64) {
+/// Settles the charged metric to the upstream's figure, and brings the limit headers of the
+/// response up to date: they are written after this, and must show what is left once the
+/// charge is final, not what was left after the estimate.
+pub fn settle(limits: &Limits, reserved: &mut Reserved, actual: u64, headers: &mut LimitHeaders) {
     let Some(charge) = reserved.charge.as_mut() else { return };
     charge.actual = Some(actual);
     for r in &reserved.items {
         let rule_scoped = r.metric.strip_prefix(&*charge.metric).is_some_and(|rest| rest.starts_with('@'));
         if *r.metric == *charge.metric || rule_scoped {
-            limits.quotas.settle(r, actual);
+            if let Some(used) = limits.quotas.settle(r, actual) {
+                headers.settled(&r.metric, used);
+            }
         }
     }
 }

@@ -40,27 +40,44 @@ impl Call {
     }
 }
 
-/// The answer: status, content type, body.
+/// The answer: status, content type, extra headers, body.
 pub struct Answer {
     pub status: u16,
     pub content_type: &'static str,
+    /// `Allow` on a 405, `Retry-After` on a 503, as every other answer of those codes has.
+    pub headers: &'static [(&'static str, &'static str)],
     pub body: Vec<u8>,
 }
 
 fn ok(status: u16, v: Value) -> Answer {
-    Answer { status, content_type: "application/json", body: serde_json::to_vec(&v).unwrap_or_default() }
+    Answer { status, content_type: "application/json", headers: &[], body: serde_json::to_vec(&v).unwrap_or_default() }
 }
 
 fn problem(status: u16, code: &str, detail: &str, request_id: &str) -> Answer {
     let v = json!({
         "type": format!("urn:tollgate:error:{code}"),
-        "title": http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error"),
+        // The same title as anywhere else this code is answered.
+        "title": crate::error::title_of(code),
         "status": status,
         "detail": detail,
         "code": code,
         "request_id": request_id,
     });
-    Answer { status, content_type: "application/problem+json", body: serde_json::to_vec(&v).unwrap_or_default() }
+    let headers: &'static [(&'static str, &'static str)] = if status == 503 { &[("retry-after", "1")] } else { &[] };
+    Answer {
+        status,
+        content_type: "application/problem+json",
+        headers,
+        body: serde_json::to_vec(&v).unwrap_or_default(),
+    }
+}
+
+/// A 405 with the `Allow` header listing what the path takes.
+fn method_not_allowed(allow: &'static [(&'static str, &'static str)], request_id: &str) -> Answer {
+    let methods = allow.first().map(|(_, m)| *m).unwrap_or_default();
+    let mut a = problem(405, "method_not_allowed", &format!("Use {methods} on this path."), request_id);
+    a.headers = allow;
+    a
 }
 
 fn from_admin(e: AdminError, request_id: &str) -> Answer {
@@ -126,9 +143,9 @@ pub async fn handle(core: &AdminCore, call: &Call, body: &[u8]) -> Answer {
                 Err(e) => from_admin(e, rid),
             }
         }
-        (["usage"], _) => problem(405, "method_not_allowed", "Use GET.", rid),
-        (["keys"], _) => problem(405, "method_not_allowed", "Use GET or POST.", rid),
-        (["keys", _], _) => problem(405, "method_not_allowed", "Use DELETE.", rid),
+        (["usage"], _) => method_not_allowed(&[("allow", "GET")], rid),
+        (["keys"], _) => method_not_allowed(&[("allow", "GET, POST")], rid),
+        (["keys", _], _) => method_not_allowed(&[("allow", "DELETE")], rid),
         _ => problem(404, "not_found", "Self-service endpoints: /_tollgate/usage and /_tollgate/keys.", rid),
     }
 }
