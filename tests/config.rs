@@ -106,7 +106,7 @@ fn bad_values() {
         14,
     );
     one_error("[upstreams.main]\nservers = []\n[tiers.free]\nupstream = \"main\"\n", "empty `servers`", 1);
-    one_error(&format!("{BASE}\n[server]\nthreads = \"two\"\n"), "invalid type", 9);
+    one_error(&format!("{BASE}\n[server]\nthreads = \"two\"\n"), "must be a whole number", 9);
 }
 
 #[test]
@@ -205,4 +205,225 @@ fn keygen_prints_a_key_and_its_hash() {
     let path = dir.join("tollgate.toml");
     std::fs::write(&path, format!("{BASE}\n[[tenants]]\nid = \"a\"\ntier = \"free\"\n{block}\n")).expect("write");
     assert!(config::load(&path).is_ok());
+}
+
+/// Runs `tollgate check -c FILE` on `text` written as `tollgate.toml` in `dir`; returns the exit
+/// code, the path and stderr.
+fn check_text(dir: &Path, text: &str) -> (Option<i32>, std::path::PathBuf, String) {
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(bin()).args(["check", "-c"]).arg(&path).output().expect("run check");
+    (out.status.code(), path, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// The error lines of a `check` output.
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains(": error: ")).collect()
+}
+
+/// serde's own words, which an operator should never have to read.
+fn assert_no_rust_words(text: &str) {
+    for word in ["invalid type", "expected i64", "expected f64", "a sequence", "a map", "struct ", "untagged", "i128"] {
+        assert!(!text.contains(word), "`{word}` in:\n{text}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_of_a_table_in_the_users_words() {
+    let dir = temp_dir("check-all");
+    // A type error used to hide every other error of its table.
+    let (code, path, stderr) = check_text(
+        &dir,
+        &format!("{BASE}\n[server]\nlisten = [\"localhost:80\"]\nshutdown_grace = 10\nthreads = \"2\"\nmax_header_bytes = \"1B\"\n"),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    let p = path.display();
+    let expected = [
+        format!("{p}:9:11: error: `localhost:80` is not a valid listen address"),
+        format!("{p}:10:18: error: `shutdown_grace` must be a duration such as \"10s\", not the number 10; write it in quotes with a unit, like \"10s\""),
+        format!("{p}:11:11: error: `threads` must be a whole number, not the string \"2\"; remove the quotes"),
+        format!("{p}:12:20: error: `max_header_bytes` below 1KiB"),
+    ];
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), expected.len(), "{stderr}");
+    for (line, want) in errors.iter().zip(&expected) {
+        assert!(line.starts_with(want.as_str()), "`{line}` does not start with `{want}`");
+    }
+    assert!(stderr.ends_with("4 error(s); the config was not loaded\n"), "{stderr}");
+    assert_no_rust_words(&stderr);
+}
+
+#[test]
+fn every_type_error_of_every_kind_of_table_is_reported_once() {
+    let dir = temp_dir("check-kinds");
+    std::fs::write(
+        dir.join("api.toml"),
+        "usage_metrics = [\"records\"]\n\n[[rule]]\nname = \"jobs\"\nmatch = { path_prefix = \"/api/\", methods = \"GET\" }\ntimeout = 30\n\n[[rule]]\nname = 7\npublic = \"yes\"\nrate.default = { requests_per_second = \"5\" }\n",
+    )
+    .expect("write rules");
+    let text = r#"include = ["api.toml"]
+
+[store]
+timeout = 50
+breaker_failures = "5"
+
+[log]
+access_log = "true"
+
+[upstreams.api]
+servers = "127.0.0.1:9000"
+connect_timeout = 2
+
+[tiers.free]
+upstream = "api"
+concurrency = "10"
+warn_at = 80
+
+[[tenants]]
+id = 42
+tier = "free"
+subdomains = "acme"
+
+[[tenants.keys]]
+id = "k1"
+hash = 123
+revoked = "no"
+
+[[rule]]
+name = "health"
+public = 1
+"#;
+    let (code, path, stderr) = check_text(&dir, text);
+    assert_eq!(code, Some(1), "{stderr}");
+    let main = path.display().to_string();
+    let rules = dir.join("api.toml").display().to_string();
+    let expected: Vec<(String, usize, &str)> = vec![
+        (main.clone(), 4, "`timeout` must be a duration such as \"10s\", not the number 50"),
+        (main.clone(), 5, "`breaker_failures` must be a whole number, not the string \"5\""),
+        (main.clone(), 8, "`access_log` must be true or false, not the string \"true\"; remove the quotes"),
+        (main.clone(), 11, "`servers` must be a list of strings, not the string \"127.0.0.1:9000\""),
+        (main.clone(), 12, "`connect_timeout` must be a duration such as \"10s\", not the number 2"),
+        (main.clone(), 16, "`concurrency` must be a whole number, not the string \"10\""),
+        (main.clone(), 17, "`warn_at` must be a list of whole numbers, not the number 80"),
+        (main.clone(), 20, "`id` must be a string, not the number 42"),
+        (main.clone(), 22, "`subdomains` must be a list of strings, not the string \"acme\""),
+        (main.clone(), 26, "`hash` must be a string, not the number 123"),
+        (main.clone(), 27, "`revoked` must be true or false, not the string \"no\""),
+        (main.clone(), 31, "`public` must be true or false, not the number 1"),
+        (rules.clone(), 5, "`match.methods` must be a list of strings, not the string \"GET\""),
+        (rules.clone(), 6, "`timeout` must be a duration such as \"10s\", not the number 30"),
+        (rules.clone(), 9, "`name` must be a string, not the number 7"),
+        (rules.clone(), 10, "`public` must be true or false, not the string \"yes\""),
+        (rules.clone(), 11, "`rate.default.requests_per_second` must be a whole number, not the string \"5\""),
+    ];
+    // One error per mistake: a field left out for its type is not also reported as missing
+    // (`servers`, `id`, `hash`, `name`, the rate's limit).
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), expected.len(), "{stderr}");
+    for (file, line, message) in &expected {
+        let prefix = format!("{file}:{line}:");
+        assert!(
+            errors.iter().any(|e| e.starts_with(&prefix) && e.contains(message)),
+            "no `{prefix} ... {message}` in:\n{stderr}"
+        );
+    }
+    assert_no_rust_words(&stderr);
+}
+
+#[test]
+fn a_syntax_error_is_one_error_at_its_place() {
+    // A missing `]` used to turn every later line into an error of its own.
+    let d = errors_of(
+        "[upstreams.main]\nservers = [\"127.0.0.1:9000\"\n\n[tiers.free]\nupstream = \"main\"\n\n[server]\nthreads = 2\n\n[[tenants]]\nid = \"a\"\ntier = \"free\"\n",
+    );
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    assert_eq!((errors[0].line, errors[0].col), (2, 11), "{}", errors[0]);
+    assert!(errors[0].message.contains("TOML syntax") && errors[0].message.contains("no closing `]`"), "{}", errors[0]);
+    assert!(errors[0].message.contains("before line 4 (`[tiers.free]`)"), "{}", errors[0]);
+
+    let d = errors_of(&format!(
+        "{BASE}\n[tiers.pro]\nrate = {{ requests_per_second = 5\nconcurrency = 3\n[server]\nthreads = 2\n"
+    ));
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    assert_eq!(errors[0].line, 9, "{}", errors[0]);
+    assert!(errors[0].message.contains("no closing `}`"), "{}", errors[0]);
+
+    let d = errors_of(&format!("{BASE}\n[server]\npid_file = \"/run/tollgate.pid\nthreads = 2\n[store]\nkind\n"));
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    assert_eq!((errors[0].line, errors[0].col), (9, 12), "{}", errors[0]);
+    assert!(errors[0].message.contains("no closing `\"`"), "{}", errors[0]);
+}
+
+#[test]
+fn a_duplicate_table_or_key_names_it_and_where_it_was_first_defined() {
+    let dir = temp_dir("dup");
+    let (code, path, stderr) = check_text(
+        &dir,
+        &format!("{BASE}\n[admin]\naudit_log = \"audit.log\"\n\n[server]\nthreads = 2\n\n[admin]\ntoken_hash = \"{GOOD_HASH}\"\n"),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    let p = path.display();
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with(&format!("{p}:14:2: error: table `[admin]` is already defined at {p}:8;")),
+        "{stderr}"
+    );
+
+    let (_, path, stderr) = check_text(
+        &dir,
+        "[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\nhost = \"api.internal\"\nservers = [\"127.0.0.1:9001\"]\n",
+    );
+    let p = path.display();
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with(&format!("{p}:4:1: error: `servers` is already set in this table, at {p}:2;")),
+        "{stderr}"
+    );
+
+    // The same key in the second of two `[[tenants.keys]]` of a tenant.
+    let d = errors_of(&format!(
+        "{BASE}\n[[tenants]]\nid = \"a\"\ntier = \"free\"\n[[tenants.keys]]\nid = \"k1\"\n[[tenants.keys]]\nid = \"k2\"\nid = \"k3\"\n"
+    ));
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    assert_eq!(errors[0].line, 15, "{}", errors[0]);
+    assert!(
+        errors[0].message.contains("`id` is already set in this table, at ")
+            && errors[0].message.ends_with(":14; keep only one of the two"),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn log_level_must_be_a_level_or_target_level_directives() {
+    // `verbose` is a valid `EnvFilter` (a target name), and it silences every message.
+    let dir = temp_dir("log-level");
+    let (code, path, stderr) = check_text(&dir, &format!("{BASE}\n[log]\nlevel = \"verbose\"\n"));
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = format!(
+        "{}:9:9: error: `verbose` is not a log level; use error, warn, info, debug, trace or off",
+        path.display()
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+
+    one_error(&format!("{BASE}\n[log]\nlevel = \"info,tollgate=loud\"\n"), "`loud` is not a log level", 9);
+    one_error(&format!("{BASE}\n[log]\nlevel = \"=debug\"\n"), "names no target", 9);
+    one_error(&format!("{BASE}\n[log]\nlevel = \"\"\n"), "`log.level` is empty", 9);
+    for level in
+        ["debug", "WARN", "off", "info,tollgate::access=off", "warn, tollgate=debug", "info,tollgate[request]=trace"]
+    {
+        let dir = temp_dir("log-level-ok");
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, format!("{BASE}\n[log]\nlevel = \"{level}\"\n")).expect("write");
+        match config::load(&path) {
+            Ok(loaded) => assert!(!loaded.config.log.level.contains(' '), "{}", loaded.config.log.level),
+            Err(d) => panic!("`{level}` was refused:\n{d}"),
+        }
+    }
 }

@@ -162,7 +162,7 @@ fn check_refuses_an_empty_file_and_a_bad_fraction() {
         ("1.5", "from 0.0 to 1.0"),
         ("-0.1", "from 0.0 to 1.0"),
         ("nan", "from 0.0 to 1.0"),
-        ("\"half\"", "invalid type"),
+        ("\"half\"", "must be a number"),
     ] {
         std::fs::write(&path, format!("{base}reload_max_removed_fraction = {value}\n")).expect("write");
         let (ok, _, stderr) = check(&path);

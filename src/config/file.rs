@@ -5,10 +5,13 @@
 //! `[tiers.X]`, every `[[tenants]]` entry, every `[[rule]]`) is then deserialized on its own, so
 //! one bad table does not hide the problems of the next. Unknown keys are found with
 //! `serde_ignored` and reported at the key's own line, all of them, instead of stopping at the
-//! first as `deny_unknown_fields` would.
+//! first as `deny_unknown_fields` would. A value of the wrong type is reported in the user's
+//! words ("a duration such as \"10s\""); fields whose kind their Rust type does not tell name it
+//! with a `words::` helper.
 
 use super::diag::{Diagnostics, SourceFile};
-pub use crate::schema::value::{de_named_tables, de_unit, parse_document, DateOrStr, IntOrStr, SStr};
+pub use crate::schema::value::{de_item, de_named_tables, de_unit, parse_document, DateOrStr, IntOrStr, SStr};
+use crate::schema::words;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::de::DeValue;
@@ -16,27 +19,36 @@ use toml::Spanned;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ServerFile {
+    #[serde(default, deserialize_with = "words::strings")]
     pub listen: Option<Vec<SStr>>,
     pub admin_listen: Option<SStr>,
     pub threads: Option<Spanned<i64>>,
     pub tls: Option<Spanned<TlsFile>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub shutdown_grace: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub shutdown_timeout: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub bind_retry: Option<SStr>,
     pub upgrade_sock: Option<SStr>,
     pub pid_file: Option<SStr>,
     pub max_header_bytes: Option<Spanned<IntOrStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub allowed_methods: Option<Vec<SStr>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub header_timeout: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub idle_timeout: Option<SStr>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
 }
 
+/// All three keys are needed; their absence is reported in validation, in the user's words.
 #[derive(Debug, Deserialize)]
 pub struct TlsFile {
-    pub listen: SStr,
-    pub cert: SStr,
-    pub key: SStr,
+    pub listen: Option<SStr>,
+    pub cert: Option<SStr>,
+    pub key: Option<SStr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,21 +56,28 @@ pub struct StoreFile {
     pub kind: Option<SStr>,
     pub path: Option<SStr>,
     pub url: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub timeout: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub flush_interval: Option<SStr>,
     pub breaker_failures: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub breaker_cooldown: Option<SStr>,
     pub max_lease_block: Option<Spanned<i64>>,
     pub instance_id: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub slot_ttl: Option<SStr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub struct TenancyFile {
+    #[serde(default, deserialize_with = "words::strings")]
     pub resolve: Option<Vec<SStr>>,
     pub base_domain: Option<SStr>,
     pub tenant_header: Option<SStr>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub key_headers: Option<Vec<SStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub trusted_proxies: Option<Vec<SStr>>,
 }
 
@@ -71,6 +90,7 @@ pub struct LogFile {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct MeteringFile {
+    #[serde(default, deserialize_with = "words::duration")]
     pub flush_interval: Option<SStr>,
     pub max_buffered_batches: Option<Spanned<i64>>,
     pub webhook: Option<Spanned<WebhookFile>>,
@@ -81,6 +101,7 @@ pub struct WebhookFile {
     pub url: Option<SStr>,
     pub secret: Option<SStr>,
     pub max_attempts: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub timeout: Option<SStr>,
 }
 
@@ -91,7 +112,7 @@ pub struct MetricsFile {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct TenantLabelsFile {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "words::string_list")]
     pub allow: Vec<SStr>,
     pub top: Option<Spanned<i64>>,
 }
@@ -106,6 +127,7 @@ pub struct AdminFile {
 #[derive(Debug, Deserialize)]
 pub struct TierFile {
     pub upstream: Option<SStr>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub features: Option<Vec<SStr>>,
     pub rate: Option<Spanned<crate::rules::file::RateFile>>,
     pub quotas: Option<BTreeMap<String, Spanned<crate::rules::file::QuotaFile>>>,
@@ -114,27 +136,34 @@ pub struct TierFile {
     pub priority: Option<Spanned<i64>>,
     pub on_store_error: Option<SStr>,
     pub price: Option<BTreeMap<String, Spanned<f64>>>,
+    #[serde(default, deserialize_with = "words::numbers")]
     pub warn_at: Option<Vec<Spanned<i64>>>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct QueueFile {
     pub max: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub timeout: Option<SStr>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct HealthCheckFile {
     pub path: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub interval: Option<SStr>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct UpstreamFile {
+    #[serde(default, deserialize_with = "words::strings")]
     pub servers: Option<Vec<SStr>>,
     pub health_check: Option<Spanned<HealthCheckFile>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub connect_timeout: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub read_timeout: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub write_timeout: Option<SStr>,
     pub host: Option<SStr>,
 }
@@ -146,9 +175,9 @@ pub struct TenantFile {
     pub email: Option<String>,
     pub tier: Option<SStr>,
     pub status: Option<SStr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "words::string_list")]
     pub subdomains: Vec<SStr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "words::string_list")]
     pub ip_allow: Vec<SStr>,
     #[serde(default)]
     pub keys: Vec<Spanned<KeyFile>>,
@@ -162,7 +191,7 @@ pub struct KeyFile {
     pub id: Option<SStr>,
     pub name: Option<String>,
     pub hash: Option<SStr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "words::string_list")]
     pub scopes: Vec<SStr>,
     pub expires: Option<Spanned<DateOrStr>>,
     #[serde(default)]
@@ -198,23 +227,23 @@ pub fn parse_main(src: &SourceFile, diags: &mut Diagnostics) -> MainFile {
     for (key, value) in root.get_ref().iter() {
         match key.get_ref().as_ref() {
             "include" => {
-                if let Some(v) = de_unit::<Vec<SStr>>(src, value, diags) {
-                    out.include = v;
+                if let Some(v) = de_unit::<words::Strings>(src, key, value, diags) {
+                    out.include = v.0;
                 }
             }
-            "server" => out.server = de_unit(src, value, diags).unwrap_or_default(),
-            "store" => out.store = de_unit(src, value, diags).unwrap_or_default(),
-            "tenancy" => out.tenancy = de_unit(src, value, diags).unwrap_or_default(),
-            "log" => out.log = de_unit(src, value, diags).unwrap_or_default(),
-            "metering" => out.metering = de_unit(src, value, diags).unwrap_or_default(),
-            "metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
-            "admin" => out.admin = de_unit(src, value, diags).unwrap_or_default(),
+            "server" => out.server = de_unit(src, key, value, diags).unwrap_or_default(),
+            "store" => out.store = de_unit(src, key, value, diags).unwrap_or_default(),
+            "tenancy" => out.tenancy = de_unit(src, key, value, diags).unwrap_or_default(),
+            "log" => out.log = de_unit(src, key, value, diags).unwrap_or_default(),
+            "metering" => out.metering = de_unit(src, key, value, diags).unwrap_or_default(),
+            "metrics" => out.metrics = de_unit(src, key, value, diags).unwrap_or_default(),
+            "admin" => out.admin = de_unit(src, key, value, diags).unwrap_or_default(),
             "tiers" => out.tiers = de_named_tables(src, value, diags),
             "upstreams" => out.upstreams = de_named_tables(src, value, diags),
             "tenants" => match value.get_ref() {
                 DeValue::Array(items) => {
                     for item in items.iter() {
-                        if let Some(t) = de_unit::<TenantFile>(src, item, diags) {
+                        if let Some(t) = de_item::<TenantFile>(src, "tenants", item, diags) {
                             out.tenants.push(Spanned::new(item.span(), t));
                         }
                     }

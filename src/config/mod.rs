@@ -40,7 +40,9 @@ pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
             return Err(diags);
         }
     };
-    load_str(path, text, &mut diags).ok_or(diags.clone()).and_then(|config| {
+    let config = load_str(path, text, &mut diags);
+    diags.sort();
+    config.ok_or(diags.clone()).and_then(|config| {
         if diags.has_errors() {
             Err(diags.clone())
         } else {
@@ -197,6 +199,54 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The levels a `log.level` directive may name, for messages.
+const LOG_LEVELS: &str = "error, warn, info, debug, trace or off";
+
+/// Checks `log.level` as the log setup reads it (comma-separated directives, each a level or
+/// `target=level`) and returns it without the spaces around directives, which the filter
+/// itself does not allow.
+///
+/// `EnvFilter` alone accepts too much: it reads a bare word that is not a level as a target
+/// name, so `"verbose"` means "everything from a module named verbose", which silences every
+/// message the gateway writes. A directive without a level is therefore refused here.
+fn log_level(text: &str) -> Result<String, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    let directives: Vec<&str> = text.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    if directives.is_empty() {
+        return Err(format!("`log.level` is empty; use a level ({LOG_LEVELS}), like \"info\""));
+    }
+    for d in &directives {
+        let d = *d;
+        let (target, level) = match d.rsplit_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, d),
+        };
+        let is_level = !level.is_empty() && level.parse::<LevelFilter>().is_ok();
+        match target {
+            None if !is_level => {
+                return Err(format!(
+                    "`{d}` is not a log level; use {LOG_LEVELS}, or `target=level` directives separated by commas, like \"info,tollgate::access=off\""
+                ))
+            }
+            Some("") => {
+                return Err(format!("`{d}` names no target; write `target=level`, like `tollgate::access=off`"))
+            }
+            Some(_) if !is_level => {
+                return Err(format!("`{d}`: `{level}` is not a log level; use {LOG_LEVELS}"));
+            }
+            _ => {}
+        }
+    }
+    // The directives' own syntax (span and field filters) is the filter's to judge.
+    let level = directives.join(",");
+    match tracing_subscriber::EnvFilter::try_new(&level) {
+        Ok(_) => Ok(level),
+        Err(e) => Err(format!(
+            "`{text}` is not a valid log filter ({e}); use a level ({LOG_LEVELS}) or `target=level` directives"
+        )),
+    }
+}
+
 fn header_name(s: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Option<http::HeaderName> {
     match http::HeaderName::from_bytes(s.get_ref().to_ascii_lowercase().as_bytes()) {
         Ok(h) => Some(h),
@@ -249,17 +299,28 @@ fn validate(
         }
     };
     let tls = s.tls.as_ref().and_then(|t| {
+        let span = t.span();
         let t = t.get_ref();
-        let listen = socket_addr(&t.listen, "tls.listen", src, diags)?;
-        let cert = rel(t.cert.get_ref());
-        let key = rel(t.key.get_ref());
-        if !cert.is_file() {
-            diags.error_at(src, t.cert.span(), format!("TLS certificate {} does not exist", cert.display()));
-        }
-        if !key.is_file() {
-            diags.error_at(src, t.key.span(), format!("TLS key {} does not exist", key.display()));
-        }
-        Some(TlsConfig { listen, cert, key })
+        let need = |v: &Option<SStr>, key: &str, what: &str, diags: &mut Diagnostics| {
+            if v.is_none() {
+                diags.missing_at(src, span.clone(), key, span.clone(), format!("`server.tls` needs `{key}`, {what}"));
+            }
+        };
+        need(&t.listen, "listen", "the HTTPS address, like \"0.0.0.0:8443\"", diags);
+        need(&t.cert, "cert", "the path of the PEM certificate chain", diags);
+        need(&t.key, "key", "the path of the certificate's PEM private key", diags);
+        let listen = t.listen.as_ref().and_then(|l| socket_addr(l, "tls.listen", src, diags));
+        let file = |v: &Option<SStr>, what: &str, diags: &mut Diagnostics| {
+            let v = v.as_ref()?;
+            let path = rel(v.get_ref());
+            if !path.is_file() {
+                diags.error_at(src, v.span(), format!("{what} {} does not exist", path.display()));
+            }
+            Some(path)
+        };
+        let cert = file(&t.cert, "TLS certificate", diags);
+        let key = file(&t.key, "TLS key", diags);
+        Some(TlsConfig { listen: listen?, cert: cert?, key: key? })
     });
     let max_header_bytes =
         s.max_header_bytes.as_ref().and_then(|v| size_value(v, src, diags)).unwrap_or(64 * 1024) as usize;
@@ -312,6 +373,12 @@ fn validate(
             }
         }
     }
+    let bind_retry = duration_or(&s.bind_retry, Duration::from_secs(2), src, diags);
+    if let Some(v) = &s.bind_retry {
+        if bind_retry > Duration::from_secs(60) {
+            diags.error_at(src, v.span(), "`bind_retry` must be at most 1m");
+        }
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
@@ -319,6 +386,7 @@ fn validate(
         tls,
         shutdown_grace: duration_or(&s.shutdown_grace, Duration::from_secs(2), src, diags),
         shutdown_timeout: duration_or(&s.shutdown_timeout, Duration::from_secs(5), src, diags),
+        bind_retry,
         upgrade_sock: s
             .upgrade_sock
             .as_ref()
@@ -483,19 +551,13 @@ fn validate(
         },
         level: match &main.log.level {
             None => "info".into(),
-            Some(l) => {
-                if tracing_subscriber::EnvFilter::try_new(l.get_ref()).is_err() {
-                    diags.error_at(
-                        src,
-                        l.span(),
-                        format!(
-                            "`{}` is not a log level or filter; use error, warn, info, debug or trace",
-                            l.get_ref()
-                        ),
-                    );
+            Some(l) => match log_level(l.get_ref()) {
+                Ok(level) => level,
+                Err(e) => {
+                    diags.error_at(src, l.span(), e);
+                    l.get_ref().clone()
                 }
-                l.get_ref().clone()
-            }
+            },
         },
         access_log: main.log.access_log.unwrap_or(true),
     };
@@ -504,30 +566,43 @@ fn validate(
     let mf = &main.metering;
     let webhook = mf.webhook.as_ref().and_then(|w| {
         let wf = w.get_ref();
+        // Every key is checked before giving up, so that one bad key does not hide the next.
         let url = match &wf.url {
-            Some(u) if u.get_ref().starts_with("http://") => u.get_ref().clone(),
+            Some(u) if u.get_ref().starts_with("http://") => Some(u.get_ref().clone()),
             Some(u) => {
                 diags.error_at(
                     src,
                     u.span(),
                     "the webhook `url` must start with `http://` (send it to a local relay for TLS)",
                 );
-                return None;
+                None
             }
             None => {
-                diags.error_at(src, w.span(), "a webhook needs a `url`");
-                return None;
+                diags.missing_at(
+                    src,
+                    w.span(),
+                    "url",
+                    w.span(),
+                    "a webhook needs a `url`, like \"http://127.0.0.1:9100/quota\"",
+                );
+                None
             }
         };
         let secret = match &wf.secret {
-            Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
+            Some(s) if s.get_ref().len() >= 16 => Some(s.get_ref().clone()),
             Some(s) => {
                 diags.error_at(src, s.span(), "the webhook `secret` must be at least 16 characters");
-                return None;
+                None
             }
             None => {
-                diags.error_at(src, w.span(), "a webhook needs a `secret` to sign its requests");
-                return None;
+                diags.missing_at(
+                    src,
+                    w.span(),
+                    "secret",
+                    w.span(),
+                    "a webhook needs a `secret` of at least 16 characters to sign its requests",
+                );
+                None
             }
         };
         let max_attempts = match &wf.max_attempts {
@@ -538,12 +613,8 @@ fn validate(
                 5
             }
         };
-        Some(WebhookConfig {
-            url,
-            secret,
-            max_attempts,
-            timeout: duration_or(&wf.timeout, Duration::from_secs(2), src, diags),
-        })
+        let timeout = duration_or(&wf.timeout, Duration::from_secs(2), src, diags);
+        Some(WebhookConfig { url: url?, secret: secret?, max_attempts, timeout })
     });
     let metering = MeteringConfig {
         flush_interval: duration_or(&mf.flush_interval, Duration::from_secs(1), src, diags),
@@ -613,7 +684,16 @@ fn validate(
     for (name, u) in &main.upstreams {
         let mut servers = Vec::new();
         match &u.servers {
-            None => diags.error_at(src, name.span(), format!("upstream `{}` has no `servers`", name.get_ref())),
+            None => diags.missing_at(
+                src,
+                name.span(),
+                "servers",
+                name.span(),
+                format!(
+                    "upstream `{}` has no `servers`; add them, like `servers = [\"10.0.0.5:9000\"]`",
+                    name.get_ref()
+                ),
+            ),
             Some(list) if list.is_empty() => {
                 diags.error_at(src, name.span(), format!("upstream `{}` has an empty `servers` list", name.get_ref()))
             }
@@ -682,7 +762,16 @@ fn validate(
                 if upstreams.len() == 1 {
                     upstreams.keys().next().cloned().unwrap_or_default()
                 } else {
-                    diags.error_at(src, name.span(), format!("tier `{}` has no `upstream`", name.get_ref()));
+                    diags.missing_at(
+                        src,
+                        name.span(),
+                        "upstream",
+                        name.span(),
+                        format!(
+                            "tier `{}` has no `upstream`; name one of the pools (it may be left out only when exactly one pool is defined)",
+                            name.get_ref()
+                        ),
+                    );
                     String::new()
                 }
             }
@@ -707,19 +796,26 @@ fn validate(
     let mut seen_hashes: HashSet<KeyHash> = HashSet::new();
     for tspan in &main.tenants {
         let tf = tspan.get_ref();
-        let Some(id) = &tf.id else {
-            diags.error_at(src, tspan.span(), "a tenant needs an `id`");
-            continue;
+        // A tenant without a usable id is still checked key by key, so that its other mistakes
+        // show in the same pass; messages then call it "this tenant".
+        let (id, who, id_span) = match &tf.id {
+            Some(id) => (id.get_ref().clone(), format!("tenant `{}`", id.get_ref()), id.span()),
+            None => {
+                diags.missing_at(src, tspan.span(), "id", tspan.span(), "a tenant needs an `id`, like `id = \"acme\"`");
+                (String::new(), "this tenant".to_string(), tspan.span())
+            }
         };
-        if !valid_slug(id.get_ref()) {
-            diags.error_at(
-                src,
-                id.span(),
-                format!("tenant id `{}` must be 1-63 characters of a-z, 0-9 and `-`", id.get_ref()),
-            );
-        }
-        if seen_ids.insert(id.get_ref().clone(), ()).is_some() {
-            diags.error_at(src, id.span(), format!("tenant `{}` is defined twice", id.get_ref()));
+        if let Some(sid) = &tf.id {
+            if !valid_slug(&id) {
+                diags.error_at(
+                    src,
+                    sid.span(),
+                    format!("tenant id `{id}` must be 1-63 characters of a-z, 0-9 and `-`"),
+                );
+            }
+            if seen_ids.insert(id.clone(), ()).is_some() {
+                diags.error_at(src, sid.span(), format!("tenant `{id}` is defined twice"));
+            }
         }
         let tier = match &tf.tier {
             Some(t) => {
@@ -729,8 +825,7 @@ fn validate(
                         src,
                         t.span(),
                         format!(
-                            "tenant `{}` names tier `{}`, which is not defined (defined: {})",
-                            id.get_ref(),
+                            "{who} names tier `{}`, which is not defined (defined: {})",
                             t.get_ref(),
                             known.join(", ")
                         ),
@@ -739,7 +834,13 @@ fn validate(
                 t.get_ref().clone()
             }
             None => {
-                diags.error_at(src, id.span(), format!("tenant `{}` has no `tier`", id.get_ref()));
+                diags.missing_at(
+                    src,
+                    tspan.span(),
+                    "tier",
+                    id_span.clone(),
+                    format!("{who} has no `tier`; name one of the `[tiers.NAME]`"),
+                );
                 String::new()
             }
         };
@@ -775,19 +876,33 @@ fn validate(
         let mut keys = Vec::new();
         for kspan in &tf.keys {
             let kf = kspan.get_ref();
-            let Some(kid) = &kf.id else {
-                diags.error_at(src, kspan.span(), "a key needs an `id`");
-                continue;
+            // Like a tenant, a key without an id is still checked, as "this key".
+            let (kwho, kid_span) = match &kf.id {
+                Some(kid) => {
+                    if !seen_key_ids.insert(kid.get_ref().clone()) {
+                        diags.error_at(src, kid.span(), format!("key id `{}` is used twice", kid.get_ref()));
+                    }
+                    (format!("key `{}`", kid.get_ref()), kid.span())
+                }
+                None => {
+                    diags.missing_at(
+                        src,
+                        kspan.span(),
+                        "id",
+                        kspan.span(),
+                        "a key needs an `id`, like `id = \"acme-key\"`",
+                    );
+                    ("this key".to_string(), kspan.span())
+                }
             };
-            if !seen_key_ids.insert(kid.get_ref().clone()) {
-                diags.error_at(src, kid.span(), format!("key id `{}` is used twice", kid.get_ref()));
-            }
             let hash = match &kf.hash {
                 None => {
-                    diags.error_at(
+                    diags.missing_at(
                         src,
-                        kid.span(),
-                        format!("key `{}` has no `hash`; `tollgate keygen` prints one", kid.get_ref()),
+                        kspan.span(),
+                        "hash",
+                        kid_span,
+                        format!("{kwho} has no `hash`; `tollgate keygen` prints one"),
                     );
                     None
                 }
@@ -826,7 +941,7 @@ fn validate(
                     diags.error_at(src, sc.span(), "a scope is a non-empty word without spaces");
                 }
             }
-            if let Some(hash) = hash {
+            if let (Some(hash), Some(kid)) = (hash, &kf.id) {
                 keys.push(KeyConfig {
                     id: kid.get_ref().clone(),
                     name: kf.name.clone().unwrap_or_default(),
@@ -862,8 +977,8 @@ fn validate(
             billing_anchor_day,
             timezone,
             overrides,
-            id: id.get_ref().clone(),
-            name: tf.name.clone().unwrap_or_else(|| id.get_ref().clone()),
+            name: tf.name.clone().unwrap_or_else(|| id.clone()),
+            id,
             email: tf.email.clone().unwrap_or_default(),
             tier,
             status,

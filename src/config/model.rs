@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How long the runtimes then get to shut down (blocking work such as SQLite writes).
     pub shutdown_timeout: Duration,
+    /// How long `tollgate run` keeps trying a listen address that another process holds before
+    /// it gives up and exits 1.
+    pub bind_retry: Duration,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
     /// Largest request head accepted; more is answered 431.

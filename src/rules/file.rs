@@ -5,9 +5,12 @@
 
 use crate::schema::diag::{Diagnostics, SourceFile};
 pub use crate::schema::limits::{QuotaFile, RateFile};
-use crate::schema::value::{de_unit, IntOrStr, SStr};
+use crate::schema::value::{de_item, de_unit, IntOrStr, SStr};
+use crate::schema::words;
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::fmt;
 use toml::de::{DeString, DeValue};
 use toml::Spanned;
 
@@ -15,11 +18,29 @@ use toml::Spanned;
 pub const TOP_LEVEL_KEYS: &[&str] = &["rule", "defaults", "unmatched", "usage_metrics"];
 
 /// A header or query condition: `true` means present, a string means equal to it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Presence {
     Present(bool),
     Equals(String),
+}
+
+impl<'de> Deserialize<'de> for Presence {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Presence;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(words::PRESENCE)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Presence, E> {
+                Ok(Presence::Present(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Presence, E> {
+                Ok(Presence::Equals(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,10 +49,13 @@ pub struct MatchFile {
     pub path: Option<SStr>,
     pub path_prefix: Option<SStr>,
     pub path_glob: Option<SStr>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub methods: Option<Vec<SStr>>,
     pub headers: Option<BTreeMap<String, Spanned<Presence>>>,
     pub query: Option<BTreeMap<String, Spanned<Presence>>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub tiers: Option<Vec<SStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub tenants: Option<Vec<SStr>>,
 }
 
@@ -59,15 +83,19 @@ pub struct ActionsFile {
     #[serde(rename = "match")]
     pub matcher: Option<Spanned<MatchFile>>,
     pub public: Option<Spanned<bool>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub require_scopes: Option<Vec<SStr>>,
     pub require_feature: Option<SStr>,
     pub deny: Option<Spanned<DenyFile>>,
     pub upstream: Option<SStr>,
     pub set_request_headers: Option<BTreeMap<String, SStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub remove_request_headers: Option<Vec<SStr>>,
     pub set_response_headers: Option<BTreeMap<String, SStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
     pub remove_response_headers: Option<Vec<SStr>>,
     pub max_body: Option<Spanned<IntOrStr>>,
+    #[serde(default, deserialize_with = "words::duration")]
     pub timeout: Option<SStr>,
     pub pass_credentials: Option<bool>,
     pub priority: Option<Spanned<i64>>,
@@ -96,15 +124,17 @@ pub fn parse_rule_tables(
     let mut out = RuleFile { src: Some(src.clone()), ..RuleFile::default() };
     for (key, value) in tables {
         match key.get_ref().as_ref() {
-            "unmatched" => out.unmatched = de_unit(src, value, diags),
-            "usage_metrics" => out.metrics = de_unit(src, value, diags).unwrap_or_default(),
+            "unmatched" => out.unmatched = de_unit(src, key, value, diags),
+            "usage_metrics" => {
+                out.metrics = de_unit::<words::Strings>(src, key, value, diags).map(|m| m.0).unwrap_or_default()
+            }
             "defaults" => {
-                out.defaults = de_unit::<ActionsFile>(src, value, diags).map(|d| Spanned::new(value.span(), d))
+                out.defaults = de_unit::<ActionsFile>(src, key, value, diags).map(|d| Spanned::new(value.span(), d))
             }
             "rule" => match value.get_ref() {
                 DeValue::Array(items) => {
                     for item in items.iter() {
-                        if let Some(r) = de_unit::<ActionsFile>(src, item, diags) {
+                        if let Some(r) = de_item::<ActionsFile>(src, "rule", item, diags) {
                             out.rules.push(Spanned::new(item.span(), r));
                         }
                     }

@@ -270,7 +270,19 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
                     n.get_ref().clone()
                 }
                 None => {
-                    c.diags.error_at(src, r.span(), "a rule needs a `name`");
+                    c.diags.missing_at(
+                        src,
+                        r.span(),
+                        "name",
+                        r.span(),
+                        "a rule needs a `name`, like `name = \"jobs-read\"`; logs and `tollgate rules explain` show it",
+                    );
+                    // Its conditions and actions are still checked, so that every mistake in
+                    // it shows in the same pass.
+                    if let Some(m) = &rf.matcher {
+                        c.conditions(src, m);
+                    }
+                    c.actions(src, rf);
                     continue;
                 }
             };
@@ -737,7 +749,13 @@ impl Compiler<'_, '_> {
             let metric = match &cf.metric {
                 Some(m) => Some(self.metric(src, m)),
                 None => {
-                    self.diags.error_at(src, ch.span(), "a charge needs a `metric`");
+                    self.diags.missing_at(
+                        src,
+                        ch.span(),
+                        "metric",
+                        ch.span(),
+                        "a charge needs a `metric`, one of the names declared in `usage_metrics`",
+                    );
                     None
                 }
             };

@@ -75,6 +75,18 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, Default, Clone)]
 pub struct Diagnostics {
     pub items: Vec<Diagnostic>,
+    /// Fields whose value had the wrong type. Each was reported at its value and then left out,
+    /// so a check that the field is present must not report it a second time as missing.
+    invalid: Vec<InvalidField>,
+}
+
+/// A field left out because its value had the wrong type: the table it was written in (known
+/// by the table's span, or by the span of the key the table is written under) and its key.
+#[derive(Debug, Clone)]
+struct InvalidField {
+    file: PathBuf,
+    table: Range<usize>,
+    key: String,
 }
 
 impl Diagnostics {
@@ -102,6 +114,46 @@ impl Diagnostics {
         self.items.push(Diagnostic { severity, file: src.path.clone(), line, col, message });
     }
 
+    /// Records that `key` of the table at `table` was reported for its type and left out.
+    pub fn mark_invalid(&mut self, src: &SourceFile, table: Range<usize>, key: &str) {
+        self.invalid.push(InvalidField { file: src.path.clone(), table, key: key.to_string() });
+    }
+
+    /// Whether `key` of the table at `table` (the table's span, or the span of the key it is
+    /// written under) was already reported for its type.
+    pub fn was_invalid(&self, src: &SourceFile, table: Range<usize>, key: &str) -> bool {
+        self.invalid.iter().any(|f| f.table == table && f.key == key && f.file == src.path)
+    }
+
+    /// Reports that a table lacks `key`, unless `key` was written with the wrong type (which
+    /// was already reported where it stands).
+    pub fn missing_at(
+        &mut self,
+        src: &SourceFile,
+        table: Range<usize>,
+        key: &str,
+        at: Range<usize>,
+        message: impl Into<String>,
+    ) {
+        if !self.was_invalid(src, table, key) {
+            self.error_at(src, at, message);
+        }
+    }
+
+    /// Orders the diagnostics as a reader fixes them: file by file (in the order the files were
+    /// first reported on, so the main file comes first) and top to bottom within a file.
+    /// Problems are found table by table and then check by check, which is not that order.
+    pub fn sort(&mut self) {
+        let mut files: Vec<PathBuf> = Vec::new();
+        for d in &self.items {
+            if !files.contains(&d.file) {
+                files.push(d.file.clone());
+            }
+        }
+        let rank = |d: &Diagnostic| files.iter().position(|f| *f == d.file).unwrap_or(usize::MAX);
+        self.items.sort_by_key(|d| (rank(d), d.line, d.col));
+    }
+
     pub fn has_errors(&self) -> bool {
         self.items.iter().any(|d| d.severity == Severity::Error)
     }
@@ -116,6 +168,7 @@ impl Diagnostics {
 
     pub fn extend(&mut self, other: Diagnostics) {
         self.items.extend(other.items);
+        self.invalid.extend(other.invalid);
     }
 }
 

@@ -46,6 +46,11 @@ pub fn rate_spec(rf: &RateFile, span: Range<usize>, src: &SourceFile, diags: &mu
     .into_iter()
     .filter_map(|(v, d)| v.as_ref().map(|v| (v, d)))
     .collect();
+    const UNITS: [&str; 3] = ["requests_per_second", "requests_per_minute", "requests_per_hour"];
+    // A limit written with the wrong type was reported where it stands and left out.
+    if given.is_empty() && UNITS.iter().any(|k| diags.was_invalid(src, span.clone(), k)) {
+        return None;
+    }
     if given.len() != 1 {
         diags.error_at(
             src,
@@ -88,7 +93,7 @@ pub fn quota_spec(q: &Spanned<QuotaFile>, src: &SourceFile, diags: &mut Diagnost
             0
         }
         None => {
-            diags.error_at(src, q.span(), "a quota needs a `limit`");
+            diags.missing_at(src, q.span(), "limit", q.span(), "a quota needs a `limit`, like `limit = 10000`");
             0
         }
     };

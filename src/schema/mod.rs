@@ -1,13 +1,15 @@
 //! The vocabulary every config file shares, below both the main config and the rule packs:
 //! where a value came from and the diagnostics that point there, TOML values and their
-//! error-collecting deserialization, units (sizes, durations), and the rate and quota blocks
-//! that tiers and rules both write. It depends on nothing else in the crate but the policy
-//! types, so `config` and `rules` can both build on it without depending on each other.
+//! error-collecting deserialization with messages in the user's words, units (sizes,
+//! durations), and the rate and quota blocks that tiers and rules both write. It depends on
+//! nothing else in the crate but the policy types, so `config` and `rules` can both build on it
+//! without depending on each other.
 
 pub mod diag;
 pub mod limits;
 pub mod units;
 pub mod value;
+pub mod words;
 
 use diag::{Diagnostics, SourceFile};
 use toml::Spanned;
