@@ -1,9 +1,32 @@
 //! The one place that wires config, stores, metrics, limits, the proxy and the admin listener
-//! into a Pingora server. Nothing here is global: each piece is built once and passed down.
+//! into a Pingora server, and runs the process around it. Nothing here is global: each piece is
+//! built once and passed down.
+//!
+//! What `tollgate run` guarantees:
+//!
+//! - **Paths do not depend on the working directory.** The config path is made absolute before
+//!   anything else, so a reload (SIGHUP or `POST /v1/reload`) reads the same file in the
+//!   foreground and under `run -d`, whose working directory is `/`.
+//! - **Every listener, or an exit.** Before serving, each configured address (`listen`,
+//!   `tls.listen`, `admin_listen`) is bound once as a probe and released. An address another
+//!   process holds is tried again for `server.bind_retry`; then the process exits 1 with one
+//!   line, `cannot listen on ADDR (KEY): ...`. An upgrade (`-u`) takes its sockets from the
+//!   running process and skips the probe. Once Pingora runs, a watcher checks that every address
+//!   has a bound listener within `bind_retry` plus a few seconds and ends the process the same
+//!   way if one has not, instead of leaving a process without a listener behind.
+//! - **Ready means listening.** `/readyz` answers 503 until every listener is bound. The
+//!   `tollgate started` line (with the version) is written at that moment, and `run -d` returns
+//!   only then: 0 when the daemon serves, 1 when it stopped before it could.
+//! - **Usage is written after the last request.** A shutdown signal is logged when it arrives.
+//!   Requests in flight keep running through `shutdown_grace`; the pending usage, quota debts
+//!   and leases go to the store only once Pingora's runtimes have stopped, when no request can
+//!   still be running, and `tollgate stopped` is the process's last line.
+//! - **`run -d` forks before any thread exists**, so the store runtime and the SIGHUP listener
+//!   live in the daemon, not in the parent that returns.
 
 use crate::admin::AdminApp;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{self, Config, StoreConfig, StoreKind};
+use crate::config::{self, Config, ServerConfig, StoreConfig, StoreKind};
 use crate::edge::{Edge, EdgeLimits};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -14,19 +37,36 @@ use crate::store::redis::RedisStore;
 use crate::store::{Breaker, Counters, DirectoryStore, Ledger};
 use crate::upstream::Upstreams;
 use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long after Pingora starts its services the listeners may take to be bound, beyond
+/// `bind_retry`: time for the service runtimes to start.
+const STARTUP_MARGIN: Duration = Duration::from_secs(5);
+
+/// After SIGQUIT, how long Pingora keeps both processes accepting before the old one starts its
+/// graceful shutdown (Pingora's `CLOSE_TIMEOUT`).
+const UPGRADE_HANDOVER: Duration = Duration::from_secs(5);
 
 /// Options of `tollgate run` that are not in the config file.
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     /// Take the listening sockets over from a running instance (zero-downtime upgrade).
     pub upgrade: bool,
+    /// Detach into the background (`-d`); the starting process returns once the daemon listens.
     pub daemon: bool,
 }
 
@@ -83,8 +123,9 @@ pub fn open_store(
     }
 }
 
-/// Keeps the limits in step with the store: flushes usage, renews and returns concurrency
-/// slots, evicts idle state, and at shutdown returns leases and flushes one last time.
+/// Keeps the limits in step with the store while the process serves: flushes usage, renews and
+/// returns concurrency slots, evicts idle state. From the shutdown signal on it only renews slots
+/// ([`Finish`] writes the rest once the last request is over).
 struct Maintenance {
     limits: Arc<Limits>,
     admin: Arc<crate::admin::core::AdminCore>,
@@ -115,14 +156,15 @@ impl BackgroundService for Maintenance {
                     self.limits.rates.evict_idle(Duration::from_secs(600));
                     self.limits.quotas.evict_idle();
                 }
-                _ = shutdown.changed() => {
-                    self.limits.quotas.shutdown().await;
-                    self.limits.concurrency.shutdown().await;
-                    self.meter.flush().await;
-                    tracing::info!(buffered = self.meter.buffered(), "limits and usage flushed, leases returned");
-                    return;
-                }
+                _ = shutdown.changed() => break,
             }
+        }
+        // Draining: requests in flight still hold concurrency slots, so those stay renewed.
+        // Usage, quota debts and leases are written once, by [`Finish`], after the last request;
+        // a flush here could be cut off half-way when the runtime stops.
+        loop {
+            slots.tick().await;
+            self.limits.concurrency.maintain().await;
         }
     }
 }
@@ -130,9 +172,11 @@ impl BackgroundService for Maintenance {
 /// A built server and what must live as long as it.
 pub struct Built {
     pub server: Server,
-    /// Runs store connections set up before Pingora's runtimes exist.
+    /// Runs store connections set up before Pingora's runtimes exist, the SIGHUP listener, and
+    /// the final flush after Pingora's runtimes have stopped.
     pub background: tokio::runtime::Runtime,
     pub metrics: Arc<Metrics>,
+    finish: Finish,
 }
 
 /// Builds the Pingora server for `config` (loaded from `config_path`, which reloads re-read).
@@ -142,16 +186,28 @@ pub fn build_server(
     opts: &RunOptions,
     clock: SharedClock,
 ) -> Result<Built, String> {
-    let mut conf = ServerConf {
+    build(config, config_path, opts, clock, None)
+}
+
+fn build(
+    config: Config,
+    config_path: &Path,
+    opts: &RunOptions,
+    clock: SharedClock,
+    daemon: Option<Daemon>,
+) -> Result<Built, String> {
+    // Pingora's own daemon mode forks inside `Server::run`, after the store runtime's threads
+    // exist, and those threads do not survive a fork; `run` detaches before building instead.
+    let conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(config.server.shutdown_timeout.as_secs().max(1)),
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         pid_file: config.server.pid_file.display().to_string(),
+        daemon: false,
         ..ServerConf::default()
     };
-    conf.daemon = opts.daemon;
-    let opt = Opt { upgrade: opts.upgrade, daemon: opts.daemon, ..Opt::default() };
+    let opt = Opt { upgrade: opts.upgrade, daemon: false, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -195,6 +251,22 @@ pub fn build_server(
     let tls = config.server.tls.clone();
     let flush_interval = config.store.flush_interval;
     let slot_ttl = config.store.slot_ttl;
+    let listening = Arc::new(AtomicBool::new(false));
+    let pid_file = daemon.as_ref().map(|d| d.pid_file.clone());
+    let startup = Startup {
+        addrs: listeners(&config.server),
+        listening: listening.clone(),
+        patience: config.server.bind_retry + STARTUP_MARGIN,
+        line: StartupLine {
+            config: config_path.display().to_string(),
+            listen: listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            tls: tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "-".into()),
+            admin: admin_listen.to_string(),
+            summary: config.summary(),
+        },
+        daemon_ready: daemon.map(|d| d.ready),
+        pid_file: pid_file.clone(),
+    };
     let managed = match background
         .block_on(async { tokio::time::timeout(Duration::from_secs(2), stores.directory.load()).await })
     {
@@ -208,9 +280,16 @@ pub fn build_server(
             Default::default()
         }
     };
-    let audit_path = config.admin.audit_log.clone().unwrap_or_else(|| {
-        config_path.parent().map(|d| d.join("tollgate-audit.log")).unwrap_or_else(|| "tollgate-audit.log".into())
-    });
+    let audit_path = config.admin.audit_log.clone().unwrap_or_else(|| default_audit_log(&config.store.path));
+    check_audit_log(&audit_path);
+    let finish = Finish {
+        limits: limits.clone(),
+        meter: meter.clone(),
+        timeout: config.server.shutdown_timeout.max(Duration::from_secs(1)),
+        received: Arc::new(Mutex::new(None)),
+        grace: Duration::from_secs(config.server.shutdown_grace.as_secs()),
+        pid_file,
+    };
     let rt = Runtime::build(Arc::new(config), Arc::new(managed));
     metrics.tenants.set(rt.directory.tenant_count() as i64);
     metrics.keys.set(rt.directory.key_count() as i64);
@@ -226,7 +305,8 @@ pub fn build_server(
         config_path.to_path_buf(),
         audit_path,
     );
-    // SIGHUP reloads the config (validated first; an invalid file changes nothing).
+    // SIGHUP reloads the config (validated first; an invalid file changes nothing). The reload
+    // writes its own log line; the audit log records who asked.
     {
         let core = admin_core.clone();
         background.spawn(async move {
@@ -238,10 +318,6 @@ pub fn build_server(
                 let outcome = core.reload();
                 let actor = crate::admin::core::Actor { id: "signal:SIGHUP".into(), request_id: "-".into() };
                 core.audit_reload(&actor, outcome.is_ok());
-                match outcome {
-                    Ok(o) => tracing::info!(summary = %o.summary, warnings = ?o.warnings, "SIGHUP: config reloaded"),
-                    Err(errors) => tracing::error!(?errors, "SIGHUP: config not reloaded"),
-                }
             }
         });
     }
@@ -285,13 +361,10 @@ pub fn build_server(
         max_connections_per_ip: 64,
         exempt: Vec::new(),
     };
+    let admin_app = AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() };
     let mut admin = Service::new(
         "tollgate admin".to_string(),
-        Edge::new(
-            AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() },
-            admin_limits,
-            &metrics,
-        ),
+        Edge::new(ReadyGate { app: admin_app, listening }, admin_limits, &metrics),
     );
     admin.add_tcp(&admin_listen.to_string());
 
@@ -304,23 +377,558 @@ pub fn build_server(
         "limits maintenance",
         Maintenance { limits, admin: admin_core, meter, flush_interval, meter_interval, slot_ttl },
     ));
-    Ok(Built { server, background, metrics })
+    server.add_service(startup);
+    Ok(Built { server, background, metrics, finish })
 }
 
-/// `tollgate run`: load, build, serve until a signal.
-pub fn run(path: &Path, opts: RunOptions) -> Result<(), String> {
-    let config = load_or_report(path)?;
+/// The default audit log: beside the store file and named after it (`tollgate.db` gives
+/// `tollgate-audit.log`), since the store's directory is the one the gateway must be able to
+/// write (`/var/lib/tollgate` in the Docker image and under systemd's `StateDirectory`), while
+/// the config's directory is often read-only.
+pub fn default_audit_log(store_path: &Path) -> PathBuf {
+    let stem = store_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "tollgate".into());
+    store_path.with_file_name(format!("{stem}-audit.log"))
+}
+
+/// Warns at start, rather than at the first admin change, when the audit log cannot be written.
+fn check_audit_log(path: &Path) {
+    let opened = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(path));
+    if let Err(e) = opened {
+        tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "the audit log cannot be written; admin changes and reloads will be recorded in this log instead. \
+             Make the file writable for the gateway's user or set [admin] audit_log"
+        );
+    }
+}
+
+/// Every address the process listens on, with the config key that names it.
+fn listeners(server: &ServerConfig) -> Vec<(SocketAddr, &'static str)> {
+    let mut out: Vec<(SocketAddr, &'static str)> = server.listen.iter().map(|a| (*a, "server.listen")).collect();
+    if let Some(tls) = &server.tls {
+        out.push((tls.listen, "server.tls.listen"));
+    }
+    out.push((server.admin_listen, "server.admin_listen"));
+    out
+}
+
+/// The one line that says why an address cannot be listened on, and what to do about it.
+fn cannot_listen(addr: SocketAddr, key: &str, e: &std::io::Error) -> String {
+    let why = match e.kind() {
+        ErrorKind::AddrInUse => {
+            "address in use (another process holds it: stop it, or choose another port)".to_string()
+        }
+        ErrorKind::AddrNotAvailable => {
+            "address not available (no network interface of this host has that IP: use one it has, or 0.0.0.0)"
+                .to_string()
+        }
+        ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need root or the CAP_NET_BIND_SERVICE capability)".to_string()
+        }
+        _ => e.to_string(),
+    };
+    format!("cannot listen on {addr} ({key}): {why}")
+}
+
+/// Binds every address the config listens on, all at once, and releases them, so that a
+/// taken port stops the start with one clear line instead of a Pingora panic. An address in use
+/// is tried again until `server.bind_retry` has passed. Pingora binds with `SO_REUSEADDR`, so
+/// releasing a probe leaves nothing in its way.
+pub fn check_listeners(server: &ServerConfig) -> Result<(), String> {
+    let addrs = listeners(server);
+    let deadline = Instant::now() + server.bind_retry;
+    loop {
+        let mut held = Vec::with_capacity(addrs.len());
+        let mut busy = None;
+        for (i, (addr, key)) in addrs.iter().enumerate() {
+            match TcpListener::bind(addr) {
+                Ok(l) => held.push(l),
+                Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                    busy = Some((i, e));
+                    break;
+                }
+                Err(e) => return Err(cannot_listen(*addr, key, &e)),
+            }
+        }
+        let Some((i, e)) = busy else { return Ok(()) };
+        drop(held);
+        if let Some(j) = overlap(&addrs, i) {
+            let ((a, ka), (b, kb)) = (addrs[i], addrs[j]);
+            return Err(format!(
+                "cannot listen on {a} ({ka}): it overlaps {b} ({kb}) of the same config; give each listener its own port"
+            ));
+        }
+        if Instant::now() >= deadline {
+            let (addr, key) = addrs[i];
+            return Err(cannot_listen(addr, key, &e));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The earlier configured address that `addrs[i]` cannot be bound beside, when that, and not
+/// another process, is why it is in use.
+fn overlap(addrs: &[(SocketAddr, &'static str)], i: usize) -> Option<usize> {
+    let alone = TcpListener::bind(addrs[i].0).ok()?;
+    drop(alone);
+    (0..i).find(|&j| match TcpListener::bind(addrs[j].0) {
+        Ok(_first) => TcpListener::bind(addrs[i].0).is_err(),
+        Err(_) => false,
+    })
+}
+
+/// The fields of the `tollgate started` line.
+struct StartupLine {
+    config: String,
+    listen: String,
+    tls: String,
+    admin: String,
+    summary: String,
+}
+
+/// Watches Pingora bind the listeners: marks the process ready and writes `tollgate started`
+/// once every address has one, or ends the process when one is still missing after
+/// `patience`. Pingora records each listening socket in the table it hands over during an
+/// upgrade, keyed by the address string the service was given; that table is what is watched.
+struct Startup {
+    addrs: Vec<(SocketAddr, &'static str)>,
+    listening: Arc<AtomicBool>,
+    patience: Duration,
+    line: StartupLine,
+    /// `run -d`: the pipe the waiting parent reads.
+    daemon_ready: Option<File>,
+    pid_file: Option<PathBuf>,
+}
+
+#[async_trait]
+impl ServiceWithDependents for Startup {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+        ready: ServiceReadyNotifier,
+    ) {
+        ready.notify_ready();
+        let started = Instant::now();
+        loop {
+            let missing: Vec<(SocketAddr, &'static str)> = match &fds {
+                Some(fds) => {
+                    let table = fds.lock();
+                    self.addrs.iter().filter(|(a, _)| table.get(&a.to_string()).is_none()).copied().collect()
+                }
+                None => Vec::new(),
+            };
+            if missing.is_empty() {
+                break;
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            if started.elapsed() >= self.patience {
+                for (addr, key) in missing {
+                    let line = match TcpListener::bind(addr) {
+                        Err(e) => cannot_listen(addr, key, &e),
+                        Ok(_) => format!(
+                            "cannot listen on {addr} ({key}): the listener did not start (see the errors above)"
+                        ),
+                    };
+                    tracing::error!("{line}");
+                }
+                if let Some(p) = &self.pid_file {
+                    remove_pid_file(p);
+                }
+                std::process::exit(1);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.listening.store(true, Ordering::Release);
+        let l = &self.line;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            pid = std::process::id(),
+            config = %l.config,
+            listen = %l.listen,
+            tls = %l.tls,
+            admin = %l.admin,
+            summary = %l.summary,
+            "tollgate started"
+        );
+        if let Some(mut pipe) = self.daemon_ready.take() {
+            let _ = pipe.write_all(b"1");
+        }
+    }
+
+    fn name(&self) -> &str {
+        "tollgate startup"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    // It takes no socket from an upgrade's table, so it must not stop Pingora from closing the
+    // sockets nobody claims.
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        Some(Vec::new())
+    }
+}
+
+/// The admin app, with `/readyz` held at 503 until every listener is bound: an instance that
+/// cannot take traffic on its data plane is not ready, whatever its upstreams say.
+struct ReadyGate {
+    app: AdminApp,
+    listening: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ServeHttp for ReadyGate {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let resp = self.app.response(session).await;
+        if self.listening.load(Ordering::Acquire)
+            || session.req_header().uri.path() != "/readyz"
+            || resp.status() != http::StatusCode::OK
+        {
+            return resp;
+        }
+        not_ready(resp)
+    }
+}
+
+/// Turns a `/readyz` answer into its not-ready form: 503, `"status":"not_ready"`.
+fn not_ready(resp: http::Response<Vec<u8>>) -> http::Response<Vec<u8>> {
+    let (mut parts, body) = resp.into_parts();
+    parts.status = http::StatusCode::SERVICE_UNAVAILABLE;
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.insert("status".into(), "not_ready".into());
+            serde_json::to_vec(&map).unwrap_or(body)
+        }
+        _ => body,
+    };
+    parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+    http::Response::from_parts(parts, body)
+}
+
+/// The shutdown signal that arrived, and how long Pingora lets requests in flight run after it.
+struct Received {
+    name: &'static str,
+    at: Instant,
+    drain: Duration,
+}
+
+/// Pingora's shutdown signals (SIGTERM, SIGINT, SIGQUIT), each logged as it arrives.
+struct Signals {
+    received: Arc<Mutex<Option<Received>>>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit()))
+        else {
+            tracing::error!(
+                "cannot listen for SIGTERM, SIGINT and SIGQUIT; the process can only be stopped with SIGKILL"
+            );
+            return std::future::pending().await;
+        };
+        let grace = self.grace.as_secs();
+        let (name, drain, what) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", self.grace, ShutdownSignal::GracefulTerminate),
+            _ = int.recv() => ("SIGINT", Duration::ZERO, ShutdownSignal::FastShutdown),
+            _ = quit.recv() => ("SIGQUIT", UPGRADE_HANDOVER + self.grace, ShutdownSignal::GracefulUpgrade),
+        };
+        match name {
+            "SIGTERM" => tracing::info!(
+                signal = name,
+                "SIGTERM received: shutting down; new connections are refused and requests in flight get up to {grace}s"
+            ),
+            "SIGINT" => {
+                tracing::info!(signal = name, "SIGINT received: shutting down now; requests in flight are cut off")
+            }
+            _ => tracing::info!(
+                signal = name,
+                "SIGQUIT received: handing the listening sockets to the new process, then shutting down; \
+                 requests in flight get up to {grace}s after the 5s hand-over"
+            ),
+        }
+        *lock(&self.received) = Some(Received { name, at: Instant::now(), drain });
+        what
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the process does after Pingora's runtimes have stopped: write the last usage, quota
+/// debts and leases, remove its pid file, and say it stopped.
+struct Finish {
+    limits: Arc<Limits>,
+    meter: Arc<crate::metering::Meter>,
+    /// `shutdown_grace`, in the whole seconds Pingora uses.
+    grace: Duration,
+    timeout: Duration,
+    received: Arc<Mutex<Option<Received>>>,
+    pid_file: Option<PathBuf>,
+}
+
+impl Finish {
+    fn run(self, background: &tokio::runtime::Runtime) {
+        let received = lock(&self.received).take();
+        let signal = received.as_ref().map_or("-", |r| r.name);
+        // Pingora gives its runtimes `timeout` once the drain is over; the last write shares that
+        // budget, keeping at least a second when the runtimes used it all.
+        let budget = received
+            .map(|r| (r.at + r.drain + self.timeout).saturating_duration_since(Instant::now()))
+            .unwrap_or(self.timeout)
+            .max(Duration::from_secs(1));
+        let written = background.block_on(async {
+            tokio::time::timeout(budget, async {
+                self.limits.quotas.shutdown().await;
+                self.limits.concurrency.shutdown().await;
+                self.meter.flush().await;
+            })
+            .await
+        });
+        let buffered = self.meter.buffered();
+        match written {
+            Ok(()) if buffered == 0 => tracing::info!(buffered, "limits and usage flushed, leases returned"),
+            Ok(()) => tracing::warn!(
+                buffered,
+                "limits and usage flushed, leases returned; the store did not take the last usage batches, which are lost"
+            ),
+            Err(_) => tracing::warn!(
+                buffered,
+                within_ms = budget.as_millis() as u64,
+                "the store did not take the last usage in time; the usage still buffered is lost"
+            ),
+        }
+        if let Some(p) = &self.pid_file {
+            remove_pid_file(p);
+        }
+        tracing::info!(signal, "tollgate stopped");
+    }
+}
+
+/// Serves until a shutdown signal, lets requests in flight finish for `shutdown_grace`, then
+/// writes what is pending to the store. Returns when the process may exit.
+pub fn serve(built: Built) {
+    let Built { server, background, finish, .. } = built;
+    let signals = Signals { received: finish.received.clone(), grace: finish.grace };
+    server.run(RunArgs { shutdown_signal: Box::new(signals) });
+    finish.run(&background);
+}
+
+/// The daemon's side of `run -d`: the pipe its parent waits on, and its pid file.
+struct Daemon {
+    ready: File,
+    pid_file: PathBuf,
+}
+
+/// Detaches into the background (`run -d`). The calling process waits until the daemon says
+/// it listens (exit 0) or goes away without saying so (exit 1); only the daemon returns. Must run
+/// before any thread exists: a fork copies only the calling thread.
+fn daemonize(pid_file: &Path) -> Result<Daemon, String> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("cannot detach into the background: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: the process has one thread (the caller's), so the child is a consistent copy.
+    match unsafe { libc::fork() } {
+        -1 => return Err(format!("cannot detach into the background: {}", std::io::Error::last_os_error())),
+        0 => {}
+        child => {
+            drop(write);
+            // SAFETY: reaps the intermediate child, which exits right after its own fork.
+            unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+            let mut byte = [0u8; 1];
+            let mut read = read;
+            let ready = loop {
+                match read.read(&mut byte) {
+                    Ok(n) => break n == 1,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break false,
+                }
+            };
+            // The daemon logged why it stopped on the same stderr.
+            std::process::exit(if ready { 0 } else { 1 });
+        }
+    }
+    drop(read);
+    // SAFETY: setsid leaves the terminal's session; the second fork makes the daemon a process
+    // that is not a session leader, so it can never acquire a controlling terminal again.
+    // `_exit` ends the intermediate child without running the parent's exit handlers twice.
+    unsafe {
+        if libc::setsid() < 0 {
+            libc::_exit(1);
+        }
+        match libc::fork() {
+            -1 => libc::_exit(1),
+            0 => {}
+            _ => libc::_exit(0),
+        }
+    }
+    // The working directory would otherwise keep its file system busy; every path is absolute.
+    std::env::set_current_dir("/").map_err(|e| format!("cannot change to /: {e}"))?;
+    let null = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+    // SAFETY: dup2 onto standard input, which stays open for the life of the process.
+    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) };
+    write_pid_file(pid_file)?;
+    Ok(Daemon { ready: write, pid_file: pid_file.to_path_buf() })
+}
+
+/// Writes the daemon's pid, keeping a previous file (an instance being upgraded) as `.old`.
+fn write_pid_file(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".old");
+        let _ = std::fs::rename(path, old);
+    }
+    std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+        format!(
+            "cannot write the pid file {}: {e}; set server.pid_file to a path the gateway can write",
+            path.display()
+        )
+    })
+}
+
+/// Removes the pid file if it still names this process (an upgrade's new process replaces it).
+fn remove_pid_file(path: &Path) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// `tollgate run`: load, check the listen addresses, detach when asked, build, serve until a
+/// signal. Every failure is reported here (on stderr while the config is not loaded, in the log
+/// after), and the result is the process's exit status.
+pub fn run(path: &Path, opts: RunOptions) -> ExitCode {
+    // Absolute, not canonical: a config reached through a symlink (a Kubernetes ConfigMap, a
+    // release directory) must be read through the link again on every reload.
+    let path = match std::path::absolute(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cannot resolve the config path {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match load_or_report(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     init_logging(&config);
-    tracing::info!(
-        config = %path.display(),
-        listen = ?config.server.listen,
-        admin = %config.server.admin_listen,
-        summary = %config.summary(),
-        "tollgate starting"
-    );
-    let built = build_server(config, path, &opts, Arc::new(SystemClock))?;
-    let Built { server, background, .. } = built;
-    // The store runtime must outlive the server; run_forever never returns.
-    let _keep = background;
-    server.run_forever()
+    match start(config, &path, &opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(config: Config, path: &Path, opts: &RunOptions) -> Result<(), String> {
+    // With `-u` the sockets come from the running process, which still holds the addresses.
+    if !opts.upgrade {
+        check_listeners(&config.server)?;
+    }
+    let daemon = if opts.daemon { Some(daemonize(&config.server.pid_file)?) } else { None };
+    let built = build(config, path, opts, Arc::new(SystemClock), daemon)?;
+    serve(built);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readyz_is_not_ready_before_the_listeners_are_bound() {
+        let body = br#"{"status":"ready","config":"loaded","store":"ok","tenants":1,"keys":1,"upstreams":{}}"#.to_vec();
+        let resp = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(body)
+            .expect("response");
+        let out = not_ready(resp);
+        assert_eq!(out.status(), 503);
+        let v: serde_json::Value = serde_json::from_slice(out.body()).expect("json");
+        assert_eq!(v["status"], "not_ready");
+        assert_eq!(v["tenants"], 1);
+        let len = out.headers().get("content-length").and_then(|v| v.to_str().ok()).map(str::to_string);
+        assert_eq!(len, Some(out.body().len().to_string()));
+    }
+
+    #[test]
+    fn the_audit_log_lives_beside_the_store() {
+        assert_eq!(
+            default_audit_log(Path::new("/var/lib/tollgate/tollgate.db")),
+            Path::new("/var/lib/tollgate/tollgate-audit.log")
+        );
+        assert_eq!(default_audit_log(Path::new("/tmp/tollgate-demo.db")), Path::new("/tmp/tollgate-demo-audit.log"));
+    }
+
+    /// A `[server]` config listening on `listen`, with its admin listener on `admin`.
+    fn server(listen: SocketAddr, admin: SocketAddr, bind_retry: &str) -> ServerConfig {
+        let text = format!(
+            "[server]\nlisten = [\"{listen}\"]\nadmin_listen = \"{admin}\"\nbind_retry = \"{bind_retry}\"\n\n\
+             [upstreams.api]\nservers = [\"127.0.0.1:9\"]\n\n[tiers.free]\nupstream = \"api\"\n\n\
+             [[tenants]]\nid = \"acme\"\ntier = \"free\"\n"
+        );
+        let mut diags = crate::config::Diagnostics::default();
+        let config = crate::config::load_str(Path::new("/nonexistent/tollgate.toml"), text, &mut diags);
+        config.map(|c| c.server).unwrap_or_else(|| panic!("{diags}"))
+    }
+
+    fn free() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    }
+
+    #[test]
+    fn a_taken_port_is_named_after_the_retry() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let started = Instant::now();
+        let err = check_listeners(&server(addr, free(), "300ms")).expect_err("the port is taken");
+        assert!(started.elapsed() >= Duration::from_millis(300), "gave up after {:?}", started.elapsed());
+        assert_eq!(
+            err,
+            format!(
+                "cannot listen on {addr} (server.listen): address in use (another process holds it: stop it, or \
+                 choose another port)"
+            )
+        );
+        // Free addresses pass, and are released again.
+        let (listen, admin) = (free(), free());
+        check_listeners(&server(listen, admin, "0s")).expect("free");
+        TcpListener::bind(listen).expect("released");
+    }
+
+    #[test]
+    fn listeners_of_one_config_that_overlap_are_named() {
+        let addr = free();
+        let err = check_listeners(&server(addr, addr, "5s")).expect_err("overlap");
+        assert!(
+            err.starts_with(&format!(
+                "cannot listen on {addr} (server.admin_listen): it overlaps {addr} (server.listen)"
+            )),
+            "{err}"
+        );
+    }
 }

@@ -59,6 +59,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     let echo_addrs: Vec<SocketAddr> = config.upstreams.values().flat_map(|u| u.servers.iter().copied()).collect();
     let listen = *config.server.listen.first().ok_or("the demo config has no listen address")?;
     let admin = config.server.admin_listen;
+    crate::app::check_listeners(&config.server)?;
 
     // The echo upstream gets its own runtime on its own thread: Pingora owns the main thread.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -96,7 +97,6 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         &crate::app::RunOptions::default(),
         Arc::new(crate::clock::SystemClock),
     )?;
-    let crate::app::Built { server, background, .. } = built;
-    let _keep = background;
-    server.run_forever()
+    crate::app::serve(built);
+    Ok(())
 }

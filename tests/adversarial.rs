@@ -364,7 +364,11 @@ fn cases() -> Vec<Case> {
             "body_too_large",
         ),
         // Charges: the cost the gateway reads is the one the upstream acts on.
-        passed("charged by the query", raw("POST /generate?num_rows=5 HTTP/1.1", &[h, a, "Content-Length: 0"], ""), Some("/generate?num_rows=5")),
+        passed(
+            "charged by the query",
+            raw("POST /generate?num_rows=5 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
+            Some("/generate?num_rows=5"),
+        ),
         refused(
             "cost named twice",
             raw("POST /generate?num_rows=1&num_rows=900 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),

@@ -356,8 +356,7 @@ pub enum ReloadError {
     Refused(String),
 }
 
-/// The process log prints this (`SIGHUP: config not reloaded errors=…`): the messages alone,
-/// as an operator reads them, without the variant's name.
+/// The messages alone, as an operator reads them, without the variant's name.
 impl std::fmt::Debug for ReloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -520,7 +519,7 @@ impl AdminCore {
             Err(diags) => {
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
                 let errors: Vec<String> = diags.items.iter().map(|d| d.to_string()).collect();
-                tracing::error!(errors = ?errors, "config reload refused; the running config stays in place");
+                tracing::error!(errors = %errors.join("; "), "config reload refused; the running config stays in place");
                 Err(ReloadError::Invalid(errors))
             }
             Ok(loaded) => {
@@ -553,7 +552,6 @@ impl AdminCore {
                         tracing::error!(removes = %what, "config reload refused; the running config stays in place");
                         return Err(ReloadError::Refused(detail));
                     }
-                    tracing::warn!(removes = %what, "forced config reload");
                     warnings.push(format!("forced: the reload removed: {what}"));
                 }
                 let new: Vec<(String, Vec<std::net::SocketAddr>)> =
@@ -571,7 +569,11 @@ impl AdminCore {
                 let managed = self.runtime.load().managed.clone();
                 self.publish(Arc::new(loaded.config), managed);
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(summary = %summary, "config reloaded");
+                if warnings.is_empty() {
+                    tracing::info!(summary = %summary, "config reloaded");
+                } else {
+                    tracing::warn!(summary = %summary, warnings = %warnings.join("; "), "config reloaded, with warnings");
+                }
                 Ok(ReloadOutcome { summary, warnings })
             }
         }

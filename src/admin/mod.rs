@@ -585,6 +585,8 @@ impl ServeHttp for AdminApp {
                 json_response(if ok { 200 } else { 503 }, body)
             }
             "/metrics" => {
+                // Server health is read from the health checks at scrape time, not per request.
+                self.upstreams.export_health(&self.metrics.upstream_healthy);
                 let body = self.metrics.render();
                 respond(200, "text/plain; version=0.0.4; charset=utf-8", body, &[])
             }
