@@ -64,7 +64,12 @@ pub fn problem(status: u16, code: &str, detail: &str) -> Resp {
 }
 
 fn problem_with(status: u16, code: &str, detail: &str, extra: &[(&str, String)]) -> Resp {
-    let title = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
+    // One title per code, the same as on the data plane; a code only the admin listener uses
+    // falls back to the status's reason phrase.
+    let title = match crate::error::title_of(code) {
+        "Error" => http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error"),
+        t => t,
+    };
     let body = json!({
         "type": format!("urn:tollgate:error:{code}"),
         "title": title,
