@@ -36,6 +36,9 @@ COPY config/docker.toml /etc/tollgate/tollgate.toml
 COPY lua-free-rules/ /etc/lua-free-rules/
 
 USER 10001:10001
+# The gateway's state, and the only place outside /tmp its user may write: the embedded store
+# (config/docker.toml puts it here) and, beside it by default, the audit log. A mounted config
+# must keep them here too.
 WORKDIR /var/lib/tollgate
 VOLUME ["/var/lib/tollgate"]
 

@@ -1,19 +1,24 @@
 # Tollgate: `make run` starts the demo, `make test` runs the whole suite.
 CARGO ?= cargo
 
-.PHONY: run test check bench build release deps load clean-demo
+.PHONY: run test check bench build release deps deps-run load clean-demo fuzz
 
+## What `make test` needs (the build tools, redis-server, openssl, promtool), installed if missing.
 deps:
-	@scripts/ensure-deps.sh
+	@scripts/ensure-deps.sh --test
 
-build: deps
+## What building and the demo need (cmake, a C compiler, curl), installed if missing.
+deps-run:
+	@scripts/ensure-deps.sh --run
+
+build: deps-run
 	$(CARGO) build
 
-release: deps
+release: deps-run
 	$(CARGO) build --release
 
 ## The demo: an echo upstream plus the gateway on config/demo.toml, with curl commands.
-run: deps
+run: deps-run
 	$(CARGO) run --release -- demo
 
 ## The whole suite: unit, integration (real gateway, real upstream, real Redis) and doc tests.
@@ -26,9 +31,15 @@ check:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 ## Criterion micro-benchmarks.
-bench: deps
+bench: deps-run
 	$(CARGO) bench
 
 ## End-to-end load against a local gateway (needs wrk).
 load: release
 	scripts/load.sh
+
+## Fuzzing: each cargo-fuzz target in fuzz/ for FUZZ_RUNS executions (needs a nightly toolchain).
+FUZZ_RUNS ?= 10000000
+fuzz:
+	@cargo fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	FUZZ_RUNS=$(FUZZ_RUNS) scripts/fuzz.sh

@@ -1,38 +1,65 @@
 #!/usr/bin/env bash
-# Installs what Tollgate's build and tests need, when it is missing:
-#   cmake        - Pingora's zlib-ng build
-#   redis-server - the Redis store's tests start their own server on a free port
-#   curl, openssl - the TLS listener test makes a certificate and calls it over HTTPS
-#   prometheus   - its `promtool check metrics` validates the /metrics output in the tests
+# Installs what Tollgate needs, when it is missing, and prints nothing when it is all there.
+#
+#   scripts/ensure-deps.sh --run    what `make run` (build and demo) needs
+#   scripts/ensure-deps.sh --test   what `make test` needs: the above and the test tools (default)
+#
+# Build and demo (--run):
+#   cmake         - Pingora's zlib-ng build
+#   cc            - C code in the dependencies (zlib-ng, SQLite); from build-essential
+#   curl          - the demo prints curl commands to try the gateway with
+# Tests (--test) add:
+#   redis-server  - the Redis store's tests start their own server on a free port
+#   openssl       - the TLS listener test makes a certificate (and calls it with curl)
+#   prometheus    - its `promtool check metrics` validates the /metrics output
+# Neither needs a nightly toolchain or cargo-fuzz: only `make fuzz` does, and it installs them.
+#
 # As root it installs with apt-get; otherwise it prints the command to run and exits 1.
 set -euo pipefail
 
-need=()
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v cc >/dev/null 2>&1 || need+=(build-essential)
+usage="usage: scripts/ensure-deps.sh [--run | --test]"
+mode=test
+case "${1:-}" in
+    "" | --test) mode=test ;;
+    --run) mode=run ;;
+    -h | --help)
+        echo "$usage"
+        exit 0
+        ;;
+    *)
+        echo "ensure-deps: unknown option \`$1\`; $usage" >&2
+        exit 2
+        ;;
+esac
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "ensure-deps: cargo is not installed. Install Rust from https://rustup.rs, then run this again." >&2
     exit 1
 fi
 
+# Each entry is "command:package".
+deps=(cmake:cmake cc:build-essential curl:curl)
+if [ "$mode" = test ]; then
+    deps+=(redis-server:redis-server openssl:openssl promtool:prometheus)
+fi
+
+need=()
+for dep in "${deps[@]}"; do
+    command -v "${dep%%:*}" >/dev/null 2>&1 || need+=("${dep#*:}")
+done
+
 if [ ${#need[@]} -eq 0 ]; then
-    echo "ensure-deps: all build and test dependencies are present"
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "ensure-deps: missing: ${need[*]}" >&2
+    echo "ensure-deps: missing for \`make $mode\`: ${need[*]}" >&2
     echo "ensure-deps: install them with: sudo apt-get update && sudo apt-get install -y ${need[*]}" >&2
     exit 1
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-deps: missing: ${need[*]}, and apt-get is not available; install them with your package manager" >&2
+    echo "ensure-deps: missing for \`make $mode\`: ${need[*]}, and apt-get is not available; install them with your package manager" >&2
     exit 1
 fi
 

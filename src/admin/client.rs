@@ -1,5 +1,5 @@
-//! The admin CLI's HTTP client: `tollgate tenants …` and `tollgate keys …` call the admin API
-//! of a running gateway. Plain HTTP/1.1 over a blocking socket: the admin listener is on
+//! The admin CLI's HTTP client: `tollgate tenants …`, `keys …`, `reload` and `audit` call the
+//! admin API of a running gateway. Plain HTTP/1.1 over a blocking socket: the admin listener is on
 //! localhost (or reached through a tunnel), and the CLI makes one request per run.
 
 use serde_json::Value;
@@ -67,18 +67,51 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A path segment (a tenant or key id) percent-encoded, so that no id can end the path early,
+/// name another endpoint (`acme/keys`) or break the request line (a space).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `?name=value&…` of the parameters that are given, percent-encoded; `""` when none is.
+pub fn query(params: &[(&str, Option<String>)]) -> String {
+    let given: Vec<String> =
+        params.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", segment(v)))).collect();
+    if given.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", given.join("&"))
+    }
+}
+
 /// Prints a successful answer (pretty JSON) or turns a problem into an error message.
 pub fn render(a: Answer) -> Result<String, String> {
+    let a = check(a)?;
     let text = String::from_utf8_lossy(&a.body).to_string();
-    if (200..300).contains(&a.status) {
-        if a.body.is_empty() {
-            return Ok("ok\n".into());
-        }
-        return Ok(match serde_json::from_slice::<Value>(&a.body) {
-            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or(text) + "\n",
-            Err(_) => text,
-        });
+    if a.body.is_empty() {
+        return Ok("ok\n".into());
     }
+    Ok(match serde_json::from_slice::<Value>(&a.body) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or(text) + "\n",
+        Err(_) => text,
+    })
+}
+
+/// Passes a successful (2xx) answer through; turns a problem into an error message with its
+/// status, code, detail and any errors.
+pub fn check(a: Answer) -> Result<Answer, String> {
+    if (200..300).contains(&a.status) {
+        return Ok(a);
+    }
+    let text = String::from_utf8_lossy(&a.body).to_string();
     let detail = serde_json::from_slice::<Value>(&a.body)
         .ok()
         .map(|v| {

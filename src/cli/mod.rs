@@ -99,9 +99,35 @@ pub fn usage_report(
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let clock: crate::clock::SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
     let stores = crate::app::open_store(&config.store, clock, metrics, &rt)?;
+    let store = stores.counters.name();
     let rows = rt
         .block_on(stores.ledger.rows(tenant, &from, &to))
-        .map_err(|e| format!("cannot read usage from the {} store: {e}", stores.counters.name()))?;
+        .map_err(|e| format!("cannot read usage from the {store} store: {e}"))?;
+    // A mistyped id would otherwise print an empty report and exit 0, as if the tenant had no
+    // traffic. A deleted tenant is not in the config or the store but keeps its usage, so a
+    // report is still printed when there is usage to show.
+    let in_config = config.tenants.iter().any(|t| t.id == tenant);
+    let known = in_config
+        || rt
+            .block_on(stores.directory.load())
+            .map_err(|e| format!("cannot read the tenants of the {store} store: {e}"))?
+            .tenants
+            .iter()
+            .any(|t| t.id == tenant);
+    if !known {
+        if rows.is_empty() {
+            return Err(format!(
+                "no tenant is called `{tenant}`: it is neither in {} nor in the {store} store, and it has no usage \
+                 from {from} to {to}. Check the id (`tollgate tenants list` shows every tenant), or give the config \
+                 of the gateway that serves it with -c",
+                config_path.display()
+            ));
+        }
+        eprintln!(
+            "note: `{tenant}` is no longer a tenant (it was deleted, or removed from the config); this is the usage \
+             recorded before"
+        );
+    }
     let report = crate::metering::report::build(tenant, &from, &to, &rows);
     Ok(if format == "csv" { report.to_csv() } else { report.to_json() + "\n" })
 }
