@@ -479,6 +479,31 @@ fn request_shapes_get_their_documented_answers() {
 }
 
 #[test]
+fn crafted_paths_cost_linear_time() {
+    // `/**/.*/**` (the dotfile rule) against 5,000 dot segments, and a two-star segment pattern
+    // against a 15,000-character segment: with a matcher that tries every split point these took
+    // seconds of CPU on one worker. Linear matching answers at once even in a debug build.
+    let echo = Echo::start();
+    let tail = r#"
+[[rule]]
+name = "json-files"
+match = { path_glob = "/files/*-*.json" }
+deny = { status = 403, message = "No." }
+"#;
+    let gw = Gateway::start(&config(echo.addr, "").replace("[admin]", &format!("{tail}\n[admin]")));
+    let auth = bearer(ACME_KEY);
+    let dots = format!("/{}x", ".a/".repeat(5_000));
+    let long_segment = format!("/files/{}", "-".repeat(15_000));
+    for (path, status) in [(dots.as_str(), 404), (long_segment.as_str(), 200)] {
+        let start = Instant::now();
+        let r = gw.get(path, &[("host", "gateway.test"), ("authorization", &auth)]);
+        let took = start.elapsed();
+        assert_eq!(r.status, status, "{}", r.text());
+        assert!(took < Duration::from_secs(1), "a {}-byte path took {took:?}", path.len());
+    }
+}
+
+#[test]
 fn pipelined_requests_are_all_answered_in_order() {
     let echo = Echo::start();
     let gw = Gateway::start(&config(echo.addr, ""));

@@ -252,43 +252,101 @@ impl Index {
         }
         if self.glob.len() > 1 {
             let rest = req.path.strip_prefix('/').unwrap_or(req.path);
-            self.walk_glob(0, Some(rest), &mut consider);
+            self.walk_glob(rest, &mut consider);
         }
         (best != usize::MAX).then_some(best)
     }
 
-    /// Visits every glob node that matches `rest` (the remaining segments, `None` = none left).
-    fn walk_glob(&self, node: usize, rest: Option<&str>, visit: &mut impl FnMut(&[usize])) {
-        let n = &self.glob[node];
-        if let Some(m) = n.many {
-            // `**` takes zero or more segments: try what follows at every boundary.
-            let mut r = rest;
+    /// Visits every glob node that matches the whole of `rest` (the path without its leading
+    /// `/`).
+    ///
+    /// The glob trie is run as an automaton over the path's segments: the set of nodes reached
+    /// so far, plus the set of `**` edges that may still absorb segments, advanced one segment at
+    /// a time. Each segment costs at most one visit per node, so the walk is linear in the path's
+    /// length whatever the globs look like (trying every split point of every `**` instead
+    /// would be quadratic, and a crafted path of a few thousand segments would stall a worker).
+    /// Sets of up to 256 nodes live on the stack.
+    fn walk_glob(&self, rest: &str, visit: &mut impl FnMut(&[usize])) {
+        let words = self.glob.len().div_ceil(64);
+        let mut stack = [0u64; 12];
+        let mut heap;
+        let bufs: &mut [u64] = if words <= 4 {
+            &mut stack[..3 * words]
+        } else {
+            heap = vec![0u64; 3 * words];
+            &mut heap
+        };
+        let (active, tail) = bufs.split_at_mut(words);
+        let (stars, next) = tail.split_at_mut(words);
+        active[0] = 1;
+        self.close(active, stars);
+        for seg in rest.split('/') {
+            next.fill(0);
+            for n in bits(active) {
+                let node = &self.glob[n];
+                if let Some(&c) = node.literal.get(seg) {
+                    set(next, c as usize);
+                }
+                if let Some(c) = node.any {
+                    set(next, c as usize);
+                }
+                for (w, c) in &node.wild {
+                    if seg_matches(w, seg) {
+                        set(next, *c as usize);
+                    }
+                }
+            }
+            // A `**` reached earlier absorbs this segment too.
+            for (n, s) in next.iter_mut().zip(stars.iter()) {
+                *n |= *s;
+            }
+            active.copy_from_slice(next);
+            self.close(active, stars);
+            if active.iter().all(|w| *w == 0) {
+                return;
+            }
+        }
+        for n in bits(active) {
+            visit(&self.glob[n].rules);
+        }
+    }
+
+    /// Adds what `**` reaches without taking a segment. A child always has a larger index than
+    /// its parent, so visiting the set bits in increasing order, including bits set on the way,
+    /// reaches every chain of `**` in one pass over the active nodes.
+    fn close(&self, active: &mut [u64], stars: &mut [u64]) {
+        for w in 0..active.len() {
+            let mut done = 0u64;
             loop {
-                self.walk_glob(m as usize, r, visit);
-                match r {
-                    None => break,
-                    Some(s) => r = s.split_once('/').map(|(_, tail)| tail),
+                let pending = active[w] & !done;
+                if pending == 0 {
+                    break;
+                }
+                let b = pending.trailing_zeros() as usize;
+                done |= 1 << b;
+                if let Some(m) = self.glob[w * 64 + b].many {
+                    set(active, m as usize);
+                    set(stars, m as usize);
                 }
             }
         }
-        let Some(rest) = rest else {
-            visit(&n.rules);
-            return;
-        };
-        let (seg, tail) = match rest.split_once('/') {
-            Some((s, t)) => (s, Some(t)),
-            None => (rest, None),
-        };
-        if let Some(&c) = n.literal.get(seg) {
-            self.walk_glob(c as usize, tail, visit);
-        }
-        if let Some(c) = n.any {
-            self.walk_glob(c as usize, tail, visit);
-        }
-        for (w, c) in &n.wild {
-            if seg_matches(w, seg) {
-                self.walk_glob(*c as usize, tail, visit);
-            }
-        }
     }
+}
+
+fn set(words: &mut [u64], n: usize) {
+    words[n / 64] |= 1 << (n % 64);
+}
+
+/// The indices of the set bits, in increasing order.
+fn bits(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    words.iter().enumerate().flat_map(|(w, &word)| {
+        let mut rest = word;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let b = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                w * 64 + b
+            })
+        })
+    })
 }
