@@ -343,14 +343,18 @@ fn build(
         exempt: trusted_proxies,
     };
     let proxy_app = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut proxy = Service::new("tollgate proxy".to_string(), Edge::new(proxy_app, proxy_limits, &metrics));
+    let mut edge = Edge::new(proxy_app, proxy_limits, &metrics);
+    if let Some(tls) = &tls {
+        // The TLS listener is a plain TCP listener whose handshake the edge performs, under the
+        // same caps and head deadline as every other connection.
+        edge = edge.with_tls(tls.listen, tls_acceptor(tls)?);
+    }
+    let mut proxy = Service::new("tollgate proxy".to_string(), edge);
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }
-    if let Some(tls) = tls {
-        proxy
-            .add_tls(&tls.listen.to_string(), &tls.cert.display().to_string(), &tls.key.display().to_string())
-            .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
+    if let Some(tls) = &tls {
+        proxy.add_tcp(&tls.listen.to_string());
     }
     // The admin listener has caps of its own, so a flood on the data plane cannot starve it.
     let admin_limits = EdgeLimits {
@@ -810,6 +814,20 @@ fn remove_pid_file(path: &Path) {
     if ours {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The TLS acceptor for `[server.tls]`. Pingora's builder panics on a certificate or key it
+/// cannot load; that becomes an error naming the files.
+fn tls_acceptor(tls: &crate::config::TlsConfig) -> Result<pingora::listeners::tls::Acceptor, String> {
+    let (cert, key) = (tls.cert.display().to_string(), tls.key.display().to_string());
+    let settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+        .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| settings.build())).map_err(|_| {
+        format!(
+            "TLS listener {}: cannot load the certificate {cert} or the key {key}; check they are PEM files that belong together",
+            tls.listen
+        )
+    })
 }
 
 /// `tollgate run`: load, check the listen addresses, detach when asked, build, serve until a

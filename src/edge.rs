@@ -109,6 +109,10 @@ pub struct Edge<A> {
     timed_out: prometheus::IntCounterVec,
     /// Unix seconds of the last "refused" log line, so a flood logs once a second.
     last_log: AtomicI64,
+    /// The TLS listener's address and acceptor. Its handshake runs here, after a place under the
+    /// caps is taken and within the head deadline, rather than in Pingora's accept loop, where it
+    /// would hold a file descriptor for up to a minute outside every cap.
+    tls: Option<(std::net::SocketAddr, pingora::listeners::tls::Acceptor)>,
 }
 
 impl<A> Edge<A> {
@@ -120,6 +124,22 @@ impl<A> Edge<A> {
             refused: metrics.connections_refused.clone(),
             timed_out: metrics.connections_timed_out.clone(),
             last_log: AtomicI64::new(0),
+            tls: None,
+        }
+    }
+
+    /// Connections accepted on `addr` (a plain TCP listener of this service) speak TLS.
+    pub fn with_tls(mut self, addr: std::net::SocketAddr, acceptor: pingora::listeners::tls::Acceptor) -> Self {
+        self.tls = Some((addr, acceptor));
+        self
+    }
+
+    fn is_tls(&self, local: Option<std::net::SocketAddr>) -> bool {
+        match (&self.tls, local) {
+            (Some((addr, _)), Some(l)) => {
+                addr.port() == l.port() && (addr.ip().is_unspecified() || addr.ip() == l.ip())
+            }
+            _ => false,
         }
     }
 
@@ -191,6 +211,30 @@ where
                 return None;
             }
         };
+        let accepted = std::time::Instant::now();
+        let local = stream.get_socket_digest().and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let stream: Stream = match &self.tls {
+            Some((_, acceptor)) if self.is_tls(local) => {
+                // TCP listeners hand over Pingora's L4 stream; the handshake needs the concrete type.
+                let Ok(l4) = stream.into_any().downcast::<pingora::protocols::l4::stream::Stream>() else {
+                    tracing::error!(listener = self.limits.listener, "a TLS connection arrived on an unexpected stream type");
+                    return None;
+                };
+                match tokio::time::timeout(self.limits.header_timeout, acceptor.tls_handshake(*l4)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = self.limits.listener, client = ?ip, error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => {
+                        self.timed_out.with_label_values(&[self.limits.listener, "tls_handshake"]).inc();
+                        tracing::debug!(listener = self.limits.listener, client = ?ip, "TLS handshake not complete in time; connection closed");
+                        return None;
+                    }
+                }
+            }
+            _ => stream,
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // HTTP/2 has its own connection management in Pingora; only the caps apply.
             return self.app.process_new(stream, shutdown).await;
@@ -198,7 +242,8 @@ where
         let idle = self.limits.idle_timeout.as_secs().max(1);
         let mut session = ServerSession::new_http1(stream);
         session.set_pipelining_enabled(true);
-        let mut budget = self.limits.header_timeout;
+        // The handshake counts against the first head's deadline.
+        let mut budget = self.limits.header_timeout.saturating_sub(accepted.elapsed()).max(Duration::from_millis(1));
         loop {
             // Pingora's keep-alive timeout bounds each read of the next head; our own
             // deadline bounds the whole head.

@@ -69,7 +69,9 @@ fn tls_listener_serves_https_and_marks_the_protocol() {
         .expect("openssl (scripts/ensure-deps.sh installs it)");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let tls_port = free_port();
-    let server = format!("tls = {{ listen = \"127.0.0.1:{tls_port}\", cert = \"cert.pem\", key = \"key.pem\" }}");
+    let server = format!(
+        "tls = {{ listen = \"127.0.0.1:{tls_port}\", cert = \"cert.pem\", key = \"key.pem\" }}\nmax_connections_per_ip = 5\nheader_timeout = \"2s\""
+    );
     let gw = Gateway::start_in(dir, &standard_config(echo.addr, Extra { server: &server, ..Extra::default() }), &[]);
     let out = Command::new("curl")
         .args(["-sk", "--max-time", "10"])
@@ -83,6 +85,31 @@ fn tls_listener_serves_https_and_marks_the_protocol() {
     assert_eq!(v["headers"]["x-tenant-id"], "acme");
     // The plain listener keeps working beside it.
     assert_eq!(gw.get("/v1/x", &[("authorization", &bearer(ACME_KEY))]).status, 200);
+
+    // The TLS handshake runs under the same caps and head deadline as everything else: a sixth
+    // silent socket from one address is closed at once, and the five held ones once the
+    // deadline passes without a handshake.
+    use std::io::Read;
+    let tls_addr = loopback(tls_port);
+    let mut held: Vec<std::net::TcpStream> =
+        (0..5).map(|_| std::net::TcpStream::connect(tls_addr).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let closed = |s: &mut std::net::TcpStream, within: Duration| -> bool {
+        s.set_read_timeout(Some(within)).expect("timeout");
+        match s.read(&mut [0u8; 16]) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    };
+    let mut sixth = std::net::TcpStream::connect(tls_addr).expect("connect");
+    let start = Instant::now();
+    assert!(closed(&mut sixth, Duration::from_secs(2)) && start.elapsed() < Duration::from_secs(1), "sixth kept");
+    let start = Instant::now();
+    for s in held.iter_mut() {
+        assert!(closed(s, Duration::from_secs(6)), "a silent TLS socket outlived the head deadline");
+    }
+    let took = start.elapsed();
+    assert!(took > Duration::from_millis(1000) && took < Duration::from_secs(5), "closed after {took:?}");
 }
 
 #[test]
