@@ -258,6 +258,9 @@ fn bench_canonical(c: &mut Criterion) {
         allow_header: &allow,
         key_headers: &keys,
         tenant_header: Some(&tenant_header),
+        rule_headers: &[],
+        read_headers: &[],
+        read_query: &[],
     };
     let mut h = headers();
     h.insert(http::header::HOST, HeaderValue::from_static("acme.api.example.com"));

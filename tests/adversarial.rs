@@ -36,6 +36,21 @@ match = {{ path = "/generate" }}
 charge = {{ metric = "records", cost_from_query = "num_rows", max_cost = 1000 }}
 
 [[rule]]
+name = "no-debug"
+match = {{ path_prefix = "/debug", headers = {{ "x-debug" = "1" }} }}
+deny = {{ status = 403, message = "No debugging." }}
+
+[[rule]]
+name = "no-admin-flag"
+match = {{ path_prefix = "/debug", query = {{ admin = "true" }} }}
+deny = {{ status = 403, message = "No admin flag." }}
+
+[[rule]]
+name = "plan"
+match = {{ path = "/plan" }}
+set_request_headers = {{ "x-user-plan" = "basic" }}
+
+[[rule]]
 name = "upload"
 match = {{ path = "/upload" }}
 max_body = "1KiB"
@@ -373,19 +388,33 @@ fn cases() -> Vec<Case> {
             "cost named twice",
             raw("POST /generate?num_rows=1&num_rows=900 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
             400,
-            "invalid_cost",
+            "bad_request",
         ),
         refused(
             "cost named twice, once encoded",
             raw("POST /generate?num_rows=1&n%75m_rows=900 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
             400,
-            "invalid_cost",
+            "bad_request",
         ),
         refused(
             "encoded cost over the maximum",
             raw("POST /generate?n%75m_rows=5000 HTTP/1.1", &[h, a, "Content-Length: 0"], ""),
             400,
             "invalid_cost",
+        ),
+        // Rule conditions and rule-set headers: read once, as the upstream reads them.
+        refused("condition header", raw("GET /debug HTTP/1.1", &[h, a, "X-Debug: 1"], ""), 403, "denied"),
+        refused("condition header twice", raw("GET /debug HTTP/1.1", &[h, a, "X-Debug: 0", "X-Debug: 1"], ""), 400, "duplicate_header"),
+        refused("condition query", raw("GET /debug?admin=true HTTP/1.1", &[h, a], ""), 403, "denied"),
+        refused("condition query twice", raw("GET /debug?admin=false&admin=true HTTP/1.1", &[h, a], ""), 400, "bad_request"),
+        refused("condition query twice, encoded", raw("GET /debug?admin=false&%61dmin=true HTTP/1.1", &[h, a], ""), 400, "bad_request"),
+        refused("underscore spelling of a rule-set header", raw("GET /plan HTTP/1.1", &[h, a, "X_User_Plan: enterprise"], ""), 400, "bad_request"),
+        refused("Connection names any other header", raw("GET /debug HTTP/1.1", &[h, a, "Connection: x-debug"], ""), 400, "bad_request"),
+        refused(
+            "Connection with ten tokens",
+            raw("GET /api/x HTTP/1.1", &[h, a, "Connection: a, b, c, d, e, f, g, h, i, j"], ""),
+            400,
+            "bad_request",
         ),
         // Credentials.
         refused(
@@ -476,6 +505,54 @@ fn request_shapes_get_their_documented_answers() {
         assert!(!log.contains(secret), "a secret reached the log:\n{log}");
     }
     assert!(!log.contains("buf:"), "a raw request head reached the log:\n{log}");
+}
+
+#[test]
+fn origin_headers_from_clients_are_replaced() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(echo.addr, ""));
+    let auth = bearer(ACME_KEY);
+    let r = gw.get(
+        "/api/x",
+        &[
+            ("host", "gateway.test"),
+            ("authorization", &auth),
+            ("x-real-ip", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;host=admin.internal;proto=https"),
+            ("x-forwarded-host", "evil.test"),
+            ("x-forwarded-port", "8443"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let up = r.upstream_headers();
+    for gone in ["forwarded", "x-forwarded-host", "x-forwarded-port", "true-client-ip", "cf-connecting-ip"] {
+        assert!(up.get(gone).is_none(), "`{gone}` from an untrusted client reached the upstream: {up}");
+    }
+    assert_eq!(up["x-real-ip"], "127.0.0.1");
+    assert_eq!(up["x-forwarded-for"], "127.0.0.1");
+}
+
+#[test]
+fn a_trusted_proxys_whole_chain_reaches_the_upstream() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&standard_config(
+        echo.addr,
+        Extra { tenancy: r#"trusted_proxies = ["127.0.0.1/32"]"#, ..Extra::default() },
+    ));
+    let auth = bearer(ACME_KEY);
+    let r = gw.get(
+        "/api/x",
+        &[("authorization", &auth), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "6.6.6.6")],
+    );
+    assert_eq!(r.status, 200);
+    let up = r.upstream_headers();
+    // The gateway took 6.6.6.6 (the right-most untrusted entry) as the client; the upstream sees
+    // the same chain it was read from.
+    assert_eq!(up["x-forwarded-for"], "1.2.3.4, 6.6.6.6, 127.0.0.1");
+    assert_eq!(up["x-real-ip"], "6.6.6.6");
 }
 
 #[test]

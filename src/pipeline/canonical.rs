@@ -42,6 +42,12 @@ pub struct RequestPolicy<'c> {
     /// Headers that carry credentials or name a tenant, on top of [`GATEWAY_HEADERS`].
     pub key_headers: &'c [HeaderName],
     pub tenant_header: Option<&'c HeaderName>,
+    /// Headers the rules read or write (`RuleSet::named_headers`), protected like the gateway's.
+    pub rule_headers: &'c [HeaderName],
+    /// Headers the rules read (`RuleSet::read_headers`): sent twice, refused.
+    pub read_headers: &'c [HeaderName],
+    /// Query parameters the rules read (`RuleSet::named_query`): sent twice, refused.
+    pub read_query: &'c [String],
 }
 
 /// Headers the gateway sets or checks itself. A client may neither name them in `Connection`
@@ -69,6 +75,9 @@ impl<'c> RequestPolicy<'c> {
             allow_header: &config.server.allow_header,
             key_headers: &config.tenancy.key_headers,
             tenant_header: Some(&config.tenancy.tenant_header),
+            rule_headers: &config.rules.named_headers,
+            read_headers: &config.rules.read_headers,
+            read_query: &config.rules.named_query,
         }
     }
 
@@ -78,6 +87,7 @@ impl<'c> RequestPolicy<'c> {
             || GATEWAY_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name))
             || self.key_headers.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
             || self.tenant_header.is_some_and(|h| h.as_str().eq_ignore_ascii_case(name))
+            || self.rule_headers.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
     }
 }
 
@@ -242,6 +252,16 @@ pub fn canonicalize<'r>(
         None => None,
         Some(q) => Some(normalize_query(q)?),
     };
+    if let Some(q) = &query {
+        for name in policy.read_query {
+            let mut it = q.split('&').filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) == name.as_str());
+            if it.next().is_some() && it.next().is_some() {
+                return Err(Reject::BadRequest {
+                    detail: format!("The query parameter `{name}` appears more than once; send it once."),
+                });
+            }
+        }
+    }
     let rewritten = authority.is_some()
         || matches!(path, Cow::Owned(_))
         || matches!(query, Some(Cow::Owned(_)))
@@ -282,14 +302,23 @@ fn check_framing(headers: &HeaderMap, policy: &RequestPolicy<'_>) -> Result<(), 
         let s = v
             .to_str()
             .map_err(|_| Reject::BadRequest { detail: "The Connection header is not valid ASCII.".into() })?;
+        // Any other token makes the next hop drop a header after the gateway has read it, so
+        // only the connection-management tokens themselves are accepted.
         for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if policy.is_protected(token) {
+            if !["close", "keep-alive", "upgrade", "te"].iter().any(|ok| ok.eq_ignore_ascii_case(token)) {
                 return Err(Reject::BadRequest {
                     detail: format!(
-                        "`Connection: {token}` would remove a header the gateway relies on; send only `keep-alive` or `close`."
+                        "`Connection: {}` would make the next hop drop a header the gateway has read; send only `keep-alive`, `close` or `upgrade`.",
+                        token.chars().take(64).collect::<String>()
                     ),
                 });
             }
+        }
+    }
+    for name in policy.read_headers {
+        let mut all = headers.get_all(name).iter();
+        if all.next().is_some() && all.next().is_some() {
+            return Err(Reject::DuplicateHeader { header: name.as_str().to_string() });
         }
     }
     for name in headers.keys() {
@@ -488,7 +517,15 @@ mod tests {
             crate::config::DEFAULT_METHODS.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect();
         let keys = [HeaderName::from_static("x-api-key")];
         let p =
-            RequestPolicy { allowed_methods: &methods, allow_header: "GET", key_headers: &keys, tenant_header: None };
+            RequestPolicy {
+                allowed_methods: &methods,
+                allow_header: "GET",
+                key_headers: &keys,
+                tenant_header: None,
+                rule_headers: &[],
+                read_headers: &[],
+                read_query: &[],
+            };
         canonicalize(&m, target.as_bytes(), &h, &p)
             .map(|c| (c.host().to_string(), c.path().to_string(), c.query().map(str::to_string), c.rewritten()))
             .map_err(|r| r.code().to_string())

@@ -16,7 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 /// rule's `timeout` replaces the read timeout).
 pub fn peer(upstreams: &Upstreams, ctx: &RequestCtx) -> Result<Box<HttpPeer>, Reject> {
     let name = ctx.upstream.as_deref().unwrap_or("");
-    let pool = upstreams.get(name).ok_or(Reject::UpstreamUnavailable { upstream: name.to_string() })?;
+    let pool = upstreams.get(name).ok_or_else(|| Reject::UpstreamUnavailable { upstream: name.to_string() })?;
     // Nothing was tried, so this is a 503 that says when the next health check runs, not the
     // 502 of a server that failed the request.
     let backend = pool.lb.select(b"", 256).ok_or_else(|| Reject::NoHealthyUpstream {
@@ -40,15 +40,23 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
     let tenancy = &rt.config.tenancy;
     let pass_credentials = ctx.rule.as_ref().is_some_and(|r| r.actions.pass_credentials);
 
-    // Client-supplied identity never reaches the upstream.
-    let spoofable: Vec<http::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-tenant-") || *k == tenancy.tenant_header || *k == "x-key-id")
-        .cloned()
-        .collect();
-    for h in spoofable {
-        req.remove_header(&h);
+    // Client-supplied identity never reaches the upstream; neither does a client-supplied origin
+    // (address, host, scheme) unless a trusted proxy set it, since upstream frameworks build
+    // client addresses and URLs from these headers. Most requests carry none of them, so the
+    // names are only collected once one is seen.
+    let peer_trusted = ctx.peer_trusted;
+    let spoofable = |k: &http::HeaderName| {
+        let n = k.as_str();
+        n.starts_with("x-tenant-")
+            || *k == tenancy.tenant_header
+            || n == "x-key-id"
+            || (!peer_trusted && is_origin_header(n))
+    };
+    if req.headers.keys().any(spoofable) {
+        let names: Vec<http::HeaderName> = req.headers.keys().filter(|k| spoofable(k)).cloned().collect();
+        for h in names {
+            req.remove_header(&h);
+        }
     }
     if !pass_credentials {
         for h in &tenancy.key_headers {
@@ -74,18 +82,36 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
     if let Some(k) = &ctx.key_id {
         req.insert_header("x-key-id", &**k)?;
     }
-    req.insert_header("x-request-id", ctx.request_id.as_str())?;
+    req.insert_header("x-request-id", ctx.request_id.header())?;
     if let Some(peer) = ctx.peer_ip {
         // A trusted proxy's chain is kept and extended with the proxy's own address; anyone
         // else's is replaced by the address the gateway actually saw.
-        let prev = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let value = match (ctx.peer_trusted, prev) {
-            (true, Some(prev)) => format!("{prev}, {peer}"),
-            _ => peer.to_string(),
+        // A trusted proxy's chain is kept whole: every line, in order, as the gateway read it
+        // to find the client.
+        let mut lines = req.headers.get_all("x-forwarded-for").iter();
+        let value = match (ctx.peer_trusted, lines.next(), lines.next()) {
+            (true, Some(one), None) => forwarded_for(Some(one.as_bytes()), peer),
+            (true, Some(first), Some(second)) => {
+                let mut chain = first.as_bytes().to_vec();
+                for v in std::iter::once(second).chain(lines) {
+                    chain.extend_from_slice(b", ");
+                    chain.extend_from_slice(v.as_bytes());
+                }
+                forwarded_for(Some(&chain), peer)
+            }
+            _ => forwarded_for(None, peer),
         };
         req.insert_header("x-forwarded-for", value)?;
     }
-    req.insert_header("x-forwarded-proto", if ctx.https { "https" } else { "http" })?;
+    if let Some(client) = ctx.client_ip {
+        if !ctx.peer_trusted || !req.headers.contains_key("x-real-ip") {
+            req.insert_header("x-real-ip", forwarded_for(None, client))?;
+        }
+    }
+    req.insert_header(
+        "x-forwarded-proto",
+        http::HeaderValue::from_static(if ctx.https { "https" } else { "http" }),
+    )?;
     if let Some(host) = pool_host {
         req.insert_header(http::header::HOST, host)?;
     }
@@ -100,6 +126,72 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
     Ok(())
 }
 
+/// `X-Forwarded-For`: `prev, peer` (a trusted proxy's chain, extended), or `peer` alone. Written
+/// into one buffer on the stack, copied once into the header.
+fn forwarded_for(prev: Option<&[u8]>, peer: std::net::IpAddr) -> http::HeaderValue {
+    use std::io::Write;
+    let mut small = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut small[..]);
+    let written = match peer {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            write_octets(&mut cursor, [a, b, c, d])
+        }
+        // An IPv6 address is at most 45 characters; the formatter is fine for the rarer case.
+        std::net::IpAddr::V6(v6) => write!(cursor, "{v6}").is_ok(),
+    };
+    let len = cursor.position() as usize;
+    let peer_text = if written { &small[..len] } else { &b"-"[..] };
+    let value = match prev {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer_text.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_text);
+            http::HeaderValue::from_bytes(&v)
+        }
+        None => http::HeaderValue::from_bytes(peer_text),
+    };
+    // Both parts are header-safe (a value the client sent, an address), so this only falls back
+    // in theory.
+    value.unwrap_or_else(|_| http::HeaderValue::from_static("-"))
+}
+
+/// An IPv4 address in dotted decimal, without the formatting machinery.
+fn write_octets(out: &mut std::io::Cursor<&mut [u8]>, octets: [u8; 4]) -> bool {
+    use std::io::Write;
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, o) in octets.into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
+    }
+    out.write_all(&buf[..n]).is_ok()
+}
+
+/// Headers that tell an upstream where a request came from. From an untrusted peer they are the
+/// client's own claims, so they are removed; the gateway sets `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `X-Real-IP` itself.
+fn is_origin_header(name: &str) -> bool {
+    matches!(
+        name,
+        "forwarded" | "x-real-ip" | "x-client-ip" | "x-cluster-client-ip" | "true-client-ip" | "cf-connecting-ip"
+            | "fastly-client-ip"
+    ) || name.starts_with("x-forwarded-")
+}
+
 /// Rewrites the response that goes to the client.
 pub fn downstream_response(resp: &mut ResponseHeader, ctx: &RequestCtx) -> pingora::Result<()> {
     if let Some(rule) = &ctx.rule {
@@ -110,6 +202,21 @@ pub fn downstream_response(resp: &mut ResponseHeader, ctx: &RequestCtx) -> pingo
             resp.insert_header(k.clone(), v.clone())?;
         }
     }
-    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    resp.insert_header("x-request-id", ctx.request_id.header())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn forwarded_for_is_the_address_or_the_extended_chain() {
+        for ip in ["127.0.0.1", "0.0.0.0", "10.20.3.255", "192.168.100.9", "::1", "2001:db8::8a2e:370:7334"] {
+            let addr: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+            assert_eq!(forwarded_for(None, addr), ip);
+            assert_eq!(forwarded_for(Some(b"203.0.113.7, 10.0.0.1"), addr), format!("203.0.113.7, 10.0.0.1, {ip}").as_str());
+        }
+    }
 }

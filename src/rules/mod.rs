@@ -163,6 +163,15 @@ pub struct RuleSet {
     pub fallback: Option<Arc<Rule>>,
     pub unmatched: Unmatched,
     pub metrics: BTreeSet<String>,
+    /// Every request header a rule reads (conditions, charge costs): a client may not send one
+    /// twice, since the gateway and the upstream must read one and the same value.
+    pub read_headers: Vec<HeaderName>,
+    /// `read_headers` plus every header a rule writes (`set_request_headers`,
+    /// `remove_request_headers`): a client may not name one in `Connection` nor imitate one with
+    /// underscores.
+    pub named_headers: Vec<HeaderName>,
+    /// Every query parameter a rule reads (conditions, charge costs); sent twice, refused.
+    pub named_query: Vec<String>,
     index: matcher::Index,
 }
 
@@ -356,7 +365,30 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
         Unmatched::Deny => None,
     };
     let index = matcher::Index::build(&rules);
-    RuleSet { rules, fallback, unmatched, metrics: c.metrics, index }
+    let mut read_headers: Vec<HeaderName> = Vec::new();
+    let mut named_headers: Vec<HeaderName> = Vec::new();
+    let mut named_query: Vec<String> = Vec::new();
+    for r in rules.iter().chain(fallback.iter()) {
+        read_headers.extend(r.when.headers.iter().map(|(h, _)| h.clone()));
+        named_query.extend(r.when.query.iter().map(|(q, _)| q.clone()));
+        let a = &r.actions;
+        named_headers.extend(a.set_request_headers.iter().map(|(h, _)| h.clone()));
+        named_headers.extend(a.remove_request_headers.iter().cloned());
+        match a.charge.as_ref().map(|c| &c.cost) {
+            Some(CostSource::Header(h)) => read_headers.push(h.clone()),
+            Some(CostSource::Query(q)) => named_query.push(q.clone()),
+            _ => {}
+        }
+    }
+    let by_name = |a: &HeaderName, b: &HeaderName| a.as_str().cmp(b.as_str());
+    read_headers.sort_by(by_name);
+    read_headers.dedup();
+    named_headers.extend(read_headers.iter().cloned());
+    named_headers.sort_by(by_name);
+    named_headers.dedup();
+    named_query.sort();
+    named_query.dedup();
+    RuleSet { rules, fallback, unmatched, metrics: c.metrics, read_headers, named_headers, named_query, index }
 }
 
 fn split_origin(origin: &str) -> (String, usize) {
