@@ -11,7 +11,7 @@
 //! - **An idle deadline.** A keep-alive connection with no byte of a new request for
 //!   `idle_timeout` is closed quietly (a debug line, never an error).
 //! - **Connection caps.** At most `max_connections` connections at once, and at most
-//!   `max_connections_per_ip` from one client address (trusted proxies are exempt from the
+//!   `max_connections_per_ip` from one client address or IPv6 /64 (trusted proxies are exempt from the
 //!   per-address cap). A connection over a cap is closed at accept, counted in
 //!   `tollgate_connections_refused_total{listener,reason}`, and logged at most once a second
 //!   per listener. The data plane's default total cap leaves half the file-descriptor limit for
@@ -20,9 +20,17 @@
 //! - **Pipelining kept.** Requests pipelined behind another are answered in order, not dropped.
 //!
 //! The head deadline learns that a head was read through the connection's user context: the
-//! edge stores a [`HeadRead`] flag in it before each request, and the application marks it as
-//! soon as the head is parsed (`ProxyHttp::on_connection_reuse` in the gateway, the first line of
-//! the admin app's handler).
+//! edge stores a [`HeadMarker`] in it before each request, and the application hands it back to
+//! [`mark_head_read`] as soon as the head is parsed (`ProxyHttp::on_connection_reuse` in the
+//! gateway, the first line of the admin app's handler).
+//!
+//! What this costs a request: the application runs inside the edge's own task, so the marker
+//! needs no shared state: [`mark_head_read`] sets a thread-local flag that the edge reads right
+//! after each poll of the application, and the marker is zero-sized, so boxing it allocates
+//! nothing. The deadline is one timer per connection, not per request: each request only notes
+//! its own deadline, and the timer (armed for an earlier request's deadline) is moved forward
+//! when it fires while a head is still awaited. A busy keep-alive connection therefore touches
+//! the runtime's timer wheel about once per `header_timeout`, not once per request.
 
 use async_trait::async_trait;
 use ipnet::IpNet;
@@ -32,31 +40,59 @@ use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
-/// Set by the application once the request head has been read.
-#[derive(Debug, Default)]
-pub struct HeadRead(AtomicBool);
+/// The edge puts this in a session's connection user context before each request; the
+/// application passes it to [`mark_head_read`] once the head is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeadMarker;
 
-impl HeadRead {
-    pub fn mark(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-    fn is_marked(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
+thread_local! {
+    /// Set by [`mark_head_read`] during a poll of the application; read and cleared by the edge
+    /// around each poll (see the module docs).
+    static HEAD_READ: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the head of the request whose session carried `ctx` as read. Called by applications
 /// with whatever user context their session held.
 pub fn mark_head_read(ctx: Option<Box<dyn std::any::Any + Send + Sync>>) {
-    if let Some(ctx) = ctx {
-        if let Ok(flag) = ctx.downcast::<Arc<HeadRead>>() {
-            flag.mark();
-        }
+    if ctx.is_some_and(|c| c.is::<HeadMarker>()) {
+        HEAD_READ.set(true);
     }
+}
+
+/// Runs `app` to its end, or until `by` passes before it reads a request head (`None`).
+/// `timer` is the connection's one timer; it may be armed for an earlier request's deadline and
+/// is moved to `by` only when it fires while no head has been read.
+async fn head_within<F: Future>(app: F, mut timer: Pin<&mut Sleep>, by: Instant) -> Option<F::Output> {
+    let mut app = std::pin::pin!(app);
+    let mut head_read = false;
+    std::future::poll_fn(|cx| {
+        let outer = HEAD_READ.replace(false);
+        let polled = app.as_mut().poll(cx);
+        head_read |= HEAD_READ.replace(outer);
+        if let Poll::Ready(out) = polled {
+            return Poll::Ready(Some(out));
+        }
+        if head_read {
+            return Poll::Pending;
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= by {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(by);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Deadlines and caps of one listener.
@@ -155,6 +191,11 @@ impl<A> Edge<A> {
         if self.limits.exempt.iter().any(|n| n.contains(&ip)) {
             return Ok(place);
         }
+        // One IPv6 subscriber holds a whole /64, so the cap counts the /64, not the address.
+        let ip = match ip {
+            IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+            v4 => v4,
+        };
         let mut map = self.open.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.limits.max_connections_per_ip {
@@ -184,14 +225,6 @@ impl<A> Edge<A> {
                  further refusals this second are only counted in tollgate_connections_refused_total"
             );
         }
-    }
-}
-
-/// Resolves after `budget` unless the head was read by then, in which case it never resolves.
-async fn head_deadline(flag: &HeadRead, budget: Duration) {
-    tokio::time::sleep(budget).await;
-    if flag.is_marked() {
-        std::future::pending::<()>().await;
     }
 }
 
@@ -244,20 +277,18 @@ where
         session.set_pipelining_enabled(true);
         // The handshake counts against the first head's deadline.
         let mut budget = self.limits.header_timeout.saturating_sub(accepted.elapsed()).max(Duration::from_millis(1));
+        let mut timer = std::pin::pin!(tokio::time::sleep(budget));
         loop {
             // Pingora's keep-alive timeout bounds each read of the next head; our own
             // deadline bounds the whole head.
             session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
-            let flag = Arc::new(HeadRead::default());
-            session.set_connection_user_context(Some(Box::new(flag.clone())));
-            let outcome = tokio::select! {
-                biased;
-                r = self.app.process_new_http(session, shutdown) => r,
-                _ = head_deadline(&flag, budget) => {
-                    self.timed_out.with_label_values(&[self.limits.listener, "header_timeout"]).inc();
-                    tracing::debug!(listener = self.limits.listener, client = ?ip, "request head not complete in time; connection closed");
-                    return None;
-                }
+            session.set_connection_user_context(Some(Box::new(HeadMarker)));
+            let by = Instant::now() + budget;
+            let Some(outcome) = head_within(self.app.process_new_http(session, shutdown), timer.as_mut(), by).await
+            else {
+                self.timed_out.with_label_values(&[self.limits.listener, "header_timeout"]).inc();
+                tracing::debug!(listener = self.limits.listener, client = ?ip, "request head not complete in time; connection closed");
+                return None;
             };
             let (stream, settings) = outcome?.consume();
             session = ServerSession::new_http1(stream);

@@ -55,19 +55,8 @@ pub struct Gateway {
 }
 
 /// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
-fn request_id(req: &RequestHeader) -> String {
-    if let Some(v) = req.headers.get("x-request-id") {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-        {
-            if let Ok(s) = v.to_str() {
-                return s.to_string();
-            }
-        }
-    }
-    format!("{:032x}", rand::random::<u128>())
+fn request_id(req: &RequestHeader) -> ctx::RequestId {
+    req.headers.get("x-request-id").and_then(ctx::RequestId::from_client).unwrap_or_else(ctx::RequestId::random)
 }
 
 /// What admission decided, short of a refusal.
@@ -116,7 +105,7 @@ impl Gateway {
         if hints.path.starts_with("/_tollgate/") {
             return match &principal {
                 authenticate::Principal::Keyed { key } => {
-                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, hints.path, &ctx.request_id)))
+                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, hints.path, ctx.request_id.as_str())))
                 }
                 authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
             };
@@ -131,7 +120,7 @@ impl Gateway {
         };
         ctx.rule = Some(permit.rule.clone());
         ctx.body_limit = permit.rule.actions.max_body;
-        ctx.upstream = Some(forward_target(cfg, &permit)?);
+        ctx.upstream = Some(forward_target(cfg, &self.upstreams, &permit)?);
         if hints.path_rewritten {
             // Forward what was checked: the canonical path and query, never the client's spelling.
             let mut uri = String::with_capacity(hints.path.len() + hints.query.map_or(0, |q| q.len() + 1));
@@ -164,13 +153,14 @@ impl Gateway {
             match session.read_request_body().await {
                 Ok(Some(chunk)) if body.len() + chunk.len() <= crate::admin::MAX_BODY => body.extend_from_slice(&chunk),
                 Ok(Some(_)) => {
-                    respond(session, ctx, Reject::BodyTooLarge { limit: crate::admin::MAX_BODY as u64 }).await;
+                    let now = self.clock.now_millis();
+                    respond(session, ctx, Reject::BodyTooLarge { limit: crate::admin::MAX_BODY as u64 }, now).await;
                     return;
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    respond(session, ctx, Reject::BadRequest { detail: "The request body could not be read.".into() })
-                        .await;
+                    let reject = Reject::BadRequest { detail: "The request body could not be read.".into() };
+                    respond(session, ctx, reject, self.clock.now_millis()).await;
                     return;
                 }
             }
@@ -182,7 +172,7 @@ impl Gateway {
         let _ = resp.insert_header("content-type", answer.content_type);
         let _ = resp.insert_header("content-length", answer.body.len().to_string());
         let _ = resp.insert_header("cache-control", "no-store");
-        let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        let _ = resp.insert_header("x-request-id", ctx.request_id.header());
         for (k, v) in answer.headers {
             let _ = resp.insert_header(*k, *v);
         }
@@ -194,29 +184,36 @@ impl Gateway {
 
 /// The upstream a permitted request goes to: the rule's, else the tenant tier's, else the pool
 /// named `default`, else the only pool there is.
-fn forward_target(cfg: &crate::config::Config, permit: &authorize::Permit<'_>) -> Result<Arc<str>, Reject> {
+fn forward_target(
+    cfg: &crate::config::Config,
+    upstreams: &Upstreams,
+    permit: &authorize::Permit<'_>,
+) -> Result<Arc<str>, Reject> {
     if let Some(u) = &permit.rule.actions.upstream {
         return Ok(u.clone());
     }
     if let Some(t) = permit.tenant {
         return Ok(t.tier.upstream.clone());
     }
+    // The running pools hold the same names as shared strings: cloning one costs no allocation.
+    let shared = |name: &str| -> Arc<str> {
+        upstreams.pools.get_key_value(name).map(|(k, _)| k.clone()).unwrap_or_else(|| name.into())
+    };
     if cfg.upstreams.contains_key("default") {
-        return Ok("default".into());
+        return Ok(shared("default"));
     }
     if cfg.upstreams.len() == 1 {
         if let Some(name) = cfg.upstreams.keys().next() {
-            return Ok(name.as_str().into());
+            return Ok(shared(name));
         }
     }
     Err(Reject::UpstreamUnavailable { upstream: "(none)".into() })
 }
 
 /// Writes a rejection. The one place a problem response is sent.
-async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject) {
-    let mut problem = reject.problem(&ctx.request_id);
-    let now = chrono::Utc::now().timestamp_millis();
-    ctx.limit_headers.render(now, &mut problem.headers);
+async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject, now_ms: i64) {
+    let mut problem = reject.problem(ctx.request_id.as_str());
+    ctx.limit_headers.render(now_ms, &mut problem.headers);
     ctx.status = problem.status;
     ctx.reject = Some(reject);
     if session.response_written().is_some() {
@@ -302,6 +299,11 @@ impl ProxyHttp for Gateway {
         ctx.in_flight = Some(crate::metrics::InFlight::new(&self.meter.metrics().in_flight));
         ctx.request_id = request_id(session.req_header());
         let rt = self.runtime.load_full();
+        // A client that stops reading the answer, or stops sending its body, holds a client and
+        // an upstream connection; each read and write waits at most the idle timeout.
+        let idle = rt.config.server.idle_timeout;
+        session.set_read_timeout(Some(idle));
+        session.set_write_timeout(Some(idle));
         let outcome = self.admit(&rt, session, ctx).await;
         ctx.runtime = Some(rt);
         match outcome {
@@ -312,7 +314,7 @@ impl ProxyHttp for Gateway {
             }
             Err(reject) => {
                 ctx.decision = Decision::Rejected;
-                respond(session, ctx, reject).await;
+                respond(session, ctx, reject, self.clock.now_millis()).await;
                 Ok(true)
             }
         }
@@ -381,11 +383,13 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.status = upstream_response.status.as_u16();
         if !ctx.limit_headers.is_empty() {
-            let mut extra = Vec::with_capacity(8);
-            ctx.limit_headers.render(self.clock.now_millis(), &mut extra);
-            for (k, v) in extra {
-                upstream_response.insert_header(k, v)?;
-            }
+            let mut inserted = Ok(());
+            ctx.limit_headers.render_values(self.clock.now_millis(), |name, value| {
+                if inserted.is_ok() {
+                    inserted = upstream_response.insert_header(name, value);
+                }
+            });
+            inserted?;
         }
         forward::downstream_response(upstream_response, ctx)
     }
@@ -440,7 +444,7 @@ impl ProxyHttp for Gateway {
                     }
                     _ => Decision::Rejected,
                 };
-                respond(session, ctx, reject).await;
+                respond(session, ctx, reject, self.clock.now_millis()).await;
                 ctx.status
             }
             None => 0,
