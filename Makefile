@@ -43,3 +43,21 @@ FUZZ_RUNS ?= 10000000
 fuzz:
 	@cargo fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
 	FUZZ_RUNS=$(FUZZ_RUNS) scripts/fuzz.sh
+
+## End to end, on 127.0.0.1 (docs/performance.md, "End to end"): the bare Pingora hop, Tollgate
+## with more and more policy on, and nginx, one proxy thread each, in interleaved wrk rounds;
+## prints the table and writes it into docs/performance.md. About 7 minutes after the build.
+## Settings such as ROUNDS=5 or DURATION=5 pass through (see benches/e2e/run.sh).
+.PHONY: bench-e2e bench-scale
+bench-e2e:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release --bin tollgate --example bare_hop
+	BENCH_COMMAND="make bench-e2e" benches/e2e/run.sh
+
+## Scale (docs/performance.md, "Scale"): 100k tenants and 1M keys from the config file and from
+## the embedded store: time to the first keyed answer, resident memory, SIGHUP reload time.
+## 2 to 3 minutes; the 1M-key cases need 6 GiB of free memory and are skipped without it.
+bench-scale:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release --bin tollgate
+	BENCH_COMMAND="make bench-scale" benches/e2e/scale.sh

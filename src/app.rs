@@ -177,6 +177,8 @@ pub struct Built {
     pub background: tokio::runtime::Runtime,
     pub metrics: Arc<Metrics>,
     finish: Finish,
+    /// The non-blocking log writer, flushed when the server is done (see [`serve`]).
+    log: crate::logging::LogWriter,
 }
 
 /// Builds the Pingora server for `config` (loaded from `config_path`, which reloads re-read).
@@ -205,6 +207,8 @@ fn build(
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         pid_file: config.server.pid_file.display().to_string(),
         daemon: false,
+        work_stealing: config.server.work_stealing,
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
         ..ServerConf::default()
     };
     let opt = Opt { upgrade: opts.upgrade, daemon: false, ..Opt::default() };
@@ -217,7 +221,13 @@ fn build(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the store runtime: {e}"))?;
+    // From here on log lines go through the writer thread: this runs after `run -d` has forked,
+    // so the thread belongs to the process that serves.
+    let log = crate::logging::start_writer(config.log.buffer_lines);
     let metrics = Arc::new(Metrics::new());
+    if let Ok(dropped) = crate::logging::DroppedLines::new() {
+        let _ = metrics.registry.register(Box::new(dropped));
+    }
     let stores = open_store(&config.store, clock.clone(), metrics.clone(), &background)?;
     let shared = config.store.kind == StoreKind::Redis;
     let meter = crate::metering::Meter::new(
@@ -382,7 +392,7 @@ fn build(
         Maintenance { limits, admin: admin_core, meter, flush_interval, meter_interval, slot_ttl },
     ));
     server.add_service(startup);
-    Ok(Built { server, background, metrics, finish })
+    Ok(Built { server, background, metrics, finish, log })
 }
 
 /// The default audit log: beside the store file and named after it (`tollgate.db` gives
@@ -546,6 +556,8 @@ impl ServiceWithDependents for Startup {
                 if let Some(p) = &self.pid_file {
                     remove_pid_file(p);
                 }
+                // `exit` runs no destructors: write out the queued lines (these errors) first.
+                crate::logging::flush();
                 std::process::exit(1);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -725,10 +737,12 @@ impl Finish {
 /// Serves until a shutdown signal, lets requests in flight finish for `shutdown_grace`, then
 /// writes what is pending to the store. Returns when the process may exit.
 pub fn serve(built: Built) {
-    let Built { server, background, finish, .. } = built;
+    let Built { server, background, finish, log, .. } = built;
     let signals = Signals { received: finish.received.clone(), grace: finish.grace };
     server.run(RunArgs { shutdown_signal: Box::new(signals) });
     finish.run(&background);
+    // `tollgate stopped` is queued; write it and everything before it out.
+    drop(log);
 }
 
 /// The daemon's side of `run -d`: the pipe its parent waits on, and its pid file.

@@ -38,10 +38,10 @@ use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -250,7 +250,10 @@ where
             Some((_, acceptor)) if self.is_tls(local) => {
                 // TCP listeners hand over Pingora's L4 stream; the handshake needs the concrete type.
                 let Ok(l4) = stream.into_any().downcast::<pingora::protocols::l4::stream::Stream>() else {
-                    tracing::error!(listener = self.limits.listener, "a TLS connection arrived on an unexpected stream type");
+                    tracing::error!(
+                        listener = self.limits.listener,
+                        "a TLS connection arrived on an unexpected stream type"
+                    );
                     return None;
                 };
                 match tokio::time::timeout(self.limits.header_timeout, acceptor.tls_handshake(*l4)).await {

@@ -113,6 +113,9 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// The writer thread writes at most this much with one system call.
 const BATCH_BYTES: usize = 64 * 1024;
+/// How long the writer thread lets lines gather after writing a batch, while lines keep coming:
+/// a line waits at most about this long before it is written.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Keeps log lines going through the writer thread; dropping it writes out every queued line.
 #[must_use = "dropping the LogWriter stops the non-blocking writer at once"]
@@ -172,12 +175,7 @@ pub fn dropped_lines() -> u64 {
 fn emit(line: Cow<'_, [u8]>) {
     if QUEUED.load(Ordering::Acquire) {
         if let Some(Some(queue)) = QUEUE.get() {
-            match queue.try_send(Msg::Line(line.into_owned())) {
-                Ok(()) => {}
-                Err(_) => {
-                    DROPPED.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            offer(queue, line.into_owned());
             return;
         }
     }
@@ -186,38 +184,67 @@ fn emit(line: Cow<'_, [u8]>) {
     }
 }
 
-/// The writer thread: takes every line that is queued, writes them in as few system calls as
-/// the batch size allows, and waits for more.
+/// Queues a line without waiting: a full queue (or a writer thread that is gone) drops it,
+/// counted.
+fn offer(queue: &SyncSender<Msg>, line: Vec<u8>) {
+    if queue.try_send(Msg::Line(line)).is_err() {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The writer thread: takes every line that is queued and writes them in as few system calls
+/// as the batch size allows. Idle, it sleeps until a line arrives. Busy, it lets lines gather
+/// for [`GATHER`] between batches instead of being woken for each one: a wake-up is a system
+/// call for the request thread that queues the line and a context switch for this one, which
+/// together cost more than formatting the line.
 fn write_lines(rx: &Receiver<Msg>) {
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
-    let mut lines = 0u64;
-    let mut out = std::io::stderr();
-    let mut write_batch = |batch: &mut Vec<u8>, lines: &mut u64| {
-        if !batch.is_empty() && out.write_all(batch).is_err() {
-            DROPPED.fetch_add(*lines, Ordering::Relaxed);
-        }
-        batch.clear();
-        *lines = 0;
-    };
+    let mut batch = Batch { bytes: Vec::with_capacity(BATCH_BYTES), lines: 0, out: std::io::stderr() };
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next {
-            match msg {
-                Msg::Line(line) => {
-                    batch.extend_from_slice(&line);
-                    lines += 1;
-                    if batch.len() >= BATCH_BYTES {
-                        write_batch(&mut batch, &mut lines);
-                    }
-                }
-                Msg::Flush(ack) => {
-                    write_batch(&mut batch, &mut lines);
-                    let _ = ack.try_send(());
-                }
+            batch.take(msg);
+            while let Ok(msg) = rx.try_recv() {
+                batch.take(msg);
             }
+            batch.write();
+            std::thread::sleep(GATHER);
             next = rx.try_recv().ok();
         }
-        write_batch(&mut batch, &mut lines);
+    }
+}
+
+/// Lines taken off the queue and not written yet.
+struct Batch {
+    bytes: Vec<u8>,
+    lines: u64,
+    out: std::io::Stderr,
+}
+
+impl Batch {
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(line) => {
+                self.bytes.extend_from_slice(&line);
+                self.lines += 1;
+                if self.bytes.len() >= BATCH_BYTES {
+                    self.write();
+                }
+            }
+            Msg::Flush(ack) => {
+                self.write();
+                let _ = ack.try_send(());
+            }
+        }
+    }
+
+    /// One system call (a few for a pipe that takes less at a time); lines stderr refused are
+    /// counted as dropped.
+    fn write(&mut self) {
+        if !self.bytes.is_empty() && self.out.write_all(&self.bytes).is_err() {
+            DROPPED.fetch_add(self.lines, Ordering::Relaxed);
+        }
+        self.bytes.clear();
+        self.lines = 0;
     }
 }
 
@@ -509,9 +536,9 @@ fn push_millis(out: &mut Vec<u8>, us: u64) {
         return;
     }
     let digits = [b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8];
-    let len = if frac % 100 == 0 {
+    let len = if frac.is_multiple_of(100) {
         1
-    } else if frac % 10 == 0 {
+    } else if frac.is_multiple_of(10) {
         2
     } else {
         3
@@ -608,7 +635,7 @@ pub fn redact(msg: &str) -> Cow<'_, str> {
 pub fn redact_with<'m>(msg: &'m str, extra: &[String]) -> Cow<'m, str> {
     const MARKERS: &[&str] = &["buf:", "authorization", "x-api-key", "bearer ", "api-key", "token", "cookie"];
     let lower = msg.to_ascii_lowercase();
-    let cut = MARKERS.iter().map(|m| *m).chain(extra.iter().map(String::as_str)).filter_map(|m| lower.find(m)).min();
+    let cut = MARKERS.iter().copied().chain(extra.iter().map(String::as_str)).filter_map(|m| lower.find(m)).min();
     match cut {
         // `to_ascii_lowercase` keeps byte offsets, so the cut is a char boundary of `msg` too.
         Some(i) if msg.is_char_boundary(i) => Cow::Owned(format!("{}[withheld]", &msg[..i])),
@@ -864,11 +891,21 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_counts_what_it_cannot_queue() {
-        // Before the writer starts, lines go straight out and nothing is lost.
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (tx, rx) = mpsc::sync_channel(2);
         let before = dropped_lines();
-        emit(Cow::Borrowed(b""));
-        assert_eq!(dropped_lines(), before);
+        for line in [&b"one\n"[..], b"two\n", b"three\n"] {
+            offer(&tx, line.to_vec());
+        }
+        assert_eq!(dropped_lines() - before, 1);
+        let queued: Vec<Vec<u8>> = rx
+            .try_iter()
+            .filter_map(|m| match m {
+                Msg::Line(l) => Some(l),
+                Msg::Flush(_) => None,
+            })
+            .collect();
+        assert_eq!(queued, vec![b"one\n".to_vec(), b"two\n".to_vec()]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct ServerFile {
     pub idle_timeout: Option<SStr>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub work_stealing: Option<bool>,
+    pub upstream_keepalive_pool_size: Option<Spanned<i64>>,
 }
 
 /// All three keys are needed; their absence is reported in validation, in the user's words.
@@ -86,6 +88,7 @@ pub struct LogFile {
     pub format: Option<SStr>,
     pub level: Option<SStr>,
     pub access_log: Option<bool>,
+    pub buffer_lines: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -199,6 +199,10 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Default `log.buffer_lines`: about half a second of access log at 30,000 requests a second,
+/// a few MiB of memory at most.
+pub const DEFAULT_LOG_BUFFER_LINES: usize = 16_384;
+
 /// The levels a `log.level` directive may name, for messages.
 const LOG_LEVELS: &str = "error, warn, info, debug, trace or off";
 
@@ -362,6 +366,8 @@ fn validate(
     };
     let max_connections = count(&s.max_connections, "max_connections", 0, 10_000_000, diags);
     let max_connections_per_ip = count(&s.max_connections_per_ip, "max_connections_per_ip", 1024, 10_000_000, diags);
+    let upstream_keepalive_pool_size =
+        count(&s.upstream_keepalive_pool_size, "upstream_keepalive_pool_size", 128, 1_000_000, diags);
     let header_timeout = duration_or(&s.header_timeout, Duration::from_secs(10), src, diags);
     let idle_timeout = duration_or(&s.idle_timeout, Duration::from_secs(60), src, diags);
     for (v, key, d) in
@@ -400,6 +406,8 @@ fn validate(
         idle_timeout,
         max_connections,
         max_connections_per_ip,
+        work_stealing: s.work_stealing.unwrap_or(true),
+        upstream_keepalive_pool_size,
     };
 
     // [store]
@@ -560,6 +568,14 @@ fn validate(
             },
         },
         access_log: main.log.access_log.unwrap_or(true),
+        buffer_lines: match &main.log.buffer_lines {
+            None => DEFAULT_LOG_BUFFER_LINES,
+            Some(n) if (1024..=1_048_576).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                diags.error_at(src, n.span(), "`buffer_lines` must be a whole number from 1024 to 1048576");
+                DEFAULT_LOG_BUFFER_LINES
+            }
+        },
     };
 
     // [metering], [metrics], [admin]

@@ -81,6 +81,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Connections one client address may hold at once (trusted proxies are exempt).
     pub max_connections_per_ip: usize,
+    /// Whether the proxy's worker threads take tasks from each other (Pingora's
+    /// `work_stealing`). Off pins each connection to the thread that accepted it.
+    pub work_stealing: bool,
+    /// Idle upstream connections kept for reuse, per worker thread (Pingora's
+    /// `upstream_keepalive_pool_size`).
+    pub upstream_keepalive_pool_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +174,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
     pub access_log: bool,
+    /// Log lines the writer thread may have queued; past it new lines are dropped and counted
+    /// (`tollgate_log_lines_dropped_total`), so a slow log consumer never blocks a request.
+    pub buffer_lines: usize,
 }
 
 /// A plan: the template a tenant's limits and routing come from.

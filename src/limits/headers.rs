@@ -134,19 +134,42 @@ impl LimitHeaders {
         }
     }
 
-    /// Appends the headers to `out`.
+    /// Appends the headers to `out` (for a problem response).
     pub fn render(&self, now_ms: i64, out: &mut Vec<(&'static str, String)>) {
-        // One string per field, items written in place: no string per item to join afterwards.
-        let mut policy = String::new();
-        let mut state = String::new();
+        let (mut policy, mut state) = (String::new(), String::new());
+        self.visit(now_ms, &mut policy, &mut state, |name, value| out.push((name, value.to_string())));
+    }
+
+    /// Calls `f` with each header as a ready header value, in the order of [`Self::render`].
+    /// For the response path: the structured fields are built in per-thread buffers and each
+    /// value is copied once, into the header.
+    pub fn render_values(&self, now_ms: i64, mut f: impl FnMut(&'static str, http::HeaderValue)) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(String, String)> =
+                std::cell::RefCell::new((String::with_capacity(256), String::with_capacity(256)));
+        }
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            let (policy, state) = &mut *scratch;
+            policy.clear();
+            state.clear();
+            self.visit(now_ms, policy, state, |name, value| {
+                if let Some(v) = value.header_value() {
+                    f(name, v);
+                }
+            });
+        });
+    }
+
+    /// Produces every header: `policy` and `state` are the (empty) buffers the two structured
+    /// fields are written into, items in place, with no string per item to join afterwards.
+    fn visit(&self, now_ms: i64, policy: &mut String, state: &mut String, mut f: impl FnMut(&'static str, Value<'_>)) {
         let sep = |s: &mut String| {
             if !s.is_empty() {
                 s.push_str(", ");
             }
         };
         if let Some(r) = &self.rate {
-            policy.reserve(64);
-            state.reserve(64);
             let name_into = |s: &mut String| {
                 s.push_str("\"rate");
                 if let Some(rule) = &r.rule {
@@ -155,17 +178,17 @@ impl LimitHeaders {
                 }
                 s.push('"');
             };
-            name_into(&mut policy);
+            name_into(policy);
             let _ = write!(policy, ";q={};w={}", r.limit, r.window_secs);
-            name_into(&mut state);
+            name_into(state);
             let _ = write!(state, ";r={};t={}", r.remaining, r.retry_after.unwrap_or(r.reset_secs));
-            out.push(("x-ratelimit-limit", r.limit.to_string()));
-            out.push(("x-ratelimit-remaining", r.remaining.to_string()));
-            out.push(("x-ratelimit-reset", r.reset_secs.to_string()));
+            f("x-ratelimit-limit", Value::Num(r.limit.into()));
+            f("x-ratelimit-remaining", Value::Num(r.remaining.into()));
+            f("x-ratelimit-reset", Value::Num(r.reset_secs));
         }
         for q in &self.quotas {
-            sep(&mut policy);
-            sep(&mut state);
+            sep(policy);
+            sep(state);
             let name_into = |s: &mut String| {
                 s.push_str("\"quota-");
                 push_sf(s, &q.metric);
@@ -173,7 +196,7 @@ impl LimitHeaders {
                 s.push_str(q.period);
                 s.push('"');
             };
-            name_into(&mut policy);
+            name_into(policy);
             let _ = write!(policy, ";q={}", q.limit);
             if q.reset_ms != i64::MAX {
                 let w = ((q.reset_ms - q.period_start_ms).max(0) as u64) / 1000;
@@ -181,17 +204,17 @@ impl LimitHeaders {
             }
             // The unit is the metric; a rule's own quota counts the same unit as the tenant's.
             policy.push_str(";qu=\"");
-            push_sf(&mut policy, q.metric.split('@').next().unwrap_or(&q.metric));
+            push_sf(policy, q.metric.split('@').next().unwrap_or(&q.metric));
             policy.push('"');
-            name_into(&mut state);
+            name_into(state);
             let _ = write!(state, ";r={}", q.remaining);
             if q.reset_ms != i64::MAX {
                 let _ = write!(state, ";t={}", ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000));
             }
         }
         if let Some(c) = &self.concurrency {
-            sep(&mut policy);
-            sep(&mut state);
+            sep(policy);
+            sep(state);
             let _ = write!(policy, "\"concurrency\";q={};qu=\"concurrent-requests\"", c.limit);
             let _ = write!(state, "\"concurrency\";r={}", c.remaining);
             if c.remaining == 0 {
@@ -200,29 +223,99 @@ impl LimitHeaders {
             }
         }
         if let Some(q) = &self.quota {
-            out.push(("x-quota-remaining", q.remaining.to_string()));
+            f("x-quota-remaining", Value::Num(q.remaining));
             if q.reset_ms != i64::MAX {
-                out.push(("x-quota-reset", rfc3339(q.reset_ms)));
+                match rfc3339_fast(q.reset_ms) {
+                    Some(t) => f("x-quota-reset", Value::Text(std::str::from_utf8(&t).unwrap_or_default())),
+                    None => f("x-quota-reset", Value::Text(&rfc3339(q.reset_ms))),
+                }
             }
         }
         if !policy.is_empty() {
-            out.push(("ratelimit-policy", policy));
-            out.push(("ratelimit", state));
+            f("ratelimit-policy", Value::Text(policy));
+            f("ratelimit", Value::Text(state));
         }
         if let Some(w) = &self.warning {
-            out.push(("x-quota-warning", w.clone()));
+            f("x-quota-warning", Value::Text(w));
         }
         if let Some(m) = &self.soft_over {
-            out.push(("x-quota-overage", m.to_string()));
+            f("x-quota-overage", Value::Text(m));
+        }
+    }
+}
+
+/// One header value as [`LimitHeaders::visit`] produces it.
+enum Value<'a> {
+    Num(u64),
+    Text(&'a str),
+}
+
+impl Value<'_> {
+    /// The value as a header: numbers are formatted on the stack, so either way the header's
+    /// buffer is the only allocation. `None` for text a header cannot carry (it is left out).
+    fn header_value(&self) -> Option<http::HeaderValue> {
+        match self {
+            Value::Num(n) => {
+                let mut buf = [0u8; 20];
+                let mut i = buf.len();
+                let mut n = *n;
+                loop {
+                    i -= 1;
+                    buf[i] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                http::HeaderValue::from_bytes(&buf[i..]).ok()
+            }
+            Value::Text(s) => http::HeaderValue::from_str(s).ok(),
+        }
+    }
+}
+
+impl std::fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Num(n) => write!(f, "{n}"),
+            Value::Text(s) => f.write_str(s),
         }
     }
 }
 
 /// A Unix-ms time as RFC 3339 UTC, second precision.
 pub fn rfc3339(ms: i64) -> String {
+    if let Some(t) = rfc3339_fast(ms) {
+        return String::from_utf8_lossy(&t).into_owned();
+    }
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
+}
+
+/// [`rfc3339`] without a formatter, for 1970 to 9999 (what `chrono` writes there, byte for
+/// byte): `2026-12-01T00:00:00Z`.
+fn rfc3339_fast(ms: i64) -> Option<[u8; 20]> {
+    const YEAR_10000_MS: i64 = 253_402_300_800_000;
+    if !(0..YEAR_10000_MS).contains(&ms) {
+        return None;
+    }
+    let secs = ms.div_euclid(1000);
+    let (y, m, d) = crate::logging::civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    let mut t = *b"0000-00-00T00:00:00Z";
+    let two = |t: &mut [u8; 20], at: usize, v: i64| {
+        t[at] = b'0' + (v / 10 % 10) as u8;
+        t[at + 1] = b'0' + (v % 10) as u8;
+    };
+    two(&mut t, 0, y / 100);
+    two(&mut t, 2, y % 100);
+    two(&mut t, 5, m.into());
+    two(&mut t, 8, d.into());
+    two(&mut t, 11, rem / 3600);
+    two(&mut t, 14, rem / 60 % 60);
+    two(&mut t, 17, rem % 60);
+    Some(t)
 }
 
 #[cfg(test)]
@@ -283,6 +376,46 @@ mod tests {
         h.settled("records", 120);
         assert_eq!(h.quota.as_ref().map(|q| (&*q.metric, q.remaining)), Some(("records", 0)));
         assert_eq!(h.soft_over.as_deref(), Some("records"));
+    }
+
+    #[test]
+    fn response_values_are_the_rendered_headers() {
+        let mut h = LimitHeaders {
+            rate: Some(RateInfo {
+                limit: 600,
+                remaining: 599,
+                reset_secs: 1,
+                window_secs: 60,
+                retry_after: None,
+                rule: None,
+            }),
+            concurrency: Some(ConcurrencyInfo { limit: 4, remaining: 0 }),
+            warning: Some("requests=80%".into()),
+            soft_over: Some("tokens".into()),
+            ..LimitHeaders::default()
+        };
+        h.offer_quota(QuotaInfo { reset_ms: 1_798_761_600_000, ..quota("requests", "month", 1000, 900) });
+        h.offer_quota(QuotaInfo { reset_ms: i64::MAX, ..quota("tokens", "day", 10, 9) });
+        let mut rendered = Vec::new();
+        h.render(1_798_700_000_000, &mut rendered);
+        let mut values = Vec::new();
+        h.render_values(1_798_700_000_000, |k, v| values.push((k, v.to_str().unwrap_or("?").to_string())));
+        assert_eq!(values, rendered);
+        assert_eq!(rendered.len(), 9, "{rendered:?}");
+    }
+
+    #[test]
+    fn reset_times_are_what_chrono_writes() {
+        let mut ms = 0i64;
+        while ms < 253_402_300_800_000 {
+            let want = chrono::DateTime::from_timestamp_millis(ms)
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            assert_eq!(rfc3339(ms), want, "{ms}");
+            ms = ms * 2 + 86_399_999 + ms % 1000;
+        }
+        assert_eq!(rfc3339(253_402_300_800_000), "+10000-01-01T00:00:00Z");
+        assert_eq!(rfc3339(-1000), "1969-12-31T23:59:59Z");
     }
 
     #[test]

@@ -40,15 +40,16 @@ fn counter_for<'a>(
     m: &Metrics,
     tier: &str,
     metric: &str,
-) -> &'a prometheus::IntCounter {
+) -> Option<&'a prometheus::IntCounter> {
     if !cache.contains_key(tier) {
         cache.insert(tier.to_string(), HashMap::default());
     }
-    let by_metric = cache.entry(tier.to_string()).or_default();
+    // Looked up by `&str`: `entry` would need an owned key, an allocation on every request.
+    let by_metric = cache.get_mut(tier)?;
     if !by_metric.contains_key(metric) {
         by_metric.insert(metric.to_string(), m.usage_units.with_label_values(&[tier, metric]));
     }
-    &by_metric[metric]
+    by_metric.get(metric)
 }
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,9 +267,16 @@ impl Meter {
     }
 
     fn shard(&self) -> MutexGuard<'_, Shard> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::thread::current().id().hash(&mut h);
-        lock(&self.shards[(h.finish() as usize) % SHARDS])
+        thread_local! {
+            /// This thread's shard, picked once: hashing the thread id on every request would
+            /// also clone and drop the thread's handle (two atomic operations).
+            static SHARD: usize = {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::thread::current().id().hash(&mut h);
+                (h.finish() as usize) % SHARDS
+            };
+        }
+        lock(&self.shards[SHARD.with(|s| *s)])
     }
 
     fn rejected_name(&self, reason: &'static str) -> Arc<str> {
@@ -409,9 +417,13 @@ impl Meter {
                 Some(e) => e.1 += units,
                 None => agg.charged.push((metric.clone(), units)),
             }
-            counter_for(&mut sh.units, m, tier, metric).inc_by(units);
+            if let Some(c) = counter_for(&mut sh.units, m, tier, metric) {
+                c.inc_by(units);
+            }
         }
-        counter_for(&mut sh.units, m, tier, "requests").inc();
+        if let Some(c) = counter_for(&mut sh.units, m, tier, "requests") {
+            c.inc();
+        }
     }
 
     /// Swaps out the aggregates as one batch and writes every buffered batch, oldest first.

@@ -8,6 +8,7 @@ use crate::metrics::InFlight;
 use crate::pipeline::quota::Reserved;
 use crate::rules::Rule;
 use crate::runtime::Runtime;
+use http::HeaderValue;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,10 +41,64 @@ impl Decision {
     }
 }
 
+/// The request's id: the client's `X-Request-ID` when it is sane, else 32 random hex digits.
+///
+/// Kept as a header value because it is sent twice (upstream and back to the client): each
+/// send clones a reference-counted buffer instead of copying and re-validating the text, and a
+/// client's id shares the buffer the request head was read into.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The client's id if it is 1 to 128 characters of letters, digits, `-`, `_`, `.` and `:`.
+    pub fn from_client(v: &HeaderValue) -> Option<RequestId> {
+        let b = v.as_bytes();
+        let sane = !b.is_empty()
+            && b.len() <= 128
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'));
+        sane.then(|| RequestId(v.clone()))
+    }
+
+    /// A new random id: 128 bits as 32 lower-case hex digits.
+    pub fn random() -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bits = rand::random::<u128>().to_be_bytes();
+        let mut text = [0u8; 32];
+        for (i, b) in bits.iter().enumerate() {
+            text[2 * i] = HEX[usize::from(b >> 4)];
+            text[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        // Hex digits are always a valid header value.
+        RequestId(HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Both constructors admit only ASCII, so this never falls back.
+        std::str::from_utf8(self.0.as_bytes()).unwrap_or("-")
+    }
+
+    /// The id as a header value (a cheap clone).
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId(HeaderValue::from_static(""))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything the later phases need from the earlier ones.
 pub struct RequestCtx {
     pub started: Instant,
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The runtime snapshot this request runs on, from start to end.
     pub runtime: Option<Arc<Runtime>>,
     /// The tenant the request is attributed to: limited, metered and forwarded as.
@@ -92,7 +147,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
             started: Instant::now(),
-            request_id: String::new(),
+            request_id: RequestId::default(),
             runtime: None,
             tenant: None,
             identified_tenant: None,
@@ -126,5 +181,27 @@ impl RequestCtx {
 impl Default for RequestCtx {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_clients_when_sane_else_random_hex() {
+        let ok = HeaderValue::from_static("req-7f3a:1.b_c");
+        assert_eq!(RequestId::from_client(&ok).map(|r| r.as_str().to_string()), Some("req-7f3a:1.b_c".into()));
+        for bad in ["", "a b", "a/b", "x\u{e9}"] {
+            let v = HeaderValue::from_bytes(bad.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""));
+            assert!(RequestId::from_client(&v).is_none(), "{bad:?}");
+        }
+        let long = HeaderValue::from_bytes(&[b'a'; 129]).unwrap_or_else(|_| HeaderValue::from_static(""));
+        assert!(RequestId::from_client(&long).is_none());
+        let (a, b) = (RequestId::random(), RequestId::random());
+        assert_eq!(a.as_str().len(), 32);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!(a.header(), a.as_str());
     }
 }

@@ -108,10 +108,7 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
             req.insert_header("x-real-ip", forwarded_for(None, client))?;
         }
     }
-    req.insert_header(
-        "x-forwarded-proto",
-        http::HeaderValue::from_static(if ctx.https { "https" } else { "http" }),
-    )?;
+    req.insert_header("x-forwarded-proto", http::HeaderValue::from_static(if ctx.https { "https" } else { "http" }))?;
     if let Some(host) = pool_host {
         req.insert_header(http::header::HOST, host)?;
     }
@@ -187,7 +184,12 @@ fn write_octets(out: &mut std::io::Cursor<&mut [u8]>, octets: [u8; 4]) -> bool {
 fn is_origin_header(name: &str) -> bool {
     matches!(
         name,
-        "forwarded" | "x-real-ip" | "x-client-ip" | "x-cluster-client-ip" | "true-client-ip" | "cf-connecting-ip"
+        "forwarded"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "x-cluster-client-ip"
+            | "true-client-ip"
+            | "cf-connecting-ip"
             | "fastly-client-ip"
     ) || name.starts_with("x-forwarded-")
 }
@@ -216,7 +218,10 @@ mod tests {
         for ip in ["127.0.0.1", "0.0.0.0", "10.20.3.255", "192.168.100.9", "::1", "2001:db8::8a2e:370:7334"] {
             let addr: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
             assert_eq!(forwarded_for(None, addr), ip);
-            assert_eq!(forwarded_for(Some(b"203.0.113.7, 10.0.0.1"), addr), format!("203.0.113.7, 10.0.0.1, {ip}").as_str());
+            assert_eq!(
+                forwarded_for(Some(b"203.0.113.7, 10.0.0.1"), addr),
+                format!("203.0.113.7, 10.0.0.1, {ip}").as_str()
+            );
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Stage: meter. Runs in `logging` for every request, forwarded or rejected.
 //!
 //! It adds the request to the usage aggregates and metrics ([`crate::metering::Meter`]) and
-//! writes the access log: one structured `tracing` event per request, target
+//! writes the access log ([`crate::logging::access`]): one line per request, target
 //! `tollgate::access`, with the request id, tenant, key id (never the key), rule, decision,
 //! status, bytes, timings (milliseconds, to the microsecond), charged units and the binding
 //! quota's state. A refused key's id and tenant are logged too.
@@ -11,10 +11,10 @@ use crate::metering::{Detail, Meter, Record};
 use pingora::proxy::Session;
 use std::time::Duration;
 
-/// Milliseconds rounded to the microsecond, for the access log: a float of the raw duration
-/// prints as `0.060566999999999996`, noise no reader needs.
-fn ms(d: Duration) -> f64 {
-    ((d.as_nanos() + 500) / 1000) as f64 / 1000.0
+/// Microseconds, rounded: the access log writes durations in milliseconds to the microsecond,
+/// since a float of the raw duration prints as `0.060566999999999996`, noise no reader needs.
+fn micros(d: Duration) -> u64 {
+    ((d.as_nanos() + 500) / 1000).min(u64::MAX as u128) as u64
 }
 
 /// Records the finished request.
@@ -25,15 +25,18 @@ pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Met
     let charge = ctx.reserved.charge.as_ref().map(|c| (&c.metric, c.actual.unwrap_or(c.estimate)));
     // A request whose upstream was never reached is not usage (its quota units were given back).
     let admitted = matches!(ctx.decision, Decision::Forwarded | Decision::UpstreamError) && ctx.upstream_reached;
+    let rule = ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-");
+    let reason = ctx.reject.as_ref().map(|r| r.code());
+    let (bytes_in, bytes_out) = (session.body_bytes_read() as u64, session.body_bytes_sent() as u64);
     meter.record_with(
         &Record {
             tenant: ctx.tenant.as_deref(),
-            rule: ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-"),
+            rule,
             decision: ctx.decision.as_str(),
-            reason: ctx.reject.as_ref().map(|r| r.code()),
+            reason,
             status,
-            bytes_in: session.body_bytes_read() as u64,
-            bytes_out: session.body_bytes_sent() as u64,
+            bytes_in,
+            bytes_out,
             upstream: ctx.upstream.as_deref(),
             upstream_secs: ctx.upstream_time.map(|d| d.as_secs_f64()),
             total_secs: total,
@@ -50,34 +53,30 @@ pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Met
         return;
     }
     let req = session.req_header();
-    let total_ms = ms(elapsed);
-    let upstream_ms = ctx.upstream_time.map(ms);
     let quota = ctx.limit_headers.quota.as_ref();
     // The tenant of a refused key is logged too: who was turned away matters as much as who
     // got through.
     let tenant = ctx.tenant.as_ref().or(ctx.identified_tenant.as_ref());
-    tracing::info!(
-        target: "tollgate::access",
-        request_id = %ctx.request_id,
-        method = %req.method,
-        path = %req.uri.path(),
-        tenant = tenant.map(|t| &*t.id).unwrap_or("-"),
-        tier = tenant.map(|t| &*t.tier.name).unwrap_or("-"),
-        key_id = ctx.key_id.as_deref().unwrap_or("-"),
-        rule = ctx.rule.as_ref().map(|r| &*r.name).unwrap_or("-"),
-        decision = ctx.decision.as_str(),
-        reason = ctx.reject.as_ref().map(|r| r.code()).unwrap_or("-"),
+    crate::logging::access(&crate::logging::Access {
+        request_id: ctx.request_id.as_str(),
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        tenant: tenant.map(|t| &*t.id).unwrap_or("-"),
+        tier: tenant.map(|t| &*t.tier.name).unwrap_or("-"),
+        key_id: ctx.key_id.as_deref().unwrap_or("-"),
+        rule,
+        decision: ctx.decision.as_str(),
+        reason: reason.unwrap_or("-"),
         status,
-        bytes_in = session.body_bytes_read(),
-        bytes_out = session.body_bytes_sent(),
-        upstream = ctx.upstream.as_deref().unwrap_or("-"),
-        upstream_ms,
-        total_ms,
-        client_ip = ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
-        charge_metric = charge.map(|c| &**c.0).unwrap_or("-"),
-        charge_units = charge.map(|c| c.1),
-        quota_metric = quota.map(|q| &*q.metric).unwrap_or("-"),
-        quota_remaining = quota.map(|q| q.remaining),
-        "request"
-    );
+        bytes_in,
+        bytes_out,
+        upstream: ctx.upstream.as_deref().unwrap_or("-"),
+        upstream_us: ctx.upstream_time.map(micros),
+        total_us: micros(elapsed),
+        client_ip: ctx.client_ip,
+        charge_metric: charge.map(|c| &**c.0).unwrap_or("-"),
+        charge_units: charge.map(|c| c.1),
+        quota_metric: quota.map(|q| &*q.metric).unwrap_or("-"),
+        quota_remaining: quota.map(|q| q.remaining),
+    });
 }
