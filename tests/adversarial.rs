@@ -404,12 +404,37 @@ fn cases() -> Vec<Case> {
         ),
         // Rule conditions and rule-set headers: read once, as the upstream reads them.
         refused("condition header", raw("GET /debug HTTP/1.1", &[h, a, "X-Debug: 1"], ""), 403, "denied"),
-        refused("condition header twice", raw("GET /debug HTTP/1.1", &[h, a, "X-Debug: 0", "X-Debug: 1"], ""), 400, "duplicate_header"),
+        refused(
+            "condition header twice",
+            raw("GET /debug HTTP/1.1", &[h, a, "X-Debug: 0", "X-Debug: 1"], ""),
+            400,
+            "duplicate_header",
+        ),
         refused("condition query", raw("GET /debug?admin=true HTTP/1.1", &[h, a], ""), 403, "denied"),
-        refused("condition query twice", raw("GET /debug?admin=false&admin=true HTTP/1.1", &[h, a], ""), 400, "bad_request"),
-        refused("condition query twice, encoded", raw("GET /debug?admin=false&%61dmin=true HTTP/1.1", &[h, a], ""), 400, "bad_request"),
-        refused("underscore spelling of a rule-set header", raw("GET /plan HTTP/1.1", &[h, a, "X_User_Plan: enterprise"], ""), 400, "bad_request"),
-        refused("Connection names any other header", raw("GET /debug HTTP/1.1", &[h, a, "Connection: x-debug"], ""), 400, "bad_request"),
+        refused(
+            "condition query twice",
+            raw("GET /debug?admin=false&admin=true HTTP/1.1", &[h, a], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "condition query twice, encoded",
+            raw("GET /debug?admin=false&%61dmin=true HTTP/1.1", &[h, a], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "underscore spelling of a rule-set header",
+            raw("GET /plan HTTP/1.1", &[h, a, "X_User_Plan: enterprise"], ""),
+            400,
+            "bad_request",
+        ),
+        refused(
+            "Connection names any other header",
+            raw("GET /debug HTTP/1.1", &[h, a, "Connection: x-debug"], ""),
+            400,
+            "bad_request",
+        ),
         refused(
             "Connection with ten tokens",
             raw("GET /api/x HTTP/1.1", &[h, a, "Connection: a, b, c, d, e, f, g, h, i, j"], ""),
@@ -543,10 +568,8 @@ fn a_trusted_proxys_whole_chain_reaches_the_upstream() {
         Extra { tenancy: r#"trusted_proxies = ["127.0.0.1/32"]"#, ..Extra::default() },
     ));
     let auth = bearer(ACME_KEY);
-    let r = gw.get(
-        "/api/x",
-        &[("authorization", &auth), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "6.6.6.6")],
-    );
+    let r =
+        gw.get("/api/x", &[("authorization", &auth), ("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "6.6.6.6")]);
     assert_eq!(r.status, 200);
     let up = r.upstream_headers();
     // The gateway took 6.6.6.6 (the right-most untrusted entry) as the client; the upstream sees

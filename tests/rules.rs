@@ -529,7 +529,10 @@ fn rules_explain_shows_the_match_the_misses_and_the_policy() {
             .args(["--method", method, "--path", target])
             .output()
             .expect("explain");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (ok, text) = explain("delete", "/api/admin/x");
     assert!(!ok && text.contains("405 method_not_allowed"), "{text}");

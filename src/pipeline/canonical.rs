@@ -516,16 +516,15 @@ mod tests {
         let methods: Vec<Method> =
             crate::config::DEFAULT_METHODS.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect();
         let keys = [HeaderName::from_static("x-api-key")];
-        let p =
-            RequestPolicy {
-                allowed_methods: &methods,
-                allow_header: "GET",
-                key_headers: &keys,
-                tenant_header: None,
-                rule_headers: &[],
-                read_headers: &[],
-                read_query: &[],
-            };
+        let p = RequestPolicy {
+            allowed_methods: &methods,
+            allow_header: "GET",
+            key_headers: &keys,
+            tenant_header: None,
+            rule_headers: &[],
+            read_headers: &[],
+            read_query: &[],
+        };
         canonicalize(&m, target.as_bytes(), &h, &p)
             .map(|c| (c.host().to_string(), c.path().to_string(), c.query().map(str::to_string), c.rewritten()))
             .map_err(|r| r.code().to_string())

@@ -104,9 +104,12 @@ impl Gateway {
         }
         if hints.path.starts_with("/_tollgate/") {
             return match &principal {
-                authenticate::Principal::Keyed { key } => {
-                    Ok(Admission::SelfService(self_service::Call::new(key, &req.method, hints.path, ctx.request_id.as_str())))
-                }
+                authenticate::Principal::Keyed { key } => Ok(Admission::SelfService(self_service::Call::new(
+                    key,
+                    &req.method,
+                    hints.path,
+                    ctx.request_id.as_str(),
+                ))),
                 authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
             };
         }
