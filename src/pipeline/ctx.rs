@@ -137,7 +137,7 @@ pub struct RequestCtx {
     pub limit_headers: LimitHeaders,
     /// Quota units taken, and the charge to settle.
     pub reserved: Reserved,
-    /// The concurrency slot; freed when the context is dropped.
+    /// The concurrency slot; freed when the upstream's answer ends, or when the context is dropped.
     pub slot: Option<SlotGuard>,
     /// Counts the request in `tollgate_requests_in_flight` until the context is dropped.
     pub in_flight: Option<InFlight>,

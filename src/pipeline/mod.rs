@@ -422,6 +422,10 @@ impl ProxyHttp for Gateway {
             if let Some(start) = ctx.upstream_started {
                 ctx.upstream_time = Some(start.elapsed());
             }
+            // The upstream is done with this request: its concurrency slot is free now, not
+            // only once the last bytes have reached the client and the request is logged, so a
+            // client's next request never finds its own previous one still counted.
+            ctx.slot = None;
         }
         Ok(None)
     }
