@@ -159,12 +159,15 @@ impl BackgroundService for Maintenance {
                 _ = shutdown.changed() => break,
             }
         }
-        // Draining: requests in flight still hold concurrency slots, so those stay renewed.
-        // Usage, quota debts and leases are written once, by [`Finish`], after the last request;
-        // a flush here could be cut off half-way when the runtime stops.
+        // Draining: requests in flight still hold concurrency slots, so those stay renewed, and
+        // usage buffered during a store outage keeps being replayed, so the write after the last
+        // request (by [`Finish`]) has little left to take. A usage write cut off when the runtime
+        // stops is retried by that final write: batches are applied exactly once.
         loop {
-            slots.tick().await;
-            self.limits.concurrency.maintain().await;
+            tokio::select! {
+                _ = slots.tick() => self.limits.concurrency.maintain().await,
+                _ = meter.tick() => self.meter.flush().await,
+            }
         }
     }
 }
@@ -708,9 +711,17 @@ impl Finish {
             .max(Duration::from_secs(1));
         let written = background.block_on(async {
             tokio::time::timeout(budget, async {
+                // Usage first: it is what the tenant is billed for.
+                self.meter.flush().await;
                 self.limits.quotas.shutdown().await;
                 self.limits.concurrency.shutdown().await;
                 self.meter.flush().await;
+                // A store just back from an outage may refuse writes while its breaker cools
+                // down: keep offering the buffered batches until they are taken or time is up.
+                while self.meter.buffered() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.meter.flush().await;
+                }
             })
             .await
         });

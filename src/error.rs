@@ -364,7 +364,11 @@ impl Reject {
             Reject::RateLimited { retry_after, .. } => Some(*retry_after),
             Reject::QuotaExceeded { reset_ms, .. } => {
                 let now = chrono::Utc::now().timestamp_millis();
-                Some(if *reset_ms == i64::MAX { 86_400 } else { ((reset_ms - now).max(1000) as u64).div_ceil(1000) })
+                Some(if *reset_ms == i64::MAX {
+                    86_400
+                } else {
+                    (reset_ms.saturating_sub(now).max(1000) as u64).div_ceil(1000)
+                })
             }
             Reject::ConcurrencyLimit { .. } => Some(1),
             Reject::StoreUnavailable { retry_after } | Reject::NoHealthyUpstream { retry_after, .. } => {

@@ -378,7 +378,7 @@ pub fn canonical_host(value: &str) -> Result<Cow<'_, str>, Reject> {
             host.chars().take(64).collect::<String>()
         )));
     }
-    if host.contains("..") {
+    if host.contains("..") || host.starts_with('.') || host.ends_with('.') {
         return Err(invalid_host("The host name has an empty label (`..`)."));
     }
     Ok(if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -578,7 +578,7 @@ mod tests {
         ] {
             assert_eq!(canon("GET", "/", &[("host", h)]).unwrap().0, "acme.example.com", "{h}");
         }
-        for h in ["", ".", "a b", "a@b", "a/b", "a..b", "a:99999", "a:x", "[::1", "a%2eb"] {
+        for h in ["", ".", "..", "a..", ".a", "a b", "a@b", "a/b", "a..b", "a:99999", "a:x", "[::1", "a%2eb"] {
             assert!(canon("GET", "/", &[("host", h)]).is_err(), "{h:?}");
         }
         assert_eq!(canon("GET", "/", &[]).unwrap_err(), "invalid_host");
