@@ -227,7 +227,9 @@ fn build(
     // From here on log lines go through the writer thread: this runs after `run -d` has forked,
     // so the thread belongs to the process that serves.
     let log = crate::logging::start_writer(config.log.buffer_lines);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_buckets(
+        config.metrics.latency_buckets.as_deref().unwrap_or(crate::metrics::LATENCY_BUCKETS),
+    ));
     if let Ok(dropped) = crate::logging::DroppedLines::new() {
         let _ = metrics.registry.register(Box::new(dropped));
     }

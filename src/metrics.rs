@@ -130,11 +130,18 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 }
 
 impl Metrics {
-    /// Builds and registers every metric. Panics only on a programming error (a bad name).
+    /// Builds and registers every metric with the default latency buckets. Panics only on a
+    /// programming error (a bad name).
     pub fn new() -> Metrics {
+        Metrics::with_buckets(LATENCY_BUCKETS)
+    }
+
+    /// Like [`Metrics::new`], with the latency histograms' bucket bounds (seconds, increasing;
+    /// validated by the config).
+    pub fn with_buckets(buckets: &[f64]) -> Metrics {
         let registry = Registry::new();
         let r = &registry;
-        let latency = LATENCY_BUCKETS.to_vec();
+        let latency = buckets.to_vec();
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_request_duration_seconds",

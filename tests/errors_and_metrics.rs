@@ -381,3 +381,31 @@ fn a_busy_tenants_series_counts_the_requests_that_made_it_busy() {
     let text = metrics_until(&gw, "and the next one", |t| series(t, want) == Some(5.0));
     assert!(!text.contains("tenant=\"globex\""), "{text}");
 }
+
+#[test]
+fn latency_buckets_come_from_the_config() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&standard_config(
+        echo.addr,
+        Extra { tail: "[metrics]\nlatency_buckets = [0.123, 700.0]\n", ..Extra::default() },
+    ));
+    assert_eq!(gw.get("/v1/x", &[("authorization", &bearer(ACME_KEY))]).status, 200);
+    let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+    let buckets: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("tollgate_request_duration_seconds_bucket")).collect();
+    assert!(buckets.iter().any(|l| l.contains("le=\"0.123\"")), "{buckets:?}");
+    assert!(buckets.iter().any(|l| l.contains("le=\"700\"")), "{buckets:?}");
+    assert!(!buckets.iter().any(|l| l.contains("le=\"0.001\"")), "the defaults are still there: {buckets:?}");
+
+    // Buckets that are not increasing positive seconds are a config error, at their line.
+    let dir = temp_dir("buckets");
+    let path = dir.join("tollgate.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.main]\nservers = [\"127.0.0.1:9000\"]\n\n[metrics]\nlatency_buckets = [1.0, 0.5]\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin()).args(["check", "-c"]).arg(&path).output().expect("check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(":5:") && err.contains("latency_buckets"), "{err}");
+}

@@ -111,6 +111,8 @@ pub struct WebhookFile {
 #[derive(Debug, Default, Deserialize)]
 pub struct MetricsFile {
     pub tenant_labels: Option<Spanned<TenantLabelsFile>>,
+    /// Upper bounds, in seconds, of the latency histograms' buckets.
+    pub latency_buckets: Option<Spanned<Vec<f64>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

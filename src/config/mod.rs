@@ -665,8 +665,30 @@ fn validate(
                     0
                 }
             };
-            MetricsConfig { tenant_allow: t.allow.iter().map(|a| a.get_ref().clone()).collect(), tenant_top: top }
+            MetricsConfig {
+                tenant_allow: t.allow.iter().map(|a| a.get_ref().clone()).collect(),
+                tenant_top: top,
+                latency_buckets: None,
+            }
         }
+    };
+    let metrics = MetricsConfig {
+        latency_buckets: main.metrics.latency_buckets.as_ref().and_then(|b| {
+            let v = b.get_ref();
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.iter().all(|x| x.is_finite() && *x > 0.0)
+                && v.windows(2).all(|w| w[0] < w[1]);
+            if !ok {
+                diags.error_at(
+                    src,
+                    b.span(),
+                    "`latency_buckets` must be 1 to 64 increasing positive numbers of seconds, like [0.01, 0.1, 1, 10, 600]",
+                );
+            }
+            ok.then(|| v.clone())
+        }),
+        ..metrics
     };
     let admin = AdminConfig {
         token_hash: main.admin.token_hash.as_ref().and_then(|h| match KeyHash::parse(h.get_ref()) {

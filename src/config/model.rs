@@ -282,6 +282,9 @@ pub struct MetricsConfig {
     pub tenant_allow: Vec<String>,
     /// The busiest N tenants (by requests since the last flush) also get them.
     pub tenant_top: usize,
+    /// Upper bounds, in seconds, of the latency histograms' buckets (`None`: the defaults,
+    /// `metrics::LATENCY_BUCKETS`, 1 ms to 600 s).
+    pub latency_buckets: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone)]
