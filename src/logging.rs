@@ -374,6 +374,80 @@ fn access_event(a: &Access<'_>) {
     );
 }
 
+/// How a field is written: `tracing-subscriber`'s plain format (` name=value`, strings in Rust
+/// debug quoting) or its JSON format (`,"name":value`).
+#[derive(Clone, Copy)]
+enum Style {
+    Plain,
+    Json,
+}
+
+impl Style {
+    fn name(self, out: &mut Vec<u8>, name: &str) {
+        match self {
+            Style::Plain => {
+                out.push(b' ');
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'=');
+            }
+            Style::Json => {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
+            }
+        }
+    }
+
+    fn text(self, out: &mut Vec<u8>, name: &str, v: &str) {
+        self.name(out, name);
+        match self {
+            Style::Plain => push_debug_str(out, v),
+            Style::Json => push_json_str(out, v),
+        }
+    }
+
+    fn num(self, out: &mut Vec<u8>, name: &str, v: u64) {
+        self.name(out, name);
+        push_u64(out, v);
+    }
+
+    fn millis(self, out: &mut Vec<u8>, name: &str, us: u64) {
+        self.name(out, name);
+        push_millis(out, us);
+    }
+}
+
+/// The fields after the request id, method and path, in the order both formats write them.
+fn access_fields(out: &mut Vec<u8>, a: &Access<'_>, style: Style) {
+    style.text(out, "tenant", a.tenant);
+    style.text(out, "tier", a.tier);
+    style.text(out, "key_id", a.key_id);
+    style.text(out, "rule", a.rule);
+    style.text(out, "decision", a.decision);
+    style.text(out, "reason", a.reason);
+    style.num(out, "status", a.status.into());
+    style.num(out, "bytes_in", a.bytes_in);
+    style.num(out, "bytes_out", a.bytes_out);
+    style.text(out, "upstream", a.upstream);
+    if let Some(us) = a.upstream_us {
+        style.millis(out, "upstream_ms", us);
+    }
+    style.millis(out, "total_ms", a.total_us);
+    // `%`-formatted in both: quoted, never escaped (an address has nothing to escape).
+    style.name(out, "client_ip");
+    out.push(b'"');
+    push_ip(out, a.client_ip);
+    out.push(b'"');
+    style.text(out, "charge_metric", a.charge_metric);
+    if let Some(n) = a.charge_units {
+        style.num(out, "charge_units", n);
+    }
+    style.text(out, "quota_metric", a.quota_metric);
+    if let Some(n) = a.quota_remaining {
+        style.num(out, "quota_remaining", n);
+    }
+}
+
 /// The line `tracing-subscriber`'s plain (`Full`, no colours) formatter writes for the event.
 fn access_plain(out: &mut Vec<u8>, a: &Access<'_>, now: SystemTime) {
     push_timestamp(out, now);
@@ -384,49 +458,7 @@ fn access_plain(out: &mut Vec<u8>, a: &Access<'_>, now: SystemTime) {
     out.extend_from_slice(a.method.as_bytes());
     out.extend_from_slice(b" path=");
     out.extend_from_slice(a.path.as_bytes());
-    let text = |out: &mut Vec<u8>, name: &str, v: &str| {
-        out.push(b' ');
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        push_debug_str(out, v);
-    };
-    let num = |out: &mut Vec<u8>, name: &str, v: u64| {
-        out.push(b' ');
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        push_u64(out, v);
-    };
-    let millis = |out: &mut Vec<u8>, name: &str, us: u64| {
-        out.push(b' ');
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        push_millis(out, us);
-    };
-    text(out, "tenant", a.tenant);
-    text(out, "tier", a.tier);
-    text(out, "key_id", a.key_id);
-    text(out, "rule", a.rule);
-    text(out, "decision", a.decision);
-    text(out, "reason", a.reason);
-    num(out, "status", a.status.into());
-    num(out, "bytes_in", a.bytes_in);
-    num(out, "bytes_out", a.bytes_out);
-    text(out, "upstream", a.upstream);
-    if let Some(us) = a.upstream_us {
-        millis(out, "upstream_ms", us);
-    }
-    millis(out, "total_ms", a.total_us);
-    out.extend_from_slice(b" client_ip=\"");
-    push_ip(out, a.client_ip);
-    out.push(b'"');
-    text(out, "charge_metric", a.charge_metric);
-    if let Some(n) = a.charge_units {
-        num(out, "charge_units", n);
-    }
-    text(out, "quota_metric", a.quota_metric);
-    if let Some(n) = a.quota_remaining {
-        num(out, "quota_remaining", n);
-    }
+    access_fields(out, a, Style::Plain);
     out.push(b'\n');
 }
 
@@ -435,52 +467,10 @@ fn access_json(out: &mut Vec<u8>, a: &Access<'_>, now: SystemTime) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     push_timestamp(out, now);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
-    let text = |out: &mut Vec<u8>, name: &str, v: &str| {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        push_json_str(out, v);
-    };
-    let num = |out: &mut Vec<u8>, name: &str, v: u64| {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        push_u64(out, v);
-    };
-    let millis = |out: &mut Vec<u8>, name: &str, us: u64| {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
-        push_millis(out, us);
-    };
-    text(out, "request_id", a.request_id);
-    text(out, "method", a.method);
-    text(out, "path", a.path);
-    text(out, "tenant", a.tenant);
-    text(out, "tier", a.tier);
-    text(out, "key_id", a.key_id);
-    text(out, "rule", a.rule);
-    text(out, "decision", a.decision);
-    text(out, "reason", a.reason);
-    num(out, "status", a.status.into());
-    num(out, "bytes_in", a.bytes_in);
-    num(out, "bytes_out", a.bytes_out);
-    text(out, "upstream", a.upstream);
-    if let Some(us) = a.upstream_us {
-        millis(out, "upstream_ms", us);
-    }
-    millis(out, "total_ms", a.total_us);
-    out.extend_from_slice(b",\"client_ip\":\"");
-    push_ip(out, a.client_ip);
-    out.push(b'"');
-    text(out, "charge_metric", a.charge_metric);
-    if let Some(n) = a.charge_units {
-        num(out, "charge_units", n);
-    }
-    text(out, "quota_metric", a.quota_metric);
-    if let Some(n) = a.quota_remaining {
-        num(out, "quota_remaining", n);
-    }
+    Style::Json.text(out, "request_id", a.request_id);
+    Style::Json.text(out, "method", a.method);
+    Style::Json.text(out, "path", a.path);
+    access_fields(out, a, Style::Json);
     out.extend_from_slice(b",\"target\":\"tollgate::access\"}\n");
 }
 
