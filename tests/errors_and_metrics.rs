@@ -390,7 +390,15 @@ fn latency_buckets_come_from_the_config() {
         Extra { tail: "[metrics]\nlatency_buckets = [0.123, 700.0]\n", ..Extra::default() },
     ));
     assert_eq!(gw.get("/v1/x", &[("authorization", &bearer(ACME_KEY))]).status, 200);
-    let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+    // Request durations reach the registry with the meter's next flush (every second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+        if text.contains("tollgate_request_duration_seconds_bucket") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let buckets: Vec<&str> =
         text.lines().filter(|l| l.starts_with("tollgate_request_duration_seconds_bucket")).collect();
     assert!(buckets.iter().any(|l| l.contains("le=\"0.123\"")), "{buckets:?}");
