@@ -295,7 +295,7 @@ fn bench_parts(c: &mut Criterion) {
     // (2) Quota: a warm lease on the embedded store.
     let path = temp_db("parts");
     let store = embedded(&path);
-    let engine = QuotaEngine::new(store, clock.clone(), 1000);
+    let engine = QuotaEngine::new(store, clock.clone(), tollgate::limits::quota::LeaseSettings::local(1000));
     let policy = policy();
     let qspec = QuotaSpec { limit: BIG_QUOTA, period: Period::Month, hard: true, overage_percent: 0 };
     let metric: Arc<str> = "requests".into();
@@ -376,7 +376,7 @@ fn bench_admission(c: &mut Criterion) {
     let clock: SharedClock = Arc::new(SystemClock);
     let path = temp_db("admission");
     let store = embedded(&path);
-    let limits = Limits::new(store, false, clock, 1000, "bench".into(), Duration::from_secs(10));
+    let limits = Limits::new(store, false, clock, tollgate::limits::LimitSettings::local(1000));
     // Quota warnings go to a metrics registry; no webhook.
     let metrics = Metrics::new();
     let sink = WarnSink { metrics: &metrics, webhook: None };

@@ -116,10 +116,27 @@ pub fn open_store(
             let breaker = Breaker::new(cfg.timeout, cfg.breaker_failures, cfg.breaker_cooldown, clock);
             let store = Arc::new(
                 RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
-                    .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?,
+                    .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?
+                    .with_lease_timeout(cfg.lease_timeout),
             );
             Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store })
         }
+    }
+}
+
+/// The limits' store settings. The holder name carries a random start id next to
+/// `instance_id`: a process restarted at once with the same id (or a container that keeps its
+/// host name and pid) never takes over its predecessor's slots or leases.
+pub fn limit_settings(store: &StoreConfig) -> crate::limits::LimitSettings {
+    crate::limits::LimitSettings {
+        lease: crate::limits::quota::LeaseSettings {
+            max_block: store.max_lease_block,
+            holder: format!("{}-{:08x}", store.instance_id, rand::random::<u32>()).into(),
+            ttl: store.lease_ttl,
+            idle: store.lease_idle,
+            wait: store.lease_timeout,
+        },
+        slot_ttl: store.slot_ttl,
     }
 }
 
@@ -135,6 +152,23 @@ struct Maintenance {
     slot_ttl: Duration,
 }
 
+/// How often an instance announces itself in the fleet registry; it counts as alive for
+/// three of these.
+const FLEET_HEARTBEAT: Duration = Duration::from_secs(1);
+
+impl Maintenance {
+    /// Announces this instance and records the fleet's size (quota lease blocks and the
+    /// `local` allowance are shares of it). On failure the last size stays.
+    async fn heartbeat(&self) {
+        let ttl = (FLEET_HEARTBEAT * 3).as_millis() as i64;
+        let q = &self.limits.quotas;
+        match self.limits.store.heartbeat(q.holder(), self.limits.clock.now_millis(), ttl).await {
+            Ok(n) => q.set_live_instances(n),
+            Err(e) => tracing::debug!(error = %e, "fleet heartbeat failed"),
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -143,7 +177,8 @@ impl BackgroundService for Maintenance {
         let mut evict = tokio::time::interval(Duration::from_secs(60));
         let mut meter = tokio::time::interval(self.meter_interval);
         let mut directory = tokio::time::interval(Duration::from_millis(500));
-        for t in [&mut flush, &mut slots, &mut evict, &mut meter, &mut directory] {
+        let mut fleet = tokio::time::interval(FLEET_HEARTBEAT);
+        for t in [&mut flush, &mut slots, &mut evict, &mut meter, &mut directory, &mut fleet] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
@@ -151,6 +186,7 @@ impl BackgroundService for Maintenance {
                 _ = flush.tick() => self.limits.quotas.flush().await,
                 _ = meter.tick() => self.meter.flush().await,
                 _ = directory.tick() => self.admin.poll().await,
+                _ = fleet.tick(), if self.limits.shared => self.heartbeat().await,
                 _ = slots.tick() => self.limits.concurrency.maintain().await,
                 _ = evict.tick() => {
                     self.limits.rates.evict_idle(Duration::from_secs(600));
@@ -248,14 +284,7 @@ fn build(
         crate::metering::webhook::start(w)
     });
     let meter_interval = config.metering.flush_interval;
-    let limits = Limits::new(
-        stores.counters,
-        shared,
-        clock.clone(),
-        config.store.max_lease_block,
-        config.store.instance_id.clone(),
-        config.store.slot_ttl,
-    );
+    let limits = Limits::new(stores.counters, shared, clock.clone(), limit_settings(&config.store));
 
     let (upstreams, health_checks) = Upstreams::build(&config.upstreams)?;
     let upstreams = Arc::new(upstreams);

@@ -1113,9 +1113,7 @@ upstream = "default"
             store.clone() as Arc<dyn Counters>,
             false,
             clock.clone(),
-            config.store.max_lease_block,
-            config.store.instance_id.clone(),
-            config.store.slot_ttl,
+            tollgate::app::limit_settings(&config.store),
         );
         let runtime = shared(Runtime::new(config));
         let core = AdminCore::new(

@@ -415,9 +415,7 @@ expires = 2030-01-01T00:00:00Z
             store.clone() as Arc<dyn Counters>,
             false,
             clock.clone(),
-            config.store.max_lease_block,
-            config.store.instance_id.clone(),
-            config.store.slot_ttl,
+            tollgate::app::limit_settings(&config.store),
         );
         let core = AdminCore::new(
             shared(Runtime::new(config)),

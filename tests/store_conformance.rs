@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tollgate::clock::{Clock, ManualClock, SystemClock};
 use tollgate::store::embedded::Embedded;
 use tollgate::store::redis::RedisStore;
-use tollgate::store::{Breaker, CounterKey, Counters, Grant, NoObserver, StoreError};
+use tollgate::store::{Breaker, CounterKey, Counters, Grant, LeaseRequest, NoObserver, StoreError};
 
 /// A quota period start (2026-01-01T00:00:00Z). Only the Redis key uses it.
 const PERIOD: i64 = 1_767_225_600_000;
@@ -132,6 +132,78 @@ fn in_an_hour() -> i64 {
     SystemClock.now_millis() + 3_600_000
 }
 
+/// A holder as the quota engine is one: it tracks its cumulative grants and returns per
+/// counter and reports them with every call.
+struct Holder {
+    store: Arc<dyn Counters>,
+    name: String,
+    ttl_ms: i64,
+    state: std::sync::Mutex<std::collections::HashMap<CounterKey, (u64, u64, u64)>>,
+}
+
+impl Holder {
+    fn new(store: &Arc<dyn Counters>) -> Holder {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Holder {
+            store: store.clone(),
+            name: format!("holder-{}-{n}", std::process::id()),
+            ttl_ms: 3_600_000,
+            state: Default::default(),
+        }
+    }
+
+    fn get(&self, k: &CounterKey) -> (u64, u64, u64) {
+        self.state.lock().expect("state").get(k).copied().unwrap_or_default()
+    }
+
+    /// Asks for `need..=want` units (the report is sent whatever the answer).
+    async fn lease_need(
+        &self,
+        k: &CounterKey,
+        need: u64,
+        want: u64,
+        limit: u64,
+        exp: i64,
+    ) -> Result<Grant, StoreError> {
+        let (granted, returned, held) = self.get(k);
+        let g = self
+            .store
+            .lease(&LeaseRequest {
+                key: k,
+                holder: &self.name,
+                granted,
+                returned,
+                held,
+                need,
+                want,
+                limit,
+                expire_at_ms: exp,
+                ttl_ms: self.ttl_ms,
+                now_ms: SystemClock.now_millis(),
+            })
+            .await?;
+        self.state.lock().expect("state").insert(k.clone(), (granted + g.granted, returned, held + g.granted));
+        Ok(g)
+    }
+
+    /// Up to `want` units, whatever fits.
+    async fn lease(&self, k: &CounterKey, want: u64, limit: u64, exp: i64) -> Result<Grant, StoreError> {
+        self.lease_need(k, 0, want, limit, exp).await
+    }
+
+    /// Hands back `units` (reported at once).
+    async fn give_back(&self, k: &CounterKey, units: u64) -> Result<(), StoreError> {
+        {
+            let mut st = self.state.lock().expect("state");
+            let e = st.entry(k.clone()).or_default();
+            e.1 += units;
+            e.2 = e.2.saturating_sub(units);
+        }
+        self.lease_need(k, 0, 0, 0, NEVER).await.map(|_| ())
+    }
+}
+
 /// A small deterministic generator, so a failing round can be replayed.
 struct Lcg(u64);
 
@@ -148,40 +220,41 @@ impl Lcg {
 
 /// Leases grant up to `want`, never past `limit`, 0 at the limit, and report the counter.
 async fn suite_lease(store: Arc<dyn Counters>) {
+    let h = Holder::new(&store);
     let exp = in_an_hour();
     let k = key("lease-a", "requests", PERIOD);
     assert_eq!(store.get(&k).await, Ok(0), "a fresh counter reads 0");
 
-    assert_eq!(store.lease(&k, 30, 100, exp).await, grant(30, 30), "room for everything");
-    assert_eq!(store.lease(&k, 50, 100, exp).await, grant(50, 80), "room for everything again");
-    assert_eq!(store.lease(&k, 50, 100, exp).await, grant(20, 100), "only what is left up to the limit");
-    assert_eq!(store.lease(&k, 1, 100, exp).await, grant(0, 100), "at the limit: nothing");
-    assert_eq!(store.lease(&k, 0, 100, exp).await, grant(0, 100), "want 0 at the limit");
+    assert_eq!(h.lease(&k, 30, 100, exp).await, grant(30, 30), "room for everything");
+    assert_eq!(h.lease(&k, 50, 100, exp).await, grant(50, 80), "room for everything again");
+    assert_eq!(h.lease(&k, 50, 100, exp).await, grant(20, 100), "only what is left up to the limit");
+    assert_eq!(h.lease(&k, 1, 100, exp).await, grant(0, 100), "at the limit: nothing");
+    assert_eq!(h.lease(&k, 0, 100, exp).await, grant(0, 100), "want 0 at the limit");
     assert_eq!(store.get(&k).await, Ok(100), "the counter holds the sum of the grants");
 
     // Exactly filling the limit, then nothing; `want` 0 below the limit grants nothing.
     let exact = key("lease-a", "exact", PERIOD);
-    assert_eq!(store.lease(&exact, 0, 10, NEVER).await, grant(0, 0), "want 0 grants nothing");
-    assert_eq!(store.lease(&exact, 10, 10, NEVER).await, grant(10, 10), "exactly the limit");
-    assert_eq!(store.lease(&exact, 1, 10, NEVER).await, grant(0, 10), "one past the limit");
+    assert_eq!(h.lease(&exact, 0, 10, NEVER).await, grant(0, 0), "want 0 grants nothing");
+    assert_eq!(h.lease(&exact, 10, 10, NEVER).await, grant(10, 10), "exactly the limit");
+    assert_eq!(h.lease(&exact, 1, 10, NEVER).await, grant(0, 10), "one past the limit");
 
     // A zero limit grants nothing and leaves no usage behind.
     let zero = key("lease-a", "zero", PERIOD);
-    assert_eq!(store.lease(&zero, 5, 0, exp).await, grant(0, 0), "limit 0");
+    assert_eq!(h.lease(&zero, 5, 0, exp).await, grant(0, 0), "limit 0");
     assert_eq!(store.get(&zero).await, Ok(0), "a refused lease leaves the counter alone");
 
     // A counter already past the limit (after `add`): nothing is granted and `total` reports
     // the counter as it is.
     let over = key("lease-a", "over", PERIOD);
     assert_eq!(store.add(&over, 15, exp).await, Ok(15));
-    assert_eq!(store.lease(&over, 5, 10, exp).await, grant(0, 15), "above the limit: nothing");
+    assert_eq!(h.lease(&over, 5, 10, exp).await, grant(0, 15), "above the limit: nothing");
     assert_eq!(store.get(&over).await, Ok(15), "a refused lease leaves the counter alone");
 
     // Many small leases add up to the limit exactly.
     let small = key("lease-a", "small", PERIOD);
     let mut sum = 0;
     for i in 1..=20u64 {
-        let g = store.lease(&small, 3, 25, exp).await.expect("lease");
+        let g = h.lease(&small, 3, 25, exp).await.expect("lease");
         assert!(g.granted <= 3, "lease {i} granted {} > want 3", g.granted);
         sum += g.granted;
         assert_eq!(g.total, sum, "lease {i}: total reports the counter after the grant");
@@ -190,6 +263,60 @@ async fn suite_lease(store: Arc<dyn Counters>) {
 }
 
 conformance!(suite_lease: embedded_lease, redis_lease);
+
+/// The lease protocol: a grant is all or nothing for `need`; reports are cumulative, so a
+/// repeated return counts once and a grant whose answer was lost is taken back; a holder
+/// that stops calling loses what it held to the next caller once its record expires.
+async fn suite_lease_protocol(store: Arc<dyn Counters>) {
+    let exp = in_an_hour();
+    let k = key("protocol-a", "tokens", PERIOD);
+    let a = Holder::new(&store);
+    let b = Holder::new(&store);
+    assert_eq!(a.lease_need(&k, 40, 40, 60, exp).await, grant(40, 40));
+    // 20 left: a request needing 30 gets nothing and leaves nothing behind, so one needing 5
+    // right after fits.
+    assert_eq!(b.lease_need(&k, 30, 30, 60, exp).await, grant(0, 40), "does not fit: nothing");
+    assert_eq!(store.get(&k).await, Ok(40), "a refused lease holds nothing");
+    assert_eq!(b.lease_need(&k, 5, 5, 60, exp).await, grant(5, 45), "the next one that fits");
+
+    // A return reported twice (a retry after a lost answer) counts once.
+    a.give_back(&k, 10).await.expect("return");
+    assert_eq!(store.get(&k).await, Ok(35));
+    a.lease_need(&k, 0, 0, 60, exp).await.expect("the same report again");
+    assert_eq!(store.get(&k).await, Ok(35), "a repeated return counts once");
+
+    // A grant whose answer never arrived: the holder's next report does not count it, and
+    // the store takes it back.
+    let (granted, returned, held) = a.get(&k);
+    let lost = store
+        .lease(&LeaseRequest {
+            key: &k,
+            holder: &a.name,
+            granted,
+            returned,
+            held,
+            need: 7,
+            want: 7,
+            limit: 60,
+            expire_at_ms: exp,
+            ttl_ms: a.ttl_ms,
+            now_ms: SystemClock.now_millis(),
+        })
+        .await
+        .expect("a grant the holder never records");
+    assert_eq!(lost, Grant { granted: 7, total: 42 });
+    a.lease_need(&k, 0, 0, 60, exp).await.expect("the holder's next report");
+    assert_eq!(store.get(&k).await, Ok(35), "the lost grant is taken back");
+
+    // A holder whose record expires: the next call by anyone reclaims what it held.
+    let c = Holder { ttl_ms: 200, ..Holder::new(&store) };
+    assert_eq!(c.lease_need(&k, 20, 20, 60, exp).await, grant(20, 55));
+    assert_eq!(b.lease_need(&k, 10, 10, 60, exp).await, grant(0, 55), "c's units are held");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.lease_need(&k, 10, 10, 60, exp).await, grant(10, 45), "c expired: its 20 came back");
+}
+
+conformance!(suite_lease_protocol: embedded_lease_protocol, redis_lease_protocol);
 
 // ---------------------------------------------------------------------------------------------
 // 2. Concurrent leases
@@ -222,7 +349,7 @@ async fn suite_concurrent_leases(store: Arc<dyn Counters>) {
                 let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    (want, store.lease(&k, want, LIMIT, exp).await)
+                    (want, Holder::new(&store).lease(&k, want, LIMIT, exp).await)
                 })
             })
             .collect();
@@ -256,7 +383,7 @@ async fn suite_concurrent_lease_totals(store: Arc<dyn Counters>) {
                 let (store, k, barrier) = (store.clone(), k.clone(), barrier.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    store.lease(&k, 1 + i % 7, LIMIT, exp).await
+                    Holder::new(&store).lease(&k, 1 + i % 7, LIMIT, exp).await
                 })
             })
             .collect();
@@ -284,24 +411,25 @@ conformance!(
 
 /// `give_back` makes units available again; `add` has no ceiling; `get` reads (0 if absent).
 async fn suite_give_back_add_get(store: Arc<dyn Counters>) {
+    let h = Holder::new(&store);
     let exp = in_an_hour();
     let k = key("giveback-a", "requests", PERIOD);
     assert_eq!(store.get(&k).await, Ok(0), "absent counter");
 
-    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(10, 10));
-    assert_eq!(store.lease(&k, 1, 10, exp).await, grant(0, 10), "full");
-    store.give_back(&k, 4).await.expect("give back 4");
+    assert_eq!(h.lease(&k, 10, 10, exp).await, grant(10, 10));
+    assert_eq!(h.lease(&k, 1, 10, exp).await, grant(0, 10), "full");
+    h.give_back(&k, 4).await.expect("give back 4");
     assert_eq!(store.get(&k).await, Ok(6), "given-back units leave the counter");
-    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(4, 10), "given-back units can be leased again");
-    store.give_back(&k, 0).await.expect("give back 0");
+    assert_eq!(h.lease(&k, 10, 10, exp).await, grant(4, 10), "given-back units can be leased again");
+    h.give_back(&k, 0).await.expect("give back 0");
     assert_eq!(store.get(&k).await, Ok(10), "giving back 0 changes nothing");
 
     // `add` has no ceiling: it takes the counter past the limit, and leases then grant 0.
     assert_eq!(store.add(&k, 25, exp).await, Ok(35), "add returns the new counter");
     assert_eq!(store.get(&k).await, Ok(35));
-    assert_eq!(store.lease(&k, 1, 10, exp).await, grant(0, 35), "over the limit after add");
-    store.give_back(&k, 30).await.expect("give back 30");
-    assert_eq!(store.lease(&k, 10, 10, exp).await, grant(5, 10), "back under the limit");
+    assert_eq!(h.lease(&k, 1, 10, exp).await, grant(0, 35), "over the limit after add");
+    h.give_back(&k, 30).await.expect("give back 30");
+    assert_eq!(h.lease(&k, 10, 10, exp).await, grant(5, 10), "back under the limit");
 
     // `add` on an absent counter creates it; `add` of 0 reads it.
     let fresh = key("giveback-a", "settled", PERIOD);
@@ -317,17 +445,18 @@ conformance!(suite_give_back_add_get: embedded_give_back_add_get, redis_give_bac
 /// expired) must not make the counter negative: the limit still bounds later grants, and
 /// `total` agrees with `get`.
 async fn suite_give_back_never_goes_below_zero(store: Arc<dyn Counters>) {
+    let h = Holder::new(&store);
     let k = key("underflow-a", "requests", PERIOD);
-    assert_eq!(store.lease(&k, 4, 10, NEVER).await, grant(4, 4));
-    store.give_back(&k, 10).await.expect("give back more than was granted");
+    assert_eq!(h.lease(&k, 4, 10, NEVER).await, grant(4, 4));
+    h.give_back(&k, 10).await.expect("give back more than was granted");
     assert_eq!(store.get(&k).await, Ok(0), "the counter bottoms out at 0");
-    assert_eq!(store.lease(&k, 10, 10, NEVER).await, grant(10, 10), "total agrees with the counter");
-    assert_eq!(store.lease(&k, 5, 10, NEVER).await, grant(0, 10), "the limit still holds");
+    assert_eq!(h.lease(&k, 10, 10, NEVER).await, grant(10, 10), "total agrees with the counter");
+    assert_eq!(h.lease(&k, 5, 10, NEVER).await, grant(0, 10), "the limit still holds");
 
     let absent = key("underflow-a", "absent", PERIOD);
-    store.give_back(&absent, 5).await.expect("give back to an absent counter");
-    let first = store.lease(&absent, 10, 10, NEVER).await.expect("lease");
-    let second = store.lease(&absent, 5, 10, NEVER).await.expect("lease");
+    h.give_back(&absent, 5).await.expect("give back to an absent counter");
+    let first = h.lease(&absent, 10, 10, NEVER).await.expect("lease");
+    let second = h.lease(&absent, 5, 10, NEVER).await.expect("lease");
     assert!(
         first.granted + second.granted <= 10,
         "grants {} + {} passed the limit 10 after a give-back to an absent counter",
@@ -347,6 +476,7 @@ conformance!(
 
 /// Counters are separate per tenant, per metric and per period start.
 async fn suite_key_isolation(store: Arc<dyn Counters>) {
+    let h = Holder::new(&store);
     let exp = in_an_hour();
     let base = key("isolation-a", "requests", PERIOD);
     let neighbours = [
@@ -358,18 +488,18 @@ async fn suite_key_isolation(store: Arc<dyn Counters>) {
         ("the `never` period", key("isolation-a", "requests", 0)),
     ];
 
-    assert_eq!(store.lease(&base, 10, 10, exp).await, grant(10, 10), "fill the base counter");
+    assert_eq!(h.lease(&base, 10, 10, exp).await, grant(10, 10), "fill the base counter");
     for (what, k) in &neighbours {
         assert_eq!(store.get(k).await, Ok(0), "{what}: untouched by the base counter");
-        assert_eq!(store.lease(k, 3, 10, exp).await, grant(3, 3), "{what}: its own limit");
+        assert_eq!(h.lease(k, 3, 10, exp).await, grant(3, 3), "{what}: its own limit");
     }
     for (what, k) in &neighbours {
         assert_eq!(store.add(k, 100, exp).await, Ok(103), "{what}: add");
-        store.give_back(k, 50).await.expect("give back");
+        h.give_back(k, 50).await.expect("give back");
         assert_eq!(store.get(k).await, Ok(53), "{what}: its own counter");
     }
     assert_eq!(store.get(&base).await, Ok(10), "the base counter saw none of its neighbours' changes");
-    assert_eq!(store.lease(&base, 1, 10, exp).await, grant(0, 10), "and is still full");
+    assert_eq!(h.lease(&base, 1, 10, exp).await, grant(0, 10), "and is still full");
 }
 
 conformance!(suite_key_isolation: embedded_key_isolation, redis_key_isolation);
@@ -548,12 +678,14 @@ async fn redis_breaker_fails_fast_and_recovers() {
     let cooldown = Duration::from_secs(30);
     let clock = ManualClock::new(T0);
     let breaker = Breaker::new(timeout, threshold, cooldown, clock.clone());
-    let store =
-        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store");
+    let store = Arc::new(
+        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store"),
+    );
+    let h = Holder::new(&(store.clone() as Arc<dyn Counters>));
     until_healthy(&store, &clock, cooldown, Duration::from_secs(5)).await;
 
     let k = key("breaker-a", "requests", PERIOD);
-    assert_eq!(store.lease(&k, 3, 10, NEVER).await, grant(3, 3), "healthy");
+    assert_eq!(h.lease(&k, 3, 10, NEVER).await, grant(3, 3), "healthy");
 
     tokio::task::block_in_place(|| redis.kill());
     for i in 1..=threshold {
@@ -572,8 +704,8 @@ async fn redis_breaker_fails_fast_and_recovers() {
     // Open: every operation fails fast, without waiting for the timeout.
     let slots = ["s1".to_string()];
     let started = Instant::now();
-    assert_eq!(store.lease(&k, 1, 10, NEVER).await, Err(StoreError::BreakerOpen), "lease");
-    assert_eq!(store.give_back(&k, 1).await, Err(StoreError::BreakerOpen), "give_back");
+    assert_eq!(h.lease(&k, 1, 10, NEVER).await, Err(StoreError::BreakerOpen), "lease");
+    assert_eq!(h.give_back(&k, 1).await, Err(StoreError::BreakerOpen), "give_back");
     assert_eq!(store.add(&k, 1, NEVER).await, Err(StoreError::BreakerOpen), "add");
     assert_eq!(store.get(&k).await, Err(StoreError::BreakerOpen), "get");
     assert_eq!(store.window_add("breaker-a", "tier", MINUTE, W0, 1).await, Err(StoreError::BreakerOpen), "window_add");
@@ -594,7 +726,7 @@ async fn redis_breaker_fails_fast_and_recovers() {
     let calls = until_healthy(&store, &clock, cooldown, Duration::from_secs(5)).await;
     assert!(calls <= 10, "the store needed {calls} calls to reconnect");
     assert_eq!(store.get(&k).await, Ok(0), "the restarted Redis is empty");
-    assert_eq!(store.lease(&k, 3, 10, NEVER).await, grant(3, 3), "leases work again");
+    assert_eq!(h.lease(&k, 3, 10, NEVER).await, grant(3, 3), "leases work again");
     assert_eq!(store.slot_acquire("breaker-a", "s1", 1, T0, TTL).await, Ok(true), "slots work again");
 }
 
@@ -605,8 +737,10 @@ async fn redis_call_to_a_hung_server_times_out() {
     let timeout = Duration::from_millis(50);
     let clock = ManualClock::new(T0);
     let breaker = Breaker::new(timeout, 3, Duration::from_secs(30), clock.clone());
-    let store =
-        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store");
+    let store = Arc::new(
+        RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout).expect("create the Redis store"),
+    );
+    let h = Holder::new(&(store.clone() as Arc<dyn Counters>));
     until_healthy(&store, &clock, Duration::from_secs(30), Duration::from_secs(5)).await;
 
     let k = key("hung-a", "requests", PERIOD);
@@ -614,7 +748,7 @@ async fn redis_call_to_a_hung_server_times_out() {
     let paused = tokio::task::block_in_place(|| redis.command(&["CLIENT", "PAUSE", &pause_ms.to_string(), "ALL"]));
     assert_eq!(paused, "+OK", "CLIENT PAUSE");
     let paused_at = Instant::now();
-    let r = store.lease(&k, 1, 10, NEVER).await;
+    let r = h.lease(&k, 1, 10, NEVER).await;
     let took = paused_at.elapsed();
     // The breaker reports `Timeout`; the connection's own response timeout (set to the same
     // value) may fire first and report `Backend("timed out")`. Either is a store error in time.
@@ -628,7 +762,7 @@ async fn redis_call_to_a_hung_server_times_out() {
     // Once the pause ends, the same connection answers again.
     tokio::time::sleep(Duration::from_millis(pause_ms + 100).saturating_sub(paused_at.elapsed())).await;
     until_healthy(&store, &clock, Duration::from_secs(30), Duration::from_secs(5)).await;
-    let g = store.lease(&k, 1, 10, NEVER).await.expect("lease after the pause");
+    let g = h.lease(&k, 1, 10, NEVER).await.expect("lease after the pause");
     assert_eq!(g.granted, 1, "leases work after the pause");
     assert!(g.total <= 2, "the timed-out lease was applied at most once (total {})", g.total);
 }
@@ -649,20 +783,22 @@ async fn embedded_persisted_usage_survives_reopen() {
     let lifetime = key("persist-a", "lifetime", 0);
     let untouched = key("persist-b", "requests", today);
     {
-        let store = Embedded::open(&path, now).expect("open the embedded store");
-        assert_eq!(store.lease(&k, 40, 100, NEVER).await, grant(40, 40));
+        let store = Arc::new(Embedded::open(&path, now).expect("open the embedded store"));
+        let h = Holder::new(&(store.clone() as Arc<dyn Counters>));
+        assert_eq!(h.lease(&k, 40, 100, NEVER).await, grant(40, 40));
         store.persist_usage(&[(k.clone(), 10), (lifetime.clone(), 7)]).await.expect("persist");
         store.persist_usage(&[(k.clone(), 30)]).await.expect("persist again: the latest value wins");
         store.persist_usage(&[]).await.expect("persist nothing");
     }
 
-    let store = Embedded::open(&path, now + 1_000).expect("reopen the embedded store");
+    let store = Arc::new(Embedded::open(&path, now + 1_000).expect("reopen the embedded store"));
+    let h = Holder::new(&(store.clone() as Arc<dyn Counters>));
     assert_eq!(store.persisted_usage(&k), 30, "the latest persisted usage");
     assert_eq!(store.persisted_usage(&lifetime), 7, "`never` periods are loaded too");
     assert_eq!(store.persisted_usage(&untouched), 0, "nothing persisted for another tenant");
     assert_eq!(store.get(&k).await, Ok(30), "the reopened counter starts at the persisted usage");
-    assert_eq!(store.lease(&k, 100, 50, NEVER).await, grant(20, 50), "persisted usage counts against the limit");
-    assert_eq!(store.lease(&k, 1, 50, NEVER).await, grant(0, 50), "full");
-    assert_eq!(store.lease(&lifetime, 10, 10, NEVER).await, grant(3, 10), "the `never` counter too");
-    assert_eq!(store.lease(&untouched, 5, 5, NEVER).await, grant(5, 5), "other counters start at 0");
+    assert_eq!(h.lease(&k, 100, 50, NEVER).await, grant(20, 50), "persisted usage counts against the limit");
+    assert_eq!(h.lease(&k, 1, 50, NEVER).await, grant(0, 50), "full");
+    assert_eq!(h.lease(&lifetime, 10, 10, NEVER).await, grant(3, 10), "the `never` counter too");
+    assert_eq!(h.lease(&untouched, 5, 5, NEVER).await, grant(5, 5), "other counters start at 0");
 }

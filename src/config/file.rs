@@ -69,6 +69,12 @@ pub struct StoreFile {
     pub instance_id: Option<SStr>,
     #[serde(default, deserialize_with = "words::duration")]
     pub slot_ttl: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub lease_ttl: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub lease_idle: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub lease_timeout: Option<SStr>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -468,8 +468,24 @@ fn validate(
             diags.error_at(src, t.span(), "`flush_interval` must be between 1ms and 60s");
         }
     }
+    let lease_ttl = duration_or(&sf.lease_ttl, Duration::from_secs(10), src, diags);
+    if lease_ttl < Duration::from_millis(500) {
+        if let Some(t) = &sf.lease_ttl {
+            diags.error_at(src, t.span(), "`lease_ttl` must be at least 500ms (leases are renewed every third of it)");
+        }
+    }
+    let lease_idle = duration_or(&sf.lease_idle, Duration::from_secs(5), src, diags);
+    let lease_timeout = duration_or(&sf.lease_timeout, Duration::from_millis(500), src, diags);
+    if lease_timeout.is_zero() {
+        if let Some(t) = &sf.lease_timeout {
+            diags.error_at(src, t.span(), "a `lease_timeout` of zero would fail every lease call");
+        }
+    }
     let store = StoreConfig {
         kind: store_kind,
+        lease_ttl,
+        lease_idle,
+        lease_timeout: lease_timeout.max(timeout),
         path: sf.path.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| rel("tollgate.db")),
         urls,
         timeout,

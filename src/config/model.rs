@@ -125,6 +125,14 @@ pub struct StoreConfig {
     pub instance_id: String,
     /// Lifetime of a concurrency slot lease without a heartbeat.
     pub slot_ttl: Duration,
+    /// Lifetime of a quota lease record in the store without a call from its holder: a
+    /// crashed instance's unspent units come back within it.
+    pub lease_ttl: Duration,
+    /// A quota lease unused this long goes back to the store.
+    pub lease_idle: Duration,
+    /// How long requests wait for a quota lease call (one per counter) before the failure
+    /// policy applies. At least `timeout`.
+    pub lease_timeout: Duration,
 }
 
 /// A source the tenant can be resolved from.

@@ -23,22 +23,32 @@ pub struct Limits {
     pub clock: SharedClock,
 }
 
+/// How the limits talk to the store, from `[store]`.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    pub lease: quota::LeaseSettings,
+    /// Lifetime of a concurrency slot lease without a heartbeat.
+    pub slot_ttl: Duration,
+}
+
+impl LimitSettings {
+    /// Defaults for one process (tools, tests, benches).
+    pub fn local(max_block: u64) -> LimitSettings {
+        LimitSettings { lease: quota::LeaseSettings::local(max_block), slot_ttl: Duration::from_secs(10) }
+    }
+}
+
 impl Limits {
-    pub fn new(
-        store: Arc<dyn Counters>,
-        shared: bool,
-        clock: SharedClock,
-        max_block: u64,
-        instance: String,
-        slot_ttl: Duration,
-    ) -> Arc<Limits> {
+    /// `settings.lease.holder` names this process in shared state (quota leases, concurrency
+    /// slots, the fleet registry): unique per process start.
+    pub fn new(store: Arc<dyn Counters>, shared: bool, clock: SharedClock, settings: LimitSettings) -> Arc<Limits> {
         Arc::new(Limits {
             rates: rate::RateLimiters::new(),
-            quotas: quota::QuotaEngine::new(store.clone(), clock.clone(), max_block),
+            quotas: quota::QuotaEngine::new(store.clone(), clock.clone(), settings.lease.clone()),
             concurrency: concurrency::Concurrency::new(
                 shared.then(|| store.clone()),
-                instance,
-                slot_ttl,
+                settings.lease.holder.to_string(),
+                settings.slot_ttl,
                 clock.clone(),
             ),
             store,

@@ -1,24 +1,33 @@
 //! Quotas: calendar-period counters per tenant and metric, spent from a local lease.
 //!
 //! An instance takes a block of units from the shared counter ([`Counters::lease`]) and spends
-//! it in memory, so the hot path rarely touches the store. The block adapts to what is left:
-//! `remaining / 32`, at most `max_lease_block`, and when that falls below 2 the instance stops
-//! keeping a lease and asks for exactly what each request costs. Far from the limit that is
-//! about one round trip per block; near it every grant is exact. The sum of grants never
-//! exceeds the limit, so no number of instances can over-admit. The next block is fetched in
-//! the background before the current one runs out.
+//! it in memory, so the hot path rarely touches the store. The block adapts to what is left and
+//! to the fleet: `remaining / (32 × live instances)`, at most `max_lease_block`, and when that
+//! falls below 2 the instance keeps no lease and asks for exactly what each request costs. A
+//! grant is all or nothing for what the request needs, so the sum of grants never exceeds the
+//! limit and a refused request holds nothing.
 //!
-//! A request that is refused anywhere (a later quota, concurrency) gets its units back in the
-//! lease: rejections consume nothing. Unspent leases are returned at period rollover and at
-//! shutdown. When the store fails, the policy decides: `local` keeps admitting against the
-//! last known usage and records the spend as debt, `open` admits and records debt, `closed`
-//! refuses. Debt is added to the shared counter once the store answers again.
+//! Per counter, one store call runs at a time: requests that need units while a call is out
+//! wait for it (bounded by `lease_timeout`) instead of each taking a block. The next block is
+//! fetched in the background before the current one runs out. A lease unused for `lease_idle`
+//! goes back to the store, and a lease whose renewal failed stops being spent before its record
+//! in the store expires (`lease_ttl`), so the store can hand it to the others.
+//!
+//! A request refused anywhere (a later quota, concurrency) gets its units back in the lease:
+//! rejections consume nothing. Once usage reaches a hard quota's ceiling (settlement can take it
+//! there), the next request is refused without asking the store.
+//!
+//! When the store fails, the policy decides: `closed` refuses; `open` admits and records the
+//! spend as debt; `local` admits from the lease it holds plus an allowance of
+//! `(ceiling − counter at last contact) / live instances`, never more. Debt is added to the
+//! shared counter once the store answers again. `docs/limits.md` states the bounds.
 
 use super::period::{window, Window};
 use crate::clock::SharedClock;
 use crate::policy::{Policy, QuotaSpec, StorePolicy};
-use crate::store::{CounterKey, Counters, StoreError};
+use crate::store::{CounterKey, Counters, LeaseRequest, StoreError};
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,6 +35,40 @@ use std::time::Duration;
 const KEEP_AFTER_PERIOD_MS: i64 = 7 * 86_400_000;
 /// A cell unused this long, with nothing outstanding, is dropped from memory.
 const IDLE_CELL_MS: i64 = 10 * 60_000;
+/// After a failed store call, requests follow the failure policy this long before the next
+/// call is tried (one call per counter, not one per request, while the store is down).
+const RETRY_AFTER_FAILURE_MS: i64 = 500;
+/// A counter seen at its ceiling is not asked again for this long (a tenant hammering an
+/// exhausted quota costs one store call a second per instance, not one per request).
+const EXHAUSTED_RECHECK_MS: i64 = 1_000;
+
+/// How quotas lease from the store.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    /// Largest block an instance takes at once.
+    pub max_block: u64,
+    /// This process in the store: `<instance_id>-<start id>`.
+    pub holder: Arc<str>,
+    /// How long a lease record lives in the store without a call from its holder.
+    pub ttl: Duration,
+    /// A lease unused this long goes back to the store.
+    pub idle: Duration,
+    /// How long requests wait for a lease call before the failure policy applies.
+    pub wait: Duration,
+}
+
+impl LeaseSettings {
+    /// Settings for one process with default timings (tools, tests, benches).
+    pub fn local(max_block: u64) -> LeaseSettings {
+        LeaseSettings {
+            max_block,
+            holder: "local".into(),
+            ttl: Duration::from_secs(10),
+            idle: Duration::from_secs(5),
+            wait: Duration::from_secs(1),
+        }
+    }
+}
 
 /// The state of one quota, for headers, problems and the usage API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +100,24 @@ struct CellState {
     spent: u64,
     /// Granted to this instance and not yet spent.
     lease: u64,
-    /// The shared counter at last contact: units granted to all instances.
+    /// Units the store granted this holder this period, cumulative.
+    granted: u64,
+    /// Units this holder handed back this period, cumulative.
+    returned: u64,
+    /// The shared counter at last contact: units granted to all instances, plus debt added.
     known_total: u64,
     /// Spent while the store was failing; added to the shared counter later.
     debt: u64,
-    prefetching: bool,
+    /// A store call for this cell is out; other requests wait for it.
+    busy: bool,
+    /// The lease may be spent until then (its record in the store lives a little longer).
+    valid_until_ms: i64,
+    /// Last successful store call.
+    synced_ms: i64,
+    /// After a failed call, no new call before this: requests follow the failure policy.
+    retry_at_ms: i64,
+    /// Under `local`, while the store fails: units this instance may still admit alone.
+    allowance: Option<u64>,
     dirty: bool,
     last_used_ms: i64,
     /// Highest warning threshold (percent) already announced this period.
@@ -69,6 +125,8 @@ struct CellState {
 }
 
 impl CellState {
+    /// Units used as far as this instance can tell: everything granted fleet-wide (other
+    /// instances' unspent leases included) and debt, less this instance's unspent lease.
     fn used(&self) -> u64 {
         (self.known_total + self.debt).saturating_sub(self.lease).max(self.base + self.spent)
     }
@@ -89,6 +147,8 @@ impl CellState {
 /// One tenant's quota on one metric.
 pub struct Cell {
     st: Mutex<CellState>,
+    /// Woken when a store call for this cell finishes.
+    done: tokio::sync::Notify,
 }
 
 impl Cell {
@@ -107,9 +167,19 @@ pub struct Reservation {
     pub metric: Arc<str>,
 }
 
+/// The final report of a lease on a counter whose period ended (or whose cell was dropped):
+/// everything still held goes back.
+#[derive(Debug, Clone)]
+struct Retire {
+    key: CounterKey,
+    granted: u64,
+    returned: u64,
+    expire: i64,
+}
+
 #[derive(Default)]
 struct Pending {
-    give_back: Vec<(CounterKey, u64)>,
+    retire: Vec<Retire>,
     /// Debt of periods that ended, to add to their counters.
     add: Vec<(CounterKey, u64, i64)>,
     persist: Vec<(CounterKey, u64)>,
@@ -121,13 +191,16 @@ pub struct QuotaEngine {
     store: Arc<dyn Counters>,
     clock: SharedClock,
     cells: DashMap<(Arc<str>, Arc<str>), Arc<Cell>, crate::fasthash::Fast>,
-    max_block: u64,
+    settings: LeaseSettings,
+    /// Instances alive in the fleet (the store's heartbeat registry; 1 on a single node).
+    live: AtomicU32,
     pending: Mutex<Pending>,
 }
 
 /// The lease block for what is left: large far from the limit, 0 (exact grants) near it.
-pub fn block_size(remaining: u64, max_block: u64) -> u64 {
-    let b = remaining / 32;
+/// Each of `live` instances may hold one, so together they hold at most `remaining / 32`.
+pub fn block_size(remaining: u64, max_block: u64, live: u32) -> u64 {
+    let b = remaining / (32 * live.max(1) as u64);
     if b < 2 {
         0
     } else {
@@ -143,19 +216,50 @@ fn expire_at(w: &Window) -> i64 {
     }
 }
 
+/// What a store call for a cell carries, taken under the cell's lock.
+struct Call {
+    key: CounterKey,
+    granted: u64,
+    returned: u64,
+    held: u64,
+    need: u64,
+    want: u64,
+    limit: u64,
+    expire: i64,
+    period_start: i64,
+}
+
 impl QuotaEngine {
-    pub fn new(store: Arc<dyn Counters>, clock: SharedClock, max_block: u64) -> Arc<QuotaEngine> {
+    pub fn new(store: Arc<dyn Counters>, clock: SharedClock, settings: LeaseSettings) -> Arc<QuotaEngine> {
         Arc::new(QuotaEngine {
             store,
             clock,
             cells: DashMap::default(),
-            max_block: max_block.max(1),
+            settings: LeaseSettings { max_block: settings.max_block.max(1), ..settings },
+            live: AtomicU32::new(1),
             pending: Mutex::new(Pending::default()),
         })
     }
 
+    /// Records how many instances the fleet registry counts.
+    pub fn set_live_instances(&self, n: u32) {
+        self.live.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn live_instances(&self) -> u32 {
+        self.live.load(Ordering::Relaxed).max(1)
+    }
+
+    pub fn holder(&self) -> &Arc<str> {
+        &self.settings.holder
+    }
+
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        self.settings.ttl.as_millis() as i64
     }
 
     fn cell(&self, tenant: &Arc<str>, metric: &Arc<str>, spec: &QuotaSpec, policy: &Policy, now: i64) -> Arc<Cell> {
@@ -164,7 +268,10 @@ impl QuotaEngine {
             return c.clone();
         }
         let w = window(spec.period, now, policy.timezone, policy.billing_anchor_day);
-        let cell = Arc::new(Cell { st: Mutex::new(self.fresh(tenant.clone(), metric.clone(), w, spec.period, now)) });
+        let cell = Arc::new(Cell {
+            st: Mutex::new(self.fresh(tenant.clone(), metric.clone(), w, spec.period, now)),
+            done: tokio::sync::Notify::new(),
+        });
         self.cells.entry(id).or_insert(cell).clone()
     }
 
@@ -186,9 +293,15 @@ impl QuotaEngine {
             base,
             spent: 0,
             lease: 0,
+            granted: 0,
+            returned: 0,
             known_total: base,
             debt: 0,
-            prefetching: false,
+            busy: false,
+            valid_until_ms: 0,
+            synced_ms: 0,
+            retry_at_ms: 0,
+            allowance: None,
             dirty: false,
             last_used_ms: now,
             warned: 0,
@@ -207,8 +320,13 @@ impl QuotaEngine {
         }
         {
             let mut p = self.pending();
-            if st.lease > 0 {
-                p.give_back.push((st.key.clone(), st.lease));
+            if st.granted > 0 {
+                p.retire.push(Retire {
+                    key: st.key.clone(),
+                    granted: st.granted,
+                    returned: st.returned + st.lease,
+                    expire: expire_at(&st.window),
+                });
             }
             if st.dirty {
                 p.persist.push((st.key.clone(), st.base + st.spent));
@@ -221,6 +339,16 @@ impl QuotaEngine {
         *st = self.fresh(st.key.tenant.clone(), st.key.metric.clone(), w, spec.period, now);
     }
 
+    /// A lease whose renewal has not come through in time is no longer spent: the store may
+    /// already have handed it to another instance. It counts as handed back.
+    fn expire_lease(&self, st: &mut CellState, now: i64) {
+        if st.lease > 0 && now >= st.valid_until_ms {
+            st.returned += st.lease;
+            st.known_total = st.known_total.saturating_sub(st.lease);
+            st.lease = 0;
+        }
+    }
+
     fn take(&self, cell: &Arc<Cell>, st: &mut CellState, cost: u64, now: i64) {
         st.lease -= cost;
         st.spent += cost;
@@ -228,6 +356,70 @@ impl QuotaEngine {
         if !st.dirty {
             st.dirty = true;
             self.pending().dirty.push(cell.clone());
+        }
+    }
+
+    fn call_for(&self, st: &CellState, need: u64, want: u64, limit: u64) -> Call {
+        Call {
+            key: st.key.clone(),
+            granted: st.granted,
+            returned: st.returned,
+            held: st.lease,
+            need,
+            want,
+            // Debt not yet added to the shared counter still counts against the limit.
+            limit: limit.saturating_sub(st.debt),
+            expire: expire_at(&st.window),
+            period_start: st.window.start_ms,
+        }
+    }
+
+    /// Runs one store call for a cell whose `busy` flag the caller set, and records its answer.
+    async fn call(&self, cell: &Arc<Cell>, call: Call) -> Result<u64, StoreError> {
+        let started = self.clock.now_millis();
+        let result = self
+            .store
+            .lease(&LeaseRequest {
+                key: &call.key,
+                holder: &self.settings.holder,
+                granted: call.granted,
+                returned: call.returned,
+                held: call.held,
+                need: call.need,
+                want: call.want,
+                limit: call.limit,
+                expire_at_ms: call.expire,
+                ttl_ms: self.ttl_ms(),
+                now_ms: started,
+            })
+            .await;
+        let now = self.clock.now_millis();
+        let mut st = cell.lock();
+        st.busy = false;
+        cell.done.notify_waiters();
+        if st.window.start_ms != call.period_start {
+            // The period ended while the call was out. Its final report (already queued, or
+            // sent later) does not count this grant, so the store takes it back as a grant
+            // that never arrived.
+            return result.map(|_| 0);
+        }
+        match result {
+            Ok(grant) => {
+                st.granted += grant.granted;
+                st.lease += grant.granted;
+                st.known_total = grant.total;
+                st.synced_ms = now;
+                // Spend the lease only while its record surely lives in the store: the record
+                // expires `ttl` after the store saw the call, which was after `started`.
+                st.valid_until_ms = started + self.ttl_ms() * 4 / 5;
+                st.retry_at_ms = 0;
+                st.allowance = None;
+                Ok(grant.granted)
+            }
+            Err(e) => {
+                st.retry_at_ms = now + RETRY_AFTER_FAILURE_MS;
+                Err(e)
+            }
         }
     }
 
@@ -243,108 +435,141 @@ impl QuotaEngine {
         cost: u64,
         on_error: StorePolicy,
     ) -> Result<(Reservation, QuotaState), QuotaError> {
-        let now = self.clock.now_millis();
-        let cell = self.cell(tenant, metric, spec, policy, now);
+        let cell = self.cell(tenant, metric, spec, policy, self.clock.now_millis());
         let ceiling = if spec.hard { spec.ceiling() } else { u64::MAX };
-        for _attempt in 0..2 {
-            let (key, want, expire, period_start) = {
+        let deadline = tokio::time::Instant::now() + self.settings.wait;
+        loop {
+            let now = self.clock.now_millis();
+            // Decided under the lock; anything that waits happens after it is released.
+            let step = {
                 let mut st = cell.lock();
                 self.roll(&mut st, spec, policy, now);
+                self.expire_lease(&mut st, now);
+                if cost > 0 && self.exhausted(&st, ceiling, now) {
+                    return Err(QuotaError::Exceeded(st.snapshot(spec)));
+                }
                 if st.lease >= cost {
                     self.take(&cell, &mut st, cost, now);
                     self.maybe_prefetch(&cell, &mut st, spec, ceiling, cost);
-                    let state = st.snapshot(spec);
-                    return Ok((
-                        Reservation {
-                            cell: cell.clone(),
-                            period_start: st.window.start_ms,
-                            units: cost,
-                            metric: metric.clone(),
-                        },
-                        state,
-                    ));
+                    return Ok(self.reservation(&cell, &st, spec, cost, metric));
                 }
-                let remaining = spec.limit.saturating_sub(st.used());
-                let want = cost - st.lease + block_size(remaining, self.block_cap(cost));
-                (st.key.clone(), want, expire_at(&st.window), st.window.start_ms)
+                if now < st.retry_at_ms {
+                    return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
+                }
+                if st.busy {
+                    None
+                } else {
+                    st.busy = true;
+                    let remaining = ceiling.min(spec.limit).saturating_sub(st.used());
+                    let need = cost - st.lease;
+                    let want = need + block_size(remaining, self.block_cap(cost), self.live_instances());
+                    Some(self.call_for(&st, need, want, ceiling))
+                }
             };
-            match self.store.lease(&key, want, ceiling, expire).await {
-                Ok(grant) => {
+            let Some(call) = step else {
+                // Another request's call is out: its answer is ours too. `enable` registers
+                // before the flag is looked at again, so a wake-up in between is not missed.
+                let notified = cell.done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let still_busy = cell.lock().busy;
+                if still_busy && tokio::time::timeout_at(deadline, notified).await.is_err() {
                     let mut st = cell.lock();
-                    if st.window.start_ms != period_start {
-                        self.pending().give_back.push((key, grant.granted));
-                        continue;
-                    }
-                    st.lease += grant.granted;
-                    // A refused or partial grant's total can include other instances' excess
-                    // that is being handed back: never show more than the ceiling from it.
-                    st.known_total =
-                        if grant.granted < want { grant.total.min(ceiling).max(st.known_total) } else { grant.total };
-                    if st.lease >= cost {
-                        self.take(&cell, &mut st, cost, now);
-                        let state = st.snapshot(spec);
-                        return Ok((
-                            Reservation { cell: cell.clone(), period_start, units: cost, metric: metric.clone() },
-                            state,
-                        ));
-                    }
-                    // The shared counter is at its ceiling. Return what we hold so another
-                    // instance can use it, and refuse.
-                    if st.lease > 0 {
-                        self.pending().give_back.push((st.key.clone(), st.lease));
-                        st.known_total = st.known_total.saturating_sub(st.lease);
-                        st.lease = 0;
-                    }
-                    return Err(QuotaError::Exceeded(st.snapshot(spec)));
+                    return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
-                Err(e) => return self.on_store_error(&cell, spec, policy, cost, ceiling, on_error, e, metric, now),
+                continue;
+            };
+            let need = call.need;
+            match tokio::time::timeout_at(deadline, self.call(&cell, call)).await {
+                Ok(Ok(granted)) => {
+                    if granted == 0 && need > 0 {
+                        let st = cell.lock();
+                        if st.lease < cost {
+                            return Err(QuotaError::Exceeded(st.snapshot(spec)));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, tenant = %tenant, metric = %metric, "quota store call failed");
+                    let mut st = cell.lock();
+                    return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
+                }
+                Err(_) => {
+                    // Too late for this request; the call itself is dropped with it, so the
+                    // cell is free for the next one.
+                    let mut st = cell.lock();
+                    st.busy = false;
+                    st.retry_at_ms = now + RETRY_AFTER_FAILURE_MS;
+                    cell.done.notify_waiters();
+                    return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
+                }
             }
         }
-        let st = cell.lock();
-        Err(QuotaError::Exceeded(st.snapshot(spec)))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_store_error(
+    /// A hard quota at its ceiling: by this instance's own spending (settlement can take it
+    /// there), or by the counter as the store showed it within the last second. Past that
+    /// second the store is asked again, since other instances may have handed units back.
+    fn exhausted(&self, st: &CellState, ceiling: u64, now: i64) -> bool {
+        st.base + st.spent >= ceiling || (st.used() >= ceiling && now - st.synced_ms < EXHAUSTED_RECHECK_MS)
+    }
+
+    fn reservation(
         &self,
         cell: &Arc<Cell>,
+        st: &CellState,
         spec: &QuotaSpec,
-        policy: &Policy,
+        cost: u64,
+        metric: &Arc<str>,
+    ) -> (Reservation, QuotaState) {
+        (
+            Reservation { cell: cell.clone(), period_start: st.window.start_ms, units: cost, metric: metric.clone() },
+            st.snapshot(spec),
+        )
+    }
+
+    /// The failure policy, for a request the store cannot serve now.
+    #[allow(clippy::too_many_arguments)]
+    fn fallback(
+        &self,
+        cell: &Arc<Cell>,
+        st: &mut CellState,
+        spec: &QuotaSpec,
         cost: u64,
         ceiling: u64,
         on_error: StorePolicy,
-        err: StoreError,
         metric: &Arc<str>,
         now: i64,
     ) -> Result<(Reservation, QuotaState), QuotaError> {
-        let mut st = cell.lock();
-        self.roll(&mut st, spec, policy, now);
-        tracing::debug!(error = %err, tenant = %st.key.tenant, metric = %metric, "quota store call failed");
-        let admit = match on_error {
-            StorePolicy::Closed => {
-                return Err(QuotaError::StoreUnavailable { retry_after: Duration::from_secs(1) });
+        match on_error {
+            StorePolicy::Closed => return Err(QuotaError::StoreUnavailable { retry_after: Duration::from_secs(1) }),
+            StorePolicy::Open => {}
+            StorePolicy::Local => {
+                if st.used() + cost > ceiling {
+                    return Err(QuotaError::Exceeded(st.snapshot(spec)));
+                }
+                if spec.hard {
+                    // This instance's share of what was left at its last contact.
+                    let live = self.live_instances() as u64;
+                    let allowance = st.allowance.get_or_insert_with(|| ceiling.saturating_sub(st.known_total) / live);
+                    if *allowance < cost {
+                        return Err(QuotaError::Exceeded(st.snapshot(spec)));
+                    }
+                    *allowance -= cost;
+                }
             }
-            StorePolicy::Open => true,
-            StorePolicy::Local => st.used() + cost <= ceiling,
-        };
-        if !admit {
-            return Err(QuotaError::Exceeded(st.snapshot(spec)));
         }
         st.debt += cost;
         st.lease += cost;
-        self.take(cell, &mut st, cost, now);
-        let state = st.snapshot(spec);
-        Ok((
-            Reservation { cell: cell.clone(), period_start: st.window.start_ms, units: cost, metric: metric.clone() },
-            state,
-        ))
+        self.take(cell, st, cost, now);
+        Ok(self.reservation(cell, st, spec, cost, metric))
     }
 
     /// The largest block for requests costing `cost`: `max_lease_block`, but at least 16
     /// requests' worth, so costly requests do not refill every few requests. Blocks stay at
-    /// most `remaining / 32`, which keeps grants exact near the limit.
+    /// most `remaining / (32 × live)`, which keeps grants exact near the limit.
     fn block_cap(&self, cost: u64) -> u64 {
-        self.max_block.max(cost.saturating_mul(16))
+        self.settings.max_block.max(cost.saturating_mul(16))
     }
 
     fn maybe_prefetch(
@@ -355,26 +580,16 @@ impl QuotaEngine {
         ceiling: u64,
         cost: u64,
     ) {
-        let remaining = spec.limit.saturating_sub(st.used());
-        let block = block_size(remaining, self.block_cap(cost));
-        if st.prefetching || block == 0 || st.lease >= block / 2 {
+        let remaining = ceiling.min(spec.limit).saturating_sub(st.used());
+        let block = block_size(remaining, self.block_cap(cost), self.live_instances());
+        if st.busy || block == 0 || st.lease >= block / 2 || st.last_used_ms < st.retry_at_ms {
             return;
         }
-        st.prefetching = true;
-        let (engine, cell, key, expire, period_start) =
-            (self.clone(), cell.clone(), st.key.clone(), expire_at(&st.window), st.window.start_ms);
+        st.busy = true;
+        let call = self.call_for(st, 0, block, ceiling);
+        let (engine, cell) = (self.clone(), cell.clone());
         tokio::spawn(async move {
-            let result = engine.store.lease(&key, block, ceiling, expire).await;
-            let mut st = cell.lock();
-            st.prefetching = false;
-            if let Ok(grant) = result {
-                if st.window.start_ms == period_start {
-                    st.lease += grant.granted;
-                    st.known_total = grant.total;
-                } else {
-                    engine.pending().give_back.push((key, grant.granted));
-                }
-            }
+            let _ = engine.call(&cell, call).await;
         });
     }
 
@@ -392,7 +607,13 @@ impl QuotaEngine {
             return None;
         }
         st.spent = st.spent.saturating_sub(units);
-        st.lease += units;
+        // Units admitted as debt go back as debt; the rest back into the lease.
+        let from_debt = units.min(st.debt);
+        st.debt -= from_debt;
+        st.lease += units - from_debt;
+        if let Some(a) = st.allowance.as_mut() {
+            *a += from_debt;
+        }
         if !st.dirty {
             st.dirty = true;
             self.pending().dirty.push(r.cell.clone());
@@ -448,13 +669,18 @@ impl QuotaEngine {
         prev
     }
 
-    /// Writes usage, returns old leases, and adds debt to the shared counters. Called every
-    /// `flush_interval` by a background task, and at shutdown.
+    /// Writes usage, reports leases (renewing those in use, handing back idle ones and those
+    /// of ended periods), and adds debt to the shared counters. Called every `flush_interval`
+    /// by a background task, and at shutdown.
     pub async fn flush(&self) {
-        let (give_back, mut persist, dirty, adds) = {
+        self.flush_at(false).await
+    }
+
+    async fn flush_at(&self, closing: bool) {
+        let (retire, mut persist, dirty, adds) = {
             let mut p = self.pending();
             (
-                std::mem::take(&mut p.give_back),
+                std::mem::take(&mut p.retire),
                 std::mem::take(&mut p.persist),
                 std::mem::take(&mut p.dirty),
                 std::mem::take(&mut p.add),
@@ -479,13 +705,24 @@ impl QuotaEngine {
             let mut p = self.pending();
             p.persist.extend(persist);
         }
-        for (key, units) in give_back {
-            if units > 0 {
-                if let Err(e) = self.store.give_back(&key, units).await {
-                    // Not retried: the DECRBY may have landed. Units not returned are counted as
-                    // used until the period ends — under-admission, never over-admission.
-                    tracing::warn!(error = %e, tenant = %key.tenant, metric = %key.metric, units, "could not return unused quota units");
-                }
+        for r in retire {
+            let req = LeaseRequest {
+                key: &r.key,
+                holder: &self.settings.holder,
+                granted: r.granted,
+                returned: r.returned,
+                held: 0,
+                need: 0,
+                want: 0,
+                limit: 0,
+                expire_at_ms: r.expire,
+                ttl_ms: self.ttl_ms(),
+                now_ms: self.clock.now_millis(),
+            };
+            if let Err(e) = self.store.lease(&req).await {
+                // Reports are cumulative, so repeating this one later is safe.
+                tracing::debug!(error = %e, tenant = %r.key.tenant, metric = %r.key.metric, "could not return a lease; retrying next flush");
+                self.pending().retire.push(r);
             }
         }
         for (cell, key, debt, expire) in debts {
@@ -507,51 +744,78 @@ impl QuotaEngine {
                 }
             }
         }
+        self.report_leases(closing).await;
     }
 
-    /// Drops cells idle for long with nothing outstanding; returns leases of idle cells.
+    /// Renews leases in use before their records expire, and hands back idle ones (all of
+    /// them when `closing`).
+    async fn report_leases(&self, closing: bool) {
+        let now = self.clock.now_millis();
+        let (idle_ms, renew_ms) = (self.settings.idle.as_millis() as i64, self.ttl_ms() / 3);
+        let mut calls = Vec::new();
+        for entry in self.cells.iter() {
+            let cell = entry.value();
+            let mut st = cell.lock();
+            if st.busy || st.lease == 0 {
+                continue;
+            }
+            if closing || now - st.last_used_ms >= idle_ms {
+                // Idle: hand it all back so other instances can use it.
+                st.returned += st.lease;
+                st.known_total = st.known_total.saturating_sub(st.lease);
+                st.lease = 0;
+            } else if now - st.synced_ms < renew_ms {
+                continue;
+            }
+            st.busy = true;
+            calls.push((cell.clone(), self.call_for(&st, 0, 0, 0)));
+        }
+        for (cell, call) in calls {
+            if let Err(e) = self.call(&cell, call).await {
+                tracing::debug!(error = %e, "could not report a quota lease; retrying next flush");
+            }
+        }
+    }
+
+    /// Drops cells idle for long with nothing outstanding.
     pub fn evict_idle(&self) {
         let now = self.clock.now_millis();
-        let mut returns = Vec::new();
+        let mut retire = Vec::new();
         self.cells.retain(|_, cell| {
             let mut st = cell.lock();
             // A cell that announced a warning this period keeps it, so the warning is not repeated.
             let announced = st.warned > 0 && now < st.window.end_ms;
-            if now - st.last_used_ms < IDLE_CELL_MS || st.dirty || st.debt > 0 || st.prefetching || announced {
+            if now - st.last_used_ms < IDLE_CELL_MS || st.dirty || st.debt > 0 || st.busy || announced {
                 return true;
             }
             if st.lease > 0 {
-                returns.push((st.key.clone(), st.lease));
+                retire.push(Retire {
+                    key: st.key.clone(),
+                    granted: st.granted,
+                    returned: st.returned + st.lease,
+                    expire: expire_at(&st.window),
+                });
                 st.lease = 0;
             }
             false
         });
-        if !returns.is_empty() {
-            self.pending().give_back.extend(returns);
+        if !retire.is_empty() {
+            self.pending().retire.extend(retire);
         }
     }
 
     /// Returns every unspent lease and flushes. Called at shutdown.
     pub async fn shutdown(&self) {
-        let mut returns = Vec::new();
         let mut dirty = Vec::new();
         for cell in self.cells.iter() {
             let mut st = cell.lock();
-            if st.lease > 0 {
-                returns.push((st.key.clone(), st.lease));
-                st.lease = 0;
-            }
             if st.debt > 0 && !st.dirty {
                 st.dirty = true;
                 dirty.push(cell.value().clone());
             }
         }
-        {
-            let mut p = self.pending();
-            p.give_back.extend(returns);
-            p.dirty.extend(dirty);
-        }
-        self.flush().await;
+        self.pending().dirty.extend(dirty);
+        self.flush_at(true).await;
     }
 
     pub fn cell_count(&self) -> usize {
@@ -578,7 +842,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tollgate-quota-{}-{}", std::process::id(), rand::random::<u64>()));
         let path = dir.join("q.db");
         let store = Arc::new(Embedded::open(&path, clock.now_millis()).expect("store"));
-        (QuotaEngine::new(store, clock, 1000), path)
+        (QuotaEngine::new(store, clock, LeaseSettings::local(1000)), path)
     }
 
     #[tokio::test]
@@ -618,7 +882,7 @@ mod tests {
         assert_eq!(q.state(&t, &m, &spec, &p).used, 10);
         q.shutdown().await;
         let store = Arc::new(Embedded::open(&path, clock.now_millis()).expect("reopen"));
-        let q2 = QuotaEngine::new(store, clock.clone(), 1000);
+        let q2 = QuotaEngine::new(store, clock.clone(), LeaseSettings::local(1000));
         assert_eq!(q2.state(&t, &m, &spec, &p).used, 10, "usage persisted at shutdown");
         let (_, s) = q2.reserve(&t, &m, &spec, &p, 90, StorePolicy::Local).await.expect("the rest");
         assert_eq!(s.remaining, 0);
@@ -630,9 +894,12 @@ mod tests {
 
     #[test]
     fn lease_blocks_shrink_to_exact_grants_near_the_limit() {
-        assert_eq!(block_size(1_000_000, 1000), 1000);
-        assert_eq!(block_size(320, 1000), 10);
-        assert_eq!(block_size(63, 1000), 0);
-        assert_eq!(block_size(0, 1000), 0);
+        assert_eq!(block_size(1_000_000, 1000, 1), 1000);
+        assert_eq!(block_size(320, 1000, 1), 10);
+        assert_eq!(block_size(63, 1000, 1), 0);
+        assert_eq!(block_size(0, 1000, 1), 0);
+        // Three instances share what is left.
+        assert_eq!(block_size(960, 1000, 3), 10);
+        assert_eq!(block_size(191, 1000, 3), 0);
     }
 }

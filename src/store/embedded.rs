@@ -7,8 +7,8 @@
 //! request path. A crash loses at most the usage of one flush interval.
 
 use super::{
-    CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch, LedgerRow, StoreError,
-    TenantRecord,
+    apply_lease, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, HolderRecord, KeyRecord, LeaseRequest,
+    Ledger, LedgerBatch, LedgerRow, StoreError, TenantRecord,
 };
 use async_trait::async_trait;
 use rusqlite::{params, Connection};
@@ -23,6 +23,8 @@ const PRELOAD_WINDOW_MS: i64 = 40 * 86_400_000;
 #[derive(Default)]
 struct Memory {
     granted: HashMap<CounterKey, u64>,
+    /// Lease holders per counter (in one process there is one, but the protocol is the same).
+    holders: HashMap<CounterKey, HashMap<String, HolderRecord>>,
     /// Usage persisted by earlier processes, loaded at open.
     persisted: HashMap<CounterKey, u64>,
     windows: HashMap<(String, i64), u64>,
@@ -124,20 +126,12 @@ impl Counters for Embedded {
         "embedded"
     }
 
-    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, _expire_at_ms: i64) -> Result<Grant, StoreError> {
+    async fn lease(&self, req: &LeaseRequest<'_>) -> Result<Grant, StoreError> {
         let mut mem = self.mem();
-        let total = mem.granted.entry(key.clone()).or_insert(0);
-        let granted = want.min(limit.saturating_sub(*total));
-        *total += granted;
-        Ok(Grant { granted, total: *total })
-    }
-
-    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError> {
-        let mut mem = self.mem();
-        if let Some(total) = mem.granted.get_mut(key) {
-            *total = total.saturating_sub(units);
-        }
-        Ok(())
+        let mem = &mut *mem;
+        let total = mem.granted.entry(req.key.clone()).or_insert(0);
+        let holders = mem.holders.entry(req.key.clone()).or_default();
+        Ok(apply_lease(total, holders, req))
     }
 
     async fn add(&self, key: &CounterKey, units: u64, _expire_at_ms: i64) -> Result<u64, StoreError> {

@@ -59,12 +59,92 @@ pub struct CounterKey {
 /// The answer to a lease request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
-    /// Units granted, `0..=want`.
+    /// Units granted: `0` or `need..=want`.
     pub granted: u64,
-    /// The shared counter as this call left it: units granted to every instance this period.
-    /// While other callers are handing back their own excess it can be briefly above the
-    /// limit; the grants themselves never are.
+    /// The shared counter as this call left it: units granted to every instance this period
+    /// (spent, or held in leases) plus usage added after the fact. Never a transient value:
+    /// a grant that does not fit is never added.
     pub total: u64,
+}
+
+/// One holder's call on a quota counter: it reports its state and may ask for more units.
+///
+/// Holders report cumulative figures, so a call whose answer was lost is harmless to repeat:
+/// units granted by a call the holder never heard back from (`granted` below what the store
+/// recorded) and units handed back (`returned` above what the store recorded) are both
+/// settled by the next call. A holder's record expires `ttl_ms` after its last call; the
+/// next call on the counter by anyone then reclaims what it held, so a crashed instance's
+/// lease comes back within the TTL.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    pub key: &'a CounterKey,
+    /// The holder: one per process start (`<instance_id>-<start id>`).
+    pub holder: &'a str,
+    /// Units this holder knows it was granted on this counter, cumulative.
+    pub granted: u64,
+    /// Units this holder has handed back on this counter, cumulative.
+    pub returned: u64,
+    /// Units it holds unspent right now (what a crash would leave behind).
+    pub held: u64,
+    /// Grant nothing unless at least this many units fit under `limit` (a refused request
+    /// must hold nothing).
+    pub need: u64,
+    /// Grant up to this many.
+    pub want: u64,
+    pub limit: u64,
+    /// When the counter may be forgotten (`i64::MAX`: never).
+    pub expire_at_ms: i64,
+    /// How long the holder's record lives without another call.
+    pub ttl_ms: i64,
+    /// The caller's clock (stores without a clock of their own use it; Redis uses its own).
+    pub now_ms: i64,
+}
+
+/// What a store keeps per holder of a quota counter (see [`LeaseRequest`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HolderRecord {
+    pub granted: u64,
+    pub returned: u64,
+    pub held: u64,
+    pub expires_ms: i64,
+}
+
+/// The lease protocol on one counter, for stores that keep counters in memory. The Redis
+/// store runs the same steps in a server-side script (`LEASE_SCRIPT` in `redis.rs`); the
+/// conformance suite holds both to the same answers.
+pub fn apply_lease(
+    total: &mut u64,
+    holders: &mut std::collections::HashMap<String, HolderRecord>,
+    req: &LeaseRequest<'_>,
+) -> Grant {
+    let now = req.now_ms;
+    // Holders that stopped calling: what they held goes back.
+    holders.retain(|_, h| {
+        if h.expires_ms <= now {
+            *total = total.saturating_sub(h.held);
+            false
+        } else {
+            true
+        }
+    });
+    if let Some(h) = holders.get(req.holder) {
+        // Grants whose answer never reached the holder, and units it handed back.
+        *total = total.saturating_sub(h.granted.saturating_sub(req.granted));
+        *total = total.saturating_sub(req.returned.saturating_sub(h.returned));
+    }
+    let room = req.limit.saturating_sub(*total);
+    let granted = if req.want > 0 && room >= req.need { req.want.min(room) } else { 0 };
+    *total += granted;
+    holders.insert(
+        req.holder.to_string(),
+        HolderRecord {
+            granted: req.granted + granted,
+            returned: req.returned,
+            held: req.held + granted,
+            expires_ms: now.saturating_add(req.ttl_ms),
+        },
+    );
+    Grant { granted, total: *total }
 }
 
 /// Shared counters: quota leases, sliding windows and concurrency slots.
@@ -73,13 +153,16 @@ pub trait Counters: Send + Sync + 'static {
     /// A short name for metrics and logs (`embedded`, `redis`).
     fn name(&self) -> &'static str;
 
-    /// Takes up to `want` units from `key` without letting the total pass `limit`. The sum of
-    /// all grants of a key never exceeds its limit, however many instances ask at once.
-    /// `expire_at_ms` is when the counter may be forgotten (`i64::MAX`: never).
-    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, expire_at_ms: i64) -> Result<Grant, StoreError>;
+    /// Settles what `req.holder` reports (returns, lost grants, expired holders) and grants
+    /// `0` or `need..=want` units without letting the counter pass `limit`. The sum of all
+    /// outstanding grants and usage never exceeds the limit, however many instances ask at
+    /// once. `want = 0` only reports (renewal, hand-back).
+    async fn lease(&self, req: &LeaseRequest<'_>) -> Result<Grant, StoreError>;
 
-    /// Hands back granted units that were not spent.
-    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError>;
+    /// Announces that `holder` is alive for `ttl_ms`; returns how many holders are (at least 1).
+    async fn heartbeat(&self, _holder: &str, _now_ms: i64, _ttl_ms: i64) -> Result<u32, StoreError> {
+        Ok(1)
+    }
 
     /// Adds units with no ceiling (usage found after the fact: settlement, reconciliation).
     async fn add(&self, key: &CounterKey, units: u64, expire_at_ms: i64) -> Result<u64, StoreError>;
@@ -194,6 +277,16 @@ impl Breaker {
             open_until_ms: AtomicI64::new(0),
             clock,
         }
+    }
+
+    /// A closed breaker with the same settings (one per node of a cluster).
+    pub fn fresh(&self) -> Breaker {
+        Breaker::new(
+            self.timeout,
+            self.threshold,
+            Duration::from_millis(self.cooldown_ms.max(0) as u64),
+            self.clock.clone(),
+        )
     }
 
     /// `true` while calls are being refused.

@@ -17,11 +17,12 @@
 //! reconnects by itself when Redis comes back.
 
 use super::{
-    tenant_prefix, Breaker, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, Ledger, LedgerBatch,
-    LedgerRow, StoreError, StoreObserver, TenantRecord,
+    tenant_prefix, Breaker, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, LeaseRequest,
+    Ledger, LedgerBatch, LedgerRow, StoreError, StoreObserver, TenantRecord,
 };
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
+use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -38,8 +39,99 @@ enum Conn {
 /// The Redis-backed store.
 pub struct RedisStore {
     conn: Conn,
-    breaker: Breaker,
+    breakers: Breakers,
     observer: Arc<dyn StoreObserver>,
+    /// Deadline of a quota lease call: longer than `timeout`, because a lease that is late
+    /// under load is still worth waiting for (requests wait on one call per counter).
+    lease_timeout: Duration,
+}
+
+/// Circuit breakers: one for a single Redis; on a cluster one per master node, so a stalled
+/// or dead shard opens the breaker of its own tenants only. A key is mapped to its node
+/// through the slot map (`CLUSTER SLOTS`, refreshed every few seconds); until the map is
+/// known, or for a slot it does not cover, the shared breaker is used.
+struct Breakers {
+    shared: Arc<Breaker>,
+    by_node: DashMap<String, Arc<Breaker>>,
+    /// Slot ranges `(first, last, "host:port")`, sorted by `first`.
+    slots: Arc<ArcSwap<Vec<(u16, u16, String)>>>,
+}
+
+impl Breakers {
+    fn new(shared: Breaker) -> Breakers {
+        Breakers {
+            shared: Arc::new(shared),
+            by_node: DashMap::new(),
+            slots: Arc::new(ArcSwap::from_pointee(Vec::new())),
+        }
+    }
+
+    /// The breaker of the node serving hash tag `tag` (a tenant, `dir`, `fleet`).
+    fn for_tag(&self, tag: &str) -> Arc<Breaker> {
+        let map = self.slots.load();
+        if map.is_empty() {
+            return self.shared.clone();
+        }
+        let slot = slot_of_tag(tag);
+        let i = map.partition_point(|(first, _, _)| *first <= slot);
+        match i.checked_sub(1).and_then(|i| map.get(i)) {
+            Some((_, last, node)) if slot <= *last => {
+                if let Some(b) = self.by_node.get(node) {
+                    return b.clone();
+                }
+                self.by_node.entry(node.clone()).or_insert_with(|| Arc::new(self.shared.fresh())).clone()
+            }
+            _ => self.shared.clone(),
+        }
+    }
+}
+
+/// The cluster hash slot of keys tagged `{tag}` (Redis's rule: CRC16/XMODEM of the first
+/// non-empty `{…}` section of the key, modulo 16384).
+fn slot_of_tag(tag: &str) -> u16 {
+    let key = format!("tg:{{{tag}}}");
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    crc16_xmodem(hashed) % 16384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+/// Reads `CLUSTER SLOTS` into sorted `(first, last, "host:port")` ranges of the masters.
+async fn read_slot_map(conn: &mut ClusterConnection) -> Result<Vec<(u16, u16, String)>, StoreError> {
+    let reply: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await.map_err(backend)?;
+    let mut out = Vec::new();
+    for range in reply {
+        let redis::Value::Array(parts) = range else { continue };
+        let (Some(first), Some(last), Some(master)) = (parts.first(), parts.get(1), parts.get(2)) else { continue };
+        let (Ok(first), Ok(last)) = (u16::from_redis_value_ref(first), u16::from_redis_value_ref(last)) else {
+            continue;
+        };
+        let redis::Value::Array(node) = master else { continue };
+        let (Some(host), Some(port)) = (node.first(), node.get(1)) else { continue };
+        let (Ok(host), Ok(port)) = (String::from_redis_value_ref(host), u16::from_redis_value_ref(port)) else {
+            continue;
+        };
+        out.push((first, last, format!("{host}:{port}")));
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Timeout of bulk calls: ledger batches of tens of thousands of rows, directory loads.
@@ -48,6 +140,52 @@ const BULK_TIMEOUT: Duration = Duration::from_secs(30);
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
+
+/// The fleet registry: live holders scored by when their heartbeat runs out.
+const FLEET: &str = "tg:{fleet}:live";
+
+/// The lease protocol of [`super::apply_lease`], run in Redis so that reclaiming expired
+/// holders, settling the caller's report and granting happen in one atomic step.
+///
+/// KEYS: the counter, its holder records (`<holder>|g`, `|r`, `|h`: granted, returned,
+/// held), its holder expiries (sorted set). ARGV: holder, granted, returned, held, need,
+/// want, limit, expire-at ms (-1: never), holder TTL ms. Time is the server's, so instances
+/// with skewed clocks agree on when a holder expires.
+const LEASE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  total = total - tonumber(redis.call('HGET', KEYS[2], h .. '|h') or '0')
+  redis.call('HDEL', KEYS[2], h .. '|g', h .. '|r', h .. '|h')
+  redis.call('ZREM', KEYS[3], h)
+end
+local me = ARGV[1]
+local kg, kr, held = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local g = redis.call('HGET', KEYS[2], me .. '|g')
+if g then
+  g = tonumber(g)
+  local r = tonumber(redis.call('HGET', KEYS[2], me .. '|r') or '0')
+  if g > kg then total = total - (g - kg) end
+  if kr > r then total = total - (kr - r) end
+end
+if total < 0 then total = 0 end
+local need, want, limit = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local granted = 0
+if want > 0 and limit - total >= need then
+  granted = math.min(want, limit - total)
+end
+total = total + granted
+redis.call('SET', KEYS[1], string.format('%d', total))
+redis.call('HSET', KEYS[2], me .. '|g', string.format('%d', kg + granted), me .. '|r', string.format('%d', kr),
+  me .. '|h', string.format('%d', held + granted))
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[9]), me)
+local exp = tonumber(ARGV[8])
+if exp >= 0 then
+  for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], exp) end
+end
+return {granted, total}
+";
 
 fn quota_key(k: &CounterKey) -> String {
     format!("{}:q:{}:{}", tenant_prefix(&k.tenant), k.metric, k.period_start)
@@ -94,22 +232,42 @@ impl RedisStore {
             });
             Conn::Cluster(slot)
         };
-        Ok(RedisStore { conn, breaker, observer })
+        let breakers = Breakers::new(breaker);
+        if let Conn::Cluster(slot) = &conn {
+            // Keep the slot map current: after a failover the promoted replica's slots get
+            // the breaker of their new node.
+            let (conns, map) = (slot.clone(), breakers.slots.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Some(c) = conns.load_full() {
+                        let mut c = (*c).clone();
+                        match read_slot_map(&mut c).await {
+                            Ok(m) if !m.is_empty() => map.store(Arc::new(m)),
+                            Ok(_) => {}
+                            Err(e) => tracing::debug!(error = %e, "could not read the cluster slot map"),
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
+        }
+        Ok(RedisStore { conn, breakers, observer, lease_timeout: timeout })
     }
 
-    /// Runs one pipeline (one round trip) under the breaker.
-    async fn run<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
-        self.run_within(op, pipe, None).await
+    /// Runs one pipeline (one round trip) on keys tagged `{tag}`, under that node's breaker.
+    async fn run<T: FromRedisValue>(&self, op: &'static str, tag: &str, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.run_within(op, tag, pipe, None).await
     }
 
     /// Runs one pipeline with `timeout` instead of the hot-path timeout (bulk background work).
-    async fn run_bulk<T: FromRedisValue>(&self, op: &'static str, pipe: &Pipeline) -> Result<T, StoreError> {
-        self.run_within(op, pipe, Some(BULK_TIMEOUT)).await
+    async fn run_bulk<T: FromRedisValue>(&self, op: &'static str, tag: &str, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.run_within(op, tag, pipe, Some(BULK_TIMEOUT)).await
     }
 
     async fn run_within<T: FromRedisValue>(
         &self,
         op: &'static str,
+        tag: &str,
         pipe: &Pipeline,
         timeout: Option<Duration>,
     ) -> Result<T, StoreError> {
@@ -130,9 +288,10 @@ impl RedisStore {
                 }
             }
         };
+        let breaker = self.breakers.for_tag(tag);
         let r = match timeout {
-            Some(t) => self.breaker.call_within(t, fut).await,
-            None => self.breaker.call(fut).await,
+            Some(t) => breaker.call_within(t, fut).await,
+            None => breaker.call(fut).await,
         };
         if r.is_err() {
             self.observer.error("redis", op);
@@ -140,8 +299,20 @@ impl RedisStore {
         r
     }
 
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+    /// The breaker of a single Redis (on a cluster: the one used until the slot map is known).
+    pub fn breaker(&self) -> Arc<Breaker> {
+        self.breakers.shared.clone()
+    }
+
+    /// The breaker guarding keys tagged `{tag}` (a tenant): its node's on a cluster.
+    pub fn breaker_for(&self, tag: &str) -> Arc<Breaker> {
+        self.breakers.for_tag(tag)
+    }
+
+    /// Sets the deadline of quota lease calls (default: the hot-path timeout).
+    pub fn with_lease_timeout(mut self, timeout: Duration) -> RedisStore {
+        self.lease_timeout = timeout;
+        self
     }
 
     fn is_cluster(&self) -> bool {
@@ -161,41 +332,37 @@ impl Counters for RedisStore {
         "redis"
     }
 
-    async fn lease(&self, key: &CounterKey, want: u64, limit: u64, expire_at_ms: i64) -> Result<Grant, StoreError> {
-        let k = quota_key(key);
+    async fn lease(&self, req: &LeaseRequest<'_>) -> Result<Grant, StoreError> {
+        let k = quota_key(req.key);
         let mut pipe = redis::pipe();
-        pipe.cmd("INCRBY").arg(&k).arg(want);
-        expire(&mut pipe, &k, expire_at_ms);
-        let (total,): (i64,) = self.run("lease", &pipe).await?;
-        let total = total.max(0) as u64;
-        if total <= limit {
-            return Ok(Grant { granted: want, total });
-        }
-        // Over the limit: hand back what does not fit. Every instance does the same for its
-        // own increment, so the grants add up to at most the limit.
-        let excess = want.min(total - limit);
-        let mut back = redis::pipe();
-        back.cmd("DECRBY").arg(&k).arg(excess);
-        let (after,): (i64,) = self.run("lease_return", &back).await?;
-        Ok(Grant { granted: want - excess, total: after.max(0) as u64 })
+        pipe.cmd("EVAL")
+            .arg(LEASE_SCRIPT)
+            .arg(3)
+            .arg(&k)
+            .arg(format!("{k}:h"))
+            .arg(format!("{k}:e"))
+            .arg(req.holder)
+            .arg(req.granted)
+            .arg(req.returned)
+            .arg(req.held)
+            .arg(req.need)
+            .arg(req.want)
+            .arg(req.limit)
+            .arg(if req.expire_at_ms == i64::MAX { -1 } else { req.expire_at_ms })
+            .arg(req.ttl_ms.max(1));
+        let ((granted, total),): ((i64, i64),) =
+            self.run_within("lease", &req.key.tenant, &pipe, Some(self.lease_timeout)).await?;
+        Ok(Grant { granted: granted.max(0) as u64, total: total.max(0) as u64 })
     }
 
-    async fn give_back(&self, key: &CounterKey, units: u64) -> Result<(), StoreError> {
-        if units == 0 {
-            return Ok(());
-        }
-        let k = quota_key(key);
+    async fn heartbeat(&self, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<u32, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("DECRBY").arg(&k).arg(units);
-        let (after,): (i64,) = self.run("give_back", &pipe).await?;
-        if after < 0 {
-            // More came back than the counter held (it was reset, or a give-back was repeated):
-            // floor it at zero so later leases still respect the limit.
-            let mut fix = redis::pipe();
-            fix.cmd("INCRBY").arg(&k).arg(-after).ignore();
-            self.run::<()>("give_back_floor", &fix).await?;
-        }
-        Ok(())
+        pipe.cmd("ZREMRANGEBYSCORE").arg(FLEET).arg("-inf").arg(now_ms).ignore();
+        pipe.cmd("ZADD").arg(FLEET).arg(now_ms + ttl_ms).arg(holder).ignore();
+        pipe.cmd("PEXPIRE").arg(FLEET).arg(ttl_ms * 10).ignore();
+        pipe.cmd("ZCARD").arg(FLEET);
+        let (n,): (i64,) = self.run("heartbeat", "fleet", &pipe).await?;
+        Ok(n.clamp(1, u32::MAX as i64) as u32)
     }
 
     async fn add(&self, key: &CounterKey, units: u64, expire_at_ms: i64) -> Result<u64, StoreError> {
@@ -203,14 +370,14 @@ impl Counters for RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("INCRBY").arg(&k).arg(units);
         expire(&mut pipe, &k, expire_at_ms);
-        let (total,): (i64,) = self.run("add", &pipe).await?;
+        let (total,): (i64,) = self.run("add", &key.tenant, &pipe).await?;
         Ok(total.max(0) as u64)
     }
 
     async fn get(&self, key: &CounterKey) -> Result<u64, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(quota_key(key));
-        let (v,): (Option<i64>,) = self.run("get", &pipe).await?;
+        let (v,): (Option<i64>,) = self.run("get", &key.tenant, &pipe).await?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
@@ -231,7 +398,7 @@ impl Counters for RedisStore {
         pipe.cmd("INCRBY").arg(&cur).arg(n);
         pipe.cmd("PEXPIRE").arg(&cur).arg(w * 2).ignore();
         pipe.cmd("GET").arg(&prev);
-        let (c, p): (i64, Option<i64>) = self.run("window_add", &pipe).await?;
+        let (c, p): (i64, Option<i64>) = self.run("window_add", tenant, &pipe).await?;
         Ok((c.max(0) as u64, p.unwrap_or(0).max(0) as u64))
     }
 
@@ -250,7 +417,7 @@ impl Counters for RedisStore {
         pipe.cmd("ZADD").arg(&key).arg(now_ms + ttl_ms).arg(slot).ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
         pipe.cmd("ZCARD").arg(&key);
-        let (held_before, count): (Option<f64>, i64) = self.run("slot_acquire", &pipe).await?;
+        let (held_before, count): (Option<f64>, i64) = self.run("slot_acquire", tenant, &pipe).await?;
         if count as u64 <= limit as u64 {
             return Ok(true);
         }
@@ -262,14 +429,14 @@ impl Counters for RedisStore {
         // Too many: take ours back out. Like leases, add-then-check never over-admits.
         let mut back = redis::pipe();
         back.cmd("ZREM").arg(&key).arg(slot).ignore();
-        self.run::<()>("slot_release", &back).await?;
+        self.run::<()>("slot_release", tenant, &back).await?;
         Ok(false)
     }
 
     async fn slot_release(&self, tenant: &str, slot: &str) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZREM").arg(format!("{}:slots", tenant_prefix(tenant))).arg(slot).ignore();
-        self.run::<()>("slot_release", &pipe).await
+        self.run::<()>("slot_release", tenant, &pipe).await
     }
 
     async fn slot_heartbeat(&self, tenant: &str, slots: &[String], now_ms: i64, ttl_ms: i64) -> Result<(), StoreError> {
@@ -282,7 +449,7 @@ impl Counters for RedisStore {
             pipe.cmd("ZADD").arg(&key).arg("XX").arg(now_ms + ttl_ms).arg(s).ignore();
         }
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 4).ignore();
-        self.run::<()>("slot_heartbeat", &pipe).await
+        self.run::<()>("slot_heartbeat", tenant, &pipe).await
     }
 }
 
@@ -322,7 +489,7 @@ impl RedisStore {
         if batch.uncertain {
             let mut check = redis::pipe();
             check.cmd("EXISTS").arg(&marker);
-            let (applied,): (i64,) = self.run_bulk("ledger_check", &check).await?;
+            let (applied,): (i64,) = self.run_bulk("ledger_check", "ledger", &check).await?;
             if applied > 0 {
                 return Ok(());
             }
@@ -334,7 +501,7 @@ impl RedisStore {
             add_rows(&mut pipe, t, rows);
         }
         pipe.cmd("EXEC").ignore();
-        self.run_bulk::<()>("ledger_apply", &pipe).await
+        self.run_bulk::<()>("ledger_apply", "ledger", &pipe).await
     }
 }
 
@@ -359,12 +526,12 @@ impl Ledger for RedisStore {
                 for t in by_tenant.keys() {
                     let mut one = redis::pipe();
                     one.cmd("EXISTS").arg(format!("{}:lb:{}", tenant_prefix(t), batch.id));
-                    let (v,): (i64,) = self.run("ledger_check", &one).await?;
+                    let (v,): (i64,) = self.run("ledger_check", t, &one).await?;
                     out.push(v);
                 }
                 out
             } else {
-                self.run_bulk("ledger_check", &check).await?
+                self.run_bulk("ledger_check", "ledger", &check).await?
             };
             let done: Vec<&str> = by_tenant.keys().zip(applied).filter(|(_, a)| *a > 0).map(|(t, _)| *t).collect();
             for t in done {
@@ -381,7 +548,7 @@ impl Ledger for RedisStore {
                 pipe.cmd("MULTI").ignore();
                 add_tenant_batch(&mut pipe, t, &batch.id, rows);
                 pipe.cmd("EXEC").ignore();
-                self.run_bulk::<()>("ledger_apply", &pipe).await?;
+                self.run_bulk::<()>("ledger_apply", t, &pipe).await?;
             }
             return Ok(());
         }
@@ -402,7 +569,7 @@ impl Ledger for RedisStore {
             pipe.cmd("HGETALL").arg(usage_key(tenant, d));
         }
         let maps: Vec<std::collections::HashMap<String, i64>> =
-            if days.is_empty() { Vec::new() } else { self.run_bulk("ledger_read", &pipe).await? };
+            if days.is_empty() { Vec::new() } else { self.run_bulk("ledger_read", tenant, &pipe).await? };
         let mut out = Vec::new();
         for (d, map) in days.iter().zip(maps) {
             let mut metrics: Vec<(&String, &i64)> = map.iter().filter(|(k, _)| !k.ends_with("|cost")).collect();
@@ -431,7 +598,7 @@ impl DirectoryStore for RedisStore {
     async fn version(&self) -> Result<u64, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(DIR_VERSION);
-        let (v,): (Option<i64>,) = self.run("dir_version", &pipe).await?;
+        let (v,): (Option<i64>,) = self.run("dir_version", "dir", &pipe).await?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
@@ -442,7 +609,7 @@ impl DirectoryStore for RedisStore {
             Option<i64>,
             std::collections::HashMap<String, String>,
             std::collections::HashMap<String, String>,
-        ) = self.run_bulk("dir_load", &pipe).await?;
+        ) = self.run_bulk("dir_load", "dir", &pipe).await?;
         let mut data = DirectoryData { version: v.unwrap_or(0).max(0) as u64, ..DirectoryData::default() };
         for (_, json) in tenants {
             match serde_json::from_str::<TenantRecord>(&json) {
@@ -466,18 +633,18 @@ impl DirectoryStore for RedisStore {
         if create {
             let mut pipe = redis::pipe();
             pipe.cmd("HSETNX").arg(DIR_TENANTS).arg(&t.id).arg(&json);
-            let (fresh,): (i64,) = self.run("dir_put", &pipe).await?;
+            let (fresh,): (i64,) = self.run("dir_put", "dir", &pipe).await?;
             if fresh == 0 {
                 return Ok(false);
             }
             let mut bump = redis::pipe();
             bump.cmd("INCR").arg(DIR_VERSION).ignore();
-            self.run::<()>("dir_put", &bump).await?;
+            self.run::<()>("dir_put", "dir", &bump).await?;
             return Ok(true);
         }
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("HSET").arg(DIR_TENANTS).arg(&t.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
-        self.run::<()>("dir_put", &pipe).await?;
+        self.run::<()>("dir_put", "dir", &pipe).await?;
         Ok(true)
     }
 
@@ -490,7 +657,7 @@ impl DirectoryStore for RedisStore {
             pipe.cmd("HDEL").arg(DIR_KEYS).arg(*k).ignore();
         }
         pipe.cmd("INCR").arg(DIR_VERSION).ignore();
-        let (n,): (i64,) = self.run("dir_delete", &pipe).await?;
+        let (n,): (i64,) = self.run("dir_delete", "dir", &pipe).await?;
         Ok(n > 0)
     }
 
@@ -498,6 +665,19 @@ impl DirectoryStore for RedisStore {
         let json = serde_json::to_string(k).map_err(backend)?;
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("HSET").arg(DIR_KEYS).arg(&k.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
-        self.run::<()>("dir_put_key", &pipe).await
+        self.run::<()>("dir_put_key", "dir", &pipe).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_of_tag;
+
+    #[test]
+    fn slots_follow_the_redis_cluster_hash() {
+        // `CLUSTER KEYSLOT foo` is 12182 and `CLUSTER KEYSLOT somekey` 11058; a tagged key
+        // hashes its tag only.
+        assert_eq!(slot_of_tag("foo"), 12182);
+        assert_eq!(slot_of_tag("somekey"), 11058);
     }
 }
