@@ -829,6 +829,7 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::policy::Period;
     use crate::store::embedded::Embedded;
+    use crate::store::{CounterKey, LeaseRequest};
 
     fn ms(s: &str) -> i64 {
         chrono::DateTime::parse_from_rfc3339(s).map(|d| d.timestamp_millis()).expect("time")
@@ -890,6 +891,133 @@ mod tests {
         // The next local day starts over.
         clock.advance_millis(86_400_000);
         assert!(q2.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_hard_quota_settled_past_its_limit_refuses_the_next_request() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let (q, _) = engine(clock.clone());
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "tokens".into());
+        let spec = QuotaSpec { limit: 50, period: Period::Day, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        let (r, _) = q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("first request");
+        // The response says it cost 60: the work was done, so it is charged.
+        assert_eq!(q.settle(&r, 60), Some(60));
+        clock.advance_millis(44);
+        let err = q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.err();
+        let Some(QuotaError::Exceeded(state)) = err else { panic!("expected a refusal, got {err:?}") };
+        assert_eq!((state.used, state.remaining), (60, 0));
+        // Still refused a second later, after the debt reached the counter.
+        q.flush().await;
+        clock.advance_millis(1_000);
+        assert!(q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_reservation_holds_nothing() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let (q, _) = engine(clock.clone());
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "records".into());
+        let spec = QuotaSpec { limit: 60, period: Period::Day, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        q.reserve(&t, &m, &spec, &p, 34, StorePolicy::Local).await.expect("34 of 60");
+        assert!(q.reserve(&t, &m, &spec, &p, 40, StorePolicy::Local).await.is_err(), "40 does not fit");
+        for cost in [5, 5, 1] {
+            q.reserve(&t, &m, &spec, &p, cost, StorePolicy::Local).await.expect("what fits is admitted at once");
+        }
+        let state = q.state(&t, &m, &spec, &p);
+        assert_eq!((state.used, state.remaining), (45, 15), "the refused 40 left no trace");
+    }
+
+    #[tokio::test]
+    async fn an_idle_lease_goes_back_within_lease_idle() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-idle-{}", rand::random::<u64>()));
+        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
+        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
+        let spec = QuotaSpec { limit: 1_000_000, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("reserve");
+        let key = CounterKey { tenant: t.clone(), metric: m.clone(), period_start: q.state(&t, &m, &spec, &p).period_start_ms };
+        assert!(store.get(&key).await.expect("get") > 1, "a block is leased");
+        clock.advance_millis(4_000);
+        q.flush().await;
+        assert!(store.get(&key).await.expect("get") > 1, "still in use after 4 s");
+        clock.advance_millis(1_000);
+        q.flush().await;
+        assert_eq!(store.get(&key).await.expect("get"), 1, "idle for 5 s: only what was spent stays");
+    }
+
+    /// The real embedded store, made to fail on demand (a store outage in a unit test).
+    struct Flaky {
+        inner: Embedded,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Counters for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        async fn lease(&self, req: &LeaseRequest<'_>) -> Result<crate::store::Grant, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Timeout);
+            }
+            self.inner.lease(req).await
+        }
+        async fn add(&self, key: &CounterKey, units: u64, exp: i64) -> Result<u64, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Timeout);
+            }
+            self.inner.add(key, units, exp).await
+        }
+        async fn get(&self, key: &CounterKey) -> Result<u64, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn window_add(&self, t: &str, n: &str, w: u64, now: i64, k: i64) -> Result<(u64, u64), StoreError> {
+            self.inner.window_add(t, n, w, now, k).await
+        }
+        async fn slot_acquire(&self, t: &str, s: &str, l: u32, now: i64, ttl: i64) -> Result<bool, StoreError> {
+            self.inner.slot_acquire(t, s, l, now, ttl).await
+        }
+        async fn slot_release(&self, t: &str, s: &str) -> Result<(), StoreError> {
+            self.inner.slot_release(t, s).await
+        }
+        async fn slot_heartbeat(&self, t: &str, s: &[String], now: i64, ttl: i64) -> Result<(), StoreError> {
+            self.inner.slot_heartbeat(t, s, now, ttl).await
+        }
+    }
+
+    #[tokio::test]
+    async fn local_admits_only_its_share_of_what_was_left_while_the_store_fails() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-flaky-{}", rand::random::<u64>()));
+        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
+        let store = Arc::new(Flaky { inner, down: false.into() });
+        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        q.set_live_instances(3);
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
+        let spec = QuotaSpec { limit: 300, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        for _ in 0..60 {
+            q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("store up");
+        }
+        store.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut admitted = 0;
+        for _ in 0..300 {
+            if q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        // 240 were left at the last contact; three instances are alive: a share of 80.
+        assert_eq!(admitted, 80, "the local allowance is (ceiling - counter) / live instances");
+        // Back up: the debt reaches the counter and leases resume from there.
+        store.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        clock.advance_millis(RETRY_AFTER_FAILURE_MS);
+        q.flush().await;
+        let state = q.state(&t, &m, &spec, &p);
+        assert_eq!(state.used, 140);
     }
 
     #[test]
