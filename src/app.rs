@@ -163,7 +163,10 @@ impl Maintenance {
         let ttl = (FLEET_HEARTBEAT * 3).as_millis() as i64;
         let q = &self.limits.quotas;
         match self.limits.store.heartbeat(q.holder(), self.limits.clock.now_millis(), ttl).await {
-            Ok(n) => q.set_live_instances(n),
+            Ok(n) => {
+                q.set_live_instances(n);
+                self.meter.metrics().fleet_instances.set(n as i64);
+            }
             Err(e) => tracing::debug!(error = %e, "fleet heartbeat failed"),
         }
     }

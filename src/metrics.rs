@@ -112,6 +112,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub ledger_flush: Histogram,
     pub ledger_buffered: IntGauge,
+    /// Live instances in the fleet registry, as this instance last read it.
+    pub fleet_instances: IntGauge,
     pub ledger_dropped: prometheus::IntCounter,
     pub config_reloads: IntCounterVec,
     pub tenants: IntGauge,
@@ -190,6 +192,10 @@ impl Metrics {
             g
         };
         let ledger_buffered = gauge("tollgate_ledger_buffered_batches", "Usage batches waiting for the store.");
+        let fleet_instances = gauge(
+            "tollgate_fleet_instances",
+            "Live instances in the fleet registry (quota lease blocks and the `local` allowance are shares of it).",
+        );
         let tenants = gauge("tollgate_tenants", "Tenants in the directory.");
         let keys = gauge("tollgate_keys", "API keys in the directory.");
         let in_flight = gauge("tollgate_requests_in_flight", "Requests being handled right now.");
@@ -253,6 +259,7 @@ impl Metrics {
             ),
             ledger_flush,
             ledger_buffered,
+            fleet_instances,
             ledger_dropped,
             config_reloads: counter(r, "tollgate_config_reloads_total", "Config reloads, by result.", &["result"]),
             connections_refused: counter(

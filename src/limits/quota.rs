@@ -110,6 +110,9 @@ struct CellState {
     debt: u64,
     /// A store call for this cell is out; other requests wait for it.
     busy: bool,
+    /// Units the requests waiting for that call need: the next call asks for them too, so a
+    /// burst costs a few round trips, not one per request.
+    queued: u64,
     /// The lease may be spent until then (its record in the store lives a little longer).
     valid_until_ms: i64,
     /// Last successful store call.
@@ -222,6 +225,7 @@ struct Call {
     granted: u64,
     returned: u64,
     held: u64,
+    add: u64,
     need: u64,
     want: u64,
     limit: u64,
@@ -298,6 +302,7 @@ impl QuotaEngine {
             known_total: base,
             debt: 0,
             busy: false,
+            queued: 0,
             valid_until_ms: 0,
             synced_ms: 0,
             retry_at_ms: 0,
@@ -365,10 +370,12 @@ impl QuotaEngine {
             granted: st.granted,
             returned: st.returned,
             held: st.lease,
+            // Debt travels with the next call, before anything is granted: after an outage
+            // the counter learns what was admitted without it first.
+            add: st.debt,
             need,
             want,
-            // Debt not yet added to the shared counter still counts against the limit.
-            limit: limit.saturating_sub(st.debt),
+            limit,
             expire: expire_at(&st.window),
             period_start: st.window.start_ms,
         }
@@ -385,6 +392,7 @@ impl QuotaEngine {
                 granted: call.granted,
                 returned: call.returned,
                 held: call.held,
+                add: call.add,
                 need: call.need,
                 want: call.want,
                 limit: call.limit,
@@ -405,6 +413,7 @@ impl QuotaEngine {
         }
         match result {
             Ok(grant) => {
+                st.debt = st.debt.saturating_sub(call.add);
                 st.granted += grant.granted;
                 st.lease += grant.granted;
                 st.known_total = grant.total;
@@ -457,12 +466,13 @@ impl QuotaEngine {
                     return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
                 if st.busy {
+                    st.queued += cost;
                     None
                 } else {
                     st.busy = true;
                     let remaining = ceiling.min(spec.limit).saturating_sub(st.used());
                     let need = cost - st.lease;
-                    let want = need + block_size(remaining, self.block_cap(cost), self.live_instances());
+                    let want = need + st.queued + block_size(remaining, self.block_cap(cost), self.live_instances());
                     Some(self.call_for(&st, need, want, ceiling))
                 }
             };
@@ -473,8 +483,10 @@ impl QuotaEngine {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let still_busy = cell.lock().busy;
-                if still_busy && tokio::time::timeout_at(deadline, notified).await.is_err() {
-                    let mut st = cell.lock();
+                let timed_out = still_busy && tokio::time::timeout_at(deadline, notified).await.is_err();
+                let mut st = cell.lock();
+                st.queued = st.queued.saturating_sub(cost);
+                if timed_out {
                     return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
                 continue;
@@ -691,14 +703,10 @@ impl QuotaEngine {
                 self.pending().add.push((key, units, expire));
             }
         }
-        let mut debts = Vec::new();
         for cell in &dirty {
             let mut st = cell.lock();
             st.dirty = false;
             persist.push((st.key.clone(), st.base + st.spent));
-            if st.debt > 0 {
-                debts.push((cell.clone(), st.key.clone(), st.debt, expire_at(&st.window)));
-            }
         }
         if let Err(e) = self.store.persist_usage(&persist).await {
             tracing::warn!(error = %e, rows = persist.len(), "could not persist quota usage; retrying next flush");
@@ -712,6 +720,7 @@ impl QuotaEngine {
                 granted: r.granted,
                 returned: r.returned,
                 held: 0,
+                add: 0,
                 need: 0,
                 want: 0,
                 limit: 0,
@@ -725,30 +734,11 @@ impl QuotaEngine {
                 self.pending().retire.push(r);
             }
         }
-        for (cell, key, debt, expire) in debts {
-            match self.store.add(&key, debt, expire).await {
-                Ok(total) => {
-                    let mut st = cell.lock();
-                    if st.key == key {
-                        st.debt = st.debt.saturating_sub(debt);
-                        st.known_total = total;
-                    }
-                }
-                Err(_) => {
-                    // Still failing: keep the debt and look again next flush.
-                    let mut st = cell.lock();
-                    if !st.dirty {
-                        st.dirty = true;
-                        self.pending().dirty.push(cell.clone());
-                    }
-                }
-            }
-        }
         self.report_leases(closing).await;
     }
 
-    /// Renews leases in use before their records expire, and hands back idle ones (all of
-    /// them when `closing`).
+    /// Adds debt to the counters, renews leases in use before their records expire, and
+    /// hands back idle ones (all of them when `closing`).
     async fn report_leases(&self, closing: bool) {
         let now = self.clock.now_millis();
         let (idle_ms, renew_ms) = (self.settings.idle.as_millis() as i64, self.ttl_ms() / 3);
@@ -756,15 +746,15 @@ impl QuotaEngine {
         for entry in self.cells.iter() {
             let cell = entry.value();
             let mut st = cell.lock();
-            if st.busy || st.lease == 0 {
+            if st.busy || (st.lease == 0 && st.debt == 0) {
                 continue;
             }
-            if closing || now - st.last_used_ms >= idle_ms {
+            if st.lease > 0 && (closing || now - st.last_used_ms >= idle_ms) {
                 // Idle: hand it all back so other instances can use it.
                 st.returned += st.lease;
                 st.known_total = st.known_total.saturating_sub(st.lease);
                 st.lease = 0;
-            } else if now - st.synced_ms < renew_ms {
+            } else if st.debt == 0 && now - st.synced_ms < renew_ms {
                 continue;
             }
             st.busy = true;
@@ -939,7 +929,11 @@ mod tests {
         let spec = QuotaSpec { limit: 1_000_000, period: Period::Month, hard: true, overage_percent: 0 };
         let p = policy(1, "UTC");
         q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.expect("reserve");
-        let key = CounterKey { tenant: t.clone(), metric: m.clone(), period_start: q.state(&t, &m, &spec, &p).period_start_ms };
+        let key = CounterKey {
+            tenant: t.clone(),
+            metric: m.clone(),
+            period_start: q.state(&t, &m, &spec, &p).period_start_ms,
+        };
         assert!(store.get(&key).await.expect("get") > 1, "a block is leased");
         clock.advance_millis(4_000);
         q.flush().await;

@@ -86,6 +86,10 @@ pub struct LeaseRequest<'a> {
     pub returned: u64,
     /// Units it holds unspent right now (what a crash would leave behind).
     pub held: u64,
+    /// Units spent without a grant (during a store outage, or settled above what was
+    /// reserved), added to the counter before anything is granted. Not deduplicated: a call
+    /// repeated after a lost answer counts them twice, which only ever under-admits.
+    pub add: u64,
     /// Grant nothing unless at least this many units fit under `limit` (a refused request
     /// must hold nothing).
     pub need: u64,
@@ -127,6 +131,7 @@ pub fn apply_lease(
             true
         }
     });
+    *total = total.saturating_add(req.add);
     if let Some(h) = holders.get(req.holder) {
         // Grants whose answer never reached the holder, and units it handed back.
         *total = total.saturating_sub(h.granted.saturating_sub(req.granted));

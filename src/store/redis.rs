@@ -149,12 +149,12 @@ const FLEET: &str = "tg:{fleet}:live";
 ///
 /// KEYS: the counter, its holder records (`<holder>|g`, `|r`, `|h`: granted, returned,
 /// held), its holder expiries (sorted set). ARGV: holder, granted, returned, held, need,
-/// want, limit, expire-at ms (-1: never), holder TTL ms. Time is the server's, so instances
+/// want, limit, expire-at ms (-1: never), holder TTL ms, units to add. Time is the server's, so instances
 /// with skewed clocks agree on when a holder expires.
 const LEASE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+local total = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[10])
 for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   total = total - tonumber(redis.call('HGET', KEYS[2], h .. '|h') or '0')
   redis.call('HDEL', KEYS[2], h .. '|g', h .. '|r', h .. '|h')
@@ -349,7 +349,8 @@ impl Counters for RedisStore {
             .arg(req.want)
             .arg(req.limit)
             .arg(if req.expire_at_ms == i64::MAX { -1 } else { req.expire_at_ms })
-            .arg(req.ttl_ms.max(1));
+            .arg(req.ttl_ms.max(1))
+            .arg(req.add);
         let ((granted, total),): ((i64, i64),) =
             self.run_within("lease", &req.key.tenant, &pipe, Some(self.lease_timeout)).await?;
         Ok(Grant { granted: granted.max(0) as u64, total: total.max(0) as u64 })
