@@ -296,6 +296,20 @@ def build(out):
             lines.append("```")
             lines.append("")
             lines.append("</details>")
+    return "\n".join(lines) + "\n" + store_traffic(out)
+
+
+def store_traffic(out):
+    """The Redis variant's store round trips, under load and idle (store-traffic.tsv)."""
+    path = out / "store-traffic.tsv"
+    if not path.exists():
+        return ""
+    lines = ["", "Store round trips of the Redis variant (`tollgate_store_round_trips_total` by `op`):", ""]
+    lines.append("| When | Op | Round trips | Per request | Rate |")
+    lines.append("|---|---|---:|---:|---:|")
+    for row in path.read_text().splitlines():
+        when, span, op, count, per_request, rate = (row.split("\t") + [""] * 6)[:6]
+        lines.append(f"| {when} ({span}) | `{op}` | {count} | {per_request.replace(' per request', '')} | {rate} |")
     return "\n".join(lines) + "\n"
 
 

@@ -190,7 +190,7 @@ launch() { # name, pin (proxy|client), command...
     PID_OF[$name]=$!
 }
 
-declare -A PORT_OF=() KEYED=() LABEL=()
+declare -A PORT_OF=() ADMIN_OF=() KEYED=() LABEL=()
 LABEL=(
     [bare]="bare Pingora hop"
     [bare-mimalloc]="bare Pingora hop, mimalloc preloaded"
@@ -252,6 +252,7 @@ for v in $VARIANTS; do
             ;;
         *)
             free_port admin
+            ADMIN_OF[$v]=$admin
             render "benches/e2e/configs/${CONFIG_OF[$v]}.toml" "$WORK/$v.toml" "$port" "$admin"
             "$TOLLGATE" check -c "$WORK/$v.toml" >/dev/null || die "configs/${CONFIG_OF[$v]}.toml does not load"
             launch "$v" proxy "$TOLLGATE" run -c "$WORK/$v.toml"
@@ -307,6 +308,20 @@ to_us() {
 
 printf 'variant\tround\trequests\trps\tp50_us\tp99_us\tcpu_us\tcpu_util\tnon2xx\terrors\tupstream_cpu_us\tone_rps\tone_p50_us\tone_p99_us\n' >"$OUT/results.tsv"
 
+# Store round trips of a Tollgate variant so far, per operation ("op count" lines).
+store_round_trips() {
+    curl -s "http://127.0.0.1:${ADMIN_OF[$1]}/metrics" |
+        awk -F'[{}" ]+' '/^tollgate_store_round_trips_total\{/ {
+            for (i = 2; i < NF; i++) if ($i ~ /^op=/) { op = $(i + 1) }
+            n[op] += $NF
+        } END { for (o in n) printf "%s %d\n", o, n[o] }' | sort
+}
+
+# "op count" lines of `after` minus `before`.
+round_trip_delta() {
+    join -a2 -e0 -o '2.1,1.2,2.2' <(echo "$1") <(echo "$2") | awk '{ printf "%s %d\n", $1, $3 - $2 }'
+}
+
 measure() { # variant, round
     local v=$1 r=$2
     local raw="$OUT/raw/$v.round$r.txt" pid=${PID_OF[$1]} up=${PID_OF[upstream]}
@@ -315,6 +330,8 @@ measure() { # variant, round
         wrk_on "$v" "$CONNS" -d"${WARMUP}s" >/dev/null
     fi
     local c0 u0 c1 u1 t0 t1
+    local rt0=""
+    [ "$v" = redis ] && rt0=$(store_round_trips "$v")
     c0=$(cpu_ticks "$pid")
     u0=$(cpu_ticks "$up")
     t0=$(date +%s%N)
@@ -331,6 +348,13 @@ measure() { # variant, round
     non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$raw")
     errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$raw")
     if [ -z "$requests" ] || [ "$requests" -eq 0 ]; then die "wrk completed no request against $v; see $raw"; fi
+    if [ "$v" = redis ]; then
+        # Store round trips under load, per request and per operation.
+        round_trip_delta "$rt0" "$(store_round_trips "$v")" |
+            awk -v n="$requests" -v r="$r" -v s="$DURATION" '{
+                printf "load\tround %s\t%s\t%d\t%.5f per request\t%.1f/s\n", r, $1, $2, $2 / n, $2 / s
+            }' >>"$OUT/store-traffic.tsv"
+    fi
     # The hop's own latency: one connection, no queue.
     local one="$OUT/raw/$v.round$r.one-connection.txt" one_rps=0 one_p50=0 one_p99=0
     if [ "$LATENCY" -gt 0 ]; then
@@ -397,6 +421,16 @@ for v in "${perf_variants[@]}"; do
     fi
     wait "$load" || true
 done
+
+if wants redis; then
+    # Background traffic of an idle instance: directory polls, ledger writes, lease renewals and
+    # hand-backs, slot renewals, fleet heartbeats.
+    idle=10
+    rt0=$(store_round_trips redis)
+    sleep "$idle"
+    round_trip_delta "$rt0" "$(store_round_trips redis)" |
+        awk -v s="$idle" '{ printf "idle\t%ds\t%s\t%d\t\t%.1f/s\n", s, $1, $2, $2 / s }' >>"$OUT/store-traffic.tsv"
+fi
 
 cat /proc/loadavg >"$OUT/loadavg-end.txt"
 finished_at=$(date +%s)

@@ -671,6 +671,14 @@ impl QuotaEngine {
         st.snapshot(spec)
     }
 
+    /// Units this process spent on a quota this period (0 for a quota it has not seen).
+    pub fn spent(&self, tenant: &Arc<str>, metric: &Arc<str>) -> u64 {
+        self.cells.get(&(tenant.clone(), metric.clone())).map(|c| {
+            let st = c.lock();
+            st.base + st.spent
+        }).unwrap_or(0)
+    }
+
     /// Records that warnings up to `level` percent were announced; returns the previous level.
     pub fn mark_warned(&self, r: &Reservation, level: u32) -> u32 {
         let mut st = r.cell.lock();

@@ -19,9 +19,9 @@ pub struct QuotaUsage {
     pub reset_at: Option<String>,
 }
 
-/// The current usage of every quota of `tenant`. With a shared store the shared counter is
-/// read, so the answer covers every instance (units leased to an instance and not yet spent
-/// count as used until they are returned).
+/// The current usage of every quota of `tenant`. With a shared store the committed usage is
+/// read, so the answer covers every instance: units leased and not yet spent are not counted
+/// (as of each instance's last report, at most `lease_ttl / 3` old while it holds units).
 pub async fn current_usage(limits: &Limits, tenant: &Tenant) -> Vec<QuotaUsage> {
     let policy = &tenant.policy;
     let mut out = Vec::new();
@@ -31,8 +31,9 @@ pub async fn current_usage(limits: &Limits, tenant: &Tenant) -> Vec<QuotaUsage> 
         if limits.shared {
             let key =
                 CounterKey { tenant: tenant.id.clone(), metric: metric.clone(), period_start: local.period_start_ms };
-            if let Ok(total) = limits.store.get(&key).await {
-                used = used.max(total);
+            if let Ok(committed) = limits.store.committed(&key).await {
+                // This instance's own spending is known here even before its next report.
+                used = committed.max(limits.quotas.spent(&tenant.id, metric));
             }
         }
         out.push(QuotaUsage {

@@ -141,6 +141,13 @@ impl Counters for Embedded {
         Ok(*total)
     }
 
+    async fn committed(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        let mem = self.mem();
+        let total = mem.granted.get(key).copied().unwrap_or(0);
+        let held: u64 = mem.holders.get(key).map(|h| h.values().map(|r| r.held).sum()).unwrap_or(0);
+        Ok(total.saturating_sub(held))
+    }
+
     async fn get(&self, key: &CounterKey) -> Result<u64, StoreError> {
         Ok(self.mem().granted.get(key).copied().unwrap_or(0))
     }

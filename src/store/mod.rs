@@ -175,6 +175,12 @@ pub trait Counters: Send + Sync + 'static {
     /// Reads a counter (0 when absent).
     async fn get(&self, key: &CounterKey) -> Result<u64, StoreError>;
 
+    /// Committed usage of a counter: the counter less what its holders reported holding
+    /// unspent at their last call. Lags real spending by at most one report per holder.
+    async fn committed(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        self.get(key).await
+    }
+
     /// Sliding window: adds `n` to the window of `window_ms` containing `now_ms`; returns the
     /// current and previous windows' counts.
     async fn window_add(

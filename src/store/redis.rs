@@ -382,6 +382,17 @@ impl Counters for RedisStore {
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
+    async fn committed(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        let k = quota_key(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&k);
+        pipe.cmd("HGETALL").arg(format!("{k}:h"));
+        let (total, holders): (Option<i64>, std::collections::HashMap<String, i64>) =
+            self.run("committed", &key.tenant, &pipe).await?;
+        let held: i64 = holders.iter().filter(|(f, _)| f.ends_with("|h")).map(|(_, v)| (*v).max(0)).sum();
+        Ok((total.unwrap_or(0) - held).max(0) as u64)
+    }
+
     async fn window_add(
         &self,
         tenant: &str,
