@@ -286,7 +286,7 @@ fn steady_state_needs_few_store_round_trips() {
     assert_eq!(ok, n);
     let per_request = (round_trips(&gw) - before) as f64 / n as f64;
     println!("store round trips per request (1M quota, steady state): {per_request:.4}");
-    assert!(per_request <= 0.05, "{per_request}");
+    assert!(per_request <= 0.01, "{per_request}");
 }
 
 fn round_trips(gw: &Gateway) -> u64 {
