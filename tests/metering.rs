@@ -191,10 +191,10 @@ fn a_report_over_a_month_boundary_has_daily_rows_and_totals() {
             row("2027-02-01", "records", 50, 100_000),
             row("2027-02-02", "requests", 9, 0),
         ];
-        let batch = LedgerBatch { id: "b1".into(), rows, uncertain: false };
-        store.apply(&batch).await.expect("apply");
+        let batch = [LedgerBatch { writer: "w1".into(), seq: 1, tenant: "acme".into(), rows }];
+        assert!(store.apply(&batch).await.iter().all(Result::is_ok), "apply");
         // The same batch again (a retry) is not counted twice.
-        store.apply(&batch).await.expect("apply again");
+        assert!(store.apply(&batch).await.iter().all(Result::is_ok), "apply again");
     });
     let cfg = dir.join("tollgate.toml");
     std::fs::write(
