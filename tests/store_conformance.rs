@@ -856,3 +856,28 @@ async fn redis_ledger_marks_are_bounded_and_survive_a_script_flush() {
     apply_ok(l, &[batch("w1", 21, "marks-b", 1)]).await;
     assert_eq!(totals(l, "marks-b").await.0, 21);
 }
+
+/// A write whose answer is lost (the caller gave up while it was on the way, as a timeout
+/// does) but which landed: the retry is skipped by the mark, so the batch counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_retry_after_a_lost_answer_counts_once() {
+    let redis = Redis::start();
+    let proxy = common::DelayProxy::start(([127, 0, 0, 1], redis.port).into());
+    let timeout = Duration::from_secs(5);
+    let breaker = Breaker::new(timeout, 5, Duration::from_secs(1), Arc::new(SystemClock));
+    let store = RedisStore::connect(&[format!("redis://{}", proxy.addr)], breaker, Arc::new(NoObserver), timeout)
+        .expect("create the Redis store");
+    apply_ok(&store, &[batch("w", 1, "lost-a", 1)]).await;
+
+    proxy.set_delay(Duration::from_millis(400));
+    let first = tokio::time::timeout(Duration::from_millis(100), store.apply(&[batch("w", 2, "lost-a", 10)])).await;
+    assert!(first.is_err(), "the caller gave up before the answer");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.command(&["HGET", "tg:{lost-a}:lhwm", "w"]) != "2" {
+        assert!(Instant::now() < deadline, "the write did not land");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_delay(Duration::ZERO);
+    apply_ok(&store, &[batch("w", 2, "lost-a", 10)]).await;
+    assert_eq!(totals(&store, "lost-a").await.0, 11, "the retried batch counted once");
+}
