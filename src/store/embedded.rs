@@ -269,6 +269,9 @@ fn ledger_schema(conn: &Connection) -> Result<(), StoreError> {
     .map_err(backend)
 }
 
+/// The usage ledger is the `usage` table. A write adds its batches' rows and raises each
+/// writer's high-water mark per tenant (`ledger_marks`) in one transaction, so a retried batch
+/// is skipped and a failed write leaves nothing behind.
 #[async_trait]
 impl Ledger for Embedded {
     async fn apply(&self, batches: &[LedgerBatch]) -> Vec<Result<(), StoreError>> {
