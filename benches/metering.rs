@@ -179,12 +179,12 @@ struct NoStore {
 
 #[async_trait]
 impl Ledger for NoStore {
-    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
-        self.rows.store(black_box(batch.rows.len()), Ordering::Relaxed);
+    async fn apply(&self, batches: &[LedgerBatch]) -> Vec<Result<(), StoreError>> {
+        self.rows.store(black_box(batches.iter().map(|b| b.rows.len()).sum()), Ordering::Relaxed);
         if self.capture.swap(false, Ordering::Relaxed) {
-            *self.captured.lock().expect("captured rows") = batch.rows.clone();
+            *self.captured.lock().expect("captured rows") = batches.iter().flat_map(|b| b.rows.clone()).collect();
         }
-        Ok(())
+        batches.iter().map(|_| Ok(())).collect()
     }
 
     async fn rows(&self, _: &str, _: &str, _: &str) -> Result<Vec<LedgerRow>, StoreError> {
@@ -369,17 +369,27 @@ fn time_apply(
 ) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
-        let n = seq.fetch_add(1, Ordering::Relaxed);
-        let batch = LedgerBatch {
-            id: format!("bench-{tag}-{}-{n}", std::process::id()),
-            rows: rows.to_vec(),
-            uncertain: false,
-        };
+        let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let batches = batches_of(rows, &format!("bench-{tag}-{}", std::process::id()), n);
         let start = Instant::now();
-        rt.block_on(ledger.apply(&batch)).expect("ledger apply");
+        apply_all(rt, ledger, &batches).expect("ledger apply");
         total += start.elapsed();
     }
     total
+}
+
+/// One flush's batches (one per tenant), as the meter builds them.
+fn batches_of(rows: &[LedgerRow], writer: &str, seq: u64) -> Vec<LedgerBatch> {
+    let mut by_tenant: std::collections::BTreeMap<&str, Vec<LedgerRow>> = std::collections::BTreeMap::new();
+    for r in rows {
+        by_tenant.entry(&r.tenant).or_default().push(r.clone());
+    }
+    by_tenant.into_iter().map(|(t, rows)| LedgerBatch { writer: writer.into(), seq, tenant: t.into(), rows }).collect()
+}
+
+/// Applies a flush's batches; the first error, if any.
+fn apply_all(rt: &Runtime, ledger: &dyn Ledger, batches: &[LedgerBatch]) -> Result<(), StoreError> {
+    rt.block_on(ledger.apply(batches)).into_iter().collect()
 }
 
 /// `rows` moved to another UTC day.
@@ -430,14 +440,10 @@ fn redis_checks(rt: &Runtime, url: &str, rows: &[LedgerRow]) {
     let store = redis_store(rt, url, BENCH_STORE_TIMEOUT);
     let (mut total, mut server, runs) = (0.0, 0.0, 5);
     for n in 0..runs {
-        let batch = LedgerBatch {
-            id: format!("bench-split-{}-{n}", std::process::id()),
-            rows: rows.to_vec(),
-            uncertain: false,
-        };
+        let batches = batches_of(rows, &format!("bench-split-{}", std::process::id()), n + 1);
         let before = rt.block_on(redis_command_usec(&mut conn));
         let start = Instant::now();
-        rt.block_on(store.apply(&batch)).expect("ledger apply");
+        apply_all(rt, &*store, &batches).expect("ledger apply");
         total += start.elapsed().as_secs_f64() * 1000.0;
         server += (rt.block_on(redis_command_usec(&mut conn)) - before) as f64 / 1000.0;
     }
@@ -451,13 +457,9 @@ fn redis_checks(rt: &Runtime, url: &str, rows: &[LedgerRow]) {
     let store = redis_store(rt, url, DEFAULT_STORE_TIMEOUT);
     let mut line = String::new();
     for n in 0..runs {
-        let batch = LedgerBatch {
-            id: format!("bench-default-timeout-{}-{n}", std::process::id()),
-            rows: rows.to_vec(),
-            uncertain: false,
-        };
+        let batches = batches_of(rows, &format!("bench-default-timeout-{}", std::process::id()), n + 1);
         let start = Instant::now();
-        let r = rt.block_on(store.apply(&batch));
+        let r = apply_all(rt, &*store, &batches);
         let took = start.elapsed().as_secs_f64() * 1000.0;
         line.push_str(&match r {
             Ok(()) => format!(" ok in {took:.1} ms;"),

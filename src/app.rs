@@ -93,6 +93,21 @@ pub struct Stores {
     pub counters: Arc<dyn Counters>,
     pub ledger: Arc<dyn Ledger>,
     pub directory: Arc<dyn DirectoryStore>,
+    /// The Redis store itself, when the store is Redis (for [`Stores::wait_connected`]).
+    pub redis: Option<Arc<RedisStore>>,
+}
+
+impl Stores {
+    /// Waits up to `within` until the store can take calls: a Redis Cluster is discovered in
+    /// the background after [`open_store`], and a command that reads the store once would
+    /// otherwise fail before it is there. The gateway does not wait (its failure policy covers
+    /// the moment); commands that read the store and exit do.
+    pub fn wait_connected(&self, within: Duration, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+        match &self.redis {
+            Some(r) => rt.block_on(r.wait_connected(tokio::time::Instant::now() + within)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Opens the configured store. Redis connects lazily, so a Redis that is down at startup is
@@ -109,17 +124,22 @@ pub fn open_store(
                 Embedded::open(&cfg.path, clock.now_millis())
                     .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?,
             );
-            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store })
+            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store, redis: None })
         }
         StoreKind::Redis => {
             let _guard = bg.enter();
             let breaker = Breaker::new(cfg.timeout, cfg.breaker_failures, cfg.breaker_cooldown, clock);
-            let store = Arc::new(
+            let store = if cfg.cluster {
+                RedisStore::connect_cluster(&cfg.urls, breaker, metrics, cfg.timeout)
+            } else {
                 RedisStore::connect(&cfg.urls, breaker, metrics, cfg.timeout)
+            };
+            let store = Arc::new(
+                store
                     .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?
                     .with_lease_timeout(cfg.lease_timeout),
             );
-            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store })
+            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store.clone(), redis: Some(store) })
         }
     }
 }

@@ -181,8 +181,11 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(upstream_healthy.clone())).unwrap_or_else(|e| panic!("{e}"));
         let ledger_flush = Histogram::with_opts(
-            HistogramOpts::new("tollgate_ledger_flush_seconds", "Time to write one usage batch to the ledger.")
-                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            HistogramOpts::new(
+                "tollgate_ledger_flush_seconds",
+                "Time of one usage ledger write (a flush or a replay).",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(ledger_flush.clone())).unwrap_or_else(|e| panic!("{e}"));
@@ -191,7 +194,8 @@ impl Metrics {
             r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("{e}"));
             g
         };
-        let ledger_buffered = gauge("tollgate_ledger_buffered_batches", "Usage batches waiting for the store.");
+        let ledger_buffered =
+            gauge("tollgate_ledger_buffered_batches", "Flushes whose usage batches wait for the store.");
         let fleet_instances = gauge(
             "tollgate_fleet_instances",
             "Live instances in the fleet registry (quota lease blocks and the `local` allowance are shares of it).",
@@ -201,7 +205,7 @@ impl Metrics {
         let in_flight = gauge("tollgate_requests_in_flight", "Requests being handled right now.");
         let ledger_dropped = prometheus::IntCounter::new(
             "tollgate_ledger_dropped_batches_total",
-            "Usage batches dropped because the buffer was full during a store outage.",
+            "Flushes of usage dropped because the buffer was full during a store outage.",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         r.register(Box::new(ledger_dropped.clone())).unwrap_or_else(|e| panic!("{e}"));

@@ -427,3 +427,43 @@ fn log_level_must_be_a_level_or_target_level_directives() {
         }
     }
 }
+
+/// `[store] url` takes one URL, a comma-separated string or a list; `cluster` defaults to
+/// true with several URLs and may name a cluster by one seed.
+#[test]
+fn store_url_forms_and_cluster() {
+    let load = |store: &str| {
+        let dir = temp_dir("cfg");
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, format!("{BASE}\n[store]\nkind = \"redis\"\n{store}\n")).expect("write");
+        let c = config::load(&path).unwrap_or_else(|d| panic!("`{store}` rejected:\n{d}")).config.store;
+        (c.urls, c.cluster)
+    };
+    let one = || vec!["redis://a:1".to_string()];
+    let two = || vec!["redis://a:1".to_string(), "redis://b:2".to_string()];
+    assert_eq!(load("url = \"redis://a:1\""), (one(), false));
+    assert_eq!(load("url = \"redis://a:1\"\ncluster = true"), (one(), true));
+    assert_eq!(load("url = \"redis://a:1, redis://b:2\""), (two(), true));
+    assert_eq!(load("url = [\"redis://a:1\", \"redis://b:2\"]"), (two(), true));
+    assert_eq!(load("url = [\"redis://a:1\"]\ncluster = true"), (one(), true));
+}
+
+#[test]
+fn store_url_and_cluster_errors_all_at_once() {
+    let d = errors_of(&format!(
+        "{BASE}\n[store]\nkind = \"redis\"\nurl = [\"redis://a:1\", \"b:2\"]\ncluster = false\ntimeout = \"0s\"\n"
+    ));
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 3, "{d}");
+    assert!(errors.iter().any(|e| e.line == 10 && e.message.contains("`b:2` is not a Redis URL")), "{d}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.line == 11 && e.message.contains("`cluster = false`") && e.message.contains("cluster = true")),
+        "{d}"
+    );
+    one_error(&format!("{BASE}\n[store]\nkind = \"redis\"\nurl = []\n"), "`url` names no Redis", 10);
+    one_error(&format!("{BASE}\n[store]\ncluster = true\n"), "`cluster` applies to a Redis store", 9);
+    let d = errors_of(&format!("{BASE}\n[store]\nkind = \"redis\"\nurl = 6379\n"));
+    assert!(d.errors().any(|e| e.line == 10 && e.message.contains("a string or a list of strings")), "{d}");
+}

@@ -191,10 +191,10 @@ fn a_report_over_a_month_boundary_has_daily_rows_and_totals() {
             row("2027-02-01", "records", 50, 100_000),
             row("2027-02-02", "requests", 9, 0),
         ];
-        let batch = LedgerBatch { id: "b1".into(), rows, uncertain: false };
-        store.apply(&batch).await.expect("apply");
+        let batch = [LedgerBatch { writer: "w1".into(), seq: 1, tenant: "acme".into(), rows }];
+        assert!(store.apply(&batch).await.iter().all(Result::is_ok), "apply");
         // The same batch again (a retry) is not counted twice.
-        store.apply(&batch).await.expect("apply again");
+        assert!(store.apply(&batch).await.iter().all(Result::is_ok), "apply again");
     });
     let cfg = dir.join("tollgate.toml");
     std::fs::write(
@@ -432,4 +432,116 @@ charge = {{ metric = "records", cost_from_query = "n" }}
     assert_eq!(total(&r, "records"), 100, "nor are their charges: {r}");
     assert_eq!(total(&r, "status_5xx"), 0, "{r}");
     assert_eq!(total(&r, "rejected.upstream_unavailable"), 5, "they are metered apart: {r}");
+}
+
+/// A ledger that fails every batch of the tenants in `failing` (as a stalled Redis Cluster
+/// master would) and records what it applied.
+#[derive(Default)]
+struct FlakyLedger {
+    failing: Mutex<std::collections::HashSet<String>>,
+    /// (tenant, seq, requests), in the order applied.
+    applied: Mutex<Vec<(String, u64, u64)>>,
+}
+
+#[async_trait::async_trait]
+impl tollgate::store::Ledger for FlakyLedger {
+    async fn apply(&self, batches: &[tollgate::store::LedgerBatch]) -> Vec<Result<(), tollgate::store::StoreError>> {
+        let failing = self.failing.lock().expect("failing").clone();
+        batches
+            .iter()
+            .map(|b| {
+                if failing.contains(&*b.tenant) {
+                    return Err(tollgate::store::StoreError::Timeout);
+                }
+                let requests = b.rows.iter().find(|r| &*r.metric == "requests").map_or(0, |r| r.value);
+                self.applied.lock().expect("applied").push((b.tenant.to_string(), b.seq, requests));
+                Ok(())
+            })
+            .collect()
+    }
+
+    async fn rows(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<Vec<tollgate::store::LedgerRow>, tollgate::store::StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A tenant whose ledger writes fail keeps its batches, in order, while the other tenants'
+/// are written at every flush; once it recovers, its batches are applied oldest first, each
+/// once. Past `max_buffered_batches` flushes, the oldest are dropped and counted.
+#[test]
+fn a_failing_tenant_does_not_hold_up_the_others() {
+    use tollgate::metering::{Meter, Record};
+    let mut diags = tollgate::config::Diagnostics::default();
+    let cfg = tollgate::config::load_str(
+        std::path::Path::new("meter.toml"),
+        "[upstreams.u]\nservers = [\"127.0.0.1:9\"]\n[tiers.t]\nupstream = \"u\"\n[[tenants]]\nid = \"sick\"\ntier = \"t\"\n[[tenants]]\nid = \"well\"\ntier = \"t\"\n".into(),
+        &mut diags,
+    )
+    .unwrap_or_else(|| panic!("{diags:?}"));
+    let mut dir = tollgate::directory::Directory::with_capacity(2, 0);
+    for t in &cfg.tenants {
+        dir.add(&cfg, t);
+    }
+    let tenant = |id: &str| dir.tenant(id).expect("tenant").clone();
+    let (sick, well) = (tenant("sick"), tenant("well"));
+    let ledger = Arc::new(FlakyLedger::default());
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let meter = Meter::new(ledger.clone(), metrics.clone(), 3, "gw".into(), Vec::new(), 0);
+    let record = |t: &tollgate::directory::Tenant, n: usize| {
+        for _ in 0..n {
+            let r = Record {
+                tenant: Some(t),
+                rule: "-",
+                decision: "forwarded",
+                reason: None,
+                status: 200,
+                bytes_in: 0,
+                bytes_out: 0,
+                upstream: None,
+                upstream_secs: None,
+                total_secs: 0.0,
+                charge: None,
+                admitted: true,
+            };
+            meter.record(&r, chrono::Utc::now().timestamp_millis());
+        }
+    };
+    let applied = |tenant: &str| -> Vec<(u64, u64)> {
+        ledger.applied.lock().expect("applied").iter().filter(|a| a.0 == tenant).map(|a| (a.1, a.2)).collect()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+
+    ledger.failing.lock().expect("failing").insert("sick".into());
+    for round in 1..=2u64 {
+        record(&sick, round as usize);
+        record(&well, 10 * round as usize);
+        rt.block_on(meter.flush());
+        assert_eq!(applied("well").last(), Some(&(round, 10 * round)), "the healthy tenant is written every flush");
+    }
+    assert!(applied("sick").is_empty());
+    assert_eq!(meter.buffered(), 2, "the failing tenant's two flushes wait");
+
+    ledger.failing.lock().expect("failing").clear();
+    rt.block_on(meter.flush());
+    assert_eq!(applied("sick"), vec![(1, 1), (2, 2)], "oldest first, each once");
+    assert_eq!(meter.buffered(), 0);
+    rt.block_on(meter.flush());
+    assert_eq!(applied("sick").len(), 2, "nothing is replayed once written");
+
+    // Four flushes wait with room for three: the oldest is dropped and counted.
+    ledger.failing.lock().expect("failing").insert("sick".into());
+    for n in 1..=4 {
+        record(&sick, n);
+        rt.block_on(meter.flush());
+    }
+    assert_eq!(meter.buffered(), 3);
+    assert_eq!(metrics.ledger_dropped.get(), 1);
+    ledger.failing.lock().expect("failing").clear();
+    rt.block_on(meter.flush());
+    assert_eq!(applied("sick")[2..], [(4, 2), (5, 3), (6, 4)], "the three newest flushes, in order");
 }

@@ -804,3 +804,218 @@ async fn embedded_persisted_usage_survives_reopen() {
     assert_eq!(h.lease(&lifetime, 10, 10, NEVER).await, grant(3, 10), "the `never` counter too");
     assert_eq!(h.lease(&untouched, 5, 5, NEVER).await, grant(5, 5), "other counters start at 0");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ledger: exactly-once by a high-water mark per writer and tenant
+// ---------------------------------------------------------------------------------------------
+//
+// Every `Ledger` backend guarantees:
+//
+// - a batch applied twice (a retry after a lost answer) counts once;
+// - a batch whose `seq` is at or below the writer's mark for its tenant is skipped, also
+//   when it is older than one already applied;
+// - marks are per writer (another writer's same `seq` is applied) and per tenant (one
+//   tenant's mark does not skip another tenant's batch);
+// - several batches of one tenant in one call are applied in order, each once;
+// - one result per batch, costs add up like values.
+
+use tollgate::store::{Ledger, LedgerBatch, LedgerRow};
+
+/// A ledger under test plus whatever must stay alive while it is used.
+struct LedgerBackend {
+    ledger: Arc<dyn Ledger>,
+    _dir: Option<TempDir>,
+    _redis: Option<Redis>,
+    _cluster: Option<common::RedisCluster>,
+}
+
+impl LedgerBackend {
+    fn embedded() -> LedgerBackend {
+        let dir = TempDir::new("ledger-conformance");
+        let store =
+            Embedded::open(&dir.path().join("tollgate.db"), SystemClock.now_millis()).expect("open the embedded store");
+        LedgerBackend { ledger: Arc::new(store), _dir: Some(dir), _redis: None, _cluster: None }
+    }
+
+    fn redis() -> LedgerBackend {
+        let redis = Redis::start();
+        let timeout = Duration::from_secs(2);
+        let breaker = Breaker::new(timeout, 5, Duration::from_secs(1), Arc::new(SystemClock));
+        let store = RedisStore::connect(&[redis.url()], breaker, Arc::new(NoObserver), timeout)
+            .expect("create the Redis store");
+        LedgerBackend { ledger: Arc::new(store), _dir: None, _redis: Some(redis), _cluster: None }
+    }
+
+    /// A three-master cluster, discovered from one seed.
+    async fn redis_cluster() -> LedgerBackend {
+        let cluster = common::RedisCluster::start(3, 0, 5000);
+        let timeout = Duration::from_secs(2);
+        let breaker = Breaker::new(timeout, 5, Duration::from_secs(1), Arc::new(SystemClock));
+        let store = RedisStore::connect_cluster(&[cluster.url(0)], breaker, Arc::new(NoObserver), timeout)
+            .expect("create the Redis Cluster store");
+        store
+            .wait_connected(tokio::time::Instant::now() + Duration::from_secs(10))
+            .await
+            .expect("the cluster is discovered");
+        LedgerBackend { ledger: Arc::new(store), _dir: None, _redis: None, _cluster: Some(cluster) }
+    }
+}
+
+macro_rules! ledger_conformance {
+    ($suite:ident: $embedded:ident, $redis:ident, $cluster:ident $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            let backend = LedgerBackend::embedded();
+            $suite(backend.ledger.clone()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            let backend = LedgerBackend::redis();
+            $suite(backend.ledger.clone()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $cluster() {
+            let backend = LedgerBackend::redis_cluster().await;
+            $suite(backend.ledger.clone()).await;
+        }
+    };
+}
+
+const LEDGER_DAY: &str = "2027-03-04";
+
+fn batch(writer: &str, seq: u64, tenant: &str, requests: u64) -> LedgerBatch {
+    let row = |metric: &str, value: u64, cost_micros: u64| LedgerRow {
+        tenant: tenant.into(),
+        metric: metric.into(),
+        day: LEDGER_DAY.into(),
+        value,
+        cost_micros,
+    };
+    LedgerBatch {
+        writer: writer.into(),
+        seq,
+        tenant: tenant.into(),
+        rows: vec![row("requests", requests, 0), row("tokens", requests * 10, requests * 3)],
+    }
+}
+
+async fn apply_ok(ledger: &dyn Ledger, batches: &[LedgerBatch]) {
+    let results = ledger.apply(batches).await;
+    assert_eq!(results.len(), batches.len(), "one result per batch");
+    for (b, r) in batches.iter().zip(results) {
+        assert_eq!(r, Ok(()), "batch {} of {} for {}", b.seq, b.writer, b.tenant);
+    }
+}
+
+/// (requests, tokens, tokens cost) of `tenant` on [`LEDGER_DAY`].
+async fn totals(ledger: &dyn Ledger, tenant: &str) -> (u64, u64, u64) {
+    let rows = ledger.rows(tenant, LEDGER_DAY, LEDGER_DAY).await.expect("read the ledger");
+    let get = |m: &str| rows.iter().find(|r| &*r.metric == m).map(|r| (r.value, r.cost_micros)).unwrap_or((0, 0));
+    (get("requests").0, get("tokens").0, get("tokens").1)
+}
+
+async fn suite_ledger_high_water_mark(ledger: Arc<dyn Ledger>) {
+    let l = &*ledger;
+    apply_ok(l, &[batch("w1", 1, "hwm-a", 5)]).await;
+    apply_ok(l, &[batch("w1", 1, "hwm-a", 5)]).await;
+    assert_eq!(totals(l, "hwm-a").await, (5, 50, 15), "a batch applied twice counts once");
+
+    apply_ok(l, &[batch("w1", 3, "hwm-a", 7)]).await;
+    apply_ok(l, &[batch("w1", 2, "hwm-a", 100)]).await;
+    assert_eq!(totals(l, "hwm-a").await, (12, 120, 36), "an older seq after a newer one is skipped");
+
+    apply_ok(l, &[batch("w2", 3, "hwm-a", 1)]).await;
+    assert_eq!(totals(l, "hwm-a").await, (13, 130, 39), "another writer's same seq is applied");
+
+    apply_ok(l, &[batch("w1", 2, "hwm-b", 4)]).await;
+    assert_eq!(totals(l, "hwm-b").await, (4, 40, 12), "marks are per tenant");
+}
+
+async fn suite_ledger_several_batches_in_one_call(ledger: Arc<dyn Ledger>) {
+    let l = &*ledger;
+    // Two flushes of one writer, two tenants each, in one call (a replay after an outage).
+    apply_ok(
+        l,
+        &[
+            batch("w", 1, "many-a", 1),
+            batch("w", 1, "many-b", 2),
+            batch("w", 2, "many-a", 3),
+            batch("w", 2, "many-b", 4),
+        ],
+    )
+    .await;
+    assert_eq!(totals(l, "many-a").await.0, 4);
+    assert_eq!(totals(l, "many-b").await.0, 6);
+    // The same call again, with the next flush: only the new flush counts.
+    apply_ok(
+        l,
+        &[
+            batch("w", 1, "many-a", 1),
+            batch("w", 2, "many-a", 3),
+            batch("w", 3, "many-a", 10),
+            batch("w", 2, "many-b", 4),
+            batch("w", 3, "many-b", 20),
+        ],
+    )
+    .await;
+    assert_eq!(totals(l, "many-a").await.0, 14);
+    assert_eq!(totals(l, "many-b").await.0, 26);
+    assert!(l.apply(&[]).await.is_empty(), "nothing to apply, nothing to answer");
+}
+
+ledger_conformance!(suite_ledger_high_water_mark:
+    embedded_ledger_high_water_mark, redis_ledger_high_water_mark, redis_cluster_ledger_high_water_mark);
+ledger_conformance!(suite_ledger_several_batches_in_one_call:
+    embedded_ledger_several_batches_in_one_call,
+    redis_ledger_several_batches_in_one_call,
+    redis_cluster_ledger_several_batches_in_one_call,
+);
+
+/// The Redis ledger keeps one mark hash per tenant, with one field per writer, that expires;
+/// and it still applies batches after the server has forgotten its scripts (a restart or a
+/// failover loses the script cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_marks_are_bounded_and_survive_a_script_flush() {
+    let backend = LedgerBackend::redis();
+    let l = &*backend.ledger;
+    let redis = backend._redis.as_ref().expect("redis");
+    for seq in 1..=20 {
+        apply_ok(l, &[batch("w1", seq, "marks-a", 1), batch("w2", seq, "marks-a", 1), batch("w1", seq, "marks-b", 1)])
+            .await;
+    }
+    assert_eq!(redis.command(&["DBSIZE"]), ":4", "two usage hashes and two mark hashes");
+    assert_eq!(redis.command(&["HLEN", "tg:{marks-a}:lhwm"]), ":2");
+    assert_eq!(redis.command(&["HGET", "tg:{marks-a}:lhwm", "w1"]), "20");
+    let ttl: i64 = redis.command(&["PTTL", "tg:{marks-b}:lhwm"]).trim_start_matches(':').parse().expect("PTTL");
+    assert!(ttl > 29 * DAY_MS, "the marks expire in 30 days: {ttl}");
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]), "+OK");
+    apply_ok(l, &[batch("w1", 21, "marks-b", 1)]).await;
+    assert_eq!(totals(l, "marks-b").await.0, 21);
+}
+
+/// A write whose answer is lost (the caller gave up while it was on the way, as a timeout
+/// does) but which landed: the retry is skipped by the mark, so the batch counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ledger_retry_after_a_lost_answer_counts_once() {
+    let redis = Redis::start();
+    let proxy = common::DelayProxy::start(([127, 0, 0, 1], redis.port).into());
+    let timeout = Duration::from_secs(5);
+    let breaker = Breaker::new(timeout, 5, Duration::from_secs(1), Arc::new(SystemClock));
+    let store = RedisStore::connect(&[format!("redis://{}", proxy.addr)], breaker, Arc::new(NoObserver), timeout)
+        .expect("create the Redis store");
+    apply_ok(&store, &[batch("w", 1, "lost-a", 1)]).await;
+
+    proxy.set_delay(Duration::from_millis(400));
+    let first = tokio::time::timeout(Duration::from_millis(100), store.apply(&[batch("w", 2, "lost-a", 10)])).await;
+    assert!(first.is_err(), "the caller gave up before the answer");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.command(&["HGET", "tg:{lost-a}:lhwm", "w"]) != "2" {
+        assert!(Instant::now() < deadline, "the write did not land");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_delay(Duration::ZERO);
+    apply_ok(&store, &[batch("w", 2, "lost-a", 10)]).await;
+    assert_eq!(totals(&store, "lost-a").await.0, 11, "the retried batch counted once");
+}

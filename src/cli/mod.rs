@@ -79,7 +79,11 @@ pub fn explain_cli(
     Ok(explain(&config, &view))
 }
 
-/// `tollgate usage report`: opens the configured store and renders a report.
+/// How long a command that reads the store waits for a Redis Cluster to be discovered.
+const STORE_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `tollgate usage report`: opens the configured store (waiting up to
+/// [`STORE_CONNECT_WAIT`] for a Redis Cluster) and renders a report.
 pub fn usage_report(
     config_path: &std::path::Path,
     tenant: &str,
@@ -99,6 +103,7 @@ pub fn usage_report(
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     let clock: crate::clock::SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
     let stores = crate::app::open_store(&config.store, clock, metrics, &rt)?;
+    stores.wait_connected(STORE_CONNECT_WAIT, &rt)?;
     let store = stores.counters.name();
     let rows = rt
         .block_on(stores.ledger.rows(tenant, &from, &to))

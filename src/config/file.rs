@@ -57,7 +57,10 @@ pub struct TlsFile {
 pub struct StoreFile {
     pub kind: Option<SStr>,
     pub path: Option<SStr>,
-    pub url: Option<SStr>,
+    /// One URL, a comma-separated string of URLs, or a list.
+    #[serde(default, deserialize_with = "words::string_or_strings")]
+    pub url: Option<Spanned<Vec<SStr>>>,
+    pub cluster: Option<Spanned<bool>>,
     #[serde(default, deserialize_with = "words::duration")]
     pub timeout: Option<SStr>,
     #[serde(default, deserialize_with = "words::duration")]

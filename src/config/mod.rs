@@ -423,7 +423,8 @@ fn validate(
         }
     };
     let mut urls = Vec::new();
-    if let Some(u) = &sf.url {
+    for u in sf.url.iter().flat_map(|l| l.get_ref()) {
+        // A comma-separated string is a list too (the form before lists were accepted).
         for part in u.get_ref().split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if !(part.starts_with("redis://") || part.starts_with("rediss://")) {
                 diags.error_at(
@@ -436,10 +437,42 @@ fn validate(
         }
     }
     if store_kind == StoreKind::Redis && urls.is_empty() {
-        if let Some(k) = &sf.kind {
-            diags.error_at(src, k.span(), "`kind = \"redis\"` needs `url`, like `redis://127.0.0.1:6379`");
+        match (&sf.url, &sf.kind) {
+            (Some(u), _) => diags.error_at(
+                src,
+                u.span(),
+                "`url` names no Redis; give at least one, like `url = \"redis://127.0.0.1:6379\"`",
+            ),
+            (None, Some(k)) => {
+                diags.error_at(src, k.span(), "`kind = \"redis\"` needs `url`, like `redis://127.0.0.1:6379`")
+            }
+            (None, None) => {}
         }
     }
+    let cluster = match &sf.cluster {
+        None => urls.len() > 1,
+        Some(c) => {
+            let on = *c.get_ref();
+            if store_kind != StoreKind::Redis {
+                diags.error_at(
+                    src,
+                    c.span(),
+                    "`cluster` applies to a Redis store; add `kind = \"redis\"` and `url`, or remove `cluster`",
+                );
+            } else if !on && urls.len() > 1 {
+                diags.error_at(
+                    src,
+                    c.span(),
+                    format!(
+                        "`cluster = false` means one Redis, but `url` names {}; give one URL, or set `cluster = true` \
+                         if they are seeds of a Redis Cluster",
+                        urls.len()
+                    ),
+                );
+            }
+            on
+        }
+    };
     let breaker_failures = match &sf.breaker_failures {
         None => 5,
         Some(v) if *v.get_ref() >= 1 => *v.get_ref() as u32,
@@ -488,6 +521,7 @@ fn validate(
         lease_timeout: lease_timeout.max(timeout),
         path: sf.path.as_ref().map(|p| rel(p.get_ref())).unwrap_or_else(|| rel("tollgate.db")),
         urls,
+        cluster,
         timeout,
         flush_interval,
         breaker_failures,

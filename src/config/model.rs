@@ -109,8 +109,11 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// The SQLite file (embedded).
     pub path: PathBuf,
-    /// `redis://` or `rediss://` URL(s); several mean Redis Cluster.
+    /// `redis://` or `rediss://` URL(s): one Redis, or a Redis Cluster's seed nodes.
     pub urls: Vec<String>,
+    /// `urls` are seeds of a Redis Cluster, discovered from them (`[store] cluster`; default:
+    /// true with several URLs).
+    pub cluster: bool,
     /// Hot-path store call timeout.
     pub timeout: Duration,
     /// How often counters and usage are written to the store.

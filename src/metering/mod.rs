@@ -2,11 +2,17 @@
 //! flushes to the usage ledger.
 //!
 //! The hot path adds to a shard picked by the current thread, so threads do not share a lock;
-//! only the flush touches every shard, to swap it out. A flush becomes one [`LedgerBatch`]
-//! with a unique id: the ledger applies a batch id once, so a retried batch is never counted
-//! twice. Batches that cannot be written wait in a bounded buffer and are replayed in order
-//! when the store is back; past the bound the oldest are dropped and counted in
-//! `tollgate_ledger_dropped_batches_total`.
+//! only the flush touches every shard, to swap it out. A flush becomes one [`LedgerBatch`] per
+//! tenant, all with the flush's `seq` and this process's writer id (instance id plus a random
+//! id per process start). The ledger keeps, per writer and tenant, the highest `seq` it has
+//! applied and skips a batch at or below it, so a retried batch is never counted twice.
+//!
+//! Batches that cannot be written wait in a buffer, kept in flush order, and are replayed
+//! with every flush. A tenant's batches are applied in order: once one fails, that tenant's
+//! later batches wait behind it for the next flush, while every other tenant's are written
+//! (on Redis Cluster, tenants on a stalled master wait; the rest do not). The buffer holds
+//! at most `max_buffered_batches` flushes; past that the oldest flush's unwritten batches are
+//! dropped and counted in `tollgate_ledger_dropped_batches_total`.
 //!
 //! Admitted requests are metered as usage (`requests`, `bytes_in`, `bytes_out`,
 //! `upstream_ms`, `total_ms`, `status_<class>`, and every charged metric after settlement).
@@ -17,7 +23,7 @@ pub mod webhook;
 
 use crate::fasthash::Fast;
 use crate::metrics::Metrics;
-use crate::store::{Ledger, LedgerBatch, LedgerRow};
+use crate::store::{Ledger, LedgerBatch, LedgerRow, StoreError};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
@@ -55,6 +61,10 @@ fn counter_for<'a>(
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+/// Buffered flushes written per ledger call: a replay after a long outage goes in calls of
+/// bounded size.
+const WRITE_CHUNK: usize = 64;
 
 /// Number of aggregate shards; more than threads, so two threads rarely share one.
 const SHARDS: usize = 16;
@@ -172,12 +182,13 @@ pub struct Meter {
     shards: Vec<Mutex<Shard>>,
     ledger: Arc<dyn Ledger>,
     metrics: Arc<Metrics>,
-    buffer: Mutex<VecDeque<LedgerBatch>>,
+    /// Unwritten batches, one entry per flush, oldest first.
+    buffer: Mutex<VecDeque<Vec<LedgerBatch>>>,
     max_buffered: usize,
-    instance: String,
-    /// Random per process start: batch ids never repeat across restarts (a container keeps
-    /// its host name and pid 1).
-    run_id: u64,
+    /// The instance id plus a random id per process start: a restarted process counts `seq`
+    /// from 1 again, and must not be taken for the process before it (a container keeps its
+    /// host name and pid 1).
+    writer: Arc<str>,
     seq: AtomicU64,
     names: Names,
     bytes_in: prometheus::IntCounter,
@@ -246,8 +257,7 @@ impl Meter {
             metrics,
             buffer: Mutex::new(VecDeque::new()),
             max_buffered: max_buffered.max(1),
-            instance,
-            run_id: rand::random::<u64>(),
+            writer: format!("{instance}-{:016x}", rand::random::<u64>()).into(),
             seq: AtomicU64::new(0),
             tenant_series: Mutex::new(TenantSeries::default()),
             bytes_in,
@@ -447,33 +457,93 @@ impl Meter {
         }
         self.refresh_tenant_series(counts);
         if !rows.is_empty() {
-            let id = format!("{}-{}-{}", self.instance, self.run_id, self.seq.fetch_add(1, Ordering::Relaxed));
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut by_tenant: HashMap<Arc<str>, Vec<LedgerRow>> = HashMap::new();
+            for r in rows {
+                by_tenant.entry(r.tenant.clone()).or_default().push(r);
+            }
+            let parts = by_tenant
+                .into_iter()
+                .map(|(tenant, rows)| LedgerBatch { writer: self.writer.clone(), seq, tenant, rows })
+                .collect();
             let mut buf = lock(&self.buffer);
-            buf.push_back(LedgerBatch { id, rows, uncertain: false });
-            while buf.len() > self.max_buffered {
-                buf.pop_front();
-                self.metrics.ledger_dropped.inc();
-            }
+            buf.push_back(parts);
+            self.cap(&mut buf);
         }
-        loop {
-            let Some(batch) = lock(&self.buffer).front().cloned() else { break };
-            let started = Instant::now();
-            match self.ledger.apply(&batch).await {
-                Ok(()) => {
-                    self.metrics.ledger_flush.observe(started.elapsed().as_secs_f64());
-                    lock(&self.buffer).pop_front();
-                }
-                Err(e) => {
-                    // The write may or may not have landed: check next time before applying.
-                    if let Some(front) = lock(&self.buffer).front_mut() {
-                        front.uncertain = true;
-                    }
-                    tracing::warn!(error = %e, buffered = lock(&self.buffer).len(), "usage ledger write failed; will retry");
-                    break;
-                }
-            }
-        }
+        self.write_buffered().await;
         self.metrics.ledger_buffered.set(lock(&self.buffer).len() as i64);
+    }
+
+    /// Drops the oldest flushes past `max_buffered_batches`.
+    fn cap(&self, buf: &mut VecDeque<Vec<LedgerBatch>>) {
+        while buf.len() > self.max_buffered {
+            buf.pop_front();
+            self.metrics.ledger_dropped.inc();
+        }
+    }
+
+    /// Writes the buffered batches, oldest flushes first, [`WRITE_CHUNK`] flushes per call.
+    /// A tenant whose batch failed is left out of the later calls of this round, so its
+    /// batches are applied in order at a later flush; everyone else's are written now.
+    async fn write_buffered(&self) {
+        // Taken out so the store is not called under the lock; a flush running meanwhile
+        // (shutdown) finds it empty, and anything it buffers goes behind what is put back.
+        let mut pending = std::mem::take(&mut *lock(&self.buffer));
+        let mut kept: VecDeque<Vec<LedgerBatch>> = VecDeque::new();
+        let mut blocked: HashSet<Arc<str>> = HashSet::new();
+        let mut last_error = None;
+        while !pending.is_empty() {
+            let take = pending.len().min(WRITE_CHUNK);
+            // What stays buffered of this chunk, one entry per flush, in order.
+            let mut keep: Vec<Vec<LedgerBatch>> = (0..take).map(|_| Vec::new()).collect();
+            let mut call = Vec::new();
+            let mut from = Vec::new();
+            for (i, flush) in pending.drain(..take).enumerate() {
+                for b in flush {
+                    if blocked.contains(&b.tenant) {
+                        keep[i].push(b);
+                    } else {
+                        call.push(b);
+                        from.push(i);
+                    }
+                }
+            }
+            if !call.is_empty() {
+                let started = Instant::now();
+                let mut results = self.ledger.apply(&call).await;
+                // A ledger that answers fewer results than batches has not written the rest.
+                results.resize(call.len(), Err(StoreError::Backend("the ledger did not answer for this batch".into())));
+                let mut wrote = false;
+                for ((b, i), r) in call.into_iter().zip(from).zip(results) {
+                    match r {
+                        Ok(()) => wrote = true,
+                        Err(e) => {
+                            blocked.insert(b.tenant.clone());
+                            last_error = Some(e);
+                            keep[i].push(b);
+                        }
+                    }
+                }
+                if wrote {
+                    self.metrics.ledger_flush.observe(started.elapsed().as_secs_f64());
+                }
+            }
+            kept.extend(keep);
+        }
+        let mut buf = lock(&self.buffer);
+        let newer = std::mem::take(&mut *buf);
+        kept.retain(|f| !f.is_empty());
+        kept.extend(newer);
+        *buf = kept;
+        self.cap(&mut buf);
+        if let Some(e) = last_error {
+            tracing::warn!(
+                error = %e,
+                tenants = blocked.len(),
+                buffered = buf.len(),
+                "usage ledger write failed for some tenants; their usage is kept and retried"
+            );
+        }
     }
 
     /// Ledger rows of one tenant-day, with cost from the tier's prices.

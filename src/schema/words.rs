@@ -28,6 +28,8 @@ pub const SIZE: &str = "a size such as \"64KiB\", or a number of bytes";
 pub const STRINGS: &str = "a list of strings";
 /// A list of whole numbers.
 pub const NUMBERS: &str = "a list of whole numbers";
+/// One string, or a list of them (`url`).
+pub const STRING_OR_STRINGS: &str = "a string or a list of strings";
 /// A point in time with an offset.
 pub const TIME: &str = "a time such as 2027-01-31T00:00:00Z";
 /// A header or query condition of a rule.
@@ -123,6 +125,45 @@ pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SStr>>, D::
 /// `#[serde(default, deserialize_with = "words::string_list")]`.
 pub fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SStr>, D::Error> {
     Strings::deserialize(d).map(|s| s.0)
+}
+
+/// For a field that takes one string or a list of them, such as `[store] url`:
+/// `#[serde(default, deserialize_with = "words::string_or_strings")]`. One string becomes a
+/// list of one, with the string's place; the list keeps the place of the whole value.
+pub fn string_or_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<Vec<SStr>>>, D::Error> {
+    enum OneOrMany {
+        One(String),
+        Many(Vec<SStr>),
+    }
+    impl<'de> Deserialize<'de> for OneOrMany {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = OneOrMany;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str(STRING_OR_STRINGS)
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                    Ok(OneOrMany::One(v.to_string()))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(item) = seq.next_element()? {
+                        out.push(item);
+                    }
+                    Ok(OneOrMany::Many(out))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    let v = Spanned::<OneOrMany>::deserialize(d)?;
+    let span = v.span();
+    let list = match v.into_inner() {
+        OneOrMany::One(s) => vec![Spanned::new(span.clone(), s)],
+        OneOrMany::Many(list) => list,
+    };
+    Ok(Some(Spanned::new(span, list)))
 }
 
 /// For an optional list of whole numbers: `#[serde(default, deserialize_with = "words::numbers")]`.

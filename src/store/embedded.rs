@@ -84,6 +84,7 @@ impl Embedded {
              );",
         )
         .map_err(backend)?;
+        ledger_schema(&conn)?;
         let mut mem = Memory::default();
         {
             let mut stmt = conn
@@ -248,45 +249,86 @@ impl Counters for Embedded {
     }
 }
 
+/// How long a writer's ledger mark outlives its last write (as on Redis).
+const LEDGER_MARK_MS: i64 = 30 * 86_400_000;
+
+/// The ledger's high-water marks: (writer, tenant) → highest batch `seq` applied. They replace
+/// the per-batch `ledger_batches` table of earlier releases, which is dropped here (after the
+/// shared schema above has created it; that line goes once nothing else edits it).
+fn ledger_schema(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS ledger_marks (
+             writer TEXT NOT NULL,
+             tenant TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             updated_ms INTEGER NOT NULL,
+             PRIMARY KEY (writer, tenant)
+         );
+         CREATE INDEX IF NOT EXISTS ledger_marks_updated ON ledger_marks (updated_ms);
+         DROP TABLE IF EXISTS ledger_batches;",
+    )
+    .map_err(backend)
+}
+
+/// The usage ledger is the `usage` table. A write adds its batches' rows and raises each
+/// writer's high-water mark per tenant (`ledger_marks`) in one transaction, so a retried batch
+/// is skipped and a failed write leaves nothing behind.
 #[async_trait]
 impl Ledger for Embedded {
-    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
+    async fn apply(&self, batches: &[LedgerBatch]) -> Vec<Result<(), StoreError>> {
         let db = self.db.clone();
-        let batch = batch.clone();
+        let batches = batches.to_vec();
+        let n = batches.len();
         let now = chrono::Utc::now().timestamp_millis();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let r = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let mut conn = db.lock().unwrap_or_else(|p| p.into_inner());
-            // One transaction: the batch marker and the rows land together or not at all.
+            // One transaction: every batch's rows and marks land together or not at all, so
+            // a failure fails every batch and order within a tenant is kept.
             let tx = conn.transaction().map_err(backend)?;
-            let fresh = tx
-                .execute(
-                    "INSERT OR IGNORE INTO ledger_batches (id, applied_ms) VALUES (?1, ?2)",
-                    params![batch.id, now],
-                )
-                .map_err(backend)?;
-            if fresh == 0 {
-                return tx.commit().map_err(backend);
-            }
-            // Batch ids only guard retries, which happen within minutes: forget week-old ones.
-            tx.execute("DELETE FROM ledger_batches WHERE applied_ms < ?1", params![now - 7 * 86_400_000])
+            // Marks only guard retries, which happen within minutes: forget those of writers
+            // gone for a month.
+            tx.execute("DELETE FROM ledger_marks WHERE updated_ms < ?1", params![now - LEDGER_MARK_MS])
                 .map_err(backend)?;
             {
-                let mut stmt = tx
+                let mut mark = tx
+                    .prepare_cached("SELECT seq FROM ledger_marks WHERE writer = ?1 AND tenant = ?2")
+                    .map_err(backend)?;
+                let mut set = tx
+                    .prepare_cached(
+                        "INSERT INTO ledger_marks (writer, tenant, seq, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (writer, tenant) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms",
+                    )
+                    .map_err(backend)?;
+                let mut add = tx
                     .prepare_cached(
                         "INSERT INTO usage (tenant, metric, day, value, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (tenant, day, metric) DO UPDATE SET
                              value = value + excluded.value, cost_micros = cost_micros + excluded.cost_micros",
                     )
                     .map_err(backend)?;
-                for r in &batch.rows {
-                    stmt.execute(params![&*r.tenant, &*r.metric, r.day, r.value as i64, r.cost_micros as i64])
+                for b in &batches {
+                    let seq = i64::try_from(b.seq).unwrap_or(i64::MAX);
+                    let applied: Option<i64> = mark
+                        .query_row(params![&*b.writer, &*b.tenant], |r| r.get(0))
+                        .map(Some)
+                        .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
                         .map_err(backend)?;
+                    if applied.is_some_and(|m| m >= seq) {
+                        continue;
+                    }
+                    for r in &b.rows {
+                        add.execute(params![&*b.tenant, &*r.metric, r.day, r.value as i64, r.cost_micros as i64])
+                            .map_err(backend)?;
+                    }
+                    set.execute(params![&*b.writer, &*b.tenant, seq, now]).map_err(backend)?;
                 }
             }
             tx.commit().map_err(backend)
         })
         .await
-        .map_err(backend)?
+        .map_err(backend)
+        .and_then(|r| r);
+        vec![r; n]
     }
 
     async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {

@@ -234,20 +234,37 @@ pub struct LedgerRow {
     pub cost_micros: u64,
 }
 
-/// A batch of ledger rows with an id, so that a retried batch is applied once.
+/// One tenant's ledger rows from one flush of one writer.
+///
+/// Exactly-once rests on a high-water mark per writer and tenant: a store applies a batch
+/// only when its `seq` is above the highest `seq` it has applied for that writer and tenant,
+/// and records the new mark in the same atomic step. A retry of a batch whose first attempt
+/// landed (a timeout after the write) is therefore skipped, and the store keeps one mark per
+/// writer and tenant instead of one per batch.
 #[derive(Debug, Clone)]
 pub struct LedgerBatch {
-    pub id: String,
+    /// Who wrote it: the instance id plus a random id per process start, so a restarted
+    /// process (which starts `seq` again) is a new writer.
+    pub writer: Arc<str>,
+    /// Increases with every flush of `writer`; starts at 1.
+    pub seq: u64,
+    pub tenant: Arc<str>,
+    /// Rows of `tenant` only.
     pub rows: Vec<LedgerRow>,
-    /// The previous attempt's outcome is unknown (timeout): check before applying again.
-    pub uncertain: bool,
 }
 
 /// The usage ledger: written in batches, read for reports.
 #[async_trait]
 pub trait Ledger: Send + Sync + 'static {
-    /// Applies a batch exactly once: a batch id seen before is skipped.
-    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError>;
+    /// Applies each batch exactly once, and answers one result per batch, in order.
+    ///
+    /// A batch whose `seq` is not above its writer's mark for its tenant is skipped and
+    /// answered `Ok` (it was applied before). Batches of one writer and tenant must come in
+    /// `seq` order; they are applied in that order, and when one fails, the later ones of the
+    /// same writer and tenant in this call fail too (applying them would raise the mark past
+    /// the failed one, which a retry would then skip). Batches of other tenants do not wait
+    /// for a failed one.
+    async fn apply(&self, batches: &[LedgerBatch]) -> Vec<Result<(), StoreError>>;
 
     /// Rows of `tenant` with `from <= day <= to` (inclusive, `YYYY-MM-DD`), ordered by day
     /// then metric.
@@ -288,6 +305,11 @@ impl Breaker {
             open_until_ms: AtomicI64::new(0),
             clock,
         }
+    }
+
+    /// The timeout of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A closed breaker with the same settings (one per node of a cluster).

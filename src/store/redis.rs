@@ -1,20 +1,32 @@
 //! The Redis store: shared counters for a fleet, on Redis or Redis Cluster.
 //!
-//! Keys (the `{tenant}` hash tag keeps each tenant's keys in one cluster slot):
+//! Keys (the `{tenant}` hash tag keeps each tenant's keys in one cluster slot, so one
+//! pipeline, transaction or script covers them on a cluster as on one Redis):
 //!
 //! - `tg:{acme}:q:<metric>:<period_start>`: units of a quota granted to all instances
 //! - `tg:{acme}:w:<name>:<window>`: sliding-window request counts (`mode = "global"`)
 //! - `tg:{acme}:slots`: a sorted set of concurrency slot leases, scored by expiry
 //! - `tg:{acme}:usage:<YYYY-MM-DD>`: the usage ledger, a hash of `metric` and `metric|cost`
-//! - `tg:{ledger}:lb:<batch>` (one Redis) or `tg:{acme}:lb:<batch>` (per tenant, Redis
-//!   Cluster): marks a ledger batch as applied (kept 7 days)
+//! - `tg:{acme}:lhwm`: the ledger's high-water marks, a hash of writer → highest batch `seq`
+//!   applied for this tenant; it expires 30 days after the tenant's last ledger write, so
+//!   the ledger keeps one mark per writer and tenant however many batches it applies.
+//!   (Releases before it kept one `tg:{…}:lb:<batch>` key per batch for 7 days; those expire
+//!   by themselves.)
 //! - `tg:{dir}:tenants`, `tg:{dir}:keys`: runtime-managed tenants and keys (JSON per field),
 //!   and `tg:{dir}:version`, bumped by every write (one slot, so writes are transactions)
 //!
-//! Nothing needs server-side scripts. A lease is `INCRBY`, and when that passes the limit, a
-//! `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
-//! interleaving of instances. Every call runs under the [`Breaker`]; the connection
-//! reconnects by itself when Redis comes back.
+//! Counters need no server-side scripts. A lease is `INCRBY`, and when that passes the limit,
+//! a `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
+//! interleaving of instances. The ledger uses one small Lua script per tenant and flush
+//! ([`Ledger::apply`]): it applies a batch only above the writer's mark and raises the mark
+//! in the same atomic step, so a retried batch counts once. On one Redis every tenant's
+//! script goes in one pipeline (one round trip per flush); on a cluster each tenant's is its
+//! own call, all at once, so a stalled master holds up only the tenants it serves.
+//!
+//! Every call runs under the [`Breaker`]; the connection reconnects by itself when Redis
+//! comes back. A cluster is discovered in the background from its seed URLs
+//! ([`RedisStore::connect_cluster`]); tools that call once and exit wait for it with
+//! [`RedisStore::wait_connected`].
 
 use super::{
     tenant_prefix, Breaker, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, LeaseRequest,
@@ -33,14 +45,25 @@ use std::time::Duration;
 enum Conn {
     Single(ConnectionManager),
     /// Filled by a background task once the cluster answers; empty while it does not.
-    Cluster(Arc<ArcSwapOption<ClusterConnection>>),
+    Cluster(Arc<ClusterSlot>),
+}
+
+/// The cluster connection, once discovered, and why discovery last failed.
+#[derive(Default)]
+struct ClusterSlot {
+    conn: ArcSwapOption<ClusterConnection>,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// The Redis-backed store.
 pub struct RedisStore {
     conn: Conn,
+    /// The configured URLs (seeds, on a cluster), for messages.
+    urls: Vec<String>,
     breakers: Breakers,
     observer: Arc<dyn StoreObserver>,
+    /// A single-Redis connection got a MOVED or ASK answer: it is a cluster node (logged once).
+    moved_seen: std::sync::atomic::AtomicBool,
     /// Deadline of a quota lease call: longer than `timeout`, because a lease that is late
     /// under load is still worth waiting for (requests wait on one call per counter).
     lease_timeout: Duration,
@@ -193,45 +216,66 @@ fn quota_key(k: &CounterKey) -> String {
 
 impl RedisStore {
     /// Creates the client. It connects lazily, so the gateway starts (and applies its failure
-    /// policy) even while Redis is down. One URL means a single Redis; several mean a cluster.
-    /// Must be called inside a Tokio runtime.
+    /// policy) even while Redis is down. One URL means a single Redis; several mean a cluster
+    /// (see [`RedisStore::connect_cluster`] for a cluster named by one seed). Must be called
+    /// inside a Tokio runtime.
     pub fn connect(
         urls: &[String],
         breaker: Breaker,
         observer: Arc<dyn StoreObserver>,
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let conn = if urls.len() == 1 {
-            let client = redis::Client::open(urls[0].as_str()).map_err(backend)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-                // Longer than the breaker's timeout, so a hung call is reported as a timeout.
-                // No connection-level response timeout: every call has its own (the hot-path
-                // timeout, or a longer one for bulk work), enforced by the breaker.
-                .set_response_timeout(None)
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)
-        } else {
-            let client = ClusterClient::new(urls.to_vec()).map_err(backend)?;
-            let slot: Arc<ArcSwapOption<ClusterConnection>> = Arc::new(ArcSwapOption::empty());
-            let fill = slot.clone();
-            tokio::spawn(async move {
-                loop {
-                    match client.get_async_connection().await {
-                        Ok(c) => {
-                            fill.store(Some(Arc::new(c)));
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Redis Cluster not reachable yet; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
+        if urls.len() != 1 {
+            return Self::connect_cluster(urls, breaker, observer, timeout);
+        }
+        let client = redis::Client::open(urls[0].as_str()).map_err(backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
+            // Longer than the breaker's timeout, so a hung call is reported as a timeout.
+            // No connection-level response timeout: every call has its own (the hot-path
+            // timeout, or a longer one for bulk work), enforced by the breaker.
+            .set_response_timeout(None)
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?);
+        Ok(RedisStore::with(conn, urls, breaker, observer))
+    }
+
+    /// A Redis Cluster, discovered from `seeds` (one node is enough; more help when that one
+    /// is down at startup). Discovery runs in the background and is retried every second, so
+    /// the gateway starts while the cluster is unreachable; until it answers, calls fail like
+    /// calls to a dead Redis. Must be called inside a Tokio runtime.
+    pub fn connect_cluster(
+        seeds: &[String],
+        breaker: Breaker,
+        observer: Arc<dyn StoreObserver>,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let client = ClusterClient::builder(seeds.to_vec())
+            .connection_timeout(timeout.max(Duration::from_millis(500)))
+            .build()
+            .map_err(backend)?;
+        let slot = Arc::new(ClusterSlot::default());
+        let fill = slot.clone();
+        tokio::spawn(async move {
+            loop {
+                match client.get_async_connection().await {
+                    Ok(c) => {
+                        fill.conn.store(Some(Arc::new(c)));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis Cluster not reachable yet; retrying");
+                        *fill.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
-            });
-            Conn::Cluster(slot)
-        };
+            }
+        });
+        Ok(RedisStore::with(Conn::Cluster(slot), seeds, breaker, observer))
+    }
+
+    fn with(conn: Conn, urls: &[String], breaker: Breaker, observer: Arc<dyn StoreObserver>) -> RedisStore {
         let breakers = Breakers::new(breaker);
         if let Conn::Cluster(slot) = &conn {
             // Keep the slot map current: after a failover the promoted replica's slots get
@@ -239,7 +283,7 @@ impl RedisStore {
             let (conns, map) = (slot.clone(), breakers.slots.clone());
             tokio::spawn(async move {
                 loop {
-                    if let Some(c) = conns.load_full() {
+                    if let Some(c) = conns.conn.load_full() {
                         let mut c = (*c).clone();
                         match read_slot_map(&mut c).await {
                             Ok(m) if !m.is_empty() => map.store(Arc::new(m)),
@@ -251,7 +295,33 @@ impl RedisStore {
                 }
             });
         }
-        Ok(RedisStore { conn, breakers, observer, lease_timeout: timeout })
+        let lease_timeout = breakers.shared.timeout();
+        RedisStore { conn, urls: urls.to_vec(), breakers, observer, moved_seen: Default::default(), lease_timeout }
+    }
+
+    /// Waits until the store can take calls, or until `deadline`. A single Redis connects on
+    /// its first call, so this returns at once; a cluster is discovered in the background, and
+    /// a tool that calls right after [`RedisStore::connect_cluster`] would otherwise fail
+    /// before discovery had a chance. The error says which seeds were tried and why they
+    /// failed.
+    pub async fn wait_connected(&self, deadline: tokio::time::Instant) -> Result<(), String> {
+        let Conn::Cluster(slot) = &self.conn else { return Ok(()) };
+        loop {
+            if slot.conn.load().is_some() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = slot.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let why = why.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                return Err(format!(
+                    "Redis Cluster did not answer through the seed(s) {}{why}. Check that at least one seed \
+                     is reachable from here, that it is a cluster node (`redis-cli -h HOST -p PORT cluster info` \
+                     shows cluster_state:ok), and that [store] url names the cluster's nodes",
+                    self.urls.join(", ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs one pipeline (one round trip) on keys tagged `{tag}`, under that node's breaker.
@@ -277,10 +347,10 @@ impl RedisStore {
             match &self.conn {
                 Conn::Single(m) => {
                     let mut c = m.clone();
-                    pipe.query_async::<T>(&mut c).await.map_err(backend)
+                    pipe.query_async::<T>(&mut c).await.map_err(|e| self.single_error(e))
                 }
                 Conn::Cluster(slot) => {
-                    let Some(c) = slot.load_full() else {
+                    let Some(c) = slot.conn.load_full() else {
                         return Err(StoreError::Backend("Redis Cluster is not connected".into()));
                     };
                     let mut c = (*c).clone();
@@ -313,6 +383,20 @@ impl RedisStore {
     pub fn with_lease_timeout(mut self, timeout: Duration) -> RedisStore {
         self.lease_timeout = timeout;
         self
+    }
+
+    /// A MOVED or ASK answer means `url` names a Redis Cluster node: say how to configure it.
+    fn single_error(&self, e: redis::RedisError) -> StoreError {
+        let redirected =
+            matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask));
+        if redirected && !self.moved_seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                url = %self.urls.join(","),
+                "the Redis at [store] url is a Redis Cluster node (it answered MOVED); set `cluster = true` in \
+                 [store] so that the cluster is discovered from it"
+            );
+        }
+        backend(e)
     }
 
     fn is_cluster(&self) -> bool {
@@ -465,106 +549,224 @@ impl Counters for RedisStore {
     }
 }
 
-/// How long a ledger batch marker is kept: far longer than any retry.
-const BATCH_MARKER_MS: i64 = 7 * 86_400_000;
+/// How long a writer's ledger high-water mark outlives its last write: far longer than any
+/// retry, so only marks of writers that are gone for good expire.
+const LEDGER_MARK_MS: i64 = 30 * 86_400_000;
+
+/// Time one tenant's ledger write may take on a cluster. Short, so that a stalled master
+/// delays the next flush (and the other tenants in it) by this much at most; the tenant's
+/// batches stay buffered and are replayed.
+const CLUSTER_LEDGER_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn usage_key(tenant: &str, day: &str) -> String {
     format!("{}:usage:{day}", tenant_prefix(tenant))
 }
 
-/// Adds one tenant's rows and batch marker to `pipe`. The caller wraps them in MULTI/EXEC, so
-/// the marker and the increments apply together or not at all.
-fn add_tenant_batch(pipe: &mut Pipeline, tenant: &str, id: &str, rows: &[&LedgerRow]) {
-    pipe.cmd("SET").arg(format!("{}:lb:{id}", tenant_prefix(tenant))).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
-    add_rows(pipe, tenant, rows);
+/// The hash of a tenant's ledger high-water marks: field = writer, value = highest applied seq.
+pub fn ledger_mark_key(tenant: &str) -> String {
+    format!("{}:lhwm", tenant_prefix(tenant))
 }
 
-fn add_rows(pipe: &mut Pipeline, tenant: &str, rows: &[&LedgerRow]) {
-    for r in rows {
-        let key = usage_key(tenant, &r.day);
-        pipe.cmd("HINCRBY").arg(&key).arg(&*r.metric).arg(r.value).ignore();
-        if r.cost_micros > 0 {
-            pipe.cmd("HINCRBY").arg(&key).arg(format!("{}|cost", r.metric)).arg(r.cost_micros).ignore();
+/// Applies a writer's batches of one tenant in order, each only when its seq is above the
+/// writer's mark, and raises the mark, in one atomic step. Every key is the tenant's (one
+/// slot), and every key is passed in KEYS, so it runs on Redis Cluster as on one Redis.
+///
+/// KEYS[1]: the mark hash; KEYS[2..]: the tenant's usage hashes (one per day).
+/// ARGV: writer, mark lifetime (ms), batch count, then per batch: seq, field count, and per
+/// field: index into KEYS, field, increment. Returns how many batches were applied.
+const LEDGER_SCRIPT: &str = r"
+local mark = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local top = false
+local applied = 0
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local seq, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if tonumber(seq) > mark then
+    for j = i, i + 3 * (n - 1), 3 do
+      redis.call('HINCRBY', KEYS[tonumber(ARGV[j])], ARGV[j + 1], ARGV[j + 2])
+    end
+    mark = tonumber(seq)
+    top = seq
+    applied = applied + 1
+  end
+  i = i + 3 * n
+end
+if top then
+  redis.call('HSET', KEYS[1], ARGV[1], top)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return applied
+";
+
+/// One writer's batches of one tenant, as the arguments of [`LEDGER_SCRIPT`].
+struct TenantCall {
+    tenant: Arc<str>,
+    keys: Vec<String>,
+    args: Vec<String>,
+    /// Indexes of the batches it carries, in the caller's slice.
+    batches: Vec<usize>,
+    rows: usize,
+}
+
+impl TenantCall {
+    fn new(batches: &[LedgerBatch], indexes: Vec<usize>) -> TenantCall {
+        let first = &batches[indexes[0]];
+        let mut keys = vec![ledger_mark_key(&first.tenant)];
+        let mut args = vec![first.writer.to_string(), LEDGER_MARK_MS.to_string(), indexes.len().to_string()];
+        let mut rows = 0;
+        for &i in &indexes {
+            let b = &batches[i];
+            let mut fields = Vec::new();
+            for r in &b.rows {
+                let key = usage_key(&b.tenant, &r.day);
+                let k = match keys.iter().position(|x| *x == key) {
+                    Some(k) => k + 1,
+                    None => {
+                        keys.push(key);
+                        keys.len()
+                    }
+                };
+                fields.push((k, r.metric.to_string(), r.value));
+                if r.cost_micros > 0 {
+                    fields.push((k, format!("{}|cost", r.metric), r.cost_micros));
+                }
+            }
+            rows += b.rows.len();
+            args.push(b.seq.to_string());
+            args.push(fields.len().to_string());
+            for (k, field, n) in fields {
+                args.push(k.to_string());
+                args.push(field);
+                args.push(n.to_string());
+            }
         }
+        TenantCall { tenant: first.tenant.clone(), keys, args, batches: indexes, rows }
+    }
+
+    /// `EVALSHA` (`eval = false`) or `EVAL` of the script with these arguments.
+    fn cmd(&self, eval: bool) -> redis::Cmd {
+        let mut c = redis::cmd(if eval { "EVAL" } else { "EVALSHA" });
+        if eval {
+            c.arg(LEDGER_SCRIPT);
+        } else {
+            c.arg(ledger_script_sha());
+        }
+        c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        c
     }
 }
 
-impl RedisStore {
-    /// One node: the whole batch is one transaction in one round trip, with one batch marker
-    /// (`tg:{ledger}:lb:<id>`) instead of one per tenant.
-    async fn apply_single_node(
-        &self,
-        batch: &LedgerBatch,
-        by_tenant: std::collections::BTreeMap<&str, Vec<&LedgerRow>>,
-    ) -> Result<(), StoreError> {
-        let marker = format!("tg:{{ledger}}:lb:{}", batch.id);
-        if batch.uncertain {
-            let mut check = redis::pipe();
-            check.cmd("EXISTS").arg(&marker);
-            let (applied,): (i64,) = self.run_bulk("ledger_check", "ledger", &check).await?;
-            if applied > 0 {
-                return Ok(());
+fn ledger_script_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| redis::Script::new(LEDGER_SCRIPT).get_hash().to_string())
+}
+
+/// Groups batches into one script call per (tenant, writer), each keeping the batches' order.
+fn tenant_calls(batches: &[LedgerBatch]) -> Vec<TenantCall> {
+    let mut groups: Vec<((&str, &str), Vec<usize>)> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
+    for (i, b) in batches.iter().enumerate() {
+        let k = (&*b.tenant, &*b.writer);
+        match index.get(&k) {
+            Some(&g) => groups[g].1.push(i),
+            None => {
+                index.insert(k, groups.len());
+                groups.push((k, vec![i]));
             }
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("MULTI").ignore();
-        pipe.cmd("SET").arg(&marker).arg(1).arg("PX").arg(BATCH_MARKER_MS).ignore();
-        for (t, rows) in &by_tenant {
-            add_rows(&mut pipe, t, rows);
+    }
+    groups.into_iter().map(|(_, idx)| TenantCall::new(batches, idx)).collect()
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+impl RedisStore {
+    /// Runs `calls` as one pipeline of `EVALSHA`s, within `timeout`, and answers one result
+    /// per call. Calls the server does not know the script for (a restart, a failover, a new
+    /// node) are sent again as `EVAL` with the script itself, which caches it there.
+    /// `tag` picks the breaker: the tenant's on a cluster (one tenant per call).
+    async fn run_scripts(&self, calls: &[&TenantCall], timeout: Duration, tag: &str) -> Vec<Result<(), StoreError>> {
+        let pipe_of = |eval: bool, which: &[usize]| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &c in which {
+                pipe.add_command(calls[c].cmd(eval));
+            }
+            pipe
+        };
+        let all: Vec<usize> = (0..calls.len()).collect();
+        let mut out: Vec<Result<(), StoreError>> = vec![Ok(()); calls.len()];
+        let answers: Vec<redis::RedisResult<i64>> =
+            match self.run_within("ledger_apply", tag, &pipe_of(false, &all), Some(timeout)).await {
+                Ok(a) => a,
+                Err(e) => return vec![Err(e); calls.len()],
+            };
+        let mut unknown = Vec::new();
+        for (c, a) in all.iter().zip(answers) {
+            match a {
+                Ok(_) => {}
+                Err(e) if is_noscript(&e) => unknown.push(*c),
+                Err(e) => out[*c] = Err(backend(e)),
+            }
         }
-        pipe.cmd("EXEC").ignore();
-        self.run_bulk::<()>("ledger_apply", "ledger", &pipe).await
+        if unknown.is_empty() {
+            return out;
+        }
+        match self
+            .run_within::<Vec<redis::RedisResult<i64>>>("ledger_apply", tag, &pipe_of(true, &unknown), Some(timeout))
+            .await
+        {
+            Ok(answers) => {
+                for (c, a) in unknown.iter().zip(answers) {
+                    if let Err(e) = a {
+                        out[*c] = Err(backend(e));
+                    }
+                }
+            }
+            Err(e) => {
+                for c in unknown {
+                    out[c] = Err(e.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Redis Cluster: one call per tenant (tenants live on different masters), all at once,
+    /// each with its own short timeout, so a stalled master holds up only its own tenants.
+    async fn apply_cluster(&self, calls: &[TenantCall]) -> Vec<Result<(), StoreError>> {
+        futures_util::future::join_all(calls.iter().map(|c| async move {
+            // Grows with the size of a replay after an outage.
+            let timeout = (CLUSTER_LEDGER_TIMEOUT + Duration::from_millis(c.rows as u64 / 100)).min(BULK_TIMEOUT);
+            let mut r = self.run_scripts(&[c], timeout, &c.tenant).await;
+            r.pop().unwrap_or_else(|| Err(StoreError::Backend("no answer".into())))
+        }))
+        .await
     }
 }
 
 #[async_trait]
 impl Ledger for RedisStore {
-    async fn apply(&self, batch: &LedgerBatch) -> Result<(), StoreError> {
-        let mut by_tenant: std::collections::BTreeMap<&str, Vec<&LedgerRow>> = std::collections::BTreeMap::new();
-        for r in &batch.rows {
-            by_tenant.entry(&r.tenant).or_default().push(r);
-        }
-        if !self.is_cluster() {
-            return self.apply_single_node(batch, by_tenant).await;
-        }
-        if batch.uncertain {
-            // The last attempt may have landed: skip the tenants whose marker exists.
-            let mut check = redis::pipe();
-            for t in by_tenant.keys() {
-                check.cmd("EXISTS").arg(format!("{}:lb:{}", tenant_prefix(t), batch.id));
-            }
-            let applied: Vec<i64> = if self.is_cluster() {
-                let mut out = Vec::new();
-                for t in by_tenant.keys() {
-                    let mut one = redis::pipe();
-                    one.cmd("EXISTS").arg(format!("{}:lb:{}", tenant_prefix(t), batch.id));
-                    let (v,): (i64,) = self.run("ledger_check", t, &one).await?;
-                    out.push(v);
+    async fn apply(&self, batches: &[LedgerBatch]) -> Vec<Result<(), StoreError>> {
+        let calls = tenant_calls(batches);
+        let answers = if self.is_cluster() {
+            self.apply_cluster(&calls).await
+        } else {
+            // One Redis: every tenant's call in one pipeline, one round trip per flush.
+            self.run_scripts(&calls.iter().collect::<Vec<_>>(), BULK_TIMEOUT, "ledger").await
+        };
+        let mut out: Vec<Result<(), StoreError>> = vec![Ok(()); batches.len()];
+        for (call, answer) in calls.iter().zip(answers) {
+            if let Err(e) = answer {
+                for &b in &call.batches {
+                    out[b] = Err(e.clone());
                 }
-                out
-            } else {
-                self.run_bulk("ledger_check", "ledger", &check).await?
-            };
-            let done: Vec<&str> = by_tenant.keys().zip(applied).filter(|(_, a)| *a > 0).map(|(t, _)| *t).collect();
-            for t in done {
-                by_tenant.remove(t);
             }
         }
-        if by_tenant.is_empty() {
-            return Ok(());
-        }
-        if self.is_cluster() {
-            // Each tenant's keys share a slot; different tenants may not.
-            for (t, rows) in &by_tenant {
-                let mut pipe = redis::pipe();
-                pipe.cmd("MULTI").ignore();
-                add_tenant_batch(&mut pipe, t, &batch.id, rows);
-                pipe.cmd("EXEC").ignore();
-                self.run_bulk::<()>("ledger_apply", t, &pipe).await?;
-            }
-            return Ok(());
-        }
-        Ok(())
+        out
     }
 
     async fn rows(&self, tenant: &str, from: &str, to: &str) -> Result<Vec<LedgerRow>, StoreError> {

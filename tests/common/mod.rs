@@ -611,3 +611,388 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// The Redis Cluster hash slot of a key (CRC16-XMODEM of its hash tag, modulo 16384), as
+/// Redis computes it.
+pub fn cluster_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(bytes) {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// A Redis Cluster of real `redis-server` processes on free ports, owned by the test: `masters`
+/// masters, each with `replicas` replicas, created with `redis-cli --cluster create`. Every
+/// process is killed (by PID) when it is dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    pub failed: bool,
+    /// The master's id, for a replica.
+    pub master_id: Option<String>,
+    /// Slot ranges served, for a master.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes and creates the cluster; returns once every node reports
+    /// `cluster_state:ok` with all 16384 slots served. `node_timeout_ms` is how long a master
+    /// may be unreachable before it counts as failed (and a replica takes over).
+    pub fn start(masters: usize, replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let dir = temp_dir("redis-cluster");
+        let n = masters * (1 + replicas);
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < n {
+            // The cluster bus listens on port + 10000.
+            let p = free_port();
+            if p <= 55_000 && !ports.contains(&p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                ports.push(p);
+            }
+        }
+        let mut cluster = RedisCluster { ports: ports.clone(), children: Vec::new(), dir: dir.clone() };
+        for (i, p) in ports.iter().enumerate() {
+            let node_dir = dir.join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", &node_timeout_ms.to_string()])
+                // Masters whose slots are served keep serving when another master is down.
+                .args(["--cluster-require-full-coverage", "no"])
+                .arg("--cluster-config-file")
+                .arg(node_dir.join("nodes.conf"))
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (scripts/ensure-deps.sh installs it)");
+            cluster.children.push(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for p in &ports {
+            while TcpStream::connect(("127.0.0.1", *p)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server on port {p} did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok(&(0..n).collect::<Vec<_>>(), Duration::from_secs(20));
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect()
+    }
+
+    /// The URL of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// A connection to node `i` that gives up after `timeout`.
+    pub fn conn(&self, i: usize, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        let c = redis::Client::open(self.url(i))?.get_connection_with_timeout(timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        c.set_write_timeout(Some(timeout))?;
+        Ok(c)
+    }
+
+    /// Runs one command on node `i` (no redirection).
+    pub fn query<T: redis::FromRedisValue>(&self, i: usize, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        cmd.query(&mut self.conn(i, Duration::from_secs(2))?)
+    }
+
+    /// `CLUSTER NODES` as node `i` sees it.
+    pub fn nodes(&self, i: usize) -> redis::RedisResult<Vec<ClusterNode>> {
+        let text: String = self.query(i, redis::cmd("CLUSTER").arg("NODES"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 8 {
+                    return None;
+                }
+                let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                let slots = f[8..]
+                    .iter()
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => s.parse().ok().map(|x| (x, x)),
+                    })
+                    .collect();
+                Some(ClusterNode {
+                    id: f[0].to_string(),
+                    port,
+                    master: f[2].contains("master"),
+                    failed: f[2].contains("fail"),
+                    master_id: (f[3] != "-").then(|| f[3].to_string()),
+                    slots,
+                })
+            })
+            .collect())
+    }
+
+    fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.ports.iter().position(|p| *p == port)
+    }
+
+    /// Waits until every node in `alive` reports `cluster_state:ok`, all slots served by
+    /// masters it does not consider failed, and the same master for every slot.
+    pub fn wait_ok(&self, alive: &[usize], within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut why = String::new();
+            let mut owners: Option<Vec<(u16, u16, u16)>> = None;
+            for &i in alive {
+                let info: String = match self.query(i, redis::cmd("CLUSTER").arg("INFO")) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        why = format!("node {i}: {e}");
+                        break;
+                    }
+                };
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    why = format!("node {i}: {}", info.lines().take(4).collect::<Vec<_>>().join(" "));
+                    break;
+                }
+                let mut o: Vec<(u16, u16, u16)> = match self.nodes(i) {
+                    Ok(nodes) => nodes
+                        .iter()
+                        .filter(|n| n.master && !n.failed)
+                        .flat_map(|n| n.slots.iter().map(move |(a, b)| (*a, *b, n.port)))
+                        .collect(),
+                    Err(e) => {
+                        why = format!("node {i}: {e}");
+                        break;
+                    }
+                };
+                o.sort();
+                let served: u32 = o.iter().map(|(a, b, _)| (*b - *a) as u32 + 1).sum();
+                if served != 16384 {
+                    why = format!("node {i} sees {served} slots on live masters");
+                    break;
+                }
+                if owners.as_ref().is_some_and(|prev| *prev != o) {
+                    why = format!("node {i} disagrees on slot owners");
+                    break;
+                }
+                owners = Some(o);
+            }
+            if why.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the Redis Cluster did not settle: {why}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node index of the master serving `slot`, as node `asking` sees it.
+    pub fn master_of_slot(&self, slot: u16, asking: usize) -> usize {
+        let nodes = self.nodes(asking).expect("CLUSTER NODES");
+        nodes
+            .iter()
+            .filter(|n| n.master && !n.failed && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .find_map(|n| self.index_of_port(n.port))
+            .unwrap_or_else(|| panic!("no master serves slot {slot}: {nodes:?}"))
+    }
+
+    /// The node index of the master holding `tenant`'s keys (`tg:{tenant}:…`).
+    pub fn master_for_tenant(&self, tenant: &str) -> usize {
+        let asking = (0..self.ports.len()).find(|i| self.nodes(*i).is_ok()).expect("a node that answers");
+        self.master_of_slot(cluster_slot(&format!("tg:{{{tenant}}}:x")), asking)
+    }
+
+    /// `n` tenant ids whose keys live on `n` different masters, named `<prefix>-<k>`.
+    pub fn tenants_on_distinct_masters(&self, prefix: &str, n: usize) -> Vec<String> {
+        let mut by_master: Vec<(usize, String)> = Vec::new();
+        for k in 0..10_000 {
+            let t = format!("{prefix}-{k}");
+            let m = self.master_for_tenant(&t);
+            if !by_master.iter().any(|(x, _)| *x == m) {
+                by_master.push((m, t));
+                if by_master.len() == n {
+                    break;
+                }
+            }
+        }
+        assert_eq!(by_master.len(), n, "fewer than {n} masters");
+        by_master.into_iter().map(|(_, t)| t).collect()
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let status = Command::new("kill").args([format!("-{sig}"), self.children[i].id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{sig} node {i}");
+    }
+
+    /// Freezes node `i` (SIGSTOP): it keeps its connections open and answers nothing.
+    pub fn stop(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    /// Lets a frozen node run again (SIGCONT).
+    pub fn cont(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
+
+    /// After [`RedisCluster::kill`] of master `i`: waits until a replica has taken over its
+    /// slots and the other nodes agree. Returns the new master's index.
+    pub fn wait_failover(&self, i: usize, within: Duration) -> usize {
+        let alive: Vec<usize> = (0..self.ports.len()).filter(|x| *x != i).collect();
+        let asking = alive[0];
+        let old_id =
+            self.nodes(asking).expect("CLUSTER NODES").into_iter().find(|n| n.port == self.ports[i]).map(|n| n.id);
+        let replica = self
+            .nodes(asking)
+            .expect("CLUSTER NODES")
+            .into_iter()
+            .find(|n| n.master_id.is_some() && n.master_id == old_id)
+            .and_then(|n| self.index_of_port(n.port))
+            .expect("the killed master has a replica");
+        let deadline = Instant::now() + within;
+        loop {
+            let role: String = self
+                .query(replica, &redis::cmd("ROLE"))
+                .map(|v: Vec<redis::Value>| match v.first() {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                })
+                .unwrap_or_default();
+            if role == "master" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no failover of node {i} within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_ok(&alive, deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)));
+        replica
+    }
+
+    /// Keys matching `pattern` on every master (reachable or not: a frozen node fails the test).
+    pub fn keys_on_masters(&self, pattern: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in 0..self.ports.len() {
+            let role: Vec<redis::Value> = match self.query(i, &redis::cmd("ROLE")) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            if matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master") {
+                let keys: Vec<String> = self.query(i, redis::cmd("KEYS").arg(pattern)).expect("KEYS");
+                out.extend(keys);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy to `target` that holds every chunk it forwards for an adjustable delay: a slow
+/// network or a slow store, on demand. Stops accepting when dropped.
+pub struct DelayProxy {
+    pub addr: SocketAddr,
+    delay_ms: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DelayProxy {
+    pub fn start(target: SocketAddr) -> DelayProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, s) = (delay_ms.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                for (from, to) in [(client.try_clone(), server.try_clone()), (server.try_clone(), client.try_clone())] {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    let d = d.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let ms = d.load(Ordering::SeqCst);
+                            if ms > 0 {
+                                std::thread::sleep(Duration::from_millis(ms));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        DelayProxy { addr, delay_ms, stop }
+    }
+
+    /// Sets the delay of every chunk forwarded from now on.
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
