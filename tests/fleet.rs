@@ -1,7 +1,8 @@
-//! A fleet on one real Redis under bursts: three gateway instances share quotas that hold
-//! exactly (never above the limit, and at most the documented bound below it), through a
-//! frozen store, a crashed instance holding a lease, and an instance restarted at once under
-//! the same `instance_id`. The bounds checked here are the ones `docs/limits.md` states.
+//! A fleet on a real Redis and a real 3-master Redis Cluster under bursts: three gateway
+//! instances share quotas that hold exactly (never above the limit, and at most the documented
+//! bound below it), through a frozen store, a frozen shard, a master killed and replaced by its
+//! replica, a crashed instance holding a lease, and an instance restarted at once under the
+//! same `instance_id`. The bounds checked here are the ones `docs/limits.md` states.
 
 mod common;
 use common::*;
@@ -306,4 +307,113 @@ fn wait_for_fleet(gws: &[&Gateway], n: u64) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+// -------------------------------------------------------------------------------------------
+// Redis Cluster
+// -------------------------------------------------------------------------------------------
+
+/// The cluster's seeds as a `url` list.
+fn cluster_url(cluster: &RedisCluster) -> String {
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    format!("[{}]", urls.join(", "))
+}
+
+fn cluster_config(
+    cluster: &RedisCluster,
+    echo: &Echo,
+    tenants: &[String],
+    store_extra: &str,
+    tier_extra: &str,
+) -> String {
+    config("@URL@", echo, tenants, store_extra, tier_extra)
+        .replace("url = \"@URL@\"", &format!("url = {}", cluster_url(cluster)))
+}
+
+/// The same bursts on a 3-master cluster, three tenants a repetition on three different masters.
+#[test]
+fn cluster_oversubscribed_bursts_admit_exactly_the_limit() {
+    let cluster = RedisCluster::start(3, 0, 5000);
+    let echo = Echo::start();
+    let reps: Vec<Vec<String>> =
+        (0..5).map(|r| cluster.tenants_on_distinct_masters(&format!("cburst{r}"), 3)).collect();
+    let all: Vec<String> = reps.iter().flatten().cloned().collect();
+    let template = cluster_config(&cluster, &echo, &all, "", "");
+    let gws: Vec<Gateway> = (0..3).map(|_| Gateway::start(&template)).collect();
+    let refs: Vec<&Gateway> = gws.iter().collect();
+    for (rep, these) in reps.iter().enumerate() {
+        let before = echo.hits();
+        let p = plan(&refs, these, LIMIT as usize);
+        let statuses = burst(&p);
+        for (t, (ok, other)) in these.iter().zip(admitted_per_tenant(&p, &statuses, these)) {
+            assert_eq!(other, 0, "repetition {rep}, {t}: only 200 and 429 answers");
+            assert_eq!(
+                ok,
+                LIMIT,
+                "repetition {rep}, {t} (master {}): {ok} admitted of {LIMIT}",
+                cluster.master_for_tenant(t)
+            );
+        }
+        assert_eq!(echo.hits() - before, 3 * LIMIT, "repetition {rep}");
+    }
+}
+
+/// One master frozen (SIGSTOP) while its tenant keeps sending: that tenant's failures open
+/// only its node's breaker. Tenants on the other masters keep exact quotas (a 3× burst admits
+/// exactly the limit) and exact concurrency (2 of 6 streams held across the fleet). The breaker
+/// opens at the first failure here, so a breaker shared by the whole cluster would send every
+/// tenant to the failure policy.
+#[test]
+fn a_frozen_shard_leaves_the_other_tenants_exact() {
+    let cluster = RedisCluster::start(3, 0, 5000);
+    let (echo, gate) = Echo::gated();
+    let mut all = cluster.tenants_on_distinct_masters("shard", 3);
+    // One more tenant on a healthy master, for the concurrency check.
+    let healthy_master = cluster.master_for_tenant(&all[1]);
+    let streams = (0..10_000)
+        .map(|k| format!("streams-{k}"))
+        .find(|t| cluster.master_for_tenant(t) == healthy_master)
+        .expect("a tenant on that master");
+    all.push(streams.clone());
+    // The streams tenant has a tier of its own with `concurrency = 2`.
+    let template =
+        cluster_config(&cluster, &echo, &all, "lease_timeout = \"200ms\"\nslot_ttl = \"2s\"\nbreaker_failures = 1", "")
+            .replace(
+                &format!("id = \"{streams}\"\ntier = \"basic\""),
+                &format!("id = \"{streams}\"\ntier = \"streams\""),
+            )
+            + "\n[tiers.streams]\nupstream = \"default\"\nconcurrency = 2\n";
+    let gws: Vec<Gateway> = (0..3).map(|_| Gateway::start(&template)).collect();
+    let refs: Vec<&Gateway> = gws.iter().collect();
+    wait_for_fleet(&refs, 3);
+    let (frozen, healthy) = (all[0].clone(), all[1..3].to_vec());
+    let victim = cluster.master_for_tenant(&frozen);
+    cluster.stop(victim);
+    // The frozen master's tenant fails its store calls on every instance, which opens its
+    // node's breaker.
+    let _ = burst(&plan(&refs, std::slice::from_ref(&frozen), 10));
+    // The other tenants: exact quotas...
+    let p = plan(&refs, &healthy, LIMIT as usize);
+    let statuses = burst(&p);
+    let quotas = admitted_per_tenant(&p, &statuses, &healthy);
+    // ...and exact concurrency: streams held open across the fleet, 2 admitted of 6.
+    let auth = bearer(&key_of(&streams));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for gw in refs.iter().cycle().take(6) {
+        let mut c = Conn::open(gw.addr).expect("connect");
+        c.send_raw(&build_request("GET", "/stream?sse=2", &[("authorization", &auth)], b"")).expect("send");
+        match c.read_head().expect("head").0 {
+            200 => held.push(c),
+            429 => refused += 1,
+            other => panic!("a stream answered {other}"),
+        }
+    }
+    cluster.cont(victim);
+    gate.open();
+    for (t, (ok, other)) in healthy.iter().zip(quotas) {
+        assert_eq!(other, 0, "{t}");
+        assert_eq!(ok, LIMIT, "{t}: exact while another shard is frozen");
+    }
+    assert_eq!((held.len(), refused), (2, 4), "concurrency = 2 across the fleet while another shard is frozen");
 }

@@ -673,10 +673,13 @@ impl QuotaEngine {
 
     /// Units this process spent on a quota this period (0 for a quota it has not seen).
     pub fn spent(&self, tenant: &Arc<str>, metric: &Arc<str>) -> u64 {
-        self.cells.get(&(tenant.clone(), metric.clone())).map(|c| {
-            let st = c.lock();
-            st.base + st.spent
-        }).unwrap_or(0)
+        self.cells
+            .get(&(tenant.clone(), metric.clone()))
+            .map(|c| {
+                let st = c.lock();
+                st.base + st.spent
+            })
+            .unwrap_or(0)
     }
 
     /// Records that warnings up to `level` percent were announced; returns the previous level.

@@ -73,11 +73,20 @@ pub struct RedisStore {
 /// or dead shard opens the breaker of its own tenants only. A key is mapped to its node
 /// through the slot map (`CLUSTER SLOTS`, refreshed every few seconds); until the map is
 /// known, or for a slot it does not cover, the shared breaker is used.
+/// One range of the cluster's slot map.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SlotRange {
+    first: u16,
+    last: u16,
+    /// The master, `host:port`.
+    node: String,
+}
+
 struct Breakers {
     shared: Arc<Breaker>,
     by_node: DashMap<String, Arc<Breaker>>,
-    /// Slot ranges `(first, last, "host:port")`, sorted by `first`.
-    slots: Arc<ArcSwap<Vec<(u16, u16, String)>>>,
+    /// Slot ranges of the masters, sorted by `first`.
+    slots: Arc<ArcSwap<Vec<SlotRange>>>,
 }
 
 impl Breakers {
@@ -95,18 +104,21 @@ impl Breakers {
         if map.is_empty() {
             return self.shared.clone();
         }
-        let slot = slot_of_tag(tag);
-        let i = map.partition_point(|(first, _, _)| *first <= slot);
-        match i.checked_sub(1).and_then(|i| map.get(i)) {
-            Some((_, last, node)) if slot <= *last => {
-                if let Some(b) = self.by_node.get(node) {
+        match range_of(&map, slot_of_tag(tag)) {
+            Some(r) => {
+                if let Some(b) = self.by_node.get(&r.node) {
                     return b.clone();
                 }
-                self.by_node.entry(node.clone()).or_insert_with(|| Arc::new(self.shared.fresh())).clone()
+                self.by_node.entry(r.node.clone()).or_insert_with(|| Arc::new(self.shared.fresh())).clone()
             }
-            _ => self.shared.clone(),
+            None => self.shared.clone(),
         }
     }
+}
+
+fn range_of(map: &[SlotRange], slot: u16) -> Option<&SlotRange> {
+    let i = map.partition_point(|r| r.first <= slot);
+    i.checked_sub(1).and_then(|i| map.get(i)).filter(|r| slot <= r.last)
 }
 
 /// The cluster hash slot of keys tagged `{tag}` (Redis's rule: CRC16/XMODEM of the first
@@ -136,8 +148,8 @@ fn crc16_xmodem(data: &[u8]) -> u16 {
     crc
 }
 
-/// Reads `CLUSTER SLOTS` into sorted `(first, last, "host:port")` ranges of the masters.
-async fn read_slot_map(conn: &mut ClusterConnection) -> Result<Vec<(u16, u16, String)>, StoreError> {
+/// Reads `CLUSTER SLOTS` into the masters' sorted slot ranges.
+async fn read_slot_map(conn: &mut ClusterConnection) -> Result<Vec<SlotRange>, StoreError> {
     let reply: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await.map_err(backend)?;
     let mut out = Vec::new();
     for range in reply {
@@ -151,11 +163,15 @@ async fn read_slot_map(conn: &mut ClusterConnection) -> Result<Vec<(u16, u16, St
         let (Ok(host), Ok(port)) = (String::from_redis_value_ref(host), u16::from_redis_value_ref(port)) else {
             continue;
         };
-        out.push((first, last, format!("{host}:{port}")));
+        out.push(SlotRange { first, last, node: format!("{host}:{port}") });
     }
     out.sort();
     Ok(out)
 }
+
+/// How long a ledger write on a replicated master waits for a replica's acknowledgement. Short:
+/// the wait holds the node's connection; a replica slower than this is asked again next flush.
+const REPLICA_WAIT: Duration = Duration::from_millis(100);
 
 /// Timeout of bulk calls: ledger batches of tens of thousands of rows, directory loads.
 const BULK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -283,15 +299,22 @@ impl RedisStore {
             let (conns, map) = (slot.clone(), breakers.slots.clone());
             tokio::spawn(async move {
                 loop {
+                    let mut read = false;
                     if let Some(c) = conns.conn.load_full() {
                         let mut c = (*c).clone();
-                        match read_slot_map(&mut c).await {
-                            Ok(m) if !m.is_empty() => map.store(Arc::new(m)),
-                            Ok(_) => {}
-                            Err(e) => tracing::debug!(error = %e, "could not read the cluster slot map"),
+                        match tokio::time::timeout(Duration::from_secs(2), read_slot_map(&mut c)).await {
+                            Ok(Ok(m)) if !m.is_empty() => {
+                                map.store(Arc::new(m));
+                                read = true;
+                            }
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "could not read the cluster slot map"),
+                            Err(_) => tracing::debug!("reading the cluster slot map timed out"),
                         }
                     }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    // Quickly until the first map is read, then every 2 s.
+                    let pause = if read || !map.load().is_empty() { 2_000 } else { 100 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
             });
         }
@@ -397,6 +420,83 @@ impl RedisStore {
             );
         }
         backend(e)
+    }
+
+    /// One tenant's batches on Redis Cluster; answers the id of the node that ran them. The
+    /// caller counts them as written only once a replica of that node has them (when it has a
+    /// replica, [`RedisStore::wait_replica`]): a failover right after would otherwise lose rows
+    /// this instance believes applied. A retry is safe: the high-water mark skips what the
+    /// master already has.
+    async fn apply_one_on_cluster(&self, c: &TenantCall, timeout: Duration) -> Result<String, StoreError> {
+        let run = |eval: bool| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(c.cmd_of(eval, LEDGER_SCRIPT_CLUSTER));
+            pipe
+        };
+        let answer: Result<((i64, String),), StoreError> =
+            self.run_within("ledger_apply", &c.tenant, &run(false), Some(timeout)).await;
+        let node = match answer {
+            Ok(((_, node),)) => node,
+            Err(StoreError::Backend(e)) if e.to_ascii_lowercase().contains("noscript") => {
+                let ((_, node),): ((i64, String),) =
+                    self.run_within("ledger_apply", &c.tenant, &run(true), Some(timeout)).await?;
+                node
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(node)
+    }
+
+    /// Whether the writes this client sent to `node` (the master serving `tag`) are safe from
+    /// a failover: `node` has no replica connected (`ROLE`), or one acknowledged them (`WAIT`).
+    async fn wait_replica(&self, tag: &str, node: &str) -> Result<(), StoreError> {
+        let Conn::Cluster(slot) = &self.conn else { return Ok(()) };
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(redis::cluster_routing::Route::new(
+            slot_of_tag(tag),
+            redis::cluster_routing::SlotAddr::Master,
+        ));
+        let fut = async {
+            self.observer.round_trip("redis", "ledger_wait_replica");
+            let Some(c) = slot.conn.load_full() else {
+                return Err(StoreError::Backend("Redis Cluster is not connected".into()));
+            };
+            let mut c = (*c).clone();
+            // Each pipeline runs on one connection: if the client sent it to another node (a
+            // failover), the id says so. ROLE first, because WAIT holds the connection (and every
+            // request's call multiplexed on it) until a replica answers or it times out.
+            let mut role = redis::pipe();
+            role.cmd("CLUSTER").arg("MYID");
+            role.cmd("ROLE");
+            let answers = c.route_pipeline(role, 0, 2, route.clone()).await.map_err(backend)?;
+            let [id, role] = <[redis::Value; 2]>::try_from(answers).map_err(|_| backend("short answer"))?;
+            if String::from_redis_value(id).map_err(backend)? != node {
+                return Ok(false);
+            }
+            // ROLE on a master: ["master", offset, [[ip, port, offset], ...]].
+            let replicas = match role {
+                redis::Value::Array(parts) => match parts.get(2) {
+                    Some(redis::Value::Array(r)) => r.len(),
+                    _ => 0,
+                },
+                _ => 0,
+            };
+            if replicas == 0 {
+                return Ok(true);
+            }
+            let mut wait = redis::pipe();
+            wait.cmd("CLUSTER").arg("MYID");
+            wait.cmd("WAIT").arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+            let answers = c.route_pipeline(wait, 0, 2, route).await.map_err(backend)?;
+            let [id, acked] = <[redis::Value; 2]>::try_from(answers).map_err(|_| backend("short answer"))?;
+            Ok(String::from_redis_value(id).map_err(backend)? == node
+                && i64::from_redis_value(acked).map_err(backend)? >= 1)
+        };
+        let safe = self.breakers.for_tag(tag).call_within(REPLICA_WAIT + Duration::from_secs(1), fut).await?;
+        if safe {
+            Ok(())
+        } else {
+            Err(StoreError::Backend("no replica of the node that took the ledger write acknowledged it yet".into()))
+        }
     }
 
     fn is_cluster(&self) -> bool {
@@ -574,7 +674,10 @@ pub fn ledger_mark_key(tenant: &str) -> String {
 /// KEYS[1]: the mark hash; KEYS[2..]: the tenant's usage hashes (one per day).
 /// ARGV: writer, mark lifetime (ms), batch count, then per batch: seq, field count, and per
 /// field: index into KEYS, field, increment. Returns how many batches were applied.
-const LEDGER_SCRIPT: &str = r"
+/// The body of the ledger scripts, up to their answer.
+macro_rules! ledger_script_body {
+    () => {
+        r"
 local mark = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local top = false
 local applied = 0
@@ -596,8 +699,15 @@ if top then
   redis.call('HSET', KEYS[1], ARGV[1], top)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return applied
-";
+"
+    };
+}
+
+const LEDGER_SCRIPT: &str = concat!(ledger_script_body!(), "return applied\n");
+
+/// On Redis Cluster the script also names the node it ran on, so that the replica
+/// acknowledgement asked for afterwards is known to come from the same node.
+const LEDGER_SCRIPT_CLUSTER: &str = concat!(ledger_script_body!(), "return {applied, redis.call('CLUSTER', 'MYID')}\n");
 
 /// One writer's batches of one tenant, as the arguments of [`LEDGER_SCRIPT`].
 struct TenantCall {
@@ -646,20 +756,19 @@ impl TenantCall {
 
     /// `EVALSHA` (`eval = false`) or `EVAL` of the script with these arguments.
     fn cmd(&self, eval: bool) -> redis::Cmd {
+        self.cmd_of(eval, LEDGER_SCRIPT)
+    }
+
+    fn cmd_of(&self, eval: bool, script: &str) -> redis::Cmd {
         let mut c = redis::cmd(if eval { "EVAL" } else { "EVALSHA" });
         if eval {
-            c.arg(LEDGER_SCRIPT);
+            c.arg(script);
         } else {
-            c.arg(ledger_script_sha());
+            c.arg(redis::Script::new(script).get_hash());
         }
         c.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
         c
     }
-}
-
-fn ledger_script_sha() -> &'static str {
-    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SHA.get_or_init(|| redis::Script::new(LEDGER_SCRIPT).get_hash().to_string())
 }
 
 /// Groups batches into one script call per (tenant, writer), each keeping the batches' order.
@@ -738,13 +847,30 @@ impl RedisStore {
     /// Redis Cluster: one call per tenant (tenants live on different masters), all at once,
     /// each with its own short timeout, so a stalled master holds up only its own tenants.
     async fn apply_cluster(&self, calls: &[TenantCall]) -> Vec<Result<(), StoreError>> {
-        futures_util::future::join_all(calls.iter().map(|c| async move {
+        let written = futures_util::future::join_all(calls.iter().map(|c| async move {
             // Grows with the size of a replay after an outage.
             let timeout = (CLUSTER_LEDGER_TIMEOUT + Duration::from_millis(c.rows as u64 / 100)).min(BULK_TIMEOUT);
-            let mut r = self.run_scripts(&[c], timeout, &c.tenant).await;
-            r.pop().unwrap_or_else(|| Err(StoreError::Backend("no answer".into())))
+            self.apply_one_on_cluster(c, timeout).await
         }))
-        .await
+        .await;
+        // Then one replica check per node that took writes, covering all of them.
+        let mut nodes: Vec<(String, &str)> = Vec::new();
+        for (c, w) in calls.iter().zip(&written) {
+            if let Ok(node) = w {
+                if !nodes.iter().any(|(n, _)| n == node) {
+                    nodes.push((node.clone(), &c.tenant));
+                }
+            }
+        }
+        let checks = futures_util::future::join_all(nodes.iter().map(|(node, tag)| self.wait_replica(tag, node))).await;
+        written
+            .into_iter()
+            .map(|w| {
+                let node = w?;
+                let i = nodes.iter().position(|(n, _)| *n == node).unwrap_or(usize::MAX);
+                checks.get(i).cloned().unwrap_or_else(|| Err(StoreError::Backend("no replica check".into())))
+            })
+            .collect()
     }
 }
 

@@ -676,6 +676,9 @@ impl RedisCluster {
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", &node_timeout_ms.to_string()])
                 // Masters whose slots are served keep serving when another master is down.
                 .args(["--cluster-require-full-coverage", "no"])
+                // A replica may take over however recently it synced: a test kills a master
+                // seconds after the cluster formed.
+                .args(["--cluster-replica-validity-factor", "0"])
                 .arg("--cluster-config-file")
                 .arg(node_dir.join("nodes.conf"))
                 .arg("--dir")
