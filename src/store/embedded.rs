@@ -69,11 +69,6 @@ impl Embedded {
              CREATE TABLE IF NOT EXISTS dir_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS dir_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
              INSERT OR IGNORE INTO dir_meta (k, v) VALUES ('version', 0);
-             CREATE TABLE IF NOT EXISTS ledger_batches (
-                 id TEXT PRIMARY KEY,
-                 applied_ms INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS ledger_batches_applied ON ledger_batches (applied_ms);
              CREATE TABLE IF NOT EXISTS quota_usage (
                  tenant TEXT NOT NULL,
                  metric TEXT NOT NULL,
