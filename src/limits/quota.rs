@@ -219,6 +219,16 @@ fn expire_at(w: &Window) -> i64 {
     }
 }
 
+/// Clears a cell's `busy` flag and wakes its waiters when dropped.
+struct Busy<'a>(&'a Arc<Cell>);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.lock().busy = false;
+        self.0.done.notify_waiters();
+    }
+}
+
 /// What a store call for a cell carries, taken under the cell's lock.
 struct Call {
     key: CounterKey,
@@ -383,6 +393,10 @@ impl QuotaEngine {
 
     /// Runs one store call for a cell whose `busy` flag the caller set, and records its answer.
     async fn call(&self, cell: &Arc<Cell>, call: Call) -> Result<u64, StoreError> {
+        // Frees the cell however this ends, including when the future is dropped mid-call (a
+        // request that timed out or went away): waiters then go on instead of waiting for an
+        // answer nobody will record.
+        let _busy = Busy(cell);
         let started = self.clock.now_millis();
         let result = self
             .store
@@ -403,8 +417,6 @@ impl QuotaEngine {
             .await;
         let now = self.clock.now_millis();
         let mut st = cell.lock();
-        st.busy = false;
-        cell.done.notify_waiters();
         if st.window.start_ms != call.period_start {
             // The period ended while the call was out. Its final report (already queued, or
             // sent later) does not count this grant, so the store takes it back as a grant
@@ -507,12 +519,10 @@ impl QuotaEngine {
                     return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
                 Err(_) => {
-                    // Too late for this request; the call itself is dropped with it, so the
-                    // cell is free for the next one.
+                    // Too late for this request; the call was dropped with it (which freed the
+                    // cell for the next one).
                     let mut st = cell.lock();
-                    st.busy = false;
                     st.retry_at_ms = now + RETRY_AFTER_FAILURE_MS;
-                    cell.done.notify_waiters();
                     return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
             }
@@ -958,6 +968,8 @@ mod tests {
     struct Flaky {
         inner: Embedded,
         down: std::sync::atomic::AtomicBool,
+        /// Calls never answer (a hung store).
+        hang: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -966,6 +978,9 @@ mod tests {
             "flaky"
         }
         async fn lease(&self, req: &LeaseRequest<'_>) -> Result<crate::store::Grant, StoreError> {
+            if self.hang.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
             if self.down.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(StoreError::Timeout);
             }
@@ -999,7 +1014,7 @@ mod tests {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
         let dir = std::env::temp_dir().join(format!("tollgate-quota-flaky-{}", rand::random::<u64>()));
         let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
-        let store = Arc::new(Flaky { inner, down: false.into() });
+        let store = Arc::new(Flaky { inner, down: false.into(), hang: false.into() });
         let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
         q.set_live_instances(3);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
@@ -1023,6 +1038,27 @@ mod tests {
         q.flush().await;
         let state = q.state(&t, &m, &spec, &p);
         assert_eq!(state.used, 140);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_during_its_lease_call_frees_the_counter() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-drop-{}", rand::random::<u64>()));
+        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
+        let store = Arc::new(Flaky { inner, down: false.into(), hang: true.into() });
+        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
+        let spec = QuotaSpec { limit: 100, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        // The client goes away while the lease call hangs: the request future is dropped.
+        let gone =
+            tokio::time::timeout(Duration::from_millis(20), q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed)).await;
+        assert!(gone.is_err(), "the call hangs");
+        store.hang.store(false, std::sync::atomic::Ordering::Relaxed);
+        // The next request calls the store at once instead of waiting for the dropped call.
+        let started = std::time::Instant::now();
+        q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.expect("the counter is free again");
+        assert!(started.elapsed() < Duration::from_millis(500), "it did not wait for the dropped call");
     }
 
     #[test]
