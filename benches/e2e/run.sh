@@ -121,6 +121,7 @@ fi
 
 WORK=$(mktemp -d /tmp/tollgate-bench-e2e.XXXXXX)
 mkdir -p "$WORK/nginx-tmp" "$OUT/raw"
+: >"$OUT/store-traffic.tsv"
 rm -f "$OUT"/raw/* "$OUT"/results.tsv "$OUT"/perf-*.txt "$OUT"/json-log-bytes-per-request.txt
 started_at=$(date +%s)
 
