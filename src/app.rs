@@ -154,7 +154,9 @@ pub fn limit_settings(store: &StoreConfig) -> crate::limits::LimitSettings {
             holder: format!("{}-{:08x}", store.instance_id, rand::random::<u32>()).into(),
             ttl: store.lease_ttl,
             idle: store.lease_idle,
-            wait: store.lease_timeout,
+            // A little longer than the call's own deadline, so that a late call ends as a
+            // store timeout (counted by the breaker) before the request gives up on it.
+            wait: store.lease_timeout + Duration::from_millis(50),
         },
         slot_ttl: store.slot_ttl,
     }

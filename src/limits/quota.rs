@@ -27,7 +27,7 @@ use crate::clock::SharedClock;
 use crate::policy::{Policy, QuotaSpec, StorePolicy};
 use crate::store::{CounterKey, Counters, LeaseRequest, StoreError};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -100,6 +100,15 @@ struct CellState {
     spent: u64,
     /// Granted to this instance and not yet spent.
     lease: u64,
+    /// This cell's holder name in the store: the process's, plus a number of its own, so a
+    /// cell recreated for the same counter (a new period on the same start, an evicted cell)
+    /// is a new holder and never restarts another holder's cumulative figures.
+    holder: Arc<str>,
+    /// Which incarnation of the cell this is (part of `holder`); a call of an earlier one
+    /// does not touch this one's flags.
+    gen: u64,
+    /// The earlier incarnation's final report, waiting for its call still out.
+    retiring: Option<Retire>,
     /// Units the store granted this holder this period, cumulative.
     granted: u64,
     /// Units this holder handed back this period, cumulative.
@@ -108,6 +117,12 @@ struct CellState {
     known_total: u64,
     /// Spent while the store was failing; added to the shared counter later.
     debt: u64,
+    /// Part of `debt` a call is carrying right now (not to be refunded as debt).
+    debt_in_flight: u64,
+    /// What the store's record says this holder holds (its report at the last successful
+    /// call): while above 0 the record must be renewed, or the store would reclaim units
+    /// that were spent.
+    reported_held: u64,
     /// A store call for this cell is out; other requests wait for it.
     busy: bool,
     /// Units the requests waiting for that call need: the next call asks for them too, so a
@@ -175,6 +190,7 @@ pub struct Reservation {
 #[derive(Debug, Clone)]
 struct Retire {
     key: CounterKey,
+    holder: Arc<str>,
     granted: u64,
     returned: u64,
     expire: i64,
@@ -197,6 +213,8 @@ pub struct QuotaEngine {
     settings: LeaseSettings,
     /// Instances alive in the fleet (the store's heartbeat registry; 1 on a single node).
     live: AtomicU32,
+    /// Numbers cell incarnations.
+    generations: AtomicU64,
     pending: Mutex<Pending>,
 }
 
@@ -219,19 +237,40 @@ fn expire_at(w: &Window) -> i64 {
     }
 }
 
-/// Clears a cell's `busy` flag and wakes its waiters when dropped.
-struct Busy<'a>(&'a Arc<Cell>);
+/// Clears a cell's `busy` flag (if the cell is still the incarnation that set it) and wakes
+/// its waiters when dropped.
+struct Busy<'a>(&'a Arc<Cell>, u64);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.lock().busy = false;
+        {
+            let mut st = self.0.lock();
+            if st.gen == self.1 {
+                st.busy = false;
+            }
+        }
         self.0.done.notify_waiters();
+    }
+}
+
+/// A request waiting for another's call: its units are in `queued` until it stops waiting,
+/// however that happens (a dropped request included).
+struct Queued<'a>(&'a Arc<Cell>, u64, u64);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        if st.gen == self.2 {
+            st.queued = st.queued.saturating_sub(self.1);
+        }
     }
 }
 
 /// What a store call for a cell carries, taken under the cell's lock.
 struct Call {
     key: CounterKey,
+    holder: Arc<str>,
+    gen: u64,
     granted: u64,
     returned: u64,
     held: u64,
@@ -240,7 +279,6 @@ struct Call {
     want: u64,
     limit: u64,
     expire: i64,
-    period_start: i64,
 }
 
 impl QuotaEngine {
@@ -251,6 +289,7 @@ impl QuotaEngine {
             cells: DashMap::default(),
             settings: LeaseSettings { max_block: settings.max_block.max(1), ..settings },
             live: AtomicU32::new(1),
+            generations: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
         })
     }
@@ -300,8 +339,12 @@ impl QuotaEngine {
     ) -> CellState {
         let key = CounterKey { tenant, metric, period_start: w.start_ms };
         let base = self.store.persisted_usage(&key);
+        let gen = self.generations.fetch_add(1, Ordering::Relaxed);
         CellState {
             key,
+            holder: format!("{}:{gen}", self.settings.holder).into(),
+            gen,
+            retiring: None,
             window: w,
             period,
             base,
@@ -311,6 +354,8 @@ impl QuotaEngine {
             returned: 0,
             known_total: base,
             debt: 0,
+            debt_in_flight: 0,
+            reported_held: 0,
             busy: false,
             queued: 0,
             valid_until_ms: 0,
@@ -333,15 +378,20 @@ impl QuotaEngine {
             st.window = w;
             return;
         }
+        let retire = Retire {
+            key: st.key.clone(),
+            holder: st.holder.clone(),
+            granted: st.granted,
+            returned: st.returned + st.lease,
+            expire: expire_at(&st.window),
+        };
+        // A call of this incarnation still out sends the final report itself once it knows
+        // what it was granted; otherwise it is sent by the next flush.
+        let (busy, retiring) = (st.busy, st.granted > 0 || st.busy);
         {
             let mut p = self.pending();
-            if st.granted > 0 {
-                p.retire.push(Retire {
-                    key: st.key.clone(),
-                    granted: st.granted,
-                    returned: st.returned + st.lease,
-                    expire: expire_at(&st.window),
-                });
+            if retiring && !busy {
+                p.retire.push(retire.clone());
             }
             if st.dirty {
                 p.persist.push((st.key.clone(), st.base + st.spent));
@@ -352,6 +402,9 @@ impl QuotaEngine {
             }
         }
         *st = self.fresh(st.key.tenant.clone(), st.key.metric.clone(), w, spec.period, now);
+        if busy {
+            st.retiring = Some(retire);
+        }
     }
 
     /// A lease whose renewal has not come through in time is no longer spent: the store may
@@ -374,9 +427,12 @@ impl QuotaEngine {
         }
     }
 
-    fn call_for(&self, st: &CellState, need: u64, want: u64, limit: u64) -> Call {
+    fn call_for(&self, st: &mut CellState, need: u64, want: u64, limit: u64) -> Call {
+        st.debt_in_flight = st.debt;
         Call {
             key: st.key.clone(),
+            holder: st.holder.clone(),
+            gen: st.gen,
             granted: st.granted,
             returned: st.returned,
             held: st.lease,
@@ -387,22 +443,23 @@ impl QuotaEngine {
             want,
             limit,
             expire: expire_at(&st.window),
-            period_start: st.window.start_ms,
         }
     }
 
     /// Runs one store call for a cell whose `busy` flag the caller set, and records its answer.
-    async fn call(&self, cell: &Arc<Cell>, call: Call) -> Result<u64, StoreError> {
+    /// Answers the units granted, or `None` when the cell moved on to another incarnation
+    /// (a new period) while the call was out.
+    async fn call(&self, cell: &Arc<Cell>, call: Call) -> Result<Option<u64>, StoreError> {
         // Frees the cell however this ends, including when the future is dropped mid-call (a
         // request that timed out or went away): waiters then go on instead of waiting for an
         // answer nobody will record.
-        let _busy = Busy(cell);
+        let _busy = Busy(cell, call.gen);
         let started = self.clock.now_millis();
         let result = self
             .store
             .lease(&LeaseRequest {
                 key: &call.key,
-                holder: &self.settings.holder,
+                holder: &call.holder,
                 granted: call.granted,
                 returned: call.returned,
                 held: call.held,
@@ -417,17 +474,25 @@ impl QuotaEngine {
             .await;
         let now = self.clock.now_millis();
         let mut st = cell.lock();
-        if st.window.start_ms != call.period_start {
-            // The period ended while the call was out. Its final report (already queued, or
-            // sent later) does not count this grant, so the store takes it back as a grant
-            // that never arrived.
-            return result.map(|_| 0);
+        if st.gen != call.gen {
+            // The period ended while the call was out: the earlier incarnation's final report
+            // hands back everything it held, this grant included.
+            if let Some(mut r) = st.retiring.take().filter(|r| r.holder == call.holder) {
+                if let Ok(grant) = &result {
+                    r.granted += grant.granted;
+                    r.returned += grant.granted;
+                }
+                self.pending().retire.push(r);
+            }
+            return result.map(|_| None);
         }
+        st.debt_in_flight = 0;
         match result {
             Ok(grant) => {
                 st.debt = st.debt.saturating_sub(call.add);
                 st.granted += grant.granted;
                 st.lease += grant.granted;
+                st.reported_held = call.held + grant.granted;
                 st.known_total = grant.total;
                 st.synced_ms = now;
                 // Spend the lease only while its record surely lives in the store: the record
@@ -435,7 +500,7 @@ impl QuotaEngine {
                 st.valid_until_ms = started + self.ttl_ms() * 4 / 5;
                 st.retry_at_ms = 0;
                 st.allowance = None;
-                Ok(grant.granted)
+                Ok(Some(grant.granted))
             }
             Err(e) => {
                 st.retry_at_ms = now + RETRY_AFTER_FAILURE_MS;
@@ -485,19 +550,21 @@ impl QuotaEngine {
                     let remaining = ceiling.min(spec.limit).saturating_sub(st.used());
                     let need = cost - st.lease;
                     let want = need + st.queued + block_size(remaining, self.block_cap(cost), self.live_instances());
-                    Some(self.call_for(&st, need, want, ceiling))
+                    Some(self.call_for(&mut st, need, want, ceiling))
                 }
             };
             let Some(call) = step else {
                 // Another request's call is out: its answer is ours too. `enable` registers
                 // before the flag is looked at again, so a wake-up in between is not missed.
+                let gen = cell.lock().gen;
+                let queued = Queued(&cell, cost, gen);
                 let notified = cell.done.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let still_busy = cell.lock().busy;
                 let timed_out = still_busy && tokio::time::timeout_at(deadline, notified).await.is_err();
+                drop(queued);
                 let mut st = cell.lock();
-                st.queued = st.queued.saturating_sub(cost);
                 if timed_out {
                     return self.fallback(&cell, &mut st, spec, cost, ceiling, on_error, metric, now);
                 }
@@ -505,7 +572,9 @@ impl QuotaEngine {
             };
             let need = call.need;
             match tokio::time::timeout_at(deadline, self.call(&cell, call)).await {
-                Ok(Ok(granted)) => {
+                // A new period began meanwhile: look again.
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(granted))) => {
                     if granted == 0 && need > 0 {
                         let st = cell.lock();
                         if st.lease < cost {
@@ -624,13 +693,16 @@ impl QuotaEngine {
     /// has rolled over).
     fn give_back_units(&self, r: &Reservation, units: u64) -> Option<u64> {
         let units = units.min(r.units);
+        let now = self.clock.now_millis();
         let mut st = r.cell.lock();
         if st.window.start_ms != r.period_start {
             return None;
         }
+        self.expire_lease(&mut st, now);
         st.spent = st.spent.saturating_sub(units);
-        // Units admitted as debt go back as debt; the rest back into the lease.
-        let from_debt = units.min(st.debt);
+        // Units admitted as debt go back as debt (except what a call is carrying to the store
+        // right now); the rest back into the lease, where the next request spends them.
+        let from_debt = units.min(st.debt.saturating_sub(st.debt_in_flight));
         st.debt -= from_debt;
         st.lease += units - from_debt;
         if let Some(a) = st.allowance.as_mut() {
@@ -652,10 +724,13 @@ impl QuotaEngine {
             return self.give_back_units(r, r.units - actual);
         }
         let extra = actual - r.units;
+        let now = self.clock.now_millis();
         let mut st = r.cell.lock();
         if st.window.start_ms != r.period_start {
             return None;
         }
+        // An expired lease is the store's again: the extra cannot come out of it.
+        self.expire_lease(&mut st, now);
         if extra == 0 {
             return Some(st.used());
         }
@@ -737,7 +812,7 @@ impl QuotaEngine {
         for r in retire {
             let req = LeaseRequest {
                 key: &r.key,
-                holder: &self.settings.holder,
+                holder: &r.holder,
                 granted: r.granted,
                 returned: r.returned,
                 held: 0,
@@ -761,31 +836,43 @@ impl QuotaEngine {
     /// Adds debt to the counters, renews leases in use before their records expire, and
     /// hands back idle ones (all of them when `closing`).
     async fn report_leases(&self, closing: bool) {
+        use futures_util::StreamExt;
         let now = self.clock.now_millis();
         let (idle_ms, renew_ms) = (self.settings.idle.as_millis() as i64, self.ttl_ms() / 3);
-        let mut calls = Vec::new();
-        for entry in self.cells.iter() {
-            let cell = entry.value();
-            let mut st = cell.lock();
-            if st.busy || (st.lease == 0 && st.debt == 0) {
-                continue;
-            }
-            if st.lease > 0 && (closing || now - st.last_used_ms >= idle_ms) {
-                // Idle: hand it all back so other instances can use it.
-                st.returned += st.lease;
-                st.known_total = st.known_total.saturating_sub(st.lease);
-                st.lease = 0;
-            } else if st.debt == 0 && now - st.synced_ms < renew_ms {
-                continue;
-            }
-            st.busy = true;
-            calls.push((cell.clone(), self.call_for(&st, 0, 0, 0)));
-        }
-        for (cell, call) in calls {
-            if let Err(e) = self.call(&cell, call).await {
-                tracing::debug!(error = %e, "could not report a quota lease; retrying next flush");
-            }
-        }
+        let due = |st: &CellState| {
+            // The store's record must be renewed while it says this holder holds units, even
+            // after they were all spent: an expired record gives its units back.
+            let holding = st.lease > 0 || st.reported_held > 0;
+            !st.busy
+                && (st.debt > 0
+                    || (st.lease > 0 && (closing || now - st.last_used_ms >= idle_ms))
+                    || (holding && (closing || now - st.synced_ms >= renew_ms)))
+        };
+        let cells: Vec<Arc<Cell>> =
+            self.cells.iter().filter(|e| due(&e.value().lock())).map(|e| e.value().clone()).collect();
+        // Each cell is marked busy only just before its own call, so requests are not held
+        // up by calls queued behind it; a few run at once.
+        futures_util::stream::iter(cells)
+            .for_each_concurrent(32, |cell| async move {
+                let call = {
+                    let mut st = cell.lock();
+                    if !due(&st) {
+                        return;
+                    }
+                    if st.lease > 0 && (closing || now - st.last_used_ms >= idle_ms) {
+                        // Idle: hand it all back so other instances can use it.
+                        st.returned += st.lease;
+                        st.known_total = st.known_total.saturating_sub(st.lease);
+                        st.lease = 0;
+                    }
+                    st.busy = true;
+                    self.call_for(&mut st, 0, 0, 0)
+                };
+                if let Err(e) = self.call(&cell, call).await {
+                    tracing::debug!(error = %e, "could not report a quota lease; retrying next flush");
+                }
+            })
+            .await;
     }
 
     /// Drops cells idle for long with nothing outstanding.
@@ -796,12 +883,23 @@ impl QuotaEngine {
             let mut st = cell.lock();
             // A cell that announced a warning this period keeps it, so the warning is not repeated.
             let announced = st.warned > 0 && now < st.window.end_ms;
-            if now - st.last_used_ms < IDLE_CELL_MS || st.dirty || st.debt > 0 || st.busy || announced {
+            // A cell a request still holds is kept: dropping it would let a new incarnation
+            // and this one run calls for the same counter side by side.
+            let referenced = Arc::strong_count(cell) > 1;
+            if now - st.last_used_ms < IDLE_CELL_MS
+                || st.dirty
+                || st.debt > 0
+                || st.busy
+                || st.reported_held > 0
+                || referenced
+                || announced
+            {
                 return true;
             }
             if st.lease > 0 {
                 retire.push(Retire {
                     key: st.key.clone(),
+                    holder: st.holder.clone(),
                     granted: st.granted,
                     returned: st.returned + st.lease,
                     expire: expire_at(&st.window),
@@ -817,6 +915,11 @@ impl QuotaEngine {
 
     /// Returns every unspent lease and flushes. Called at shutdown.
     pub async fn shutdown(&self) {
+        // Calls still out (a prefetch) finish first, so their cells' reports are not skipped.
+        let deadline = tokio::time::Instant::now() + self.settings.wait;
+        while self.cells.iter().any(|c| c.value().lock().busy) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let mut dirty = Vec::new();
         for cell in self.cells.iter() {
             let mut st = cell.lock();
@@ -1059,6 +1162,76 @@ mod tests {
         let started = std::time::Instant::now();
         q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.expect("the counter is free again");
         assert!(started.elapsed() < Duration::from_millis(500), "it did not wait for the dropped call");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_takes_its_units_out_of_the_next_call() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-waiter-{}", rand::random::<u64>()));
+        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
+        let store = Arc::new(Flaky { inner, down: false.into(), hang: true.into() });
+        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "records".into());
+        let spec = QuotaSpec { limit: 50, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        let leader = {
+            let (q, t, m, spec, p) = (q.clone(), t.clone(), m.clone(), spec.clone(), p.clone());
+            tokio::spawn(async move { q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // A request needing 30 waits for the leader's call, then goes away.
+        let gone =
+            tokio::time::timeout(Duration::from_millis(20), q.reserve(&t, &m, &spec, &p, 30, StorePolicy::Closed))
+                .await;
+        assert!(gone.is_err());
+        leader.abort();
+        let _ = leader.await;
+        store.hang.store(false, std::sync::atomic::Ordering::Relaxed);
+        q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.expect("one unit");
+        let key = CounterKey {
+            tenant: t.clone(),
+            metric: m.clone(),
+            period_start: q.state(&t, &m, &spec, &p).period_start_ms,
+        };
+        assert_eq!(store.get(&key).await.expect("get"), 1, "the call asked for its own unit only");
+    }
+
+    /// Two instances on one store near a hard limit (exact grants, so each lease is spent to 0
+    /// at once), over many lease TTLs with the background flush running: the store's records
+    /// are renewed while they claim units, so no spent unit is ever reclaimed.
+    #[tokio::test]
+    async fn spent_leases_are_renewed_not_reclaimed() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-renew-{}", rand::random::<u64>()));
+        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
+        let engine = |name: &str| {
+            QuotaEngine::new(
+                store.clone(),
+                clock.clone(),
+                LeaseSettings { holder: name.into(), ..LeaseSettings::local(1000) },
+            )
+        };
+        let (a, b) = (engine("a"), engine("b"));
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
+        let spec = QuotaSpec { limit: 10, period: Period::Month, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        let mut admitted = 0;
+        for _ in 0..10 {
+            for q in [&a, &b] {
+                for _ in 0..10 {
+                    if q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.is_ok() {
+                        admitted += 1;
+                    }
+                }
+            }
+            // 11 s, longer than the 10 s lease TTL, with a flush every second.
+            for _ in 0..11 {
+                clock.advance_millis(1_000);
+                a.flush().await;
+                b.flush().await;
+            }
+        }
+        assert_eq!(admitted, 10, "a hard limit of 10 across two instances and ten lease TTLs");
     }
 
     #[test]

@@ -131,12 +131,13 @@ pub fn apply_lease(
             true
         }
     });
-    *total = total.saturating_add(req.add);
     if let Some(h) = holders.get(req.holder) {
         // Grants whose answer never reached the holder, and units it handed back.
         *total = total.saturating_sub(h.granted.saturating_sub(req.granted));
         *total = total.saturating_sub(req.returned.saturating_sub(h.returned));
     }
+    // Then what was spent without a grant (each step floors at 0, as the script does).
+    *total = total.saturating_add(req.add);
     let room = req.limit.saturating_sub(*total);
     let granted = if req.want > 0 && room >= req.need { req.want.min(room) } else { 0 };
     *total += granted;

@@ -193,9 +193,9 @@ const FLEET: &str = "tg:{fleet}:live";
 const LEASE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local total = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[10])
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
 for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  total = total - tonumber(redis.call('HGET', KEYS[2], h .. '|h') or '0')
+  total = math.max(0, total - tonumber(redis.call('HGET', KEYS[2], h .. '|h') or '0'))
   redis.call('HDEL', KEYS[2], h .. '|g', h .. '|r', h .. '|h')
   redis.call('ZREM', KEYS[3], h)
 end
@@ -205,10 +205,10 @@ local g = redis.call('HGET', KEYS[2], me .. '|g')
 if g then
   g = tonumber(g)
   local r = tonumber(redis.call('HGET', KEYS[2], me .. '|r') or '0')
-  if g > kg then total = total - (g - kg) end
-  if kr > r then total = total - (kr - r) end
+  if g > kg then total = math.max(0, total - (g - kg)) end
+  if kr > r then total = math.max(0, total - (kr - r)) end
 end
-if total < 0 then total = 0 end
+total = total + tonumber(ARGV[10])
 local need, want, limit = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local granted = 0
 if want > 0 and limit - total >= need then
