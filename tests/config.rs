@@ -467,3 +467,20 @@ fn store_url_and_cluster_errors_all_at_once() {
     let d = errors_of(&format!("{BASE}\n[store]\nkind = \"redis\"\nurl = 6379\n"));
     assert!(d.errors().any(|e| e.line == 10 && e.message.contains("a string or a list of strings")), "{d}");
 }
+
+#[test]
+fn lease_settings_are_checked() {
+    // BASE has 7 lines (a leading blank line); `[store]` is line 9.
+    one_error(&format!("{BASE}\n[store]\nlease_ttl = \"100ms\"\n"), "`lease_ttl` must be at least 500ms", 10);
+    one_error(&format!("{BASE}\n[store]\nlease_timeout = \"0s\"\n"), "`lease_timeout` of zero", 10);
+    let dir = temp_dir("cfg");
+    let path = dir.join("tollgate.toml");
+    let text = format!("{BASE}\n[store]\nlease_ttl = \"3s\"\nlease_idle = \"2s\"\ntimeout = \"80ms\"\nlease_timeout = \"20ms\"\n");
+    std::fs::write(&path, text).expect("write");
+    let store = config::load(&path).expect("valid").config.store;
+    assert_eq!(
+        (store.lease_ttl, store.lease_idle, store.lease_timeout),
+        (std::time::Duration::from_secs(3), std::time::Duration::from_secs(2), std::time::Duration::from_millis(80)),
+        "a lease timeout shorter than the store timeout is raised to it"
+    );
+}
