@@ -470,12 +470,14 @@ fn store_url_and_cluster_errors_all_at_once() {
 
 #[test]
 fn lease_settings_are_checked() {
-    // BASE has 7 lines (a leading blank line); `[store]` is line 9.
-    one_error(&format!("{BASE}\n[store]\nlease_ttl = \"100ms\"\n"), "`lease_ttl` must be at least 500ms", 10);
-    one_error(&format!("{BASE}\n[store]\nlease_timeout = \"0s\"\n"), "`lease_timeout` of zero", 10);
+    // `[store]` is line 8 of these configs, the setting line 9.
+    one_error(&format!("{BASE}\n[store]\nlease_ttl = \"100ms\"\n"), "`lease_ttl` must be at least 500ms", 9);
+    one_error(&format!("{BASE}\n[store]\nlease_timeout = \"0s\"\n"), "`lease_timeout` of zero", 9);
     let dir = temp_dir("cfg");
     let path = dir.join("tollgate.toml");
-    let text = format!("{BASE}\n[store]\nlease_ttl = \"3s\"\nlease_idle = \"2s\"\ntimeout = \"80ms\"\nlease_timeout = \"20ms\"\n");
+    let text = format!(
+        "{BASE}\n[store]\nlease_ttl = \"3s\"\nlease_idle = \"2s\"\ntimeout = \"80ms\"\nlease_timeout = \"20ms\"\n"
+    );
     std::fs::write(&path, text).expect("write");
     let store = config::load(&path).expect("valid").config.store;
     assert_eq!(
