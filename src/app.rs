@@ -209,6 +209,7 @@ impl BackgroundService for Maintenance {
         loop {
             tokio::select! {
                 _ = flush.tick() => self.limits.quotas.flush().await,
+                _ = self.limits.quotas.wait_urgent() => self.limits.quotas.flush().await,
                 _ = meter.tick() => self.meter.flush().await,
                 _ = directory.tick() => self.admin.poll().await,
                 _ = fleet.tick(), if self.limits.shared => self.heartbeat().await,

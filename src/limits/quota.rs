@@ -215,6 +215,9 @@ pub struct QuotaEngine {
     live: AtomicU32,
     /// Numbers cell incarnations.
     generations: AtomicU64,
+    /// Signalled when usage was settled above what a lease covered: the flush task sends it
+    /// at once, so other instances see it at their next lease call.
+    urgent: tokio::sync::Notify,
     pending: Mutex<Pending>,
 }
 
@@ -290,6 +293,7 @@ impl QuotaEngine {
             settings: LeaseSettings { max_block: settings.max_block.max(1), ..settings },
             live: AtomicU32::new(1),
             generations: AtomicU64::new(0),
+            urgent: tokio::sync::Notify::new(),
             pending: Mutex::new(Pending::default()),
         })
     }
@@ -737,9 +741,12 @@ impl QuotaEngine {
         let from_lease = extra.min(st.lease);
         st.lease -= from_lease;
         st.spent += extra;
-        // What the lease could not cover is recorded as debt and added to the shared counter
-        // at the next flush.
+        // What the lease could not cover is recorded as debt and sent to the shared counter by
+        // a flush right away.
         st.debt += extra - from_lease;
+        if extra > from_lease {
+            self.urgent.notify_one();
+        }
         if !st.dirty {
             st.dirty = true;
             self.pending().dirty.push(r.cell.clone());
@@ -775,6 +782,12 @@ impl QuotaEngine {
             st.warned = level;
         }
         prev
+    }
+
+    /// Resolves when usage settled above a lease is waiting to be sent (the flush task then
+    /// flushes at once instead of at its next tick).
+    pub async fn wait_urgent(&self) {
+        self.urgent.notified().await
     }
 
     /// Writes usage, reports leases (renewing those in use, handing back idle ones and those
@@ -1025,6 +1038,32 @@ mod tests {
         q.flush().await;
         clock.advance_millis(1_000);
         assert!(q.reserve(&t, &m, &spec, &p, 1, StorePolicy::Local).await.is_err());
+    }
+
+    /// A settlement past a hard limit on one instance reaches the store at once (the flush
+    /// task is woken), so the other instance's next request is refused.
+    #[tokio::test]
+    async fn a_settlement_past_the_limit_reaches_the_other_instances_at_once() {
+        let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
+        let dir = std::env::temp_dir().join(format!("tollgate-quota-urgent-{}", rand::random::<u64>()));
+        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
+        let engine = |name: &str| {
+            QuotaEngine::new(
+                store.clone(),
+                clock.clone(),
+                LeaseSettings { holder: name.into(), ..LeaseSettings::local(1000) },
+            )
+        };
+        let (a, b) = (engine("a"), engine("b"));
+        let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "tokens".into());
+        let spec = QuotaSpec { limit: 50, period: Period::Day, hard: true, overage_percent: 0 };
+        let p = policy(1, "UTC");
+        let (r, _) = a.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.expect("first request");
+        a.settle(&r, 60);
+        tokio::time::timeout(Duration::from_millis(100), a.wait_urgent()).await.expect("the flush task is woken");
+        a.flush().await;
+        let err = b.reserve(&t, &m, &spec, &p, 1, StorePolicy::Closed).await.err();
+        assert!(matches!(err, Some(QuotaError::Exceeded(_))), "the other instance refuses: {err:?}");
     }
 
     #[tokio::test]
