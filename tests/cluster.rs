@@ -19,23 +19,8 @@ fn key_of(t: &str) -> String {
 
 /// A gateway on the cluster: `store` holds the `url` (and `cluster`) lines.
 fn config(echo: &Echo, store: &str, tenants: &[String], quota: u64) -> String {
-    let mut t = String::new();
-    for id in tenants {
-        t.push_str(&format!(
-            "[[tenants]]\nid = \"{id}\"\ntier = \"basic\"\n[[tenants.keys]]\nid = \"{id}-key\"\nhash = \"{}\"\nscopes = [\"read\"]\n\n",
-            hash_of(&key_of(id))
-        ));
-    }
     format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin_listen = "{{ADMIN}}"
-threads = 2
-upgrade_sock = "{{DIR}}/upgrade.sock"
-pid_file = "{{DIR}}/tollgate.pid"
-shutdown_grace = "1s"
-shutdown_timeout = "2s"
-
+        r#"{SERVER_TABLE}
 [store]
 kind = "redis"
 {store}
@@ -51,8 +36,9 @@ servers = ["{echo}"]
 upstream = "default"
 quotas.requests = {{ limit = {quota}, period = "month" }}
 
-{t}"#,
+{tenants}"#,
         echo = echo.addr,
+        tenants = keyed_tenants(tenants, "basic", key_of),
     )
 }
 
@@ -308,21 +294,37 @@ fn a_frozen_master_holds_up_only_its_own_tenants_ledger() {
     eprintln!("healthy tenants' ledger current {written_within:?} into the freeze");
 }
 
-/// A master killed with a replica to take over: once the replica is promoted, its tenants'
-/// ledger rows are written there (the new master does not know the script yet), and the
-/// counts replicated before the kill are neither lost nor counted again.
-#[test]
-fn after_a_failover_the_ledger_continues_on_the_new_master() {
-    let mut cluster = RedisCluster::start(3, 1, 1000);
-    let echo = Echo::start();
+/// A 3-master cluster with a replica each, 3 tenants on different masters, and the victim: a
+/// tenant (and its master) off the `{dir}` master, so that killing it leaves the directory up.
+fn failover_cluster(prefix: &str) -> (RedisCluster, Vec<String>, String, usize) {
+    let cluster = RedisCluster::start(3, 1, 1000);
     let dir_master = cluster.master_of_slot(cluster_slot("tg:{dir}:version"), 0);
-    let tenants = cluster.tenants_on_distinct_masters("failover", 3);
+    let tenants = cluster.tenants_on_distinct_masters(prefix, 3);
     let victim_tenant = tenants
         .iter()
         .find(|t| cluster.master_for_tenant(t) != dir_master)
         .expect("a tenant off the {dir} master")
         .clone();
     let victim = cluster.master_for_tenant(&victim_tenant);
+    (cluster, tenants, victim_tenant, victim)
+}
+
+/// Waits until master `m`'s replica acknowledges its writes.
+fn wait_replica_in_sync(cluster: &RedisCluster, m: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.query::<i64>(m, redis::cmd("WAIT").arg(1).arg(500)).unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "the replica of node {m} does not acknowledge its writes");
+    }
+}
+
+/// A master killed with a replica to take over: once the replica is promoted, its tenants'
+/// ledger rows are written there (the new master does not know the script yet), and the
+/// counts replicated before the kill are neither lost nor counted again.
+#[test]
+fn after_a_failover_the_ledger_continues_on_the_new_master() {
+    let (mut cluster, tenants, victim_tenant, victim) = failover_cluster("failover");
+    let echo = Echo::start();
+    let dir_master = cluster.master_of_slot(cluster_slot("tg:{dir}:version"), 0);
     let store = format!("url = [\"{}\", \"{}\"]", cluster.url(dir_master), cluster.url((victim + 1) % 6));
     let gw = Gateway::start(&config(&echo, &store, &tenants, 1_000_000));
     let mut want: HashMap<String, u64> = HashMap::new();
@@ -331,10 +333,7 @@ fn after_a_failover_the_ledger_continues_on_the_new_master() {
     }
     wait_ledger(&cluster, &want, Duration::from_secs(10));
     // What the victim holds has reached its replica before it dies.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.query::<i64>(victim, redis::cmd("WAIT").arg(1).arg(500)).unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "the victim's replica does not acknowledge its writes");
-    }
+    wait_replica_in_sync(&cluster, victim);
 
     cluster.kill(victim);
     let promoted = cluster.wait_failover(victim, Duration::from_secs(15));
@@ -374,24 +373,13 @@ fn a_cluster_node_used_as_a_single_redis_is_named_in_the_log() {
 /// were buffered and replayed, and nothing is counted twice.
 #[test]
 fn a_master_killed_under_load_loses_no_request_and_no_ledger_row() {
-    let mut cluster = RedisCluster::start(3, 1, 1000);
+    let (mut cluster, tenants, victim_tenant, victim) = failover_cluster("killed");
     let echo = Echo::start();
-    let dir_master = cluster.master_of_slot(cluster_slot("tg:{dir}:version"), 0);
-    let tenants = cluster.tenants_on_distinct_masters("killed", 3);
-    let victim_tenant = tenants
-        .iter()
-        .find(|t| cluster.master_for_tenant(t) != dir_master)
-        .expect("a tenant off the {dir} master")
-        .clone();
-    let victim = cluster.master_for_tenant(&victim_tenant);
     let seeds: Vec<String> = (0..6).filter(|i| *i != victim).map(|i| format!("\"{}\"", cluster.url(i))).collect();
     let store = format!("url = [{}]", seeds.join(", "));
     let gws: Vec<Gateway> = (0..2).map(|_| Gateway::start(&config(&echo, &store, &tenants, 1_000_000))).collect();
     // The victim's replica is in sync before the load starts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.query::<i64>(victim, redis::cmd("WAIT").arg(1).arg(500)).unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "the victim's replica does not acknowledge its writes");
-    }
+    wait_replica_in_sync(&cluster, victim);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = gws
         .iter()

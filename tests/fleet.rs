@@ -17,16 +17,8 @@ fn key_of(t: &str) -> String {
 }
 
 fn config(redis_url: &str, echo: &Echo, tenants: &[String], store_extra: &str, tier_extra: &str) -> String {
-    let mut out = format!(
-        r#"[server]
-listen = ["{{LISTEN}}"]
-admin_listen = "{{ADMIN}}"
-threads = 2
-upgrade_sock = "{{DIR}}/upgrade.sock"
-pid_file = "{{DIR}}/tollgate.pid"
-shutdown_timeout = "2s"
-shutdown_grace = "1s"
-
+    format!(
+        r#"{SERVER_TABLE}
 [store]
 kind = "redis"
 url = "{redis_url}"
@@ -40,16 +32,10 @@ upstream = "default"
 quotas.requests = {{ limit = {LIMIT}, period = "month" }}
 {tier_extra}
 
-"#,
+{tenants}"#,
         echo = echo.addr,
-    );
-    for t in tenants {
-        out.push_str(&format!(
-            "[[tenants]]\nid = \"{t}\"\ntier = \"basic\"\n[[tenants.keys]]\nid = \"{t}-key\"\nhash = \"{}\"\nscopes = [\"read\"]\n\n",
-            hash_of(&key_of(t))
-        ));
-    }
-    out
+        tenants = keyed_tenants(tenants, "basic", key_of),
+    )
 }
 
 /// Opens every request first (all but the last byte of its head sent), then releases them

@@ -966,11 +966,41 @@ mod tests {
         Policy { billing_anchor_day: anchor, timezone: tz.parse().expect("tz"), ..Policy::default() }
     }
 
+    /// A fresh SQLite file for one test.
+    fn db_path() -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join(format!("tollgate-quota-{}-{}", std::process::id(), rand::random::<u64>()))
+            .join("q.db")
+    }
+
+    fn embedded(clock: &Arc<ManualClock>) -> Embedded {
+        Embedded::open(&db_path(), clock.now_millis()).expect("store")
+    }
+
     fn engine(clock: Arc<ManualClock>) -> (Arc<QuotaEngine>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-{}-{}", std::process::id(), rand::random::<u64>()));
-        let path = dir.join("q.db");
+        let path = db_path();
         let store = Arc::new(Embedded::open(&path, clock.now_millis()).expect("store"));
         (QuotaEngine::new(store, clock, LeaseSettings::local(1000)), path)
+    }
+
+    /// Two instances, `a` and `b`, sharing one store.
+    fn two_instances(clock: &Arc<ManualClock>) -> (Arc<QuotaEngine>, Arc<QuotaEngine>) {
+        let store = Arc::new(embedded(clock));
+        let engine = |name: &str| {
+            QuotaEngine::new(
+                store.clone(),
+                clock.clone(),
+                LeaseSettings { holder: name.into(), ..LeaseSettings::local(1000) },
+            )
+        };
+        (engine("a"), engine("b"))
+    }
+
+    /// The real embedded store, failing (`down`) or hanging (`hang`) on demand.
+    fn flaky(clock: &Arc<ManualClock>, hang: bool) -> (Arc<Flaky>, Arc<QuotaEngine>) {
+        let store = Arc::new(Flaky { inner: embedded(clock), down: false.into(), hang: hang.into() });
+        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        (store, q)
     }
 
     #[tokio::test]
@@ -1045,16 +1075,7 @@ mod tests {
     #[tokio::test]
     async fn a_settlement_past_the_limit_reaches_the_other_instances_at_once() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-urgent-{}", rand::random::<u64>()));
-        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
-        let engine = |name: &str| {
-            QuotaEngine::new(
-                store.clone(),
-                clock.clone(),
-                LeaseSettings { holder: name.into(), ..LeaseSettings::local(1000) },
-            )
-        };
-        let (a, b) = (engine("a"), engine("b"));
+        let (a, b) = two_instances(&clock);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "tokens".into());
         let spec = QuotaSpec { limit: 50, period: Period::Day, hard: true, overage_percent: 0 };
         let p = policy(1, "UTC");
@@ -1085,8 +1106,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_lease_goes_back_within_lease_idle() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-idle-{}", rand::random::<u64>()));
-        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
+        let store = Arc::new(embedded(&clock));
         let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
         let spec = QuotaSpec { limit: 1_000_000, period: Period::Month, hard: true, overage_percent: 0 };
@@ -1154,10 +1174,7 @@ mod tests {
     #[tokio::test]
     async fn local_admits_only_its_share_of_what_was_left_while_the_store_fails() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-flaky-{}", rand::random::<u64>()));
-        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
-        let store = Arc::new(Flaky { inner, down: false.into(), hang: false.into() });
-        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (store, q) = flaky(&clock, false);
         q.set_live_instances(3);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
         let spec = QuotaSpec { limit: 300, period: Period::Month, hard: true, overage_percent: 0 };
@@ -1185,10 +1202,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_dropped_during_its_lease_call_frees_the_counter() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-drop-{}", rand::random::<u64>()));
-        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
-        let store = Arc::new(Flaky { inner, down: false.into(), hang: true.into() });
-        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (store, q) = flaky(&clock, true);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
         let spec = QuotaSpec { limit: 100, period: Period::Month, hard: true, overage_percent: 0 };
         let p = policy(1, "UTC");
@@ -1206,10 +1220,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_goes_away_takes_its_units_out_of_the_next_call() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-waiter-{}", rand::random::<u64>()));
-        let inner = Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store");
-        let store = Arc::new(Flaky { inner, down: false.into(), hang: true.into() });
-        let q = QuotaEngine::new(store.clone(), clock.clone(), LeaseSettings::local(1000));
+        let (store, q) = flaky(&clock, true);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "records".into());
         let spec = QuotaSpec { limit: 50, period: Period::Month, hard: true, overage_percent: 0 };
         let p = policy(1, "UTC");
@@ -1241,16 +1252,7 @@ mod tests {
     #[tokio::test]
     async fn spent_leases_are_renewed_not_reclaimed() {
         let clock = ManualClock::new(ms("2027-03-10T10:00:00Z"));
-        let dir = std::env::temp_dir().join(format!("tollgate-quota-renew-{}", rand::random::<u64>()));
-        let store = Arc::new(Embedded::open(&dir.join("q.db"), clock.now_millis()).expect("store"));
-        let engine = |name: &str| {
-            QuotaEngine::new(
-                store.clone(),
-                clock.clone(),
-                LeaseSettings { holder: name.into(), ..LeaseSettings::local(1000) },
-            )
-        };
-        let (a, b) = (engine("a"), engine("b"));
+        let (a, b) = two_instances(&clock);
         let (t, m): (Arc<str>, Arc<str>) = ("acme".into(), "requests".into());
         let spec = QuotaSpec { limit: 10, period: Period::Month, hard: true, overage_percent: 0 };
         let p = policy(1, "UTC");

@@ -124,17 +124,14 @@ fn range_of(map: &[SlotRange], slot: u16) -> Option<&SlotRange> {
 /// The cluster hash slot of keys tagged `{tag}` (Redis's rule: CRC16/XMODEM of the first
 /// non-empty `{…}` section of the key, modulo 16384).
 fn slot_of_tag(tag: &str) -> u16 {
-    let key = format!("tg:{{{tag}}}");
-    let bytes = key.as_bytes();
-    let hashed = bytes
-        .iter()
-        .position(|b| *b == b'{')
-        .and_then(|open| {
-            let rest = &bytes[open + 1..];
-            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
-        })
-        .unwrap_or(bytes);
-    crc16_xmodem(hashed) % 16384
+    // In `tg:{<tag>}:…` the hash tag runs from our `{` to the first `}`: the tag itself, or
+    // its part before a `}` it contains. An empty one means the whole key is hashed.
+    let bytes = tag.as_bytes();
+    match bytes.iter().position(|b| *b == b'}') {
+        Some(0) => crc16_xmodem(format!("tg:{{{tag}}}").as_bytes()) % 16384,
+        Some(end) => crc16_xmodem(&bytes[..end]) % 16384,
+        None => crc16_xmodem(bytes) % 16384,
+    }
 }
 
 fn crc16_xmodem(data: &[u8]) -> u16 {
@@ -1019,5 +1016,7 @@ mod tests {
         // hashes its tag only.
         assert_eq!(slot_of_tag("foo"), 12182);
         assert_eq!(slot_of_tag("somekey"), 11058);
+        // `tg:{foo}bar}:…` is tagged `foo`.
+        assert_eq!(slot_of_tag("foo}bar"), 12182);
     }
 }

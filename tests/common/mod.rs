@@ -506,6 +506,30 @@ scopes = ["read"]
     )
 }
 
+/// The `[server]` table of a test gateway: ephemeral listeners (filled in by
+/// [`Gateway::start`]), two threads, files in the gateway's directory, a quick shutdown.
+pub const SERVER_TABLE: &str = r#"[server]
+listen = ["{LISTEN}"]
+admin_listen = "{ADMIN}"
+threads = 2
+upgrade_sock = "{DIR}/upgrade.sock"
+pid_file = "{DIR}/tollgate.pid"
+shutdown_timeout = "2s"
+shutdown_grace = "1s"
+"#;
+
+/// `[[tenants]]` entries for `ids` on `tier`, each with one key (`key_of(id)`, scope `read`).
+pub fn keyed_tenants(ids: &[String], tier: &str, key_of: impl Fn(&str) -> String) -> String {
+    let mut out = String::new();
+    for id in ids {
+        out.push_str(&format!(
+            "[[tenants]]\nid = \"{id}\"\ntier = \"{tier}\"\n[[tenants.keys]]\nid = \"{id}-key\"\nhash = \"{}\"\nscopes = [\"read\"]\n\n",
+            hash_of(&key_of(id))
+        ));
+    }
+    out
+}
+
 pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
