@@ -762,7 +762,7 @@ impl AdminCore {
             if self.config_tenant(&r.id) {
                 return Err(AdminError::Conflict(format!("tenant `{}` already exists (in the config file)", r.id)));
             }
-            if !self.dir_store.put_tenant(&r, true).await? {
+            if self.dir_store.put_tenant(&r, true).await?.is_none() {
                 return Err(AdminError::Conflict(format!("tenant `{}` already exists", r.id)));
             }
             self.refresh().await?;
@@ -854,7 +854,7 @@ impl AdminCore {
             if self.config_tenant(id) {
                 return Err(Self::read_only(id));
             }
-            if !self.dir_store.delete_tenant(id).await? {
+            if self.dir_store.delete_tenant(id).await?.is_none() {
                 return Err(AdminError::NotFound(format!("no tenant is called `{id}`")));
             }
             self.refresh().await?;

@@ -15,7 +15,10 @@ pub mod embedded;
 pub mod records;
 pub mod redis;
 
-pub use records::{DirectoryData, DirectoryStore, KeyRecord, TenantRecord};
+pub use records::{
+    Change, DirectoryData, DirectoryStore, Feed, KeyRecord, Page, RecordKind, TenantRecord, Versioned, FEED_RETAINED,
+    LOAD_PAGE,
+};
 
 use async_trait::async_trait;
 use std::fmt;
