@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tollgate::config::{self, Config, Diagnostics};
-use tollgate::directory::Directory;
+use tollgate::directory::{Builder, Directory};
 use tollgate::keys::KeyHash;
 use tollgate::pipeline::authenticate::{authenticate, Principal};
 use tollgate::pipeline::canonical::{of_request, RequestPolicy};
@@ -93,7 +93,7 @@ fn build_directory(config: &Config) -> Directory {
     let key_template = template.keys.first().expect("template key").clone();
     let mut template = template.clone();
     template.keys.clear();
-    let mut dir = Directory::with_capacity(TENANTS, TENANTS * KEYS_PER_TENANT);
+    let mut dir = Builder::new(config);
     for t in 0..TENANTS {
         let id = tenant_id(t);
         let keys = (0..KEYS_PER_TENANT)
@@ -111,9 +111,8 @@ fn build_directory(config: &Config) -> Directory {
         tc.email = format!("ops@{id}.example");
         tc.tier = if t % 4 == 0 { "pro" } else { "free" }.into();
         tc.subdomains = vec![format!("{id}-app")];
-        tc.keys = keys;
         tc.id = id;
-        dir.add(config, &tc);
+        dir.config_tenant(&tc, keys);
         if (t + 1) % 20_000 == 0 {
             eprintln!(
                 "  directory: {} tenants, {} keys ({:.1} s)",
@@ -124,6 +123,7 @@ fn build_directory(config: &Config) -> Directory {
         }
     }
     let elapsed = start.elapsed();
+    let dir = dir.finish();
     assert_eq!(dir.tenant_count(), TENANTS);
     assert_eq!(dir.key_count(), TENANTS * KEYS_PER_TENANT);
     eprintln!(

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tollgate::clock::{SharedClock, SystemClock};
 use tollgate::config::{self, Config, Diagnostics};
-use tollgate::directory::Directory;
+use tollgate::directory::{Builder, Directory};
 use tollgate::keys::KeyHash;
 use tollgate::limits::concurrency::Concurrency;
 use tollgate::limits::headers::LimitHeaders;
@@ -173,7 +173,7 @@ fn build_directory(config: &Config) -> Directory {
     let key_template = template.keys.first().expect("template key").clone();
     let mut template = template.clone();
     template.keys.clear();
-    let mut dir = Directory::with_capacity(TENANTS, TENANTS);
+    let mut dir = Builder::new(config);
     for t in 0..TENANTS {
         let id = tenant_id(t);
         let mut k = key_template.clone();
@@ -181,10 +181,10 @@ fn build_directory(config: &Config) -> Directory {
         k.hash = KeyHash::of(secret(t).as_bytes());
         let mut tc = template.clone();
         tc.tier = if t % 4 == 0 { "pro" } else { "free" }.into();
-        tc.keys = vec![k];
         tc.id = id;
-        dir.add(config, &tc);
+        dir.config_tenant(&tc, vec![k]);
     }
+    let dir = dir.finish();
     assert_eq!(dir.tenant_count(), TENANTS);
     eprintln!(
         "directory built: {} tenants, {} keys in {:.2} s",

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tollgate::clock::{SharedClock, SystemClock};
 use tollgate::config::{self, Config, Diagnostics};
-use tollgate::directory::{Directory, Tenant};
+use tollgate::directory::{Builder, Directory, Tenant};
 use tollgate::metering::{day_number, day_string, Meter, Record};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::Embedded;
@@ -108,12 +108,13 @@ fn load_config() -> Config {
 /// 10,000 tenants of tier `std`, in id order.
 fn build_tenants(config: &Config) -> Vec<Arc<Tenant>> {
     let template = config.tenants.first().expect("template tenant");
-    let mut dir = Directory::with_capacity(TENANTS, 0);
+    let mut dir = Builder::new(config);
     for t in 0..TENANTS {
         let mut tc = template.clone();
         tc.id = tenant_id(t);
-        dir.add(config, &tc);
+        dir.config_tenant(&tc, Vec::new());
     }
+    let dir = dir.finish();
     assert_eq!(dir.tenant_count(), TENANTS);
     (0..TENANTS).map(|t| dir.tenant(&tenant_id(t)).expect("tenant").clone()).collect()
 }

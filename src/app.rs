@@ -337,19 +337,6 @@ fn build(
         daemon_ready: daemon.map(|d| d.ready),
         pid_file: pid_file.clone(),
     };
-    let managed = match background
-        .block_on(async { tokio::time::timeout(Duration::from_secs(2), stores.directory.load()).await })
-    {
-        Ok(Ok(data)) => data,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot load managed tenants yet; serving config tenants and retrying");
-            Default::default()
-        }
-        Err(_) => {
-            tracing::warn!("the store did not answer in time; serving config tenants and retrying");
-            Default::default()
-        }
-    };
     let audit_path = config.admin.audit_log.clone().unwrap_or_else(|| default_audit_log(&config.store.path));
     check_audit_log(&audit_path);
     let finish = Finish {
@@ -360,7 +347,7 @@ fn build(
         grace: Duration::from_secs(config.server.shutdown_grace.as_secs()),
         pid_file,
     };
-    let rt = Runtime::build(Arc::new(config), Arc::new(managed));
+    let rt = Runtime::new(config);
     metrics.tenants.set(rt.directory.tenant_count() as i64);
     metrics.keys.set(rt.directory.key_count() as i64);
     let runtime = runtime::shared(rt);
@@ -375,6 +362,21 @@ fn build(
         config_path.to_path_buf(),
         audit_path,
     );
+    // The store's tenants and keys load in the background, page by page, with no time limit:
+    // `/readyz` answers not ready until every one is in. Startup waits up to two seconds for
+    // the load, so a small directory is complete before the first request; a large one keeps
+    // loading while config tenants are served.
+    {
+        let core = admin_core.clone();
+        let (done, loaded) = tokio::sync::oneshot::channel::<()>();
+        background.spawn(async move {
+            if let Err(e) = core.refresh().await {
+                tracing::warn!(error = %e, "cannot load the store's tenants and keys yet; retrying every 500 ms (not ready until then)");
+            }
+            let _ = done.send(());
+        });
+        let _ = background.block_on(async { tokio::time::timeout(Duration::from_secs(2), loaded).await });
+    }
     // SIGHUP reloads the config (validated first; an invalid file changes nothing). The reload
     // writes its own log line; the audit log records who asked.
     {
@@ -385,7 +387,9 @@ fn build(
                 return;
             };
             while hup.recv().await.is_some() {
-                let outcome = core.reload();
+                // A large config takes seconds to parse: off the store runtime's only thread.
+                let c = core.clone();
+                let Ok(outcome) = tokio::task::spawn_blocking(move || c.reload()).await else { continue };
                 let actor = crate::admin::core::Actor { id: "signal:SIGHUP".into(), request_id: "-".into() };
                 core.audit_reload(&actor, outcome.is_ok());
             }

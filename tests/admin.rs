@@ -1143,8 +1143,12 @@ upstream = "default"
         assert_eq!(new.scopes, old.scopes);
         assert_eq!(authenticate_now(&core, &manual, &old_secret), Ok(old.id.clone()));
         assert_eq!(authenticate_now(&core, &manual, &new_secret), Ok(new.id.clone()));
-        let status = |id: &str| core.keys("rot").expect("keys").into_iter().find(|k| k.id == id).map(|k| k.status);
-        assert_eq!(status(&old.id), Some("rotating"));
+        let status = |id: &str| {
+            let id = id.to_string();
+            let core = core.clone();
+            async move { core.keys("rot").await.expect("keys").into_iter().find(|k| k.id == id).map(|k| k.status) }
+        };
+        assert_eq!(status(&old.id).await, Some("rotating"));
 
         manual.set_millis(start + HOUR + 59 * MINUTE);
         assert_eq!(
@@ -1163,8 +1167,8 @@ upstream = "default"
             "the old key outlived its grace period"
         );
         assert_eq!(authenticate_now(&core, &manual, &new_secret), Ok(new.id.clone()));
-        assert_eq!(status(&old.id), Some("revoked"));
-        assert_eq!(status(&new.id), Some("active"));
+        assert_eq!(status(&old.id).await, Some("revoked"));
+        assert_eq!(status(&new.id).await, Some("active"));
         manual.advance_millis(30 * 86_400_000);
         assert_eq!(authenticate_now(&core, &manual, &old_secret), Err(Reject::KeyRevoked));
         assert_eq!(authenticate_now(&core, &manual, &new_secret), Ok(new.id.clone()));

@@ -483,10 +483,8 @@ fn a_failing_tenant_does_not_hold_up_the_others() {
         &mut diags,
     )
     .unwrap_or_else(|| panic!("{diags:?}"));
-    let mut dir = tollgate::directory::Directory::with_capacity(2, 0);
-    for t in &cfg.tenants {
-        dir.add(&cfg, t);
-    }
+    let mut cfg = cfg;
+    let dir = tollgate::directory::Directory::from_config(&mut cfg);
     let tenant = |id: &str| dir.tenant(id).expect("tenant").clone();
     let (sick, well) = (tenant("sick"), tenant("well"));
     let ledger = Arc::new(FlakyLedger::default());

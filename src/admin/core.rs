@@ -2,22 +2,26 @@
 //! audit log. The HTTP layers only parse and render; every rule about what may change lives
 //! here, so the admin API and `/_tollgate/` behave the same.
 //!
-//! Every write goes to the store first, then the local directory snapshot is rebuilt, so a
-//! change applies at once on the instance that took it. Other instances see it when their
-//! version poll notices (every 500 ms). Tenants declared in the config file are read-only here.
+//! Every write goes to the store first, which gives it a version and appends it to the change
+//! feed; then the instance catches up with the feed, its own change included, so a change
+//! applies at once on the instance that took it. Other instances apply it when their feed poll
+//! finds it (every 500 ms). Applying a change copies only the parts of the directory it touches
+//! ([`crate::directory`]); reads (lists, gets) come from the directory's indexes, so neither
+//! costs more with a million keys. Tenants declared in the config file are read-only here.
 
 use crate::clock::SharedClock;
 use crate::config::{self, policy, valid_slug, Config};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::directory::{Builder, Directory, Source, Tenant};
 use crate::runtime::{Runtime, SharedRuntime};
-use crate::store::{DirectoryData, DirectoryStore, KeyRecord, Ledger, StoreError, TenantRecord};
+use crate::store::{Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, LOAD_PAGE};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The bounds of every admin API input, in one place. `openapi.json` states the same numbers
@@ -335,10 +339,16 @@ pub struct AdminCore {
     pub audit: Audit,
     /// Upstream pools as built at startup (a reload cannot change them).
     pub running_upstreams: Vec<(String, Vec<std::net::SocketAddr>)>,
+    /// The last directory version applied from the store's feed.
     seen_version: AtomicU64,
-    refresh: tokio::sync::Mutex<()>,
-    /// Serializes read-modify-write changes on this instance.
-    writes: tokio::sync::Mutex<()>,
+    /// Set once every store record has been loaded: `/readyz` answers ready only then.
+    loaded: AtomicBool,
+    /// Serializes the store side on this instance: loads, feed polls, and the read-modify-write
+    /// of admin changes, so changes are applied in the feed's order.
+    sync: tokio::sync::Mutex<()>,
+    /// Held while a new runtime is derived from the current one and swapped in (a change, a
+    /// load, a config reload), so none of them undoes another.
+    swap: Mutex<()>,
     /// Why the last [`AdminCore::reload`] (the SIGHUP path) failed, for the audit entry
     /// [`AdminCore::audit_reload`] writes right after it.
     last_signal_reload: Mutex<Option<&'static str>>,
@@ -379,7 +389,8 @@ impl ReloadError {
 /// What a reload from `old` to `new` would remove that a reload without `force` refuses, each
 /// in words; empty when the reload is safe. A file emptied or truncated by a deploy still
 /// parses (each TOML table stands alone), so validation alone cannot catch it.
-pub fn reload_removals(old: &Config, new: &Config) -> Vec<String> {
+pub fn reload_removals(running: &Runtime, new: &Config) -> Vec<String> {
+    let old = &*running.config;
     let mut out = Vec::new();
     let before = old.tenants.len();
     if before > 0 && new.tenants.is_empty() {
@@ -404,9 +415,10 @@ pub fn reload_removals(old: &Config, new: &Config) -> Vec<String> {
             ));
         }
     }
-    let keys = |c: &Config| c.tenants.iter().map(|t| t.keys.len()).sum::<usize>();
-    if keys(old) > 0 && keys(new) == 0 {
-        out.push(format!("every key ({} → 0)", keys(old)));
+    // The running config's keys live in the directory; the new config still holds its own.
+    let old_keys = running.directory.config_key_count();
+    if old_keys > 0 && new.tenants.iter().all(|t| t.keys.is_empty()) {
+        out.push(format!("every key ({old_keys} → 0)"));
     }
     if old.admin.token_hash.is_some() && new.admin.token_hash.is_none() {
         out.push("the admin token (`[admin] token_hash`), which turns the admin API off".into());
@@ -467,40 +479,138 @@ impl AdminCore {
             config_path,
             audit: Audit::new(audit_path),
             running_upstreams,
-            seen_version: AtomicU64::new(u64::MAX),
-            refresh: tokio::sync::Mutex::new(()),
-            writes: tokio::sync::Mutex::new(()),
+            seen_version: AtomicU64::new(0),
+            loaded: AtomicBool::new(false),
+            sync: tokio::sync::Mutex::new(()),
+            swap: Mutex::new(()),
             last_signal_reload: Mutex::new(None),
         })
     }
 
-    fn publish(&self, config: Arc<Config>, managed: Arc<DirectoryData>) {
-        let rt = Runtime::build(config, managed);
-        self.metrics.tenants.set(rt.directory.tenant_count() as i64);
-        self.metrics.keys.set(rt.directory.key_count() as i64);
-        self.runtime.store(Arc::new(rt));
+    fn swap_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.swap.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reloads the store's tenants and keys into the directory.
+    /// Swaps in a runtime. Called with [`AdminCore::swap`] held.
+    fn publish(&self, config: Arc<Config>, directory: Directory) {
+        self.metrics.tenants.set(directory.tenant_count() as i64);
+        self.metrics.keys.set(directory.key_count() as i64);
+        self.runtime.store(Arc::new(Runtime { config, directory }));
+    }
+
+    /// Whether every store record has been loaded once.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Loads every store record, page by page, into a new directory with the running config's
+    /// tenants, follows the feed from the version read first, and swaps it in. Memory during a
+    /// load: the running directory, the one being built, and one page of records.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let _one = self.refresh.lock().await;
-        let data = self.dir_store.load().await?;
-        self.seen_version.store(data.version, Ordering::SeqCst);
-        let config = self.runtime.load().config.clone();
-        self.publish(config, Arc::new(data));
+        let _one = self.sync.lock().await;
+        self.full_load().await
+    }
+
+    async fn full_load(&self) -> Result<(), StoreError> {
+        let version = self.dir_store.version().await?;
+        let base = self.runtime.load_full();
+        let mut b = Builder::new(&base.config);
+        b.keep_config_part(&base.directory);
+        for kind in [RecordKind::Tenant, RecordKind::Key] {
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = self.dir_store.page(kind, cursor.as_deref(), LOAD_PAGE).await?;
+                for t in &page.tenants {
+                    b.tenant_record(t);
+                }
+                for k in &page.keys {
+                    b.key_record(k);
+                }
+                match page.next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+        }
+        let mut directory = b.finish();
+        // Records written while the pages were read are fixed up by the feed.
+        let changes = match self.dir_store.changes_since(version).await? {
+            Feed::Changes(list) => list,
+            Feed::Behind => {
+                return Err(StoreError::Backend(
+                    "the directory changed faster than it could be loaded; loading again".into(),
+                ))
+            }
+        };
+        let _s = self.swap_lock();
+        let cur = self.runtime.load_full();
+        for c in &changes {
+            directory.apply(&base.config, &c.change);
+        }
+        if !Arc::ptr_eq(&cur.config, &base.config) {
+            // A config reload ran during the load: resolve the store part against it.
+            directory = Directory::combine(&cur.config, &cur.directory, &directory);
+        }
+        if directory.skipped() > 0 {
+            tracing::warn!(
+                tenants = directory.skipped(),
+                "store tenants on tiers this config does not have are not served here"
+            );
+        }
+        self.seen_version.store(changes.last().map_or(version, |c| c.version), Ordering::SeqCst);
+        self.publish(cur.config.clone(), directory);
+        self.loaded.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Refreshes when another instance changed the directory. Called every 500 ms.
-    pub async fn poll(&self) {
-        match self.dir_store.version().await {
-            Ok(v) if v != self.seen_version.load(Ordering::SeqCst) => {
-                if let Err(e) = self.refresh().await {
-                    tracing::warn!(error = %e, "directory refresh failed; keeping the current snapshot");
+    /// Applies the feed's changes since the last one applied; loads everything again when the
+    /// feed no longer reaches back that far. Called with [`AdminCore::sync`] held.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        if !self.loaded() {
+            return self.full_load().await;
+        }
+        let seen = self.seen_version.load(Ordering::SeqCst);
+        match self.dir_store.changes_since(seen).await? {
+            Feed::Changes(list) if list.is_empty() => Ok(()),
+            Feed::Changes(list) => {
+                let _s = self.swap_lock();
+                let cur = self.runtime.load_full();
+                let mut directory = cur.directory.clone();
+                for c in &list {
+                    directory.apply(&cur.config, &c.change);
                 }
+                self.seen_version.store(list.last().map_or(seen, |c| c.version), Ordering::SeqCst);
+                self.publish(cur.config.clone(), directory);
+                Ok(())
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "directory version poll failed"),
+            Feed::Behind => {
+                tracing::info!(seen, "this instance is behind the directory's change feed; loading every record again");
+                self.full_load().await
+            }
+        }
+    }
+
+    /// After a write of this instance (with [`AdminCore::sync`] held): catches up with the feed,
+    /// which holds the write; if the feed cannot be read, applies the write alone, and the
+    /// next poll applies it again in order.
+    async fn commit(&self, version: u64, change: Change) {
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "cannot read the directory's change feed; applying this change alone");
+        }
+        if self.seen_version.load(Ordering::SeqCst) < version {
+            let _s = self.swap_lock();
+            let cur = self.runtime.load_full();
+            let mut directory = cur.directory.clone();
+            directory.apply(&cur.config, &change);
+            self.publish(cur.config.clone(), directory);
+        }
+    }
+
+    /// Follows the store's change feed, or retries the first load. Called every 500 ms.
+    pub async fn poll(&self) {
+        let _one = self.sync.lock().await;
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "directory refresh failed; keeping the current snapshot");
         }
     }
 
@@ -524,12 +634,13 @@ impl AdminCore {
             }
             Ok(loaded) => {
                 // A tier that API tenants are on cannot disappear under them.
-                let managed = self.runtime.load().managed.clone();
-                let stranded: Vec<String> = managed
-                    .tenants
-                    .iter()
-                    .filter(|t| !loaded.config.tiers.contains_key(&t.tier))
-                    .map(|t| format!("tenant `{}` (tier `{}`)", t.id, t.tier))
+                let running = self.runtime.load_full();
+                let stranded: Vec<String> = running
+                    .directory
+                    .tenants_after(None)
+                    .filter(|t| t.source == Source::Store && !loaded.config.tiers.contains_key(&*t.tier.name))
+                    .take(20)
+                    .map(|t| format!("tenant `{}` (tier `{}`)", t.id, t.tier.name))
                     .collect();
                 if !stranded.is_empty() {
                     self.metrics.config_reloads.with_label_values(&["error"]).inc();
@@ -541,7 +652,7 @@ impl AdminCore {
                     return Err(ReloadError::Invalid(vec![msg]));
                 }
                 let mut warnings: Vec<String> = loaded.warnings.warnings().map(|w| w.to_string()).collect();
-                let removals = reload_removals(&self.runtime.load().config, &loaded.config);
+                let removals = reload_removals(&running, &loaded.config);
                 if !removals.is_empty() {
                     let what = removals.join("; ");
                     if !force {
@@ -566,8 +677,15 @@ impl AdminCore {
                     warnings.push("listen addresses changed: they apply on the next restart".into());
                 }
                 let summary = loaded.config.summary();
-                let managed = self.runtime.load().managed.clone();
-                self.publish(Arc::new(loaded.config), managed);
+                drop(running);
+                {
+                    let _s = self.swap_lock();
+                    let mut config = loaded.config;
+                    let cur = self.runtime.load_full();
+                    let directory = Directory::rebuild(&mut config, &cur.directory);
+                    drop(cur);
+                    self.publish(Arc::new(config), directory);
+                }
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 if warnings.is_empty() {
                     tracing::info!(summary = %summary, "config reloaded");
@@ -607,11 +725,7 @@ impl AdminCore {
     }
 
     fn config_tenant(&self, id: &str) -> bool {
-        self.runtime.load().config.tenants.iter().any(|t| t.id == id)
-    }
-
-    fn managed_tenant(&self, id: &str) -> Option<TenantRecord> {
-        self.runtime.load().managed.tenants.iter().find(|t| t.id == id).cloned()
+        self.runtime.load().directory.tenant(id).is_some_and(|t| t.source == Source::Config)
     }
 
     fn read_only(id: &str) -> AdminError {
@@ -620,39 +734,38 @@ impl AdminCore {
         ))
     }
 
-    /// Every tenant, config and API, optionally filtered.
-    pub fn tenants(&self, tier: Option<&str>, status: Option<&str>) -> Vec<TenantView> {
+    /// One page of tenants (config and API) in id order, after `cursor`, optionally filtered;
+    /// and the cursor of the next page. The cost is that of the page (and of the tenants a
+    /// filter skips), not of the directory.
+    pub fn tenant_page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+        tier: Option<&str>,
+        status: Option<&str>,
+    ) -> (Vec<TenantView>, Option<String>) {
         let rt = self.runtime.load();
-        let mut out: Vec<TenantView> = rt
-            .config
-            .tenants
-            .iter()
-            .map(|t| TenantView {
-                id: t.id.clone(),
-                name: t.name.clone(),
-                email: t.email.clone(),
-                tier: t.tier.clone(),
-                status: t.status.as_str().into(),
-                subdomains: t.subdomains.clone(),
-                ip_allow: t.ip_allow.iter().map(|n| n.to_string()).collect(),
-                billing_anchor_day: t.billing_anchor_day,
-                timezone: t.timezone.name().into(),
-                overrides: serde_json::Map::new(),
-                source: "config",
-                created_at: None,
-                updated_at: None,
-            })
-            .chain(rt.managed.tenants.iter().filter(|r| !rt.config.tenants.iter().any(|t| t.id == r.id)).map(view))
-            .filter(|t| tier.is_none_or(|x| t.tier == x) && status.is_none_or(|x| t.status == x))
+        let mut page: Vec<TenantView> = rt
+            .directory
+            .tenants_after(cursor)
+            .filter(|t| tier.is_none_or(|x| *t.tier.name == *x) && status.is_none_or(|x| t.status.as_str() == x))
+            .take(limit + 1)
+            .map(|t| tenant_view(t))
             .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        out
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        (page, next)
     }
 
     pub fn tenant(&self, id: &str) -> Result<TenantView, AdminError> {
-        self.tenants(None, None)
-            .into_iter()
-            .find(|t| t.id == id)
+        let rt = self.runtime.load();
+        rt.directory
+            .tenant(id)
+            .map(|t| tenant_view(t))
             .ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))
     }
 
@@ -697,8 +810,7 @@ impl AdminCore {
             if !valid_slug(s) {
                 return Err(bad(format!("subdomain `{}` must be one DNS label of a-z, 0-9 and `-`", shown(s))));
             }
-            let taken = rt.config.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s))
-                || rt.managed.tenants.iter().any(|t| t.id != r.id && t.subdomains.contains(s));
+            let taken = rt.directory.subdomain_owner(s).is_some_and(|t| *t.id != *r.id);
             if taken {
                 return Err(AdminError::Conflict(format!("subdomain `{s}` belongs to another tenant")));
             }
@@ -762,10 +874,11 @@ impl AdminCore {
             if self.config_tenant(&r.id) {
                 return Err(AdminError::Conflict(format!("tenant `{}` already exists (in the config file)", r.id)));
             }
-            if self.dir_store.put_tenant(&r, true).await?.is_none() {
+            let _one = self.sync.lock().await;
+            let Some(version) = self.dir_store.put_tenant(&r, true).await? else {
                 return Err(AdminError::Conflict(format!("tenant `{}` already exists", r.id)));
-            }
-            self.refresh().await?;
+            };
+            self.commit(version, Change::Tenant { record: r.clone() }).await;
             Ok(view(&r))
         })
         .await
@@ -784,15 +897,17 @@ impl AdminCore {
             }
             // Read the record fresh from the store, not from this instance's snapshot, so a
             // change another instance made a moment ago is not written over.
-            let _w = self.writes.lock().await;
-            self.refresh().await?;
-            let mut r =
-                self.managed_tenant(id).ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
+            let _one = self.sync.lock().await;
+            let mut r = self
+                .dir_store
+                .get_tenant(id)
+                .await?
+                .ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{id}`")))?;
             f(&mut r)?;
             r.updated_ms = self.clock.now_millis();
             self.validate(&r)?;
-            self.dir_store.put_tenant(&r, false).await?;
-            self.refresh().await?;
+            let version = self.dir_store.put_tenant(&r, false).await?.unwrap_or(0);
+            self.commit(version, Change::Tenant { record: r.clone() }).await;
             Ok(view(&r))
         })
         .await
@@ -854,41 +969,59 @@ impl AdminCore {
             if self.config_tenant(id) {
                 return Err(Self::read_only(id));
             }
-            if self.dir_store.delete_tenant(id).await?.is_none() {
+            let _one = self.sync.lock().await;
+            let Some(version) = self.dir_store.delete_tenant(id).await? else {
                 return Err(AdminError::NotFound(format!("no tenant is called `{id}`")));
-            }
-            self.refresh().await?;
+            };
+            self.commit(version, Change::TenantDeleted { id: id.to_string() }).await;
             Ok(())
         })
         .await
     }
 
-    /// Keys of a tenant (config or API), without secrets or hashes.
-    pub fn keys(&self, tenant: &str) -> Result<Vec<KeyView>, AdminError> {
-        let rt = self.runtime.load();
+    /// Keys of a tenant (config or API), without secrets or hashes. A store tenant's keys are
+    /// read from the store in one call (their names and times are kept there, not in memory).
+    pub async fn keys(&self, tenant: &str) -> Result<Vec<KeyView>, AdminError> {
         let now = self.clock.now_millis();
-        if let Some(t) = rt.config.tenants.iter().find(|t| t.id == tenant) {
-            return Ok(t
-                .keys
-                .iter()
-                .map(|k| KeyView {
-                    id: k.id.clone(),
-                    tenant: tenant.to_string(),
-                    name: k.name.clone(),
-                    scopes: k.scopes.clone(),
-                    status: key_status(k.expires, k.revoked_at, now),
-                    created_at: None,
-                    expires_at: k.expires.map(ts),
-                    revoked_at: k.revoked_at.filter(|t| *t != i64::MIN).map(ts),
-                    rotated_to: None,
-                    source: "config",
-                })
-                .collect());
+        let (t, config_keys, ids) = {
+            let rt = self.runtime.load();
+            let t = rt
+                .directory
+                .tenant(tenant)
+                .cloned()
+                .ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{tenant}`")))?;
+            let keys: Vec<_> = rt.directory.keys_of(&t).collect();
+            if t.source == Source::Config {
+                let views: Vec<KeyView> = keys
+                    .iter()
+                    .map(|(h, k)| KeyView {
+                        id: k.id.to_string(),
+                        tenant: tenant.to_string(),
+                        name: rt.directory.key_name(h).unwrap_or_default().to_string(),
+                        scopes: k.scopes.iter().map(|s| s.to_string()).collect(),
+                        status: key_status(k.expires(), k.revoked_at(), now),
+                        created_at: None,
+                        expires_at: k.expires().map(ts),
+                        revoked_at: k.revoked_at().filter(|t| *t != i64::MIN).map(ts),
+                        rotated_to: None,
+                        source: "config",
+                    })
+                    .collect();
+                (t, Some(views), Vec::new())
+            } else {
+                let ids: Vec<String> = keys.iter().map(|(_, k)| k.id.to_string()).collect();
+                (t, None, ids)
+            }
+        };
+        if let Some(mut views) = config_keys {
+            views.sort_by(|a, b| a.id.cmp(&b.id));
+            return Ok(views);
         }
-        if !rt.managed.tenants.iter().any(|t| t.id == tenant) {
-            return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
-        }
-        Ok(rt.managed.keys.iter().filter(|k| k.tenant == tenant).map(|k| key_view(k, now)).collect())
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut records = if refs.is_empty() { Vec::new() } else { self.dir_store.get_keys(&refs).await? };
+        records.retain(|k| k.tenant == *t.id);
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records.iter().map(|k| key_view(k, now)).collect())
     }
 
     fn new_key_id() -> String {
@@ -907,7 +1040,7 @@ impl AdminCore {
             if self.config_tenant(tenant) {
                 return Err(Self::read_only(tenant));
             }
-            if self.managed_tenant(tenant).is_none() {
+            if self.runtime.load().directory.tenant(tenant).is_none() {
                 return Err(AdminError::NotFound(format!("no tenant is called `{tenant}`")));
             }
             if let Some(name) = &req.name {
@@ -938,41 +1071,51 @@ impl AdminCore {
                 revoked_at_ms: None,
                 rotated_to: None,
             };
-            self.dir_store.put_key(&k).await?;
-            self.refresh().await?;
+            let _one = self.sync.lock().await;
+            let version = self.dir_store.put_key(&k).await?;
+            self.commit(version, Change::Key { record: k.clone() }).await;
             Ok((key_view(&k, now), generated.secret))
         })
         .await
     }
 
-    fn managed_key(&self, key_id: &str, tenant: Option<&str>) -> Result<KeyRecord, AdminError> {
-        let rt = self.runtime.load();
-        if let Some(t) = rt.config.tenants.iter().find(|t| t.keys.iter().any(|k| k.id == key_id)) {
-            if tenant.is_none_or(|x| x == t.id) {
-                return Err(Self::read_only(&t.id));
-            }
+    /// A store key's record, read from the store. A config key answers that it is read-only;
+    /// with `tenant`, another tenant's key is not found.
+    async fn managed_key(&self, key_id: &str, tenant: Option<&str>) -> Result<KeyRecord, AdminError> {
+        let found = self.dir_store.get_keys(&[key_id]).await?.into_iter().find(|k| k.id == key_id);
+        if let Some(k) = found.filter(|k| tenant.is_none_or(|t| k.tenant == t)) {
+            return Ok(k);
         }
-        rt.managed
-            .keys
-            .iter()
-            .find(|k| k.id == key_id && tenant.is_none_or(|t| k.tenant == t))
-            .cloned()
-            .ok_or_else(|| AdminError::NotFound(format!("no key is called `{key_id}`")))
+        // Config keys are found by a walk over the config tenants' keys: only on this path, and
+        // only as long as the config's keys.
+        let owner = {
+            let rt = self.runtime.load();
+            let d = &rt.directory;
+            let found = d
+                .config_tenants()
+                .filter(|t| tenant.is_none_or(|x| *t.id == *x))
+                .find(|t| d.keys_of(t).any(|(_, k)| *k.id == *key_id))
+                .map(|t| t.id.to_string());
+            found
+        };
+        match owner {
+            Some(t) => Err(Self::read_only(&t)),
+            None => Err(AdminError::NotFound(format!("no key is called `{key_id}`"))),
+        }
     }
 
     /// Revokes a key now. With `tenant`, only that tenant's keys can be touched.
     pub async fn revoke_key(&self, actor: &Actor, key_id: &str, tenant: Option<&str>) -> Result<KeyView, AdminError> {
-        let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
+        let owner = self.managed_key(key_id, tenant).await.map(|k| k.tenant).unwrap_or_default();
         self.audited(actor, "key.revoke", &owner, &format!("key:{key_id}"), async {
-            let _w = self.writes.lock().await;
-            self.refresh().await?;
-            let mut k = self.managed_key(key_id, tenant)?;
+            let _one = self.sync.lock().await;
+            let mut k = self.managed_key(key_id, tenant).await?;
             let now = self.clock.now_millis();
             if k.revoked_at_ms.is_none_or(|t| t > now) {
                 k.revoked_at_ms = Some(now);
             }
-            self.dir_store.put_key(&k).await?;
-            self.refresh().await?;
+            let version = self.dir_store.put_key(&k).await?;
+            self.commit(version, Change::Key { record: k.clone() }).await;
             Ok(key_view(&k, now))
         })
         .await
@@ -987,13 +1130,12 @@ impl AdminCore {
         grace_hours: u32,
         tenant: Option<&str>,
     ) -> Result<(KeyView, String), AdminError> {
-        let owner = self.managed_key(key_id, tenant).map(|k| k.tenant).unwrap_or_default();
+        let owner = self.managed_key(key_id, tenant).await.map(|k| k.tenant).unwrap_or_default();
         let new_id = Self::new_key_id();
         self.audited(actor, "key.rotate", &owner, &format!("key:{key_id}->{new_id}"), async {
             Int::new(i64::from(grace_hours)).within("grace_period_hours", &bounds::GRACE_PERIOD_HOURS)?;
-            let _w = self.writes.lock().await;
-            self.refresh().await?;
-            let mut old = self.managed_key(key_id, tenant)?;
+            let _one = self.sync.lock().await;
+            let mut old = self.managed_key(key_id, tenant).await?;
             let now = self.clock.now_millis();
             if old.revoked_at_ms.is_some_and(|t| t <= now) {
                 return Err(AdminError::Conflict(format!(
@@ -1015,9 +1157,11 @@ impl AdminCore {
             let grace_end = now + grace_hours as i64 * 3_600_000;
             old.revoked_at_ms = Some(old.revoked_at_ms.map_or(grace_end, |t| t.min(grace_end)));
             old.rotated_to = Some(new_id.clone());
-            self.dir_store.put_key(&new).await?;
-            self.dir_store.put_key(&old).await?;
-            self.refresh().await?;
+            // The new key first: a failure between the two writes leaves the old key working.
+            let v1 = self.dir_store.put_key(&new).await?;
+            self.commit(v1, Change::Key { record: new.clone() }).await;
+            let v2 = self.dir_store.put_key(&old).await?;
+            self.commit(v2, Change::Key { record: old.clone() }).await;
             Ok((key_view(&new, now), generated.secret))
         })
         .await
@@ -1113,6 +1257,28 @@ fn key_view(k: &KeyRecord, now: i64) -> KeyView {
         revoked_at: k.revoked_at_ms.map(ts),
         rotated_to: k.rotated_to.clone(),
         source: "api",
+    }
+}
+
+/// A tenant as the admin API shows it, from the directory alone.
+fn tenant_view(t: &Tenant) -> TenantView {
+    if t.source == Source::Store {
+        return view(&t.to_record());
+    }
+    TenantView {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        email: t.email.clone(),
+        tier: t.tier.name.to_string(),
+        status: t.status.as_str().into(),
+        subdomains: t.subdomains.clone(),
+        ip_allow: t.ip_allow.iter().map(|n| n.to_string()).collect(),
+        billing_anchor_day: t.policy.billing_anchor_day,
+        timezone: t.policy.timezone.name().into(),
+        overrides: serde_json::Map::new(),
+        source: "config",
+        created_at: None,
+        updated_at: None,
     }
 }
 

@@ -224,12 +224,15 @@ impl AdminApp {
             pools.insert(name.to_string(), json!({"healthy": healthy, "total": backends.len()}));
         }
         let store_ok = self.core.dir_store.version().await.is_ok();
-        let ok = upstreams_ok && store_ok;
+        // Until the store's tenants and keys are all loaded, their keys would answer 401.
+        let directory_ok = self.core.loaded();
+        let ok = upstreams_ok && store_ok && directory_ok;
         (
             ok,
             json!({
                 "status": if ok { "ready" } else { "not_ready" },
                 "config": "loaded",
+                "directory": if directory_ok { "loaded" } else { "loading" },
                 "store": if store_ok { "ok" } else { "unreachable" },
                 "tenants": rt.directory.tenant_count(),
                 "keys": rt.directory.key_count(),
@@ -350,11 +353,7 @@ impl AdminApp {
                     let cursor = q.text("cursor", bounds::TENANT_ID_MAX)?;
                     let tier = q.text("tier", bounds::TIER_MAX)?;
                     let status = q.one_of("status", &["active", "suspended"])?;
-                    let all = core.tenants(tier, status);
-                    let start =
-                        cursor.map(|c| all.iter().position(|t| t.id.as_str() > c).unwrap_or(all.len())).unwrap_or(0);
-                    let page: Vec<_> = all.iter().skip(start).take(limit).cloned().collect();
-                    let next = (start + page.len() < all.len()).then(|| page.last().map(|t| t.id.clone())).flatten();
+                    let (page, next) = core.tenant_page(cursor, limit, tier, status);
                     json_response(200, json!({"items": page, "next_cursor": next}))
                 }
                 Method::POST => {
@@ -419,7 +418,7 @@ impl AdminApp {
                 Method::GET => {
                     tenant_path(id)?;
                     no_query()?;
-                    result(core.keys(id).map(|k| json!({"items": k})), 200)
+                    result(core.keys(id).await.map(|k| json!({"items": k})), 200)
                 }
                 Method::POST => {
                     tenant_path(id)?;

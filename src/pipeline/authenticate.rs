@@ -56,10 +56,10 @@ pub fn identify<'d>(
     };
     let key = dir.key(&KeyHash::of(secret)).ok_or((Reject::InvalidKey, None))?;
     let refuse = |reject| Err((reject, Some(key)));
-    if key.revoked_at.is_some_and(|t| t <= now_ms) {
+    if key.revoked_at().is_some_and(|t| t <= now_ms) {
         return refuse(Reject::KeyRevoked);
     }
-    if key.expires.is_some_and(|e| e <= now_ms) {
+    if key.expires().is_some_and(|e| e <= now_ms) {
         return refuse(Reject::KeyExpired);
     }
     let tenant = &key.tenant;

@@ -107,7 +107,7 @@ pub struct RequestCtx {
     /// mismatch, …): written to the access log only, never trusted for limits or usage.
     pub identified_tenant: Option<Arc<Tenant>>,
     /// The id of the key the request presented, also when that key was refused.
-    pub key_id: Option<Arc<str>>,
+    pub key_id: Option<crate::directory::KeyId>,
     pub rule: Option<Arc<Rule>>,
     pub upstream: Option<Arc<str>>,
     /// The path (and query) to send upstream when it differs from the client's.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// A self-service request, resolved and authenticated.
 pub struct Call {
     pub tenant: Arc<str>,
-    pub key_id: Arc<str>,
+    pub key_id: crate::directory::KeyId,
     pub scopes: Vec<Arc<str>>,
     pub method: Method,
     pub path: String,
@@ -116,7 +116,7 @@ pub async fn handle(core: &AdminCore, call: &Call, body: &[u8]) -> Answer {
             if let Some(a) = scope_needed(call, &["admin"]) {
                 return a;
             }
-            match core.keys(&call.tenant) {
+            match core.keys(&call.tenant).await {
                 Ok(k) => ok(200, json!({"items": k})),
                 Err(e) => from_admin(e, rid),
             }
