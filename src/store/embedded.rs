@@ -7,11 +7,11 @@
 //! request path. A crash loses at most the usage of one flush interval.
 
 use super::{
-    apply_lease, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, HolderRecord, KeyRecord, LeaseRequest,
-    Ledger, LedgerBatch, LedgerRow, StoreError, TenantRecord,
+    apply_lease, Change, CounterKey, Counters, DirectoryStore, Feed, Grant, HolderRecord, KeyRecord, LeaseRequest,
+    Ledger, LedgerBatch, LedgerRow, Page, RecordKind, StoreError, TenantRecord, Versioned, FEED_RETAINED,
 };
 use async_trait::async_trait;
-use rusqlite::{params, Connection};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -65,10 +65,6 @@ impl Embedded {
                  cost_micros INTEGER NOT NULL,
                  PRIMARY KEY (tenant, day, metric)
              );
-             CREATE TABLE IF NOT EXISTS dir_tenants (id TEXT PRIMARY KEY, record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS dir_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS dir_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
-             INSERT OR IGNORE INTO dir_meta (k, v) VALUES ('version', 0);
              CREATE TABLE IF NOT EXISTS quota_usage (
                  tenant TEXT NOT NULL,
                  metric TEXT NOT NULL,
@@ -79,6 +75,7 @@ impl Embedded {
              );",
         )
         .map_err(backend)?;
+        directory_schema(&conn)?;
         ledger_schema(&conn)?;
         let mut mem = Memory::default();
         {
@@ -369,109 +366,258 @@ impl Embedded {
         .await
         .map_err(backend)?
     }
+
+    /// Runs one directory write in an immediate transaction: `write` changes the records and
+    /// answers the change to record, or `None` to write nothing. The version bump and the
+    /// feed entry commit with the records, or nothing does.
+    async fn dir_write(
+        &self,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<Option<Change>, StoreError> + Send + 'static,
+    ) -> Result<Option<u64>, StoreError> {
+        self.with_db(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+            let Some(change) = write(&tx)? else {
+                // Nothing written: the transaction rolls back as it drops.
+                return Ok(None);
+            };
+            let version = append_change(&tx, change)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(version))
+        })
+        .await
+    }
 }
 
-fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute("UPDATE dir_meta SET v = v + 1 WHERE k = 'version'", []).map_err(backend)?;
-    Ok(())
+/// The directory's tables. `dir_changes` is the change feed (the JSON of a [`Versioned`] per
+/// version, the last [`FEED_RETAINED`] of them); `dir_keys_tenant` makes a tenant's keys an
+/// index lookup. Every statement is `IF NOT EXISTS`, so a file written by an earlier release
+/// (records and a version, no feed) opens as it is: its feed starts empty, and instances that
+/// follow it load once.
+fn directory_schema(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS dir_tenants (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS dir_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, record TEXT NOT NULL);
+         CREATE INDEX IF NOT EXISTS dir_keys_tenant ON dir_keys (tenant);
+         CREATE TABLE IF NOT EXISTS dir_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+         INSERT OR IGNORE INTO dir_meta (k, v) VALUES ('version', 0);
+         CREATE TABLE IF NOT EXISTS dir_changes (version INTEGER PRIMARY KEY, change TEXT NOT NULL);",
+    )
+    .map_err(backend)
+}
+
+fn read_version(conn: &Connection) -> Result<u64, StoreError> {
+    conn.query_row("SELECT v FROM dir_meta WHERE k = 'version'", [], |r| r.get::<_, i64>(0))
+        .map(|v| v.max(0) as u64)
+        .map_err(backend)
+}
+
+/// Bumps the version, records `change` under it and trims the feed to its last
+/// [`FEED_RETAINED`] entries (an index range on the primary key: usually one row). Answers
+/// the new version.
+fn append_change(tx: &rusqlite::Transaction<'_>, change: Change) -> Result<u64, StoreError> {
+    let version: i64 = tx
+        .query_row("UPDATE dir_meta SET v = v + 1 WHERE k = 'version' RETURNING v", [], |r| r.get(0))
+        .map_err(backend)?;
+    let version = version.max(0) as u64;
+    let json = serde_json::to_string(&Versioned { version, change }).map_err(backend)?;
+    tx.prepare_cached("INSERT OR REPLACE INTO dir_changes (version, change) VALUES (?1, ?2)")
+        .and_then(|mut st| st.execute(params![version as i64, json]))
+        .map_err(backend)?;
+    if version > FEED_RETAINED {
+        tx.prepare_cached("DELETE FROM dir_changes WHERE version <= ?1")
+            .and_then(|mut st| st.execute(params![(version - FEED_RETAINED) as i64]))
+            .map_err(backend)?;
+    }
+    Ok(version)
+}
+
+/// Ids per `IN (…)` query: well under SQLite's limit on bound variables (32,766 since 3.32,
+/// 999 before).
+const IN_CHUNK: usize = 500;
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Option<T> {
+    match serde_json::from_str::<T>(json) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "skipping an unreadable {what} record");
+            None
+        }
+    }
 }
 
 #[async_trait]
 impl DirectoryStore for Embedded {
     async fn version(&self) -> Result<u64, StoreError> {
-        self.with_db(|c| {
-            c.query_row("SELECT v FROM dir_meta WHERE k = 'version'", [], |r| r.get::<_, i64>(0))
-                .map(|v| v.max(0) as u64)
-                .map_err(backend)
+        self.with_db(|c| read_version(c)).await
+    }
+
+    async fn page(&self, kind: RecordKind, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let cursor = cursor.map(str::to_string);
+        let limit = limit.clamp(1, i64::MAX as usize);
+        self.with_db(move |c| {
+            let table = match kind {
+                RecordKind::Tenant => "dir_tenants",
+                RecordKind::Key => "dir_keys",
+            };
+            let mut st;
+            let mut rows = match &cursor {
+                Some(after) => {
+                    st = c
+                        .prepare_cached(&format!("SELECT id, record FROM {table} WHERE id > ?1 ORDER BY id LIMIT ?2"))
+                        .map_err(backend)?;
+                    st.query(params![after, limit as i64])
+                }
+                None => {
+                    st = c
+                        .prepare_cached(&format!("SELECT id, record FROM {table} ORDER BY id LIMIT ?1"))
+                        .map_err(backend)?;
+                    st.query(params![limit as i64])
+                }
+            }
+            .map_err(backend)?;
+            let mut page = Page::default();
+            let (mut n, mut last) = (0usize, None::<String>);
+            while let Some(row) = rows.next().map_err(backend)? {
+                let (id, json): (String, String) = (row.get(0).map_err(backend)?, row.get(1).map_err(backend)?);
+                n += 1;
+                match kind {
+                    RecordKind::Tenant => page.tenants.extend(decode::<TenantRecord>(&json, "tenant")),
+                    RecordKind::Key => page.keys.extend(decode::<KeyRecord>(&json, "key")),
+                }
+                last = Some(id);
+            }
+            // A full page may have a successor; a short one is the last. (An unreadable record
+            // still counts and moves the cursor: it is skipped, not retried.)
+            page.next = if n == limit { last } else { None };
+            Ok(page)
         })
         .await
     }
 
-    async fn load(&self) -> Result<DirectoryData, StoreError> {
-        self.with_db(|c| {
+    async fn changes_since(&self, since: u64) -> Result<Feed, StoreError> {
+        self.with_db(move |c| {
+            // One read transaction: the version and the feed are of the same moment.
             let tx = c.transaction().map_err(backend)?;
-            let version: i64 =
-                tx.query_row("SELECT v FROM dir_meta WHERE k = 'version'", [], |r| r.get(0)).map_err(backend)?;
-            let mut data = DirectoryData { version: version.max(0) as u64, ..DirectoryData::default() };
-            {
-                let mut st = tx.prepare("SELECT record FROM dir_tenants ORDER BY id").map_err(backend)?;
-                let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
-                for row in rows {
-                    let json = row.map_err(backend)?;
-                    match serde_json::from_str::<TenantRecord>(&json) {
-                        Ok(t) => data.tenants.push(t),
-                        Err(e) => tracing::error!(error = %e, "skipping an unreadable tenant record"),
-                    }
+            let current = read_version(&tx)?;
+            if since == current {
+                return Ok(Feed::Changes(Vec::new()));
+            }
+            // Ahead of the store (it was replaced or reset), or further behind than the feed
+            // reaches.
+            if since > current || current - since > FEED_RETAINED {
+                return Ok(Feed::Behind);
+            }
+            let mut st = tx
+                .prepare_cached("SELECT version, change FROM dir_changes WHERE version > ?1 ORDER BY version LIMIT ?2")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![since as i64, (current - since) as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(backend)?;
+            let mut changes = Vec::with_capacity((current - since) as usize);
+            for row in rows {
+                let (version, json) = row.map_err(backend)?;
+                // The feed must hold every version from `since + 1` on: a gap (trimmed, or a
+                // file written before the feed existed) means a full load.
+                if version.max(0) as u64 != since + 1 + changes.len() as u64 {
+                    return Ok(Feed::Behind);
                 }
-                let mut st = tx.prepare("SELECT record FROM dir_keys ORDER BY id").map_err(backend)?;
-                let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
-                for row in rows {
-                    let json = row.map_err(backend)?;
-                    match serde_json::from_str::<KeyRecord>(&json) {
-                        Ok(k) => data.keys.push(k),
-                        Err(e) => tracing::error!(error = %e, "skipping an unreadable key record"),
+                match serde_json::from_str::<Versioned>(&json) {
+                    Ok(v) => changes.push(v),
+                    Err(e) => {
+                        tracing::error!(error = %e, version, "unreadable change in the directory feed; loading again");
+                        return Ok(Feed::Behind);
                     }
                 }
             }
-            tx.commit().map_err(backend)?;
-            Ok(data)
+            if changes.len() as u64 != current - since {
+                return Ok(Feed::Behind);
+            }
+            Ok(Feed::Changes(changes))
         })
         .await
     }
 
-    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<bool, StoreError> {
-        let json = serde_json::to_string(t).map_err(backend)?;
-        let id = t.id.clone();
+    async fn get_tenant(&self, id: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let id = id.to_string();
         self.with_db(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+            let json: Option<String> = c
+                .prepare_cached("SELECT record FROM dir_tenants WHERE id = ?1")
+                .and_then(|mut st| st.query_row(params![id], |r| r.get(0)).optional())
+                .map_err(backend)?;
+            Ok(json.and_then(|j| decode::<TenantRecord>(&j, "tenant")))
+        })
+        .await
+    }
+
+    async fn get_keys(&self, ids: &[&str]) -> Result<Vec<KeyRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        self.with_db(move |c| {
+            let mut out = Vec::new();
+            for chunk in ids.chunks(IN_CHUNK) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let mut st =
+                    c.prepare_cached(&format!("SELECT record FROM dir_keys WHERE id IN ({marks})")).map_err(backend)?;
+                let rows = st.query_map(params_from_iter(chunk), |r| r.get::<_, String>(0)).map_err(backend)?;
+                for row in rows {
+                    out.extend(decode::<KeyRecord>(&row.map_err(backend)?, "key"));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<Option<u64>, StoreError> {
+        let json = serde_json::to_string(t).map_err(backend)?;
+        let record = t.clone();
+        self.dir_write(move |tx| {
             let n = if create {
-                tx.execute("INSERT OR IGNORE INTO dir_tenants (id, record) VALUES (?1, ?2)", params![id, json])
+                tx.execute("INSERT OR IGNORE INTO dir_tenants (id, record) VALUES (?1, ?2)", params![record.id, json])
             } else {
                 tx.execute(
                     "INSERT INTO dir_tenants (id, record) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-                    params![id, json],
+                    params![record.id, json],
                 )
             }
             .map_err(backend)?;
-            if n == 0 {
-                return Ok(false);
-            }
-            bump(&tx)?;
-            tx.commit().map_err(backend)?;
-            Ok(true)
+            Ok((n > 0).then_some(Change::Tenant { record }))
         })
         .await
     }
 
-    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
+    async fn delete_tenant(&self, id: &str) -> Result<Option<u64>, StoreError> {
         let id = id.to_string();
-        self.with_db(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.dir_write(move |tx| {
             let n = tx.execute("DELETE FROM dir_tenants WHERE id = ?1", params![id]).map_err(backend)?;
-            tx.execute("DELETE FROM dir_keys WHERE tenant = ?1", params![id]).map_err(backend)?;
-            if n > 0 {
-                bump(&tx)?;
+            if n == 0 {
+                return Ok(None);
             }
-            tx.commit().map_err(backend)?;
-            Ok(n > 0)
+            // By the `dir_keys_tenant` index: as many rows as the tenant has keys.
+            tx.execute("DELETE FROM dir_keys WHERE tenant = ?1", params![id]).map_err(backend)?;
+            Ok(Some(Change::TenantDeleted { id }))
         })
         .await
     }
 
-    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+    async fn put_key(&self, k: &KeyRecord) -> Result<u64, StoreError> {
         let json = serde_json::to_string(k).map_err(backend)?;
-        let (id, tenant) = (k.id.clone(), k.tenant.clone());
-        self.with_db(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            tx.execute(
-                "INSERT INTO dir_keys (id, tenant, record) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, record = excluded.record",
-                params![id, tenant, json],
-            )
-            .map_err(backend)?;
-            bump(&tx)?;
-            tx.commit().map_err(backend)
-        })
-        .await
+        let record = k.clone();
+        let version = self
+            .dir_write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO dir_keys (id, tenant, record) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, record = excluded.record",
+                )
+                .and_then(|mut st| st.execute(params![record.id, record.tenant, json]))
+                .map_err(backend)?;
+                Ok(Some(Change::Key { record }))
+            })
+            .await?;
+        version.ok_or_else(|| backend("a key write recorded no change"))
     }
 }

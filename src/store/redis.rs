@@ -12,8 +12,11 @@
 //!   the ledger keeps one mark per writer and tenant however many batches it applies.
 //!   (Releases before it kept one `tg:{…}:lb:<batch>` key per batch for 7 days; those expire
 //!   by themselves.)
-//! - `tg:{dir}:tenants`, `tg:{dir}:keys`: runtime-managed tenants and keys (JSON per field),
-//!   and `tg:{dir}:version`, bumped by every write (one slot, so writes are transactions)
+//! - `tg:{dir}:tenants`, `tg:{dir}:keys`: runtime-managed tenants and keys (JSON per field);
+//!   `tg:{dir}:version`, bumped by every write; `tg:{dir}:changes`, the change feed, a sorted
+//!   set of the JSON of each change scored by its version (the last `FEED_RETAINED`); and
+//!   `tg:{dir}:tenant-keys:<tenant>`, the set of a tenant's key ids. All in the `{dir}` slot,
+//!   so every write is one script: the record, the version and the feed change together.
 //!
 //! Counters need no server-side scripts. A lease is `INCRBY`, and when that passes the limit,
 //! a `DECRBY` of the excess; so the sum of grants never exceeds the limit, whatever the
@@ -21,7 +24,9 @@
 //! ([`Ledger::apply`]): it applies a batch only above the writer's mark and raises the mark
 //! in the same atomic step, so a retried batch counts once. On one Redis every tenant's
 //! script goes in one pipeline (one round trip per flush); on a cluster each tenant's is its
-//! own call, all at once, so a stalled master holds up only the tenants it serves.
+//! own call, all at once, so a stalled master holds up only the tenants it serves. Each
+//! directory write is one script too (record, version, feed entry and feed trim), and a
+//! follower reads the version and the feed after its own version with one more.
 //!
 //! Every call runs under the [`Breaker`]; the connection reconnects by itself when Redis
 //! comes back. A cluster is discovered in the background from its seed URLs
@@ -29,8 +34,8 @@
 //! [`RedisStore::wait_connected`].
 
 use super::{
-    tenant_prefix, Breaker, CounterKey, Counters, DirectoryData, DirectoryStore, Grant, KeyRecord, LeaseRequest,
-    Ledger, LedgerBatch, LedgerRow, StoreError, StoreObserver, TenantRecord,
+    tenant_prefix, Breaker, Change, CounterKey, Counters, DirectoryStore, Feed, Grant, KeyRecord, LeaseRequest, Ledger,
+    LedgerBatch, LedgerRow, Page, RecordKind, StoreError, StoreObserver, TenantRecord, Versioned, FEED_RETAINED,
 };
 use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
@@ -929,6 +934,167 @@ impl Ledger for RedisStore {
 const DIR_TENANTS: &str = "tg:{dir}:tenants";
 const DIR_KEYS: &str = "tg:{dir}:keys";
 const DIR_VERSION: &str = "tg:{dir}:version";
+const DIR_CHANGES: &str = "tg:{dir}:changes";
+
+/// The set of a tenant's key ids (same `{dir}` slot as the rest of the directory).
+fn dir_tenant_keys(tenant: &str) -> String {
+    format!("tg:{{dir}}:tenant-keys:{tenant}")
+}
+
+/// Ids per `HMGET` of [`DirectoryStore::get_keys`] (all of them in one pipeline).
+const HMGET_CHUNK: usize = 1_000;
+
+/// The part of every directory write script that records the change: bumps the version,
+/// adds the change to the feed under it, trims the feed to its last ARGV retained entries,
+/// and returns the new version. `change` is the JSON of a [`super::Change`] (an object); the
+/// feed's member is that of the [`super::Versioned`]: the same object with the version first,
+/// which makes every member unique.
+macro_rules! dir_feed_function {
+    () => {
+        r#"
+local function feed(version_key, changes_key, change, retained)
+  local v = redis.call('INCR', version_key)
+  redis.call('ZADD', changes_key, v, string.format('{"version":%d,', v) .. string.sub(change, 2))
+  redis.call('ZREMRANGEBYSCORE', changes_key, '-inf', v - tonumber(retained))
+  return v
+end
+"#
+    };
+}
+
+/// Writes a tenant. KEYS: tenants, version, changes. ARGV: id, record JSON, change JSON,
+/// create (`1`: only if the id is new), feed length. Returns the new version, or 0 when
+/// nothing was written.
+const DIR_PUT_TENANT_SCRIPT: &str = concat!(
+    dir_feed_function!(),
+    r"
+if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return feed(KEYS[2], KEYS[3], ARGV[3], ARGV[5])
+"
+);
+
+/// Writes a key and adds its id to its tenant's key set. KEYS: keys, the tenant's key set,
+/// version, changes. ARGV: id, record JSON, change JSON, feed length. Returns the new version.
+const DIR_PUT_KEY_SCRIPT: &str = concat!(
+    dir_feed_function!(),
+    r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return feed(KEYS[3], KEYS[4], ARGV[3], ARGV[4])
+"
+);
+
+/// Deletes a tenant and the keys its key set names. KEYS: tenants, keys, the tenant's key
+/// set, version, changes. ARGV: id, change JSON, feed length. Returns the new version, or 0
+/// when the tenant did not exist (then nothing is written).
+///
+/// A key in the set whose record now names another tenant (a key moved by a later write) is
+/// left alone. Keys written before the key sets existed are in no set and are not deleted
+/// here, and no fallback looks for them (that would be a scan of every key, in a write that
+/// must stay cheap): such a key outlives its tenant as a record naming a tenant that no
+/// longer exists, which the runtime ignores (it admits no one unless a tenant is created
+/// again under the same id). Followers drop it at once: the change says the tenant's keys
+/// are gone.
+const DIR_DELETE_TENANT_SCRIPT: &str = concat!(
+    dir_feed_function!(),
+    r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local json = redis.call('HGET', KEYS[2], id)
+  if json then
+    local ok, rec = pcall(cjson.decode, json)
+    if not ok or type(rec) ~= 'table' or rec.tenant == ARGV[1] then
+      redis.call('HDEL', KEYS[2], id)
+    end
+  end
+end
+redis.call('DEL', KEYS[3])
+return feed(KEYS[4], KEYS[5], ARGV[2], ARGV[3])
+"
+);
+
+/// The version and the feed after ARGV[1], read together. KEYS: version, changes. ARGV: the
+/// caller's version, the most changes to answer. Returns `{version, {member, ...}}`; the
+/// members are left out when the caller is up to date, ahead, or too far behind.
+const DIR_CHANGES_SCRIPT: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+if since >= current or current - since > most then
+  return {current, {}}
+end
+return {current, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, most)}
+";
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Option<T> {
+    match serde_json::from_str::<T>(json) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "skipping an unreadable {what} record");
+            None
+        }
+    }
+}
+
+impl RedisStore {
+    /// Runs a directory script (every key of which is tagged `{dir}`) as `EVALSHA`, and again
+    /// as `EVAL` with the script itself when the server does not know it yet (a restart, a
+    /// failover, a new node), which caches it there.
+    async fn dir_script<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &str,
+        keys: &[&str],
+        args: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<T, StoreError> {
+        let call = |eval: bool| {
+            let mut c = redis::cmd(if eval { "EVAL" } else { "EVALSHA" });
+            if eval {
+                c.arg(script);
+            } else {
+                c.arg(redis::Script::new(script).get_hash());
+            }
+            c.arg(keys.len()).arg(keys).arg(args);
+            let mut pipe = redis::pipe();
+            // The answer (or the server's error) comes back as the pipeline's one value, so an
+            // unknown script is not a failed call for the breaker.
+            pipe.ignore_errors();
+            pipe.add_command(c);
+            pipe
+        };
+        let (answer,): (redis::RedisResult<redis::Value>,) = self.run_within(op, "dir", &call(false), timeout).await?;
+        let value = match answer {
+            Err(e) if is_noscript(&e) => {
+                let (answer,): (redis::RedisResult<redis::Value>,) =
+                    self.run_within(op, "dir", &call(true), timeout).await?;
+                answer
+            }
+            other => other,
+        };
+        let value = value.map_err(|e| {
+            self.observer.error("redis", op);
+            backend(e)
+        })?;
+        T::from_redis_value(value).map_err(backend)
+    }
+
+    /// Runs one directory write script; `Some(version)` when it wrote.
+    async fn dir_write(
+        &self,
+        op: &'static str,
+        script: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Option<u64>, StoreError> {
+        let version: i64 = self.dir_script(op, script, keys, args, None).await?;
+        Ok((version > 0).then_some(version as u64))
+    }
+}
 
 #[async_trait]
 impl DirectoryStore for RedisStore {
@@ -939,70 +1105,132 @@ impl DirectoryStore for RedisStore {
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
-    async fn load(&self) -> Result<DirectoryData, StoreError> {
+    /// `HSCAN` of the tenants or keys hash with `COUNT = limit`; the cursor is `HSCAN`'s. A
+    /// record may come twice (Redis rehashed between pages); the caller keeps one.
+    async fn page(&self, kind: RecordKind, cursor: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let hash = match kind {
+            RecordKind::Tenant => DIR_TENANTS,
+            RecordKind::Key => DIR_KEYS,
+        };
         let mut pipe = redis::pipe();
-        pipe.atomic().cmd("GET").arg(DIR_VERSION).cmd("HGETALL").arg(DIR_TENANTS).cmd("HGETALL").arg(DIR_KEYS);
-        let (v, tenants, keys): (
-            Option<i64>,
-            std::collections::HashMap<String, String>,
-            std::collections::HashMap<String, String>,
-        ) = self.run_bulk("dir_load", "dir", &pipe).await?;
-        let mut data = DirectoryData { version: v.unwrap_or(0).max(0) as u64, ..DirectoryData::default() };
-        for (_, json) in tenants {
-            match serde_json::from_str::<TenantRecord>(&json) {
-                Ok(t) => data.tenants.push(t),
-                Err(e) => tracing::error!(error = %e, "skipping an unreadable tenant record"),
+        pipe.cmd("HSCAN").arg(hash).arg(cursor.unwrap_or("0")).arg("COUNT").arg(limit.max(1));
+        let ((next, fields),): ((String, Vec<String>),) = self.run_bulk("dir_page", "dir", &pipe).await?;
+        let mut page = Page { next: (next != "0").then_some(next), ..Page::default() };
+        // Field, value, field, value…: the values are the records.
+        for json in fields.iter().skip(1).step_by(2) {
+            match kind {
+                RecordKind::Tenant => page.tenants.extend(decode::<TenantRecord>(json, "tenant")),
+                RecordKind::Key => page.keys.extend(decode::<KeyRecord>(json, "key")),
             }
         }
-        for (_, json) in keys {
-            match serde_json::from_str::<KeyRecord>(&json) {
-                Ok(k) => data.keys.push(k),
-                Err(e) => tracing::error!(error = %e, "skipping an unreadable key record"),
-            }
-        }
-        data.tenants.sort_by(|a, b| a.id.cmp(&b.id));
-        data.keys.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(data)
+        Ok(page)
     }
 
-    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<bool, StoreError> {
+    async fn changes_since(&self, since: u64) -> Result<Feed, StoreError> {
+        let (since_arg, most) = (since.to_string(), FEED_RETAINED.to_string());
+        let (current, members): (i64, Vec<String>) = self
+            .dir_script(
+                "dir_changes",
+                DIR_CHANGES_SCRIPT,
+                &[DIR_VERSION, DIR_CHANGES],
+                &[&since_arg, &most],
+                Some(BULK_TIMEOUT),
+            )
+            .await?;
+        let current = current.max(0) as u64;
+        if since == current {
+            return Ok(Feed::Changes(Vec::new()));
+        }
+        if since > current || current - since > FEED_RETAINED {
+            return Ok(Feed::Behind);
+        }
+        let mut changes = Vec::with_capacity(members.len());
+        for json in &members {
+            let change = match serde_json::from_str::<Versioned>(json) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable change in the directory feed; loading again");
+                    return Ok(Feed::Behind);
+                }
+            };
+            // Every version from `since + 1` on, without a gap: the first one missing means
+            // the feed was trimmed past it, or the directory was written before the feed
+            // existed.
+            if change.version != since + 1 + changes.len() as u64 {
+                return Ok(Feed::Behind);
+            }
+            changes.push(change);
+        }
+        if changes.len() as u64 != current - since {
+            return Ok(Feed::Behind);
+        }
+        Ok(Feed::Changes(changes))
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(DIR_TENANTS).arg(id);
+        let (json,): (Option<String>,) = self.run("dir_get", "dir", &pipe).await?;
+        Ok(json.and_then(|j| decode::<TenantRecord>(&j, "tenant")))
+    }
+
+    async fn get_keys(&self, ids: &[&str]) -> Result<Vec<KeyRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in ids.chunks(HMGET_CHUNK) {
+            pipe.cmd("HMGET").arg(DIR_KEYS).arg(chunk);
+        }
+        let found: Vec<Vec<Option<String>>> = if ids.len() > HMGET_CHUNK {
+            self.run_bulk("dir_get_keys", "dir", &pipe).await?
+        } else {
+            self.run("dir_get_keys", "dir", &pipe).await?
+        };
+        Ok(found.iter().flatten().flatten().filter_map(|j| decode::<KeyRecord>(j, "key")).collect())
+    }
+
+    async fn put_tenant(&self, t: &TenantRecord, create: bool) -> Result<Option<u64>, StoreError> {
         let json = serde_json::to_string(t).map_err(backend)?;
-        if create {
-            let mut pipe = redis::pipe();
-            pipe.cmd("HSETNX").arg(DIR_TENANTS).arg(&t.id).arg(&json);
-            let (fresh,): (i64,) = self.run("dir_put", "dir", &pipe).await?;
-            if fresh == 0 {
-                return Ok(false);
-            }
-            let mut bump = redis::pipe();
-            bump.cmd("INCR").arg(DIR_VERSION).ignore();
-            self.run::<()>("dir_put", "dir", &bump).await?;
-            return Ok(true);
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("HSET").arg(DIR_TENANTS).arg(&t.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
-        self.run::<()>("dir_put", "dir", &pipe).await?;
-        Ok(true)
+        let change = serde_json::to_string(&Change::Tenant { record: t.clone() }).map_err(backend)?;
+        let (create, most) = (if create { "1" } else { "0" }, FEED_RETAINED.to_string());
+        self.dir_write(
+            "dir_put",
+            DIR_PUT_TENANT_SCRIPT,
+            &[DIR_TENANTS, DIR_VERSION, DIR_CHANGES],
+            &[&t.id, &json, &change, create, &most],
+        )
+        .await
     }
 
-    async fn delete_tenant(&self, id: &str) -> Result<bool, StoreError> {
-        let data = self.load().await?;
-        let keys: Vec<&str> = data.keys.iter().filter(|k| k.tenant == id).map(|k| k.id.as_str()).collect();
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("HDEL").arg(DIR_TENANTS).arg(id);
-        for k in &keys {
-            pipe.cmd("HDEL").arg(DIR_KEYS).arg(*k).ignore();
-        }
-        pipe.cmd("INCR").arg(DIR_VERSION).ignore();
-        let (n,): (i64,) = self.run("dir_delete", "dir", &pipe).await?;
-        Ok(n > 0)
+    async fn delete_tenant(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let change = serde_json::to_string(&Change::TenantDeleted { id: id.to_string() }).map_err(backend)?;
+        let (set, most) = (dir_tenant_keys(id), FEED_RETAINED.to_string());
+        // As many steps as the tenant has keys, in one script: the bulk timeout.
+        let version: i64 = self
+            .dir_script(
+                "dir_delete",
+                DIR_DELETE_TENANT_SCRIPT,
+                &[DIR_TENANTS, DIR_KEYS, &set, DIR_VERSION, DIR_CHANGES],
+                &[id, &change, &most],
+                Some(BULK_TIMEOUT),
+            )
+            .await?;
+        Ok((version > 0).then_some(version as u64))
     }
 
-    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+    async fn put_key(&self, k: &KeyRecord) -> Result<u64, StoreError> {
         let json = serde_json::to_string(k).map_err(backend)?;
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("HSET").arg(DIR_KEYS).arg(&k.id).arg(&json).ignore().cmd("INCR").arg(DIR_VERSION).ignore();
-        self.run::<()>("dir_put_key", "dir", &pipe).await
+        let change = serde_json::to_string(&Change::Key { record: k.clone() }).map_err(backend)?;
+        let (set, most) = (dir_tenant_keys(&k.tenant), FEED_RETAINED.to_string());
+        self.dir_write(
+            "dir_put_key",
+            DIR_PUT_KEY_SCRIPT,
+            &[DIR_KEYS, &set, DIR_VERSION, DIR_CHANGES],
+            &[&k.id, &json, &change, &most],
+        )
+        .await?
+        .ok_or_else(|| backend("a key write recorded no change"))
     }
 }
 
