@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tollgate::clock::{SharedClock, SystemClock};
 use tollgate::config::{self, Config, Diagnostics};
-use tollgate::directory::{Builder, Directory, Tenant};
+use tollgate::directory::{Builder, Tenant};
 use tollgate::metering::{day_number, day_string, Meter, Record};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::Embedded;

@@ -56,13 +56,13 @@ fn tenant(i: usize) -> TenantRecord {
         id: format!("t{i:06}"),
         name: format!("Tenant {i}"),
         email: String::new(),
-        tier: if i % 3 == 0 { "pro" } else { "free" }.into(),
+        tier: if i.is_multiple_of(3) { "pro" } else { "free" }.into(),
         status: "active".into(),
-        subdomains: if i % 5 == 0 { vec![format!("app-{i}")] } else { Vec::new() },
+        subdomains: if i.is_multiple_of(5) { vec![format!("app-{i}")] } else { Vec::new() },
         ip_allow: Vec::new(),
         billing_anchor_day: 1 + (i % 28) as u32,
         timezone: "UTC".into(),
-        overrides: if i % 7 == 0 {
+        overrides: if i.is_multiple_of(7) {
             serde_json::from_value(serde_json::json!({"rate.requests_per_minute": 600})).expect("overrides")
         } else {
             serde_json::Map::new()
@@ -82,7 +82,7 @@ fn key(i: usize, n: usize) -> KeyRecord {
         tenant: format!("t{i:06}"),
         name: String::new(),
         hash: hash(i, n).to_string(),
-        scopes: if n % 2 == 0 { vec!["read".into()] } else { vec!["read".into(), "generate".into()] },
+        scopes: if n.is_multiple_of(2) { vec!["read".into()] } else { vec!["read".into(), "generate".into()] },
         created_ms: 5,
         expires_ms: (n == 9).then_some(9_000_000_000_000),
         revoked_at_ms: (n == 8).then_some(7),

@@ -451,7 +451,8 @@ expires = 2030-01-01T00:00:00Z
             let rt = core.runtime.load();
             key_at(&rt, &rt.directory, &secret, manual.now_millis())
         };
-        let status = || async { core.keys("brief").await.expect("keys").into_iter().find(|k| k.id == key.id).map(|k| k.status) };
+        let status =
+            || async { core.keys("brief").await.expect("keys").into_iter().find(|k| k.id == key.id).map(|k| k.status) };
         assert_eq!(at(start + 3 * DAY - 1), Ok(key.id.clone()), "the key failed before its expiry");
         assert_eq!(status().await, Some("active"));
         assert_eq!(at(start + 3 * DAY), Err(Reject::KeyExpired), "the key outlived its expiry");

@@ -11,9 +11,9 @@
 
 use crate::clock::SharedClock;
 use crate::config::{self, policy, valid_slug, Config};
+use crate::directory::{Builder, Directory, Source, Tenant};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::directory::{Builder, Directory, Source, Tenant};
 use crate::runtime::{Runtime, SharedRuntime};
 use crate::store::{Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, LOAD_PAGE};
 use serde::{Deserialize, Serialize};

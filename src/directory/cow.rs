@@ -154,9 +154,10 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
         K: Borrow<Q>,
     {
         let ci = self.chunk_for(from).unwrap_or(0);
-        let start = self.chunks.get(ci).map_or(0, |c| {
-            c.partition_point(|e| if inclusive { e.0.borrow() < from } else { e.0.borrow() <= from })
-        });
+        let start = self
+            .chunks
+            .get(ci)
+            .map_or(0, |c| c.partition_point(|e| if inclusive { e.0.borrow() < from } else { e.0.borrow() <= from }));
         self.chunks.iter().skip(ci).enumerate().flat_map(move |(n, c)| c.iter().skip(if n == 0 { start } else { 0 }))
     }
 
@@ -207,7 +208,7 @@ mod tests {
         for round in 0..20_000u64 {
             let before = (m.clone(), model.clone());
             let k = rng.next() % 6000;
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 assert_eq!(m.remove(&k), model.remove(&k));
             } else {
                 assert_eq!(m.insert(k, round), model.insert(k, round));

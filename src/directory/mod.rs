@@ -185,7 +185,13 @@ pub struct Key {
 }
 
 impl Key {
-    pub fn new(id: KeyId, tenant: Arc<Tenant>, scopes: Arc<[Arc<str>]>, expires: Option<i64>, revoked_at: Option<i64>) -> Key {
+    pub fn new(
+        id: KeyId,
+        tenant: Arc<Tenant>,
+        scopes: Arc<[Arc<str>]>,
+        expires: Option<i64>,
+        revoked_at: Option<i64>,
+    ) -> Key {
         Key { id, tenant, scopes, expires_ms: expires.unwrap_or(NEVER), revoked_ms: revoked_at.unwrap_or(NEVER) }
     }
 
@@ -588,7 +594,8 @@ impl Directory {
         // one policy of its own.
         let mut interned = Interned::default();
         if let Some(tier) = config.tiers.get(&r.tier) {
-            let key = (tier.name.clone(), r.billing_anchor_day.clamp(1, 31), r.timezone.parse().unwrap_or(chrono_tz::UTC));
+            let key =
+                (tier.name.clone(), r.billing_anchor_day.clamp(1, 31), r.timezone.parse().unwrap_or(chrono_tz::UTC));
             if let Some(p) = self.interned.policies.get(&key) {
                 interned.policies.insert(key, p.clone());
             }
