@@ -604,6 +604,35 @@ async fn redis_reads_a_directory_from_before_the_feed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_from_before_the_key_sets_go_with_their_tenant_after_a_load() {
+    let b = Backend::redis();
+    let Server::Redis(r) = &b.server else { unreachable!() };
+    let mut c = redis::Client::open(r.url()).unwrap().get_connection().unwrap();
+    // A directory written before the per-tenant key sets: records only.
+    redis::pipe()
+        .cmd("HSET")
+        .arg("tg:{dir}:tenants")
+        .arg("acme")
+        .arg(json(&tenant("acme", "free")))
+        .cmd("HSET")
+        .arg("tg:{dir}:keys")
+        .arg("old")
+        .arg(json(&key("old", "acme")))
+        .exec(&mut c)
+        .unwrap();
+    let s = &*b.store;
+    // The load every instance does at start puts the old key in its set and marks the sets
+    // complete; a later delete then takes the key with the tenant, so a tenant created again
+    // under the same id does not inherit it.
+    assert_eq!(s.load().await.unwrap().keys, vec![key("old", "acme")]);
+    assert_eq!(r.command(&["EXISTS", "tg:{dir}:tenant-keys-complete"]), ":1");
+    assert!(s.delete_tenant("acme").await.unwrap().is_some());
+    assert_eq!(s.get_keys(&["old"]).await.unwrap(), vec![]);
+    s.put_tenant(&tenant("acme", "free"), true).await.unwrap();
+    assert_eq!(s.load().await.unwrap().keys, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_directory_writes_go_on_after_a_script_flush() {
     let b = Backend::redis();
     let Server::Redis(r) = &b.server else { unreachable!() };

@@ -935,6 +935,9 @@ const DIR_TENANTS: &str = "tg:{dir}:tenants";
 const DIR_KEYS: &str = "tg:{dir}:keys";
 const DIR_VERSION: &str = "tg:{dir}:version";
 const DIR_CHANGES: &str = "tg:{dir}:changes";
+/// Set once a full load has passed over every key and put each in its tenant's key set: from
+/// then on every key is in its set, since every write adds it.
+const DIR_KEYS_INDEXED: &str = "tg:{dir}:tenant-keys-complete";
 
 /// The set of a tenant's key ids (same `{dir}` slot as the rest of the directory).
 fn dir_tenant_keys(tenant: &str) -> String {
@@ -992,12 +995,10 @@ return feed(KEYS[3], KEYS[4], ARGV[3], ARGV[4])
 /// when the tenant did not exist (then nothing is written).
 ///
 /// A key in the set whose record now names another tenant (a key moved by a later write) is
-/// left alone. Keys written before the key sets existed are in no set and are not deleted
-/// here, and no fallback looks for them (that would be a scan of every key, in a write that
-/// must stay cheap): such a key outlives its tenant as a record naming a tenant that no
-/// longer exists, which the runtime ignores (it admits no one unless a tenant is created
-/// again under the same id). Followers drop it at once: the change says the tenant's keys
-/// are gone.
+/// left alone. Keys written before the key sets existed are put in their sets by the first
+/// full load that reads them (see [`DIR_KEYS_INDEXED`]), which every instance does at start,
+/// so a delete finds them too; no write scans every key. Followers drop a deleted tenant's
+/// keys at once: the change says they are gone.
 const DIR_DELETE_TENANT_SCRIPT: &str = concat!(
     dir_feed_function!(),
     r"
@@ -1114,7 +1115,8 @@ impl DirectoryStore for RedisStore {
         };
         let mut pipe = redis::pipe();
         pipe.cmd("HSCAN").arg(hash).arg(cursor.unwrap_or("0")).arg("COUNT").arg(limit.max(1));
-        let ((next, fields),): ((String, Vec<String>),) = self.run_bulk("dir_page", "dir", &pipe).await?;
+        pipe.cmd("EXISTS").arg(DIR_KEYS_INDEXED);
+        let ((next, fields), indexed): ((String, Vec<String>), i64) = self.run_bulk("dir_page", "dir", &pipe).await?;
         let mut page = Page { next: (next != "0").then_some(next), ..Page::default() };
         // Field, value, field, value…: the values are the records.
         for json in fields.iter().skip(1).step_by(2) {
@@ -1122,6 +1124,19 @@ impl DirectoryStore for RedisStore {
                 RecordKind::Tenant => page.tenants.extend(decode::<TenantRecord>(json, "tenant")),
                 RecordKind::Key => page.keys.extend(decode::<KeyRecord>(json, "key")),
             }
+        }
+        if kind == RecordKind::Key && indexed == 0 {
+            // Keys from before the per-tenant key sets: put each in its set as the load passes,
+            // and mark the sets complete once a whole scan is done. Adding a key again is
+            // harmless, so instances loading at once do not get in each other's way.
+            let mut fix = redis::pipe();
+            for k in &page.keys {
+                fix.cmd("SADD").arg(dir_tenant_keys(&k.tenant)).arg(&k.id).ignore();
+            }
+            if page.next.is_none() {
+                fix.cmd("SET").arg(DIR_KEYS_INDEXED).arg(1).ignore();
+            }
+            self.run_bulk::<()>("dir_index", "dir", &fix).await?;
         }
         Ok(page)
     }
