@@ -486,3 +486,43 @@ fn lease_settings_are_checked() {
         "a lease timeout shorter than the store timeout is raised to it"
     );
 }
+
+/// A file whose tenants follow every other table is read a tenant at a time; one that cannot be
+/// (here, `'''` in a comment forces the whole-document reading) is read as one document. Both
+/// readings report the same problems at the same lines, and load the same tenants.
+#[test]
+fn tenants_read_one_at_a_time_report_what_the_whole_file_reports() {
+    let tenants = format!(
+        "[[tenants]]\nid = \"a\"\ntier = \"free\"\n\n[[tenants.keys]]\nid = \"k1\"\nhash = \"{GOOD_HASH}\"\n\n\
+         [[tenants]]\nid = \"b\"\ntier = \"gold\"\nbogus = true\n[tenants.overrides]\n\"quotas.nope.limit\" = 5\n\
+         [[tenants.keys]]\nid = \"k2\"\nhash = \"nope\"\nscopes = [\"a b\"]\n\n\
+         [[tenants]]\nid = \"a\"\ntier = \"free\"\nsubdomains = [\"Bad_Label\"]\n[[tenants.keys]]\nid = \"k1\"\nhash = \"{GOOD_HASH}\"\n\n\
+         [[tenants]]\ntier = 7\n"
+    );
+    let split = format!("{BASE}\n{tenants}");
+    let whole = format!("{split}# a comment with ''' in it\n");
+    assert!(config::file::split_tenants(&split).is_some());
+    assert!(config::file::split_tenants(&whole).is_none());
+    let lines = |d: &Diagnostics| -> Vec<String> {
+        let mut v: Vec<String> = d.errors().map(|e| format!("{}: {}", e.line, e.message)).collect();
+        v.sort();
+        v
+    };
+    let (a, b) = (errors_of(&split), errors_of(&whole));
+    assert!(a.errors().count() >= 8, "{a}");
+    assert_eq!(lines(&a), lines(&b), "split:\n{a}\nwhole:\n{b}");
+
+    // And a valid file loads the same tenants and keys both ways.
+    let good = format!(
+        "{BASE}\n[[tenants]]\nid = \"a\"\ntier = \"free\"\n[tenants.overrides]\n\"rate.requests_per_minute\" = 5\n\
+         [[tenants.keys]]\nid = \"k1\"\nhash = \"{GOOD_HASH}\"\nscopes = [\"read\"]\n\n[[ tenants ]] # second\nid = \"b\"\ntier = \"free\"\n"
+    );
+    let load = |text: &str| {
+        let mut diags = Diagnostics::default();
+        let c =
+            config::load_str(Path::new("t.toml"), text.to_string(), &mut diags).unwrap_or_else(|| panic!("{diags}"));
+        format!("{:?}", c.tenants)
+    };
+    assert!(config::file::split_tenants(&good).is_some_and(|(_, chunks)| chunks.len() == 2));
+    assert_eq!(load(&good), load(&format!("{good}# '''\n")));
+}

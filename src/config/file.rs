@@ -227,16 +227,149 @@ pub struct MainFile {
     pub tiers: Vec<(SStr, TierFile)>,
     pub upstreams: Vec<(SStr, UpstreamFile)>,
     pub tenants: Vec<Spanned<TenantFile>>,
+    /// The `[[tenants]]` tables of a file read a table at a time ([`split_tenants`]), still as
+    /// text: validation reads each on its own and keeps only what it builds from it.
+    pub tenant_chunks: Vec<TenantChunk>,
     /// Rule tables written directly in the main file (the same format as an included rule file).
     pub rules: Option<crate::rules::file::RuleFile>,
+}
+
+/// One `[[tenants]]` table of the main file, with its `[[tenants.keys]]` and sub-tables.
+#[derive(Debug, Clone)]
+pub struct TenantChunk {
+    /// Bytes of the file.
+    pub range: std::ops::Range<usize>,
+    /// Lines of the file before it.
+    pub first_line: usize,
+}
+
+/// Splits a config into its head (every other table) and its `[[tenants]]` tables, when the
+/// file has the layout that allows reading one tenant at a time: all other tables first, then
+/// only tenant tables (`[[tenants]]`, `[[tenants.keys]]`, `[tenants.…]`), and no multi-line
+/// string anywhere (one could hold a line that looks like a table header). Returns `None`
+/// otherwise, and the file is read as one document.
+///
+/// Why: the TOML library builds a document tree of the whole file before anything else can
+/// look at it, about twenty times the size of the text. A file of a million keys would peak at
+/// gigabytes; read a tenant at a time, its peak is the text and what is kept from it.
+pub fn split_tenants(text: &str) -> Option<(usize, Vec<TenantChunk>)> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut head_end = None;
+    let mut chunks: Vec<TenantChunk> = Vec::new();
+    let (mut pos, mut line_no) = (0usize, 0usize);
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            let header = table_header(t);
+            let after_tenants = head_end.is_some();
+            match header {
+                Some((true, name)) if name == "tenants" => {
+                    if let Some(last) = chunks.last_mut() {
+                        last.range.end = pos;
+                    }
+                    head_end.get_or_insert(pos);
+                    chunks.push(TenantChunk { range: pos..text.len(), first_line: line_no });
+                }
+                Some((_, name)) if after_tenants && name.starts_with("tenants.") => {}
+                // Another table after the tenants, or a line this reader does not take apart.
+                _ if after_tenants => return None,
+                _ => {}
+            }
+        }
+        pos += line.len();
+        line_no += 1;
+    }
+    head_end.map(|h| (h, chunks))
+}
+
+/// `(is an array of tables, dotted name)` of a table header line; `None` for anything else,
+/// including quoted keys.
+fn table_header(line: &str) -> Option<(bool, String)> {
+    let (double, rest) = match line.strip_prefix("[[") {
+        Some(r) => (true, r),
+        None => (false, line.strip_prefix('[')?),
+    };
+    let close = if double { "]]" } else { "]" };
+    let end = rest.find(close)?;
+    let (inner, after) = (&rest[..end], rest[end + close.len()..].trim());
+    if !(after.is_empty() || after.starts_with('#')) || inner.contains(['"', '\'', '[', ']']) {
+        return None;
+    }
+    let parts: Vec<&str> = inner.split('.').map(str::trim).collect();
+    if parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')) {
+        return None;
+    }
+    Some((double, parts.join(".")))
+}
+
+/// Reads one tenant table of a split file: its text on its own, reported at its own lines.
+pub fn parse_tenant_chunk(
+    main: &SourceFile,
+    chunk: &TenantChunk,
+    diags: &mut Diagnostics,
+) -> Option<(SourceFile, Spanned<TenantFile>)> {
+    let text = main.text.get(chunk.range.clone())?.to_string();
+    let part = SourceFile::part(&main.path, text, chunk.range.start, chunk.first_line);
+    let tenant = {
+        let root = parse_document(&part, diags)?;
+        let mut found = None;
+        for (key, value) in root.get_ref().iter() {
+            match (key.get_ref().as_ref(), value.get_ref()) {
+                ("tenants", DeValue::Array(items)) => {
+                    for item in items.iter() {
+                        if let Some(t) = de_item::<TenantFile>(&part, "tenants", item, diags) {
+                            found = Some(Spanned::new(item.span(), t));
+                        }
+                    }
+                }
+                // The split only cuts at `[[tenants]]` headers, so nothing else can be here.
+                _ => diags.error_at(
+                    &part,
+                    key.span(),
+                    "only `[[tenants]]` tables can follow the first `[[tenants]]` here",
+                ),
+            }
+        }
+        found
+    }?;
+    Some((part, tenant))
 }
 
 /// Parses the main file. Problems go into `diags`; what could be read is returned.
 pub fn parse_main(src: &SourceFile, diags: &mut Diagnostics) -> MainFile {
     let mut out = MainFile::default();
+    // A large file is read a tenant at a time when its layout allows ([`split_tenants`]); the
+    // head is then every table but the tenants, at the same offsets as in the file.
+    let split = split_tenants(&src.text);
+    let head = split.as_ref().map(|(end, _)| SourceFile::part(&src.path, src.text[..*end].to_string(), 0, 0));
+    let Some(root) = parse_document(head.as_ref().unwrap_or(src), diags) else {
+        return out;
+    };
+    if split.is_some() && root.get_ref().get("tenants").is_some() {
+        // `tenants` also written in the head (inline or dotted): read the whole file as one
+        // document, and let it report the clash.
+        drop(root);
+        return parse_whole(src, diags, out);
+    }
+    out.tenant_chunks = split.map(|(_, chunks)| chunks).unwrap_or_default();
+    read_root(src, &root, diags, out)
+}
+
+fn parse_whole(src: &SourceFile, diags: &mut Diagnostics, out: MainFile) -> MainFile {
     let Some(root) = parse_document(src, diags) else {
         return out;
     };
+    read_root(src, &root, diags, out)
+}
+
+fn read_root(
+    src: &SourceFile,
+    root: &Spanned<toml::de::DeTable<'_>>,
+    diags: &mut Diagnostics,
+    mut out: MainFile,
+) -> MainFile {
     let mut rule_tables: Vec<(&Spanned<toml::de::DeString>, &Spanned<DeValue>)> = Vec::new();
     for (key, value) in root.get_ref().iter() {
         match key.get_ref().as_ref() {

@@ -264,7 +264,7 @@ fn header_name(s: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Option<ht
 fn validate(
     src: &SourceFile,
     base_dir: &Path,
-    main: MainFile,
+    mut main: MainFile,
     rule_files: Vec<crate::rules::file::RuleFile>,
     files: Vec<PathBuf>,
     diags: &mut Diagnostics,
@@ -878,11 +878,31 @@ fn validate(
 
     // [[tenants]]
     let mut tenants = Vec::new();
-    let mut seen_ids: HashMap<String, ()> = HashMap::new();
-    let mut seen_subdomains: HashSet<String> = HashSet::new();
-    let mut seen_key_ids: HashSet<String> = HashSet::new();
-    let mut seen_hashes: HashSet<KeyHash> = HashSet::new();
-    for tspan in &main.tenants {
+    // The file is the operator's: no hash flooding to fear, and a million keys to check.
+    type Fast = crate::fasthash::Fast;
+    let mut seen_ids: HashMap<String, (), Fast> = HashMap::default();
+    let mut seen_subdomains: HashSet<String, Fast> = HashSet::default();
+    let mut seen_key_ids: HashSet<String, Fast> = HashSet::default();
+    let mut seen_hashes: HashSet<KeyHash, crate::keys::IdentityBuild> = HashSet::default();
+    // Tenants come parsed, or (a large file) as text read one at a time here, each dropped once
+    // its config is built; a tenant's problems are reported against its own part of the file.
+    let main_src = src;
+    let parsed = std::mem::take(&mut main.tenants);
+    let chunks = std::mem::take(&mut main.tenant_chunks);
+    let n_parsed = parsed.len();
+    let mut parsed = parsed.into_iter();
+    tenants.reserve(n_parsed + chunks.len());
+    // Tenants with overrides, for the check of their metrics once the rules are compiled.
+    let mut with_overrides: Vec<(usize, Option<SourceFile>, std::ops::Range<usize>)> = Vec::new();
+    for i in 0..n_parsed + chunks.len() {
+        let (part, tspan) = match parsed.next() {
+            Some(t) => (None, t),
+            None => match file::parse_tenant_chunk(main_src, &chunks[i - n_parsed], diags) {
+                Some((part, t)) => (Some(part), t),
+                None => continue,
+            },
+        };
+        let src = part.as_ref().unwrap_or(main_src);
         let tf = tspan.get_ref();
         // A tenant without a usable id is still checked key by key, so that its other mistakes
         // show in the same pass; messages then call it "this tenant".
@@ -1061,6 +1081,10 @@ fn validate(
             }),
         };
         let overrides = tf.overrides.as_ref().map(|o| policy::overrides(o, src, diags)).unwrap_or_default();
+        if !overrides.quotas.is_empty() {
+            let span = tf.overrides.as_ref().map(|o| o.span()).unwrap_or(tspan.span());
+            with_overrides.push((tenants.len(), part, span));
+        }
         tenants.push(TenantConfig {
             billing_anchor_day,
             timezone,
@@ -1103,13 +1127,13 @@ fn validate(
             }
         }
     }
-    for (t, tspan) in tenants.iter().zip(&main.tenants) {
+    for (i, part, span) in with_overrides {
+        let t = &tenants[i];
         for metric in t.overrides.quotas.keys() {
             if !rules.metrics.contains(metric) {
-                let span = tspan.get_ref().overrides.as_ref().map(|o| o.span()).unwrap_or(tspan.span());
                 diags.error_at(
-                    src,
-                    span,
+                    part.as_ref().unwrap_or(src),
+                    span.clone(),
                     format!("tenant `{}` overrides a quota on metric `{metric}`, which is not declared", t.id),
                 );
             }

@@ -13,30 +13,45 @@ use std::sync::Arc;
 pub struct SourceFile {
     pub path: PathBuf,
     pub text: Arc<str>,
-    line_starts: Vec<usize>,
+    /// Where each line starts: worked out on the first diagnostic, since a valid file of a
+    /// million keys (seven million lines) never needs it.
+    line_starts: std::sync::OnceLock<Vec<usize>>,
+    /// For a part of a file read on its own (one `[[tenants]]` table of a large config): where
+    /// the part starts in the file, in bytes and in lines. Zero for a whole file.
+    offset: usize,
+    first_line: usize,
 }
 
 impl SourceFile {
     pub fn new(path: &Path, text: String) -> Self {
-        let mut line_starts = vec![0];
-        for (i, b) in text.bytes().enumerate() {
-            if b == b'\n' {
-                line_starts.push(i + 1);
-            }
-        }
-        SourceFile { path: path.to_path_buf(), text: text.into(), line_starts }
+        SourceFile::part(path, text, 0, 0)
+    }
+
+    /// A part of the file at `path` that starts `offset` bytes and `first_line` lines into it:
+    /// spans are relative to the part, and diagnostics name the file's own lines.
+    pub fn part(path: &Path, text: String, offset: usize, first_line: usize) -> Self {
+        SourceFile { path: path.to_path_buf(), text: text.into(), line_starts: Default::default(), offset, first_line }
+    }
+
+    fn line_starts(&self) -> &[usize] {
+        self.line_starts.get_or_init(|| {
+            let mut starts = vec![0];
+            starts.extend(self.text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+            starts
+        })
     }
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let line = match self.line_starts.binary_search(&offset) {
+        let line_starts = self.line_starts();
+        let line = match line_starts.binary_search(&offset) {
             Ok(i) => i,
             Err(i) => i.saturating_sub(1),
         };
-        let start = self.line_starts[line];
+        let start = line_starts[line];
         let col = self.text.get(start..offset).map(|s| s.chars().count()).unwrap_or(0);
-        (line + 1, col + 1)
+        (self.first_line + line + 1, col + 1)
     }
 }
 
@@ -116,12 +131,14 @@ impl Diagnostics {
 
     /// Records that `key` of the table at `table` was reported for its type and left out.
     pub fn mark_invalid(&mut self, src: &SourceFile, table: Range<usize>, key: &str) {
+        let table = table.start + src.offset..table.end + src.offset;
         self.invalid.push(InvalidField { file: src.path.clone(), table, key: key.to_string() });
     }
 
     /// Whether `key` of the table at `table` (the table's span, or the span of the key it is
     /// written under) was already reported for its type.
     pub fn was_invalid(&self, src: &SourceFile, table: Range<usize>, key: &str) -> bool {
+        let table = table.start + src.offset..table.end + src.offset;
         self.invalid.iter().any(|f| f.table == table && f.key == key && f.file == src.path)
     }
 
