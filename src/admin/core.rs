@@ -492,10 +492,32 @@ impl AdminCore {
     }
 
     /// Swaps in a runtime. Called with [`AdminCore::swap`] held.
-    fn publish(&self, config: Arc<Config>, directory: Directory) {
+    fn publish(&self, config: Arc<Config>, directory: Directory) -> Arc<Runtime> {
         self.metrics.tenants.set(directory.tenant_count() as i64);
         self.metrics.keys.set(directory.key_count() as i64);
-        self.runtime.store(Arc::new(Runtime { config, directory }));
+        self.runtime.swap(Arc::new(Runtime { config, directory }))
+    }
+
+    /// Swaps in a runtime that shares nothing with the one it replaces (a load, a config
+    /// reload), and frees the old one on a thread of its own once the last request holding it
+    /// is done: freeing a million keys takes tens of milliseconds, which must not land on a
+    /// request.
+    fn publish_whole(&self, config: Arc<Config>, directory: Directory) {
+        let old = self.publish(config, directory);
+        let spawned = std::thread::Builder::new().name("tollgate-retire".into()).spawn(move || {
+            // Requests hold a runtime for as long as they run; a minute covers any that is
+            // still making progress, and past it the old runtime is freed wherever it is.
+            for _ in 0..6_000 {
+                if Arc::strong_count(&old) == 1 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            drop(old);
+        });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot start a thread to free the old directory; it is freed in place");
+        }
     }
 
     /// Whether every store record has been loaded once.
@@ -558,7 +580,7 @@ impl AdminCore {
             );
         }
         self.seen_version.store(changes.last().map_or(version, |c| c.version), Ordering::SeqCst);
-        self.publish(cur.config.clone(), directory);
+        self.publish_whole(cur.config.clone(), directory);
         self.loaded.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -580,6 +602,8 @@ impl AdminCore {
                     directory.apply(&cur.config, &c.change);
                 }
                 self.seen_version.store(list.last().map_or(seen, |c| c.version), Ordering::SeqCst);
+                // The old runtime shares every chunk but the touched ones with the new one:
+                // freeing it is freeing those.
                 self.publish(cur.config.clone(), directory);
                 Ok(())
             }
@@ -678,13 +702,21 @@ impl AdminCore {
                 }
                 let summary = loaded.config.summary();
                 drop(running);
+                // Built outside the swap lock, which changes and loads also take; built again
+                // under it in the rare case one of them swapped in a runtime meanwhile.
+                let mut config = loaded.config;
+                let keys = crate::directory::take_keys(&mut config);
+                let base = self.runtime.load_full();
+                let fresh = Directory::from_config_keys(&config, keys);
+                let mut directory = Directory::combine(&config, &fresh, &base.directory);
                 {
                     let _s = self.swap_lock();
-                    let mut config = loaded.config;
                     let cur = self.runtime.load_full();
-                    let directory = Directory::rebuild(&mut config, &cur.directory);
-                    drop(cur);
-                    self.publish(Arc::new(config), directory);
+                    if !Arc::ptr_eq(&cur, &base) {
+                        directory = Directory::combine(&config, &fresh, &cur.directory);
+                    }
+                    drop((cur, base));
+                    self.publish_whole(Arc::new(config), directory);
                 }
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 if warnings.is_empty() {

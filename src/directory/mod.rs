@@ -464,8 +464,13 @@ impl Directory {
     /// The directory of a config alone. Its tenants' keys are taken out of `config`.
     pub fn from_config(config: &mut Config) -> Directory {
         let taken = take_keys(config);
+        Directory::from_config_keys(config, taken)
+    }
+
+    /// The directory of a config whose keys were taken out with [`take_keys`].
+    pub fn from_config_keys(config: &Config, keys: Vec<Vec<KeyConfig>>) -> Directory {
         let mut b = Builder::new(config);
-        for (t, keys) in config.tenants.iter().zip(taken) {
+        for (t, keys) in config.tenants.iter().zip(keys) {
             b.config_tenant(t, keys);
         }
         b.finish()
@@ -677,6 +682,6 @@ impl Directory {
 }
 
 /// Takes every config tenant's keys out of the config, in tenant order.
-fn take_keys(config: &mut Config) -> Vec<Vec<KeyConfig>> {
+pub fn take_keys(config: &mut Config) -> Vec<Vec<KeyConfig>> {
     config.tenants.iter_mut().map(|t| std::mem::take(&mut t.keys)).collect()
 }
