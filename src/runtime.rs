@@ -10,7 +10,8 @@ use arc_swap::ArcSwap;
 use std::sync::Arc;
 
 pub struct Runtime {
-    /// The config, without its tenants' keys: those live in the directory only.
+    /// The config, without its tenants: they live in the directory only (a config of a million
+    /// keys would otherwise be held twice).
     pub config: Arc<Config>,
     pub directory: Directory,
 }
@@ -19,6 +20,7 @@ impl Runtime {
     /// A runtime with only the config's tenants.
     pub fn new(mut config: Config) -> Runtime {
         let directory = Directory::from_config(&mut config);
+        config.tenants = Vec::new();
         Runtime { config: Arc::new(config), directory }
     }
 }

@@ -392,12 +392,15 @@ impl ReloadError {
 pub fn reload_removals(running: &Runtime, new: &Config) -> Vec<String> {
     let old = &*running.config;
     let mut out = Vec::new();
-    let before = old.tenants.len();
+    // The running config's tenants and keys live in its directory; the new config still holds
+    // its own.
+    let old_ids: Vec<&str> = running.directory.config_tenants().map(|t| &*t.id).collect();
+    let before = old_ids.len();
     if before > 0 && new.tenants.is_empty() {
         out.push(format!("every tenant ({before} → 0)"));
     } else if before > 0 {
         let kept: std::collections::HashSet<&str> = new.tenants.iter().map(|t| t.id.as_str()).collect();
-        let removed: Vec<&str> = old.tenants.iter().map(|t| t.id.as_str()).filter(|id| !kept.contains(id)).collect();
+        let removed: Vec<&str> = old_ids.iter().copied().filter(|id| !kept.contains(id)).collect();
         let share = removed.len() as f64 / before as f64;
         // The running config's bound, not the new file's: a damaged file must not be able to
         // loosen the check that guards against it.
@@ -415,7 +418,6 @@ pub fn reload_removals(running: &Runtime, new: &Config) -> Vec<String> {
             ));
         }
     }
-    // The running config's keys live in the directory; the new config still holds its own.
     let old_keys = running.directory.config_key_count();
     if old_keys > 0 && new.tenants.iter().all(|t| t.keys.is_empty()) {
         out.push(format!("every key ({old_keys} → 0)"));
@@ -708,6 +710,7 @@ impl AdminCore {
                 let keys = crate::directory::take_keys(&mut config);
                 let base = self.runtime.load_full();
                 let fresh = Directory::from_config_keys(&config, keys);
+                config.tenants = Vec::new();
                 let mut directory = Directory::combine(&config, &fresh, &base.directory);
                 {
                     let _s = self.swap_lock();
