@@ -981,7 +981,7 @@ fn validate(
             subdomains.push(v);
         }
         let ip_allow = cidrs(&tf.ip_allow, src, diags);
-        let mut keys = Vec::new();
+        let mut keys = Vec::with_capacity(tf.keys.len());
         for kspan in &tf.keys {
             let kf = kspan.get_ref();
             // Like a tenant, a key without an id is still checked, as "this key".
