@@ -17,6 +17,7 @@ use tollgate::keys::KeyHash;
 use tollgate::pipeline::authenticate::{authenticate, Principal};
 use tollgate::pipeline::canonical::{of_request, RequestPolicy};
 use tollgate::pipeline::resolve::{check_size, resolve};
+use tollgate::store::{Change, KeyRecord, TenantRecord};
 
 const TENANTS: usize = 100_000;
 const KEYS_PER_TENANT: usize = 10;
@@ -280,5 +281,88 @@ fn bench_auth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_auth);
+/// A directory of store tenants (as loaded from the store) with `keys` keys over `tenants`
+/// tenants, on tier `free`.
+fn store_directory(config: &Config, tenants: usize, keys_per_tenant: usize) -> Directory {
+    let mut b = Builder::new(config);
+    for t in 0..tenants {
+        b.tenant_record(&tenant_record(t));
+    }
+    for t in 0..tenants {
+        for n in 0..keys_per_tenant {
+            b.key_record(&key_record(t, n, None));
+        }
+    }
+    b.finish()
+}
+
+fn tenant_record(t: usize) -> TenantRecord {
+    TenantRecord {
+        id: tenant_id(t),
+        name: format!("Tenant {t}"),
+        email: String::new(),
+        tier: "free".into(),
+        status: "active".into(),
+        subdomains: Vec::new(),
+        ip_allow: Vec::new(),
+        billing_anchor_day: 1,
+        timezone: "UTC".into(),
+        overrides: Default::default(),
+        created_ms: NOW_MS,
+        updated_ms: NOW_MS,
+    }
+}
+
+fn key_record(t: usize, n: usize, revoked: Option<i64>) -> KeyRecord {
+    KeyRecord {
+        id: format!("key_{t:06}_{n:02}"),
+        tenant: tenant_id(t),
+        name: String::new(),
+        hash: KeyHash::of(secret(t, n).as_bytes()).to_string(),
+        scopes: vec!["read".into(), "generate".into()],
+        created_ms: NOW_MS,
+        expires_ms: None,
+        revoked_at_ms: revoked,
+        rotated_to: None,
+    }
+}
+
+/// What one admin write or one change from the feed costs the directory: a clone of the running
+/// snapshot, the change applied to it, and the old snapshot's share freed; for a small and a
+/// large directory, to show the cost does not follow the size.
+fn bench_changes(c: &mut Criterion) {
+    let config = load_config();
+    let mut g = c.benchmark_group("directory_change");
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    for (tenants, keys) in [(10_000, 1), (TENANTS, KEYS_PER_TENANT)] {
+        let dir = store_directory(&config, tenants, keys);
+        let label = format!("{}_keys", tenants * keys);
+        let revoke = Change::Key { record: key_record(tenants / 2, 0, Some(NOW_MS)) };
+        let mut suspended = tenant_record(tenants / 2);
+        suspended.status = "suspended".into();
+        let suspend = Change::Tenant { record: suspended };
+        let new_key = Change::Key { record: key_record(tenants / 2, 50, None) };
+        for (what, change) in [("revoke_key", &revoke), ("suspend_tenant", &suspend), ("add_key", &new_key)] {
+            let mut check = dir.clone();
+            check.apply(&config, change);
+            let key0 = check.key(&KeyHash::of(secret(tenants / 2, 0).as_bytes())).expect("key 0");
+            let applied = match what {
+                "revoke_key" => key0.revoked_at().is_some(),
+                "suspend_tenant" => key0.tenant.status != dir.tenant(&tenant_id(0)).expect("tenant").status,
+                _ => check.key_count() == dir.key_count() + 1,
+            };
+            assert!(applied, "{what} did not apply");
+            g.bench_function(format!("{what}/{label}"), |b| {
+                b.iter(|| {
+                    let mut next = dir.clone();
+                    next.apply(&config, black_box(change));
+                    black_box(next.key_count())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_auth, bench_changes);
 criterion_main!(benches);
