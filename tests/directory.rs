@@ -266,3 +266,19 @@ fn a_reload_that_changes_one_key_changes_only_it() {
     };
     assert_eq!(strip(&new), strip(&old));
 }
+
+#[test]
+fn a_subdomain_claimed_by_a_config_tenant_and_a_store_tenant_goes_to_the_config_tenant() {
+    let mut cfg = config();
+    let mut r = tenant(1);
+    r.subdomains = vec!["cfg-app".into()];
+    // Loaded together, or the store tenant arriving as a change: either way the config wins.
+    let d = loaded(&mut cfg, &[r.clone()], &[]);
+    assert_eq!(d.tenant_by_subdomain("cfg-app").map(|t| t.id.to_string()), Some("cfg".into()));
+    let mut d2 = Directory::from_config(&mut config());
+    d2.apply(&cfg, &Change::Tenant { record: r.clone() });
+    assert_eq!(d2.tenant_by_subdomain("cfg-app").map(|t| t.id.to_string()), Some("cfg".into()));
+    // Deleting the store tenant leaves the config tenant's subdomain alone.
+    d2.apply(&cfg, &Change::TenantDeleted { id: r.id.clone() });
+    assert_eq!(d2.tenant_by_subdomain("cfg-app").map(|t| t.id.to_string()), Some("cfg".into()));
+}

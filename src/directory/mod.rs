@@ -374,10 +374,14 @@ impl<'c> Builder<'c> {
     }
 
     pub fn finish(self) -> Directory {
+        // A subdomain two tenants claim (a config reload can give a config tenant one that a
+        // store tenant has) goes to the config tenant: the later of equal entries stays.
         let mut subdomains = Vec::new();
-        for t in self.tenants.values() {
-            for s in &t.subdomains {
-                subdomains.push((Box::from(s.as_str()), t.clone()));
+        for source in [Source::Store, Source::Config] {
+            for t in self.tenants.values().filter(|t| t.source == source) {
+                for s in &t.subdomains {
+                    subdomains.push((Box::from(s.as_str()), t.clone()));
+                }
             }
         }
         let by_tenant: Vec<((Arc<str>, u64), ())> =
@@ -629,6 +633,9 @@ impl Directory {
             }
         }
         for s in &new.subdomains {
+            if self.subdomains.get(s.as_str()).is_some_and(|o| o.source == Source::Config) {
+                continue;
+            }
             self.subdomains.insert(Box::from(s.as_str()), new.clone());
         }
         self.tenants.insert(new.id.clone(), new);
