@@ -282,3 +282,23 @@ fn a_subdomain_claimed_by_a_config_tenant_and_a_store_tenant_goes_to_the_config_
     d2.apply(&cfg, &Change::TenantDeleted { id: r.id.clone() });
     assert_eq!(d2.tenant_by_subdomain("cfg-app").map(|t| t.id.to_string()), Some("cfg".into()));
 }
+
+#[test]
+fn a_config_tenant_taking_a_store_tenants_id_does_not_inherit_its_keys() {
+    let mut cfg = config();
+    let mut r = tenant(1);
+    r.id = "acme".into();
+    let mut k = key(1, 0);
+    k.tenant = "acme".into();
+    let old = loaded(&mut cfg, &[r], &[k]);
+    assert!(old.key(&hash(1, 0)).is_some());
+    // The operator moves `acme` into the config file and reloads.
+    let text = format!("{CONFIG}\n[[tenants]]\nid = \"acme\"\ntier = \"free\"\n");
+    let mut diags = Diagnostics::default();
+    let mut new_cfg =
+        config::load_str(Path::new("directory-test.toml"), text, &mut diags).unwrap_or_else(|| panic!("{diags:?}"));
+    let new = Directory::rebuild(&mut new_cfg, &old);
+    assert_eq!(new.tenant("acme").map(|t| t.source), Some(Source::Config));
+    assert!(new.key(&hash(1, 0)).is_none(), "the store key came along with the id");
+    assert_eq!(new.config_key_count(), 2);
+}

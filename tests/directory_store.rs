@@ -234,7 +234,9 @@ async fn version(store: &dyn DirectoryStore) -> u64 {
 /// Writes `n` keys of `tenant` named `<prefix>-<i>`, `in_flight` at a time.
 async fn put_keys(store: &dyn DirectoryStore, tenant: &str, prefix: &str, n: usize, in_flight: usize) -> Vec<u64> {
     stream::iter(0..n)
-        .map(|i| async move { store.put_key(&key(&format!("{prefix}-{i:05}"), tenant)).await.expect("put_key") })
+        .map(|i| async move {
+            store.put_key(&key(&format!("{prefix}-{i:05}"), tenant)).await.expect("put_key").expect("the tenant exists")
+        })
         .buffer_unordered(in_flight)
         .collect()
         .await
@@ -256,8 +258,8 @@ async fn suite_versions(b: &Backend) {
     // An update (and an upsert of a new id) is a write.
     assert_eq!(s.put_tenant(&tenant("acme", "pro"), false).await.unwrap(), Some(2));
     assert_eq!(s.put_tenant(&tenant("globex", "free"), false).await.unwrap(), Some(3));
-    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), 4);
-    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), 5, "rewriting the same record is a write");
+    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), Some(4));
+    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), Some(5), "rewriting the same record is a write");
     assert_eq!(s.delete_tenant("nobody").await.unwrap(), None);
     assert_eq!(version(s).await, 5, "deleting a missing tenant bumps nothing");
     assert_eq!(s.delete_tenant("acme").await.unwrap(), Some(6));
@@ -278,9 +280,9 @@ async fn suite_feed(b: &Backend) {
     let mut push = |v: u64, change: Change| expected.push(Versioned { version: v, change });
 
     push(s.put_tenant(&acme, true).await.unwrap().unwrap(), Change::Tenant { record: acme.clone() });
-    push(s.put_key(&k1).await.unwrap(), Change::Key { record: k1.clone() });
+    push(s.put_key(&k1).await.unwrap().unwrap(), Change::Key { record: k1.clone() });
     k1.revoked_at_ms = Some(1_767_225_700_000);
-    push(s.put_key(&k1).await.unwrap(), Change::Key { record: k1.clone() });
+    push(s.put_key(&k1).await.unwrap().unwrap(), Change::Key { record: k1.clone() });
     push(s.put_tenant(&acme_pro, false).await.unwrap().unwrap(), Change::Tenant { record: acme_pro.clone() });
     push(
         s.put_tenant(&tenant("globex", "free"), true).await.unwrap().unwrap(),
@@ -403,8 +405,10 @@ async fn suite_delete_tenant_removes_its_keys(b: &Backend) {
         s.put_key(&key(id, if id.starts_with('a') { "acme" } else { "globex" })).await.unwrap();
     }
     s.put_key(&key("a2", "acme")).await.unwrap();
-    // A key of a tenant with no tenant record goes with nobody's delete.
-    s.put_key(&key("o1", "orphan")).await.unwrap();
+    // A key of a tenant with no tenant record is not written at all.
+    let before = version(s).await;
+    assert_eq!(s.put_key(&key("o1", "orphan")).await.unwrap(), None);
+    assert_eq!(version(s).await, before, "a refused key write bumps nothing");
     // A key rewritten under another tenant belongs to that one.
     s.put_key(&key("m1", "acme")).await.unwrap();
     s.put_key(&key("m1", "globex")).await.unwrap();
@@ -420,7 +424,7 @@ async fn suite_delete_tenant_removes_its_keys(b: &Backend) {
     left.sort();
     assert_eq!(left, ["g1", "g2"]);
     let data = s.load().await.unwrap();
-    assert_eq!(data.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["g1", "g2", "m1", "o1"]);
+    assert_eq!(data.keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["g1", "g2", "m1"]);
     assert_eq!(data.tenants.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["globex"]);
 
     // A tenant created again under the same id starts with no keys, and deleting it again
@@ -430,10 +434,10 @@ async fn suite_delete_tenant_removes_its_keys(b: &Backend) {
     assert_eq!(s.get_keys(&["a1", "a9"]).await.unwrap().len(), 1);
     s.delete_tenant("acme").await.unwrap().expect("acme exists again");
     assert_eq!(s.get_keys(&["a9"]).await.unwrap(), vec![]);
-    assert_eq!(s.get_keys(&["g1", "g2", "m1", "o1"]).await.unwrap().len(), 4);
+    assert_eq!(s.get_keys(&["g1", "g2", "m1", "o1"]).await.unwrap().len(), 3);
     // globex's delete takes the key it took over.
     s.delete_tenant("globex").await.unwrap().expect("globex exists");
-    assert_eq!(s.get_keys(&["g1", "g2", "m1", "o1"]).await.unwrap(), vec![key("o1", "orphan")]);
+    assert_eq!(s.get_keys(&["g1", "g2", "m1", "o1"]).await.unwrap(), vec![]);
 }
 
 async fn suite_paged_load(b: &Backend) {
@@ -540,7 +544,7 @@ async fn check_written_before_the_feed(s: &dyn DirectoryStore) {
     assert_eq!(s.changes_since(3).await.unwrap(), Feed::Behind, "the feed does not reach back to version 3");
     assert_eq!(s.changes_since(0).await.unwrap(), Feed::Behind);
 
-    assert_eq!(s.put_key(&key("k2", "acme")).await.unwrap(), 8);
+    assert_eq!(s.put_key(&key("k2", "acme")).await.unwrap(), Some(8));
     assert_eq!(changes(s, 7).await, vec![Versioned { version: 8, change: Change::Key { record: key("k2", "acme") } }]);
     assert_eq!(s.changes_since(6).await.unwrap(), Feed::Behind);
     assert_eq!(s.put_tenant(&tenant("acme", "pro"), false).await.unwrap(), Some(9));
@@ -638,12 +642,12 @@ async fn redis_directory_writes_go_on_after_a_script_flush() {
     let Server::Redis(r) = &b.server else { unreachable!() };
     let s = &*b.store;
     assert_eq!(s.put_tenant(&tenant("acme", "free"), true).await.unwrap(), Some(1));
-    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), 2);
+    assert_eq!(s.put_key(&key("k1", "acme")).await.unwrap(), Some(2));
     assert_eq!(r.command(&["SCRIPT", "FLUSH"]), "+OK");
     // Every script is unknown again: each call sends it again and answers as before.
     assert_eq!(s.changes_since(0).await.unwrap(), Feed::Changes(changes(s, 0).await));
     assert_eq!(s.put_tenant(&tenant("acme", "pro"), true).await.unwrap(), None);
-    assert_eq!(s.put_key(&key("k2", "acme")).await.unwrap(), 3);
+    assert_eq!(s.put_key(&key("k2", "acme")).await.unwrap(), Some(3));
     assert_eq!(s.delete_tenant("acme").await.unwrap(), Some(4));
     assert_eq!(changes(s, 0).await.len(), 4);
     assert_eq!(s.get_keys(&["k1", "k2"]).await.unwrap(), vec![]);

@@ -1107,7 +1107,7 @@ impl AdminCore {
                 rotated_to: None,
             };
             let _one = self.sync.lock().await;
-            let version = self.dir_store.put_key(&k).await?;
+            let version = gone_if_none(self.dir_store.put_key(&k).await?, &k.tenant)?;
             self.commit(version, Change::Key { record: k.clone() }).await;
             Ok((key_view(&k, now), generated.secret))
         })
@@ -1119,6 +1119,11 @@ impl AdminCore {
     async fn managed_key(&self, key_id: &str, tenant: Option<&str>) -> Result<KeyRecord, AdminError> {
         let found = self.dir_store.get_keys(&[key_id]).await?.into_iter().find(|k| k.id == key_id);
         if let Some(k) = found.filter(|k| tenant.is_none_or(|t| k.tenant == t)) {
+            // A store key of a tenant id the config file now declares is not served (the config
+            // tenant does not inherit it); it is the config's to manage.
+            if self.config_tenant(&k.tenant) {
+                return Err(Self::read_only(&k.tenant));
+            }
             return Ok(k);
         }
         // Config keys are found by a walk over the config tenants' keys: only on this path, and
@@ -1149,7 +1154,7 @@ impl AdminCore {
             if k.revoked_at_ms.is_none_or(|t| t > now) {
                 k.revoked_at_ms = Some(now);
             }
-            let version = self.dir_store.put_key(&k).await?;
+            let version = gone_if_none(self.dir_store.put_key(&k).await?, &k.tenant)?;
             self.commit(version, Change::Key { record: k.clone() }).await;
             Ok(key_view(&k, now))
         })
@@ -1193,9 +1198,9 @@ impl AdminCore {
             old.revoked_at_ms = Some(old.revoked_at_ms.map_or(grace_end, |t| t.min(grace_end)));
             old.rotated_to = Some(new_id.clone());
             // The new key first: a failure between the two writes leaves the old key working.
-            let v1 = self.dir_store.put_key(&new).await?;
+            let v1 = gone_if_none(self.dir_store.put_key(&new).await?, &new.tenant)?;
             self.commit(v1, Change::Key { record: new.clone() }).await;
-            let v2 = self.dir_store.put_key(&old).await?;
+            let v2 = gone_if_none(self.dir_store.put_key(&old).await?, &old.tenant)?;
             self.commit(v2, Change::Key { record: old.clone() }).await;
             Ok((key_view(&new, now), generated.secret))
         })
@@ -1253,6 +1258,12 @@ impl AdminCore {
         let rows = self.ledger.rows(tenant, &from, &to).await?;
         Ok(crate::metering::report::build(tenant, &from, &to, &rows))
     }
+}
+
+/// The version of a key write, or 404 when the store found its tenant gone (deleted, perhaps by
+/// another instance, since this one last looked).
+fn gone_if_none(version: Option<u64>, tenant: &str) -> Result<u64, AdminError> {
+    version.ok_or_else(|| AdminError::NotFound(format!("no tenant is called `{tenant}`")))
 }
 
 /// A report's `from` or `to`: exactly `YYYY-MM-DD`, a real day, in [`bounds::REPORT_YEARS`].

@@ -331,6 +331,10 @@ impl<'c> Builder<'c> {
     /// Adds a key kept from an earlier directory, under this build's tenant of the same id.
     fn kept_key(&mut self, hash: KeyHash, k: &Key) {
         let Some(tenant) = self.tenants.get(&*k.tenant.id) else { return };
+        // A config tenant that now has the id does not inherit the store tenant's keys.
+        if tenant.source == Source::Config {
+            return;
+        }
         let scopes = self.interned.scopes(&k.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let key = Key { tenant: tenant.clone(), scopes, ..k.clone() };
         self.keys.push((hash, key));

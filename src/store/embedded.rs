@@ -604,20 +604,26 @@ impl DirectoryStore for Embedded {
         .await
     }
 
-    async fn put_key(&self, k: &KeyRecord) -> Result<u64, StoreError> {
+    async fn put_key(&self, k: &KeyRecord) -> Result<Option<u64>, StoreError> {
         let json = serde_json::to_string(k).map_err(backend)?;
         let record = k.clone();
-        let version = self
-            .dir_write(move |tx| {
-                tx.prepare_cached(
-                    "INSERT INTO dir_keys (id, tenant, record) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, record = excluded.record",
-                )
-                .and_then(|mut st| st.execute(params![record.id, record.tenant, json]))
+        self.dir_write(move |tx| {
+            // Only under a tenant that exists, in the same transaction.
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM dir_tenants WHERE id = ?1")
+                .and_then(|mut st| st.exists(params![record.tenant]))
                 .map_err(backend)?;
-                Ok(Some(Change::Key { record }))
-            })
-            .await?;
-        version.ok_or_else(|| backend("a key write recorded no change"))
+            if !exists {
+                return Ok(None);
+            }
+            tx.prepare_cached(
+                "INSERT INTO dir_keys (id, tenant, record) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, record = excluded.record",
+            )
+            .and_then(|mut st| st.execute(params![record.id, record.tenant, json]))
+            .map_err(backend)?;
+            Ok(Some(Change::Key { record }))
+        })
+        .await
     }
 }

@@ -142,8 +142,9 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// version of the change.
     async fn delete_tenant(&self, id: &str) -> Result<Option<u64>, StoreError>;
 
-    /// Writes a key (create or update); the version of the change.
-    async fn put_key(&self, k: &KeyRecord) -> Result<u64, StoreError>;
+    /// Writes a key (create or update) under its tenant; the version of the change, or `None`
+    /// (nothing written) when the tenant does not exist.
+    async fn put_key(&self, k: &KeyRecord) -> Result<Option<u64>, StoreError>;
 
     /// Every record (the CLI's full view), read page by page.
     async fn load(&self) -> Result<DirectoryData, StoreError> {

@@ -979,11 +979,17 @@ return feed(KEYS[2], KEYS[3], ARGV[3], ARGV[5])
 "
 );
 
-/// Writes a key and adds its id to its tenant's key set. KEYS: keys, the tenant's key set,
-/// version, changes. ARGV: id, record JSON, change JSON, feed length. Returns the new version.
+/// Writes a key and adds its id to its tenant's key set, if the tenant exists. KEYS: keys, the
+/// tenant's key set, version, changes, tenants. ARGV: id, record JSON, change JSON, feed
+/// length, tenant id. Returns the new version, or 0 when the tenant does not exist (then
+/// nothing is written: a key written after its tenant was deleted would otherwise wait, unseen,
+/// for a tenant of the same id).
 const DIR_PUT_KEY_SCRIPT: &str = concat!(
     dir_feed_function!(),
     r"
+if redis.call('HEXISTS', KEYS[5], ARGV[5]) == 0 then
+  return 0
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 return feed(KEYS[3], KEYS[4], ARGV[3], ARGV[4])
@@ -1234,18 +1240,17 @@ impl DirectoryStore for RedisStore {
         Ok((version > 0).then_some(version as u64))
     }
 
-    async fn put_key(&self, k: &KeyRecord) -> Result<u64, StoreError> {
+    async fn put_key(&self, k: &KeyRecord) -> Result<Option<u64>, StoreError> {
         let json = serde_json::to_string(k).map_err(backend)?;
         let change = serde_json::to_string(&Change::Key { record: k.clone() }).map_err(backend)?;
         let (set, most) = (dir_tenant_keys(&k.tenant), FEED_RETAINED.to_string());
         self.dir_write(
             "dir_put_key",
             DIR_PUT_KEY_SCRIPT,
-            &[DIR_KEYS, &set, DIR_VERSION, DIR_CHANGES],
-            &[&k.id, &json, &change, &most],
+            &[DIR_KEYS, &set, DIR_VERSION, DIR_CHANGES, DIR_TENANTS],
+            &[&k.id, &json, &change, &most, &k.tenant],
         )
-        .await?
-        .ok_or_else(|| backend("a key write recorded no change"))
+        .await
     }
 }
 
