@@ -211,7 +211,12 @@ impl BackgroundService for Maintenance {
                 _ = flush.tick() => self.limits.quotas.flush().await,
                 _ = self.limits.quotas.wait_urgent() => self.limits.quotas.flush().await,
                 _ = meter.tick() => self.meter.flush().await,
-                _ = directory.tick() => self.admin.poll().await,
+                // On a task of its own: a load of every record (at start, or after falling
+                // behind the feed) must not hold up flushes, slot heartbeats or leases.
+                _ = directory.tick() => {
+                    let admin = self.admin.clone();
+                    tokio::spawn(async move { admin.poll().await });
+                }
                 _ = fleet.tick(), if self.limits.shared => self.heartbeat().await,
                 _ = slots.tick() => self.limits.concurrency.maintain().await,
                 _ = evict.tick() => {

@@ -302,3 +302,22 @@ fn a_config_tenant_taking_a_store_tenants_id_does_not_inherit_its_keys() {
     assert!(new.key(&hash(1, 0)).is_none(), "the store key came along with the id");
     assert_eq!(new.config_key_count(), 2);
 }
+
+#[test]
+fn a_tenant_back_on_a_known_tier_asks_for_a_load_of_its_keys() {
+    let mut cfg = config();
+    let mut d = loaded(&mut cfg, &[tenant(1)], &[key(1, 0)]);
+    assert!(d.key(&hash(1, 0)).is_some() && !d.needs_load());
+    // Another instance's config has a tier this one does not: the tenant and its keys go.
+    let mut elsewhere = tenant(1);
+    elsewhere.tier = "gold".into();
+    d.apply(&cfg, &Change::Tenant { record: elsewhere });
+    assert!(d.tenant("t000001").is_none() && d.key(&hash(1, 0)).is_none());
+    assert_eq!(d.skipped(), 1);
+    // Back on a tier this config has: the tenant returns, and its keys, which only the store
+    // holds now, call for a load of every record.
+    d.apply(&cfg, &Change::Tenant { record: tenant(1) });
+    assert!(d.tenant("t000001").is_some());
+    assert!(d.needs_load());
+    assert_eq!(d.skipped(), 0);
+}

@@ -343,6 +343,9 @@ pub struct AdminCore {
     seen_version: AtomicU64,
     /// Set once every store record has been loaded: `/readyz` answers ready only then.
     loaded: AtomicBool,
+    /// Set when the directory may miss store records it can now serve: the next poll loads
+    /// every record again ([`crate::directory::Directory::needs_load`]).
+    resync: AtomicBool,
     /// Serializes the store side on this instance: loads, feed polls, and the read-modify-write
     /// of admin changes, so changes are applied in the feed's order.
     sync: tokio::sync::Mutex<()>,
@@ -483,6 +486,7 @@ impl AdminCore {
             running_upstreams,
             seen_version: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             sync: tokio::sync::Mutex::new(()),
             swap: Mutex::new(()),
             last_signal_reload: Mutex::new(None),
@@ -495,6 +499,9 @@ impl AdminCore {
 
     /// Swaps in a runtime. Called with [`AdminCore::swap`] held.
     fn publish(&self, config: Arc<Config>, directory: Directory) -> Arc<Runtime> {
+        if directory.needs_load() {
+            self.resync.store(true, Ordering::SeqCst);
+        }
         self.metrics.tenants.set(directory.tenant_count() as i64);
         self.metrics.keys.set(directory.key_count() as i64);
         self.runtime.swap(Arc::new(Runtime { config, directory }))
@@ -556,7 +563,9 @@ impl AdminCore {
                 }
             }
         }
-        let mut directory = b.finish();
+        // Sorting a million keys into chunks takes a few hundred milliseconds: off the store
+        // runtime's one worker, whose other tasks (Redis calls of requests among them) go on.
+        let mut directory = off_the_runtime(|| b.finish());
         // Records written while the pages were read are fixed up by the feed.
         let changes = match self.dir_store.changes_since(version).await? {
             Feed::Changes(list) => list,
@@ -566,23 +575,32 @@ impl AdminCore {
                 ))
             }
         };
-        let _s = self.swap_lock();
-        let cur = self.runtime.load_full();
         for c in &changes {
             directory.apply(&base.config, &c.change);
         }
-        if !Arc::ptr_eq(&cur.config, &base.config) {
-            // A config reload ran during the load: resolve the store part against it.
-            directory = Directory::combine(&cur.config, &cur.directory, &directory);
+        // Only a config reload can have swapped in a runtime meanwhile (changes wait for
+        // `sync`, which this load holds): resolve the store part against its config, outside
+        // the swap lock, and check again under it.
+        let mut config = base.config.clone();
+        loop {
+            let cur = self.runtime.load_full();
+            if !Arc::ptr_eq(&cur.config, &config) {
+                directory = off_the_runtime(|| Directory::combine(&cur.config, &cur.directory, &directory));
+                config = cur.config.clone();
+            }
+            let _s = self.swap_lock();
+            if Arc::ptr_eq(&self.runtime.load().config, &config) {
+                if directory.skipped() > 0 {
+                    tracing::warn!(
+                        tenants = directory.skipped(),
+                        "store tenants on tiers this config does not have are not served here"
+                    );
+                }
+                self.seen_version.store(changes.last().map_or(version, |c| c.version), Ordering::SeqCst);
+                self.publish_whole(config, directory);
+                break;
+            }
         }
-        if directory.skipped() > 0 {
-            tracing::warn!(
-                tenants = directory.skipped(),
-                "store tenants on tiers this config does not have are not served here"
-            );
-        }
-        self.seen_version.store(changes.last().map_or(version, |c| c.version), Ordering::SeqCst);
-        self.publish_whole(cur.config.clone(), directory);
         self.loaded.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -590,7 +608,7 @@ impl AdminCore {
     /// Applies the feed's changes since the last one applied; loads everything again when the
     /// feed no longer reaches back that far. Called with [`AdminCore::sync`] held.
     async fn catch_up(&self) -> Result<(), StoreError> {
-        if !self.loaded() {
+        if !self.loaded() || self.resync.swap(false, Ordering::SeqCst) {
             return self.full_load().await;
         }
         let seen = self.seen_version.load(Ordering::SeqCst);
@@ -634,7 +652,8 @@ impl AdminCore {
 
     /// Follows the store's change feed, or retries the first load. Called every 500 ms.
     pub async fn poll(&self) {
-        let _one = self.sync.lock().await;
+        // A poll that finds another at work (a load of every record takes seconds) skips.
+        let Ok(_one) = self.sync.try_lock() else { return };
         if let Err(e) = self.catch_up().await {
             tracing::warn!(error = %e, "directory refresh failed; keeping the current snapshot");
         }
@@ -703,23 +722,39 @@ impl AdminCore {
                     warnings.push("listen addresses changed: they apply on the next restart".into());
                 }
                 let summary = loaded.config.summary();
+                let running_skipped = running.directory.skipped();
+                let running_config_ids: Vec<String> =
+                    running.directory.config_tenants().map(|t| t.id.to_string()).collect();
                 drop(running);
-                // Built outside the swap lock, which changes and loads also take; built again
-                // under it in the rare case one of them swapped in a runtime meanwhile.
                 let mut config = loaded.config;
                 let keys = crate::directory::take_keys(&mut config);
-                let base = self.runtime.load_full();
-                let fresh = Directory::from_config_keys(&config, keys);
+                let mut fresh = Directory::from_config_keys(&config, keys);
+                // Store tenants this directory left out (on a tier this config may now have, or
+                // shadowed by a config tenant this config no longer has) are read again.
+                let kept: std::collections::HashSet<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
+                if running_skipped > 0 || running_config_ids.iter().any(|id| !kept.contains(id.as_str())) {
+                    fresh.set_needs_load();
+                }
+                drop(kept);
                 config.tenants = Vec::new();
-                let mut directory = Directory::combine(&config, &fresh, &base.directory);
-                {
+                // Built outside the swap lock, which changes and loads also take; built again
+                // if one of them swapped in a runtime meanwhile (a few tries, then under the lock).
+                let config = Arc::new(config);
+                for attempt in 0.. {
+                    let base = self.runtime.load_full();
+                    let directory = Directory::combine(&config, &fresh, &base.directory);
                     let _s = self.swap_lock();
                     let cur = self.runtime.load_full();
-                    if !Arc::ptr_eq(&cur, &base) {
-                        directory = Directory::combine(&config, &fresh, &cur.directory);
+                    if Arc::ptr_eq(&cur, &base) || attempt == 3 {
+                        let directory = if Arc::ptr_eq(&cur, &base) {
+                            directory
+                        } else {
+                            Directory::combine(&config, &fresh, &cur.directory)
+                        };
+                        drop((cur, base));
+                        self.publish_whole(config, directory);
+                        break;
                     }
-                    drop((cur, base));
-                    self.publish_whole(Arc::new(config), directory);
                 }
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 if warnings.is_empty() {
@@ -1257,6 +1292,16 @@ impl AdminCore {
         let (from, to) = (first.format("%Y-%m-%d").to_string(), last.format("%Y-%m-%d").to_string());
         let rows = self.ledger.rows(tenant, &from, &to).await?;
         Ok(crate::metering::report::build(tenant, &from, &to, &rows))
+    }
+}
+
+/// Runs CPU-heavy work (seconds at most) so that the runtime's other tasks go on: on a
+/// multi-threaded runtime the worker hands its tasks over while `f` runs; elsewhere (tests on a
+/// current-thread runtime) `f` simply runs.
+fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -505,7 +505,12 @@ impl AdminApp {
                 Method::POST => {
                     let q = Query::parse(query, &["force"])?;
                     let force = q.one_of("force", &["true", "false"])? == Some("true");
-                    let r = core.reload_with(force);
+                    // Parsing a large config takes seconds: not on a proxy or admin thread.
+                    let c = core.clone();
+                    let r = match tokio::task::spawn_blocking(move || c.reload_with(force)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(ReloadError::Invalid(vec![format!("the reload did not finish: {e}")])),
+                    };
                     core.audit_reload_result(actor, force, &r);
                     match r {
                         Ok(outcome) => json_response(

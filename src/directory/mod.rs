@@ -247,8 +247,13 @@ pub struct Directory {
     names: CowMap<KeyHash, Box<str>>,
     /// The sharing tables of the last full build; a change reuses what they hold.
     interned: Arc<Interned>,
-    /// Store tenants (and their keys) left out because their tier is not in this config.
-    skipped: usize,
+    /// Ids of store tenants (and so their keys) left out because their tier is not in this
+    /// config.
+    skipped: CowMap<Box<str>, ()>,
+    /// Set when a change or a reload may have made servable what this directory left out (a
+    /// skipped tenant back on a known tier, a store tenant no longer shadowed by a config
+    /// tenant): their keys are only in the store, so every record has to be read again.
+    needs_load: bool,
 }
 
 /// Collects records for a full build; [`Builder::finish`] sorts them into a [`Directory`] once.
@@ -258,7 +263,7 @@ pub struct Builder<'c> {
     keys: Vec<(KeyHash, Key)>,
     names: Vec<(KeyHash, Box<str>)>,
     interned: Interned,
-    skipped: usize,
+    skipped: Vec<(Box<str>, ())>,
 }
 
 impl<'c> Builder<'c> {
@@ -269,7 +274,7 @@ impl<'c> Builder<'c> {
             keys: Vec::new(),
             names: Vec::new(),
             interned: Interned::default(),
-            skipped: 0,
+            skipped: Vec::new(),
         }
     }
 
@@ -310,7 +315,7 @@ impl<'c> Builder<'c> {
             Some(t) => {
                 self.tenants.insert(t.id.clone(), t);
             }
-            None => self.skipped += 1,
+            None => self.skipped.push((Box::from(r.id.as_str()), ())),
         }
     }
 
@@ -398,7 +403,8 @@ impl<'c> Builder<'c> {
             by_tenant,
             names: CowMap::from_entries(self.names),
             interned: Arc::new(self.interned),
-            skipped: self.skipped,
+            skipped: CowMap::from_entries(self.skipped),
+            needs_load: false,
         }
     }
 }
@@ -502,7 +508,9 @@ impl Directory {
         let mut b = Builder::new(config);
         b.keep_config_part(config_part);
         b.store_part_of(store_part);
-        b.finish()
+        let mut d = b.finish();
+        d.needs_load = config_part.needs_load || store_part.needs_load;
+        d
     }
 
     /// Every key, in hash order.
@@ -548,7 +556,17 @@ impl Directory {
 
     /// Store tenants left out because this config has no tier of their name.
     pub fn skipped(&self) -> usize {
-        self.skipped
+        self.skipped.len()
+    }
+
+    /// Whether every store record must be read again to serve everything (see the field).
+    pub fn needs_load(&self) -> bool {
+        self.needs_load
+    }
+
+    /// Marks that every store record must be read again.
+    pub fn set_needs_load(&mut self) {
+        self.needs_load = true;
     }
 
     /// Tenants in id order, after `cursor` (or from the first).
@@ -590,6 +608,7 @@ impl Directory {
         match change {
             Change::Tenant { record } => self.put_tenant(config, record),
             Change::TenantDeleted { id } => {
+                self.skipped.remove(id.as_str());
                 if self.tenants.get(id.as_str()).is_some_and(|t| t.source == Source::Store) {
                     self.remove_tenant(id);
                 }
@@ -618,9 +637,12 @@ impl Directory {
             if old.is_some() {
                 self.remove_tenant(&r.id);
             }
-            self.skipped += 1;
+            self.skipped.insert(Box::from(r.id.as_str()), ());
             return;
         };
+        if self.skipped.remove(r.id.as_str()).is_some() {
+            self.needs_load = true;
+        }
         if let Some(old) = &old {
             for s in &old.subdomains {
                 if self.subdomains.get(s.as_str()).is_some_and(|o| Arc::ptr_eq(o, old)) {
