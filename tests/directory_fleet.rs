@@ -128,3 +128,45 @@ fn changes_reach_the_other_instance_and_a_stopped_one_catches_up_by_loading_agai
     assert_eq!(count(&a), count(&b));
     assert_eq!(count(&a), (Some(2), Some(2)));
 }
+
+/// A store whose history changed under the instances (a failover that lost the last write, then
+/// new writes under the same versions): both notice, and load every record again, instead of
+/// applying the new changes on top of the lost one.
+#[test]
+fn an_instance_notices_a_store_history_that_changed_and_loads_again() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let a = Gateway::start(&config(&redis, &echo));
+    let b = Gateway::start(&config(&redis, &echo));
+    wait_ready(&a);
+    wait_ready(&b);
+    assert_eq!(admin(a.admin, "POST", "/v1/tenants", json!({"id": "lost", "tier": "free"})).status, 201);
+    let r = admin(a.admin, "POST", "/v1/tenants/lost/keys", json!({"scopes": ["read"]}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (key_id, secret) =
+        (r.json()["key"]["id"].as_str().unwrap().to_string(), r.json()["secret"].as_str().unwrap().to_string());
+    wait_answer(&b, &secret, 200, "", Duration::from_secs(5));
+
+    // The key's write is lost, as in a failover to a replica that had not received it.
+    b.signal("STOP");
+    let v: u64 = redis.command(&["GET", "tg:{dir}:version"]).trim_start_matches(['$', ':']).parse().expect("version");
+    assert!(redis.command(&["ZREMRANGEBYSCORE", "tg:{dir}:changes", &v.to_string(), &v.to_string()]).starts_with(":1"));
+    redis.command(&["DECR", "tg:{dir}:version"]);
+    redis.command(&["HDEL", "tg:{dir}:keys", &key_id]);
+    redis.command(&["SREM", "tg:{dir}:tenant-keys:lost", &key_id]);
+    // New writes take the lost version and the next one.
+    assert_eq!(admin(a.admin, "POST", "/v1/tenants", json!({"id": "after-1", "tier": "free"})).status, 201);
+    assert_eq!(admin(a.admin, "POST", "/v1/tenants", json!({"id": "after-2", "tier": "free"})).status, 201);
+    b.signal("CONT");
+
+    // Both end with the store's history: the lost key is gone, both new tenants are there.
+    for gw in [&a, &b] {
+        wait_answer(gw, &secret, 401, "invalid_key", Duration::from_secs(5));
+        let start = Instant::now();
+        while admin(gw.admin, "GET", "/v1/tenants/after-1", Value::Null).status != 200 {
+            assert!(start.elapsed() < Duration::from_secs(5), "after-1 never reached {}", gw.admin);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(b.log().contains("history is not the one this instance followed"), "{}", b.log());
+}

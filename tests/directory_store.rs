@@ -298,6 +298,12 @@ async fn suite_feed(b: &Backend) {
     }
     assert_eq!(s.changes_since(current).await.unwrap(), Feed::Changes(vec![]));
     assert_eq!(s.changes_since(current + 5).await.unwrap(), Feed::Behind, "ahead of the store");
+    // Each change can be read back by its version, as instances check what they applied last.
+    for v in 1..=current {
+        assert_eq!(s.change_at(v).await.unwrap().as_ref(), Some(&expected[v as usize - 1]), "change {v}");
+    }
+    assert_eq!(s.change_at(0).await.unwrap(), None);
+    assert_eq!(s.change_at(current + 1).await.unwrap(), None);
     assert_eq!(s.changes_since(current + 1).await.unwrap(), Feed::Behind);
 }
 

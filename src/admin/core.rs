@@ -15,7 +15,9 @@ use crate::directory::{Builder, Directory, Source, Tenant};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, SharedRuntime};
-use crate::store::{Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, LOAD_PAGE};
+use crate::store::{
+    Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, Versioned, LOAD_PAGE,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -341,6 +343,9 @@ pub struct AdminCore {
     pub running_upstreams: Vec<(String, Vec<std::net::SocketAddr>)>,
     /// The last directory version applied from the store's feed.
     seen_version: AtomicU64,
+    /// The feed's change at `seen_version`, as applied: the store's history must still hold it
+    /// before newer changes are applied on top (see [`DirectoryStore::change_at`]).
+    anchor: Mutex<Option<Versioned>>,
     /// Set once every store record has been loaded: `/readyz` answers ready only then.
     loaded: AtomicBool,
     /// Set when the directory may miss store records it can now serve: the next poll loads
@@ -485,12 +490,17 @@ impl AdminCore {
             audit: Audit::new(audit_path),
             running_upstreams,
             seen_version: AtomicU64::new(0),
+            anchor: Mutex::new(None),
             loaded: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             sync: tokio::sync::Mutex::new(()),
             swap: Mutex::new(()),
             last_signal_reload: Mutex::new(None),
         })
+    }
+
+    fn anchor_lock(&self) -> std::sync::MutexGuard<'_, Option<Versioned>> {
+        self.anchor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn swap_lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -601,6 +611,13 @@ impl AdminCore {
                 break;
             }
         }
+        let last = self.seen_version.load(Ordering::SeqCst);
+        let anchor = match changes.last() {
+            Some(c) => Some(c.clone()),
+            None if last > 0 => self.dir_store.change_at(last).await.ok().flatten(),
+            None => None,
+        };
+        *self.anchor_lock() = anchor;
         self.loaded.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -615,6 +632,18 @@ impl AdminCore {
         match self.dir_store.changes_since(seen).await? {
             Feed::Changes(list) if list.is_empty() => Ok(()),
             Feed::Changes(list) => {
+                // Newer changes go on top of the one applied last only if the store still has
+                // that one: otherwise its history changed under this instance.
+                let anchor = self.anchor_lock().clone();
+                if let Some(anchor) = anchor {
+                    if self.dir_store.change_at(seen).await?.as_ref() != Some(&anchor) {
+                        tracing::warn!(
+                            seen,
+                            "the store's directory history is not the one this instance followed (a failover or a restore?); loading every record again"
+                        );
+                        return self.full_load().await;
+                    }
+                }
                 let _s = self.swap_lock();
                 let cur = self.runtime.load_full();
                 let mut directory = cur.directory.clone();
@@ -622,6 +651,7 @@ impl AdminCore {
                     directory.apply(&cur.config, &c.change);
                 }
                 self.seen_version.store(list.last().map_or(seen, |c| c.version), Ordering::SeqCst);
+                *self.anchor_lock() = list.last().cloned();
                 // The old runtime shares every chunk but the touched ones with the new one:
                 // freeing it is freeing those.
                 self.publish(cur.config.clone(), directory);
@@ -638,6 +668,10 @@ impl AdminCore {
     /// which holds the write; if the feed cannot be read, applies the write alone, and the
     /// next poll applies it again in order.
     async fn commit(&self, version: u64, change: Change) {
+        if version <= self.seen_version.load(Ordering::SeqCst) {
+            // Versions only grow: the store's history changed under this instance.
+            self.resync.store(true, Ordering::SeqCst);
+        }
         if let Err(e) = self.catch_up().await {
             tracing::warn!(error = %e, "cannot read the directory's change feed; applying this change alone");
         }

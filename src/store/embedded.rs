@@ -539,6 +539,17 @@ impl DirectoryStore for Embedded {
         .await
     }
 
+    async fn change_at(&self, version: u64) -> Result<Option<Versioned>, StoreError> {
+        self.with_db(move |c| {
+            let json: Option<String> = c
+                .prepare_cached("SELECT change FROM dir_changes WHERE version = ?1")
+                .and_then(|mut st| st.query_row(params![version as i64], |r| r.get(0)).optional())
+                .map_err(backend)?;
+            Ok(json.and_then(|j| serde_json::from_str::<Versioned>(&j).ok()))
+        })
+        .await
+    }
+
     async fn get_tenant(&self, id: &str) -> Result<Option<TenantRecord>, StoreError> {
         let id = id.to_string();
         self.with_db(move |c| {

@@ -128,6 +128,12 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// The changes after `version`, oldest first, or [`Feed::Behind`].
     async fn changes_since(&self, version: u64) -> Result<Feed, StoreError>;
 
+    /// The feed's change of exactly `version`, if the feed still holds it. An instance compares
+    /// it with the change it applied last before it applies newer ones: a different one means the
+    /// store's history is not the one the instance followed (a failover that lost writes, a
+    /// store restored from an older copy), and it loads every record again.
+    async fn change_at(&self, version: u64) -> Result<Option<Versioned>, StoreError>;
+
     /// One tenant record.
     async fn get_tenant(&self, id: &str) -> Result<Option<TenantRecord>, StoreError>;
 

@@ -1188,6 +1188,13 @@ impl DirectoryStore for RedisStore {
         Ok(Feed::Changes(changes))
     }
 
+    async fn change_at(&self, version: u64) -> Result<Option<Versioned>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYSCORE").arg(DIR_CHANGES).arg(version).arg(version);
+        let (members,): (Vec<String>,) = self.run("dir_change_at", "dir", &pipe).await?;
+        Ok(members.first().and_then(|j| serde_json::from_str::<Versioned>(j).ok()))
+    }
+
     async fn get_tenant(&self, id: &str) -> Result<Option<TenantRecord>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGET").arg(DIR_TENANTS).arg(id);
