@@ -925,6 +925,14 @@ fn tls_acceptor(tls: &crate::config::TlsConfig) -> Result<pingora::listeners::tl
 /// signal. Every failure is reported here (on stderr while the config is not loaded, in the log
 /// after), and the result is the process's exit status.
 pub fn run(path: &Path, opts: RunOptions) -> ExitCode {
+    // No transparent huge pages for this process: the allocator's regions would otherwise be
+    // backed by 2 MiB pages as they fill, and an idle gateway's resident memory would creep up
+    // by tens of megabytes with a large directory (docs/performance.md, "Scale"). Databases
+    // that hold large heaps advise the same.
+    // SAFETY: `prctl(PR_SET_THP_DISABLE)` only sets a flag of the calling process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     // Absolute, not canonical: a config reached through a symlink (a Kubernetes ConfigMap, a
     // release directory) must be read through the link again on every reload.
     let path = match std::path::absolute(path) {

@@ -16,7 +16,8 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, SharedRuntime};
 use crate::store::{
-    Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, Versioned, LOAD_PAGE,
+    off_the_runtime, Change, DirectoryStore, Feed, KeyRecord, Ledger, RecordKind, StoreError, TenantRecord, Versioned,
+    LOAD_PAGE,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -348,6 +349,9 @@ pub struct AdminCore {
     anchor: Mutex<Option<Versioned>>,
     /// Set once every store record has been loaded: `/readyz` answers ready only then.
     loaded: AtomicBool,
+    /// Whether the last directory poll (or load) reached the store: `/readyz` reads it, so a
+    /// probe adds no store call of its own to a store busy with a load.
+    store_ok: AtomicBool,
     /// Set when the directory may miss store records it can now serve: the next poll loads
     /// every record again ([`crate::directory::Directory::needs_load`]).
     resync: AtomicBool,
@@ -493,6 +497,7 @@ impl AdminCore {
             anchor: Mutex::new(None),
             loaded: AtomicBool::new(false),
             resync: AtomicBool::new(false),
+            store_ok: AtomicBool::new(false),
             sync: tokio::sync::Mutex::new(()),
             swap: Mutex::new(()),
             last_signal_reload: Mutex::new(None),
@@ -549,7 +554,14 @@ impl AdminCore {
     /// load: the running directory, the one being built, and one page of records.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let _one = self.sync.lock().await;
-        self.full_load().await
+        let r = self.full_load().await;
+        self.store_ok.store(r.is_ok(), Ordering::SeqCst);
+        r
+    }
+
+    /// Whether the store answered the last directory poll or load.
+    pub fn store_reachable(&self) -> bool {
+        self.store_ok.load(Ordering::SeqCst)
     }
 
     async fn full_load(&self) -> Result<(), StoreError> {
@@ -561,12 +573,14 @@ impl AdminCore {
             let mut cursor: Option<String> = None;
             loop {
                 let page = self.dir_store.page(kind, cursor.as_deref(), LOAD_PAGE).await?;
-                for t in &page.tenants {
-                    b.tenant_record(t);
-                }
-                for k in &page.keys {
-                    b.key_record(k);
-                }
+                off_the_runtime(|| {
+                    for t in &page.tenants {
+                        b.tenant_record(t);
+                    }
+                    for k in &page.keys {
+                        b.key_record(k);
+                    }
+                });
                 match page.next {
                     Some(n) => cursor = Some(n),
                     None => break,
@@ -688,7 +702,9 @@ impl AdminCore {
     pub async fn poll(&self) {
         // A poll that finds another at work (a load of every record takes seconds) skips.
         let Ok(_one) = self.sync.try_lock() else { return };
-        if let Err(e) = self.catch_up().await {
+        let r = self.catch_up().await;
+        self.store_ok.store(r.is_ok(), Ordering::SeqCst);
+        if let Err(e) = r {
             tracing::warn!(error = %e, "directory refresh failed; keeping the current snapshot");
         }
     }
@@ -1326,16 +1342,6 @@ impl AdminCore {
         let (from, to) = (first.format("%Y-%m-%d").to_string(), last.format("%Y-%m-%d").to_string());
         let rows = self.ledger.rows(tenant, &from, &to).await?;
         Ok(crate::metering::report::build(tenant, &from, &to, &rows))
-    }
-}
-
-/// Runs CPU-heavy work (seconds at most) so that the runtime's other tasks go on: on a
-/// multi-threaded runtime the worker hands its tasks over while `f` runs; elsewhere (tests on a
-/// current-thread runtime) `f` simply runs.
-fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 

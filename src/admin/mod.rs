@@ -223,7 +223,9 @@ impl AdminApp {
             }
             pools.insert(name.to_string(), json!({"healthy": healthy, "total": backends.len()}));
         }
-        let store_ok = self.core.dir_store.version().await.is_ok();
+        // From the last directory poll (every 500 ms), not a store call of its own: probes must
+        // not add calls to a store busy with a load.
+        let store_ok = self.core.store_reachable();
         // Until the store's tenants and keys are all loaded, their keys would answer 401.
         let directory_ok = self.core.loaded();
         let ok = upstreams_ok && store_ok && directory_ok;

@@ -376,3 +376,13 @@ impl Breaker {
 pub fn tenant_prefix(tenant: &str) -> String {
     format!("tg:{{{tenant}}}")
 }
+
+/// Runs CPU-heavy work (a page of records to decode, a directory to sort: milliseconds to a few
+/// hundred) so that the runtime's other tasks go on: on a multi-threaded runtime the worker hands
+/// its tasks over while `f` runs; elsewhere (tests on a current-thread runtime) `f` simply runs.
+pub fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

@@ -1125,12 +1125,14 @@ impl DirectoryStore for RedisStore {
         let ((next, fields), indexed): ((String, Vec<String>), i64) = self.run_bulk("dir_page", "dir", &pipe).await?;
         let mut page = Page { next: (next != "0").then_some(next), ..Page::default() };
         // Field, value, field, value…: the values are the records.
-        for json in fields.iter().skip(1).step_by(2) {
-            match kind {
-                RecordKind::Tenant => page.tenants.extend(decode::<TenantRecord>(json, "tenant")),
-                RecordKind::Key => page.keys.extend(decode::<KeyRecord>(json, "key")),
+        super::off_the_runtime(|| {
+            for json in fields.iter().skip(1).step_by(2) {
+                match kind {
+                    RecordKind::Tenant => page.tenants.extend(decode::<TenantRecord>(json, "tenant")),
+                    RecordKind::Key => page.keys.extend(decode::<KeyRecord>(json, "key")),
+                }
             }
-        }
+        });
         if kind == RecordKind::Key && indexed == 0 {
             // Keys from before the per-tenant key sets: put each in its set as the load passes,
             // and mark the sets complete once a whole scan is done. Adding a key again is
