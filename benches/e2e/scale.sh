@@ -19,8 +19,9 @@
 #
 #   - start → listening, → `/readyz` 200, → first keyed 200 (the last tenant's last key), polled
 #     every 10 ms from when `tollgate run` was started;
-#   - VmRSS and VmHWM from /proc/PID/status once that request has answered and VmRSS has
-#     settled (moved less than 1% over 2 s);
+#   - VmRSS from /proc/PID/status once that request has answered and VmRSS has settled (moved
+#     less than 1% over 2 s), and VmRSS and VmHWM (steady) once it has settled again 11 s after
+#     that request (the threads that did the start's work have ended by then);
 #   - admin reads (not the baseline): the first page of 100 tenants, the page after the middle
 #     tenant, the last tenant, its keys; READS calls each;
 #   - store cases: WRITES keys created through the admin API one after another, each followed
@@ -142,6 +143,8 @@ wait_200() {
 }
 
 mem_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+# Of VmRSS, what is in transparent huge pages.
+mem_kb_thp() { awk '$1 == "AnonHugePages:" {print $2}' "/proc/$1/smaps_rollup"; }
 
 # Waits until VmRSS has moved less than 1% over 2 s (work started by the start or the reload,
 # such as the first poll of the store's directory, has finished), for at most WAIT seconds.
@@ -353,18 +356,25 @@ run_case() {
     local started
     launch gateway "$cfg"
     started=$(wait_start gateway "$PORT" "$admin" "$probe")
-    local pid=${PID_OF[gateway]} rss hwm
+    local pid=${PID_OF[gateway]} rss hwm rss_settled keyed_ms
+    keyed_ms=$(awk -v t="$T0" -v s="$(field "$started" ready_s)" 'BEGIN { printf "%d", t + s * 1000 }')
     settle "$pid"
-    rss=$(mem_kb "$pid" VmRSS)
-    hwm=$(mem_kb "$pid" VmHWM)
-    echo "bench-scale: $name: listening after $(field "$started" listen_s)s, /readyz 200 after $(field "$started" readyz_s)s," \
-        "keyed 200 after $(field "$started" ready_s)s; VmRSS $((rss / 1024)) MiB, VmHWM $((hwm / 1024)) MiB"
+    rss_settled=$(mem_kb "$pid" VmRSS)
     local extra=""
     if [ "$tenants" -gt 1 ]; then
         extra+=$'\t'$(python3 "$SCALE" admin-reads --admin-port "$admin" --tenants "$tenants" --keys "$keys" --count "$READS")
         echo "bench-scale: $name: admin reads: p99 list $(field "$extra" list_first_p99_ms) ms, from a cursor" \
             "$(field "$extra" list_middle_p99_ms) ms, get $(field "$extra" get_tenant_p99_ms) ms, keys $(field "$extra" get_keys_p99_ms) ms"
     fi
+    # Steady: once the threads that did the start's work have ended (see `settle_after` in
+    # scale.py; until then what they freed stays resident).
+    python3 "$SCALE" settle-after --pid "$pid" --since-ms "$keyed_ms" --wait "$WAIT"
+    rss=$(mem_kb "$pid" VmRSS)
+    hwm=$(mem_kb "$pid" VmHWM)
+    extra+=$'\t'"rss_settled_kb=$rss_settled"$'\t'"thp_kb=$(mem_kb_thp "$pid")"
+    echo "bench-scale: $name: listening after $(field "$started" listen_s)s, /readyz 200 after $(field "$started" readyz_s)s," \
+        "keyed 200 after $(field "$started" ready_s)s; VmRSS $((rss_settled / 1024)) MiB settled, $((rss / 1024)) MiB" \
+        "steady; VmHWM $((hwm / 1024)) MiB"
     if [ "$source" = store ]; then
         extra+=$'\t'$(python3 "$SCALE" admin-writes --admin-port "$admin" --data-port "$PORT" --tenants "$tenants" \
             --count "$WRITES" --wait "$WAIT")
@@ -458,22 +468,26 @@ run_redis_case() {
     echo "bench-scale: $name: starting A, then B"
     launch a "$WORK/$name-a.toml"
     started_a=$(wait_start a "$pa" "$aa" "$probe")
+    local keyed_ms rss hwm rss_settled
+    keyed_ms=$(awk -v t="$T0" -v s="$(field "$started_a" ready_s)" 'BEGIN { printf "%d", t + s * 1000 }')
     settle "${PID_OF[a]}"
-    local rss hwm
-    rss=$(mem_kb "${PID_OF[a]}" VmRSS)
-    hwm=$(mem_kb "${PID_OF[a]}" VmHWM)
+    rss_settled=$(mem_kb "${PID_OF[a]}" VmRSS)
     launch b "$WORK/$name-b.toml"
     started_b=$(wait_start b "$pb" "$ab" "$probe")
     settle "${PID_OF[b]}"
-    echo "bench-scale: $name: A: listening after $(field "$started_a" listen_s)s, /readyz 200 after" \
-        "$(field "$started_a" readyz_s)s, keyed 200 after $(field "$started_a" ready_s)s; VmRSS $((rss / 1024)) MiB," \
-        "VmHWM $((hwm / 1024)) MiB; B: keyed 200 after $(field "$started_b" ready_s)s"
     local extra
     extra=$(python3 "$SCALE" admin-reads --admin-port "$aa" --tenants "$tenants" --keys "$keys" --count "$READS")
+    python3 "$SCALE" settle-after --pid "${PID_OF[a]}" --since-ms "$keyed_ms" --wait "$WAIT"
+    rss=$(mem_kb "${PID_OF[a]}" VmRSS)
+    hwm=$(mem_kb "${PID_OF[a]}" VmHWM)
+    extra+=$'\t'"rss_settled_kb=$rss_settled"$'\t'"thp_kb=$(mem_kb_thp "${PID_OF[a]}")"
+    echo "bench-scale: $name: A: listening after $(field "$started_a" listen_s)s, /readyz 200 after" \
+        "$(field "$started_a" readyz_s)s, keyed 200 after $(field "$started_a" ready_s)s; VmRSS $((rss_settled / 1024)) MiB" \
+        "settled, $((rss / 1024)) MiB steady; VmHWM $((hwm / 1024)) MiB; B: keyed 200 after $(field "$started_b" ready_s)s"
     extra+=$'\t'$(python3 "$SCALE" follow --admin-port "$aa" --data-port "$pb" --pid "${PID_OF[b]}" --tenants "$tenants" \
         --count "$FOLLOWS" --wait "$WAIT")
     echo "bench-scale: $name: write on A → B answers: p50 $(field "$extra" follow_call_p50_ms) ms, max" \
-        "$(field "$extra" follow_call_max_ms) ms; B's CPU per change $(field "$extra" cpu_per_change_us) µs"
+        "$(field "$extra" follow_call_max_ms) ms; B's CPU per change $(field "$extra" cpu_feed_per_change_us) µs (less its proxy and timer threads), $(field "$extra" cpu_per_change_us) µs (whole process)"
     printf 'case\t%s\tlabel=%s\t%s\trss_kb=%s\thwm_kb=%s\tb_ready_s=%s\tb_rss_kb=%s\t%s\n' \
         "$name" "$(label_of "$name")" "$started_a" "$rss" "$hwm" "$(field "$started_b" ready_s)" \
         "$(mem_kb "${PID_OF[b]}" VmRSS)" "$extra" >>"$RESULTS"
