@@ -54,9 +54,10 @@ bench-e2e:
 	$(CARGO) build --release --bin tollgate --example bare_hop
 	BENCH_COMMAND="make bench-e2e" benches/e2e/run.sh
 
-## Scale (docs/performance.md, "Scale"): 100k tenants and 1M keys from the config file and from
-## the embedded store: time to the first keyed answer, resident memory, SIGHUP reload time.
-## 2 to 3 minutes; the 1M-key cases need 6 GiB of free memory and are skipped without it.
+## Scale (docs/performance.md, "Scale"): 100k tenants and 1M keys from the config file, the
+## embedded store and Redis: start, memory, admin writes and reads, a second instance over Redis,
+## reloads under load, keyed throughput. About 7 to 9 minutes; the 1M-key cases need 6 GiB of
+## free memory and are skipped without it.
 bench-scale:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release --bin tollgate
