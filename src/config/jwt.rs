@@ -189,6 +189,7 @@ pub fn validate(
     };
 
     let mut issuers: Vec<JwtIssuer> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for ispan in &f.issuers {
         let i = ispan.get_ref();
         let table = ispan.span();
@@ -198,9 +199,10 @@ pub fn validate(
                 (String::new(), "this issuer".to_string())
             }
             Some(s) => {
-                if issuers.iter().any(|x| x.issuer == *s.get_ref()) {
+                if seen.contains(&s.get_ref().as_str()) {
                     diags.error_at(src, s.span(), format!("issuer `{}` is listed twice", s.get_ref()));
                 }
+                seen.push(s.get_ref());
                 (s.get_ref().clone(), format!("issuer `{}`", s.get_ref()))
             }
             None => {
