@@ -22,11 +22,12 @@ use crate::config::{policy, JwtConfig, JwtKeys, Tier};
 use crate::directory::{Directory, KeyId, Tenant};
 use crate::error::Reject;
 use crate::jwks::KeySet;
+use crate::runtime::Runtime;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use cache::{Digest, TokenCache};
 use fetch::{Remote, Schedule, TaskGuard};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use token::SigError;
 
@@ -44,8 +45,18 @@ pub struct Identity {
     pub tier: Option<Arc<Tier>>,
     /// Unix ms from which the token is refused (`exp` plus the leeway).
     pub until_ms: i64,
-    /// The tenant as the token's tier makes it, with the directory's tenant it was made from.
-    with_tier: ArcSwapOption<(Arc<Tenant>, Arc<Tenant>)>,
+    /// The tenant this token acted as on the last runtime it was used with.
+    resolved: ArcSwapOption<Resolved>,
+}
+
+/// A tenant looked up for a token on one runtime (one directory snapshot).
+#[derive(Debug)]
+struct Resolved {
+    /// The runtime it was looked up on. A weak reference keeps the allocation, so no later
+    /// runtime can have the same address while this is held: equal addresses mean the same
+    /// directory snapshot, and so the same tenant record.
+    runtime: Weak<Runtime>,
+    tenant: Result<Arc<Tenant>, Reject>,
 }
 
 impl Identity {
@@ -64,7 +75,7 @@ impl Identity {
             key_id,
             tier,
             until_ms,
-            with_tier: ArcSwapOption::empty(),
+            resolved: ArcSwapOption::empty(),
         }
     }
 
@@ -72,10 +83,25 @@ impl Identity {
         self.scopes.iter().any(|s| &**s == scope)
     }
 
-    /// The tenant the token acts as: the directory's, or, when the token's tier differs from
-    /// the tenant's, the tenant on that tier (the tier's limits, without the tenant's own
-    /// overrides, which were written for its own tier). The directory is read on every call,
-    /// so suspension and deletion apply at once.
+    /// The tenant the token acts as on `rt`: the directory's, or, when the token's tier
+    /// differs from the tenant's, the tenant on that tier (the tier's limits, without the
+    /// tenant's own overrides, which were written for its own tier).
+    ///
+    /// Every change to the directory (a suspension, a deletion, a reload) makes a new runtime,
+    /// so the answer is looked up again on the first request after one and reused until the
+    /// next: a suspension applies at once, and the steady state does no directory lookup.
+    pub fn tenant_on(&self, rt: &Arc<Runtime>) -> Result<Arc<Tenant>, Reject> {
+        if let Some(r) = &*self.resolved.load() {
+            if std::ptr::eq(r.runtime.as_ptr(), Arc::as_ptr(rt)) {
+                return r.tenant.clone();
+            }
+        }
+        let tenant = self.tenant_in(&rt.directory);
+        self.resolved.store(Some(Arc::new(Resolved { runtime: Arc::downgrade(rt), tenant: tenant.clone() })));
+        tenant
+    }
+
+    /// [`Identity::tenant_on`], looked up in `dir` every time.
     pub fn tenant_in(&self, dir: &Directory) -> Result<Arc<Tenant>, Reject> {
         let Some(live) = dir.tenant(&self.tenant) else {
             return Err(Reject::UnknownTenant { tenant: self.tenant.to_string() });
@@ -83,13 +109,8 @@ impl Identity {
         let Some(tier) = self.tier.as_ref().filter(|t| t.name != live.tier.name) else {
             return Ok(live.clone());
         };
-        if let Some(pair) = &*self.with_tier.load() {
-            if Arc::ptr_eq(&pair.0, live) {
-                return Ok(pair.1.clone());
-            }
-        }
         let p = &live.policy;
-        let on_tier = Arc::new(Tenant {
+        Ok(Arc::new(Tenant {
             tier: tier.clone(),
             policy: Arc::new(policy::merge(
                 &tier.limits,
@@ -98,9 +119,7 @@ impl Identity {
                 p.timezone,
             )),
             ..(**live).clone()
-        });
-        self.with_tier.store(Some(Arc::new((live.clone(), on_tier.clone()))));
-        Ok(on_tier)
+        }))
     }
 }
 

@@ -41,16 +41,39 @@ pub struct Parsed<'t> {
     pub signature: &'t str,
 }
 
+/// The base64url alphabet and the dot, as a table: one look-up per byte.
+const fn token_bytes() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            1
+        } else if b == b'.' {
+            2
+        } else {
+            0
+        };
+        c += 1;
+    }
+    t
+}
+const TOKEN_BYTES: [u8; 256] = token_bytes();
+
 /// Whether `value` looks like a JWT at all: three non-empty base64url parts.
 pub fn is_jwt_shaped(value: &[u8]) -> bool {
-    let mut parts = 0;
-    for part in value.split(|b| *b == b'.') {
-        parts += 1;
-        if part.is_empty() || !part.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
-            return false;
+    let (mut dots, mut prev_dot) = (0, true);
+    for b in value {
+        match TOKEN_BYTES[usize::from(*b)] {
+            1 => prev_dot = false,
+            2 if !prev_dot => {
+                dots += 1;
+                prev_dot = true;
+            }
+            _ => return false,
         }
     }
-    parts == 3
+    dots == 2 && !prev_dot
 }
 
 fn json_object(part: &str, what: &str) -> Result<Map<String, Value>, Reject> {

@@ -74,7 +74,7 @@ impl Gateway {
     /// Runs every admission stage in order and records what later phases need.
     async fn admit(
         &self,
-        rt: &crate::runtime::Runtime,
+        rt: &Arc<crate::runtime::Runtime>,
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, Reject> {

@@ -128,13 +128,12 @@ fn bearer_token(raw: &[u8], keys: bool) -> Result<Option<&[u8]>, Reject> {
     token_shape(value).map(Some)
 }
 
-/// A token value: exactly a JWT's shape, or refused.
+/// A token value: not empty. Its shape is checked by the token stage when the token is not a
+/// verified one already (its cache is keyed by the exact bytes), so a known token is not
+/// scanned twice.
 fn token_shape(value: &[u8]) -> Result<&[u8], Reject> {
     if value.is_empty() {
         return Err(bad_token("the token is empty"));
-    }
-    if !crate::jwt::token::is_jwt_shaped(value) {
-        return Err(bad_token("it is not a JWT (three base64url parts separated by dots)"));
     }
     Ok(value)
 }
@@ -349,11 +348,11 @@ mod tests {
         assert_eq!(bearer_token(b"bearer   eyJh.eyJw.sig  ", true), Ok(Some(&b"eyJh.eyJw.sig"[..])));
         assert_eq!(bearer_token(b"Bearer tg_live_abc", true), Ok(None), "an API key");
         assert_eq!(bearer_token(b"Basic dXNlcjpwYXNz", true), Ok(None), "left to the key check");
-        assert!(bearer_token(b"Bearer tg_live_abc", false).is_err(), "no keys: a token or nothing");
+        assert_eq!(bearer_token(b"Bearer tg_live_abc", false), Ok(Some(&b"tg_live_abc"[..])), "no keys: a token");
+        assert!(bearer_token(b"Bearer ", false).is_err(), "an empty token");
         assert!(bearer_token(b"Basic dXNlcjpwYXNz", false).is_err());
-        for bad in [&b"Bearer a.b"[..], b"Bearer a.b.c.d", b"Bearer a..c", b"Bearer .b.c", b"Bearer a.b.c=", b"Bearer a.b.c d"] {
-            assert!(bearer_token(bad, true).is_err(), "{}", String::from_utf8_lossy(bad));
-        }
+        // A value with a dot is a token, whatever its shape: the token stage judges it.
+        assert_eq!(bearer_token(b"Bearer a.b", true), Ok(Some(&b"a.b"[..])));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Takes the unverified token from [`Hints`](super::resolve::Hints) and returns a [`Verified`]:
 //! the [`Identity`] the token proves (from the verifier's cache, or checked in full: shape,
 //! issuer, algorithm, key, signature, `exp`, `nbf`, `iat`, `aud`, see [`crate::jwt::token`])
-//! and the tenant it names, read from the directory on every request, so a suspension or a
+//! and the tenant it names, as the request's directory snapshot has it, so a suspension or a
 //! deletion applies at once. The authenticate stage then treats the token like an API key:
 //! another tenant named by the host, a header or the path is a `tenant_mismatch`, and the
 //! tenant's status and `ip_allow` apply.
@@ -27,9 +27,13 @@ pub struct Verified {
 
 /// Runs the stage. On a refusal after the token verified, also returns what it proved, so the
 /// access log can name its key id.
-pub async fn verify(jwt: &Jwt, rt: &Runtime, token: &[u8]) -> Result<Verified, (Reject, Option<Arc<Identity>>)> {
+pub async fn verify(
+    jwt: &Jwt,
+    rt: &Arc<Runtime>,
+    token: &[u8],
+) -> Result<Verified, (Reject, Option<Arc<Identity>>)> {
     let identity = jwt.verify(&rt.config.jwt, token).await.map_err(|r| (r, None))?;
-    match identity.tenant_in(&rt.directory) {
+    match identity.tenant_on(rt) {
         Ok(tenant) => Ok(Verified { identity, tenant }),
         Err(r) => Err((r, Some(identity))),
     }
