@@ -332,7 +332,9 @@ mod jwt_bench {
         };
         let ec = {
             use p256::pkcs8::EncodePrivateKey;
-            EncodingKey::from_ec_der(p256::SecretKey::random(&mut rand_core::OsRng).to_pkcs8_der().expect("der").as_bytes())
+            EncodingKey::from_ec_der(
+                p256::SecretKey::random(&mut rand_core::OsRng).to_pkcs8_der().expect("der").as_bytes(),
+            )
         };
         let ed_key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
         let ed = {
@@ -347,7 +349,10 @@ mod jwt_bench {
         let sets = [
             ("rs.json", jwk(&rsa, Algorithm::RS256)),
             ("es.json", jwk(&ec, Algorithm::ES256)),
-            ("ed.json", serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(ed_key.verifying_key().as_bytes())})),
+            (
+                "ed.json",
+                serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(ed_key.verifying_key().as_bytes())}),
+            ),
         ];
         for (name, key) in sets {
             std::fs::write(dir.join(name), serde_json::json!({ "keys": [key] }).to_string()).expect("write jwks");
@@ -368,7 +373,11 @@ mod jwt_bench {
             Signer { alg: Algorithm::RS256, issuer: "https://rs.idp.test/", enc: rsa },
             Signer { alg: Algorithm::ES256, issuer: "https://es.idp.test/", enc: ec },
             Signer { alg: Algorithm::EdDSA, issuer: "https://ed.idp.test/", enc: ed },
-            Signer { alg: Algorithm::HS256, issuer: "https://hs.idp.test/", enc: EncodingKey::from_secret(SECRET.as_bytes()) },
+            Signer {
+                alg: Algorithm::HS256,
+                issuer: "https://hs.idp.test/",
+                enc: EncodingKey::from_secret(SECRET.as_bytes()),
+            },
         ];
         (signers, tables)
     }
@@ -442,7 +451,9 @@ mod jwt_bench {
                 black_box(run(&jwt, &rt, &reqs[i], &policy, peer))
             })
         });
-        g.bench_function("cached_token_same_request", |b| b.iter(|| black_box(run(&jwt, &rt, &reqs[0], &policy, peer))));
+        g.bench_function("cached_token_same_request", |b| {
+            b.iter(|| black_box(run(&jwt, &rt, &reqs[0], &policy, peer)))
+        });
         g.finish();
 
         // Where the time of the cached path goes.

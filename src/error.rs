@@ -81,6 +81,9 @@ pub enum Reject {
     /// 403: the token names one tenant and the host, header or path another. Same code as a
     /// key's `tenant_mismatch`.
     TokenTenantMismatch { token_tenant: String, claimed: String },
+    /// 403: the token lacks scopes the rule requires. Same code as a key's
+    /// `insufficient_scope`.
+    TokenInsufficientScope { missing: Vec<String> },
     /// 503: the issuer's keys (`jwks_url`) could not be fetched, so no token of it can be
     /// checked right now.
     KeysUnavailable { issuer: String, retry_after: u64 },
@@ -122,15 +125,8 @@ pub const CODES: &[&str] = &[
 
 /// The codes answered only by `/_tollgate/` self-service and the admin listener, on top of
 /// [`CODES`].
-pub const SERVICE_CODES: &[&str] = &[
-    "not_found",
-    "conflict",
-    "unprocessable",
-    "admin_disabled",
-    "missing_token",
-    "invalid_config",
-    "reload_refused",
-];
+pub const SERVICE_CODES: &[&str] =
+    &["not_found", "conflict", "unprocessable", "admin_disabled", "missing_token", "invalid_config", "reload_refused"];
 
 /// The one `title` of each problem code, whoever answers it (the proxy, `/_tollgate/`
 /// self-service, the admin listener): a client that shows titles sees one per code. Unknown
@@ -207,7 +203,7 @@ impl Reject {
             Reject::TenantMismatch { .. } | Reject::TokenTenantMismatch { .. } => "tenant_mismatch",
             Reject::UnknownTenant { .. } => "unknown_tenant",
             Reject::NoRoute => "no_route",
-            Reject::InsufficientScope { .. } => "insufficient_scope",
+            Reject::InsufficientScope { .. } | Reject::TokenInsufficientScope { .. } => "insufficient_scope",
             Reject::FeatureNotInTier { .. } => "feature_not_in_tier",
             Reject::Denied { .. } => "denied",
             Reject::BodyTooLarge { .. } => "body_too_large",
@@ -246,6 +242,7 @@ impl Reject {
             | Reject::IpNotAllowed { .. }
             | Reject::TenantMismatch { .. }
             | Reject::TokenTenantMismatch { .. }
+            | Reject::TokenInsufficientScope { .. }
             | Reject::InsufficientScope { .. }
             | Reject::FeatureNotInTier { .. } => 403,
             Reject::UnknownTenant { .. } | Reject::NoRoute => 404,
@@ -333,6 +330,10 @@ impl Reject {
             Reject::Internal => "The gateway hit an internal error. Retry; if it persists, report the request id.".into(),
             Reject::InvalidToken { detail } => format!("The bearer token is not accepted: {detail}. Get a new token from your identity provider."),
             Reject::TokenExpired => "The bearer token has expired. Get a new token from your identity provider.".into(),
+            Reject::TokenInsufficientScope { missing } => format!(
+                "The token lacks the scope(s) this route needs: {}. Ask your identity provider for a token with them.",
+                missing.join(", ")
+            ),
             Reject::TokenTenantMismatch { token_tenant, claimed } => format!(
                 "The token names tenant `{token_tenant}`, but the request names tenant `{claimed}`. Use a token of `{claimed}` or drop the conflicting host, header or path."
             ),
@@ -352,7 +353,7 @@ impl Reject {
                 ext.insert("tenant".into(), json!(key_tenant));
                 ext.insert("claimed_tenant".into(), json!(claimed));
             }
-            Reject::InsufficientScope { missing } => {
+            Reject::InsufficientScope { missing } | Reject::TokenInsufficientScope { missing } => {
                 ext.insert("missing_scopes".into(), json!(missing));
             }
             Reject::FeatureNotInTier { feature, tier } => {
@@ -504,11 +505,17 @@ mod tests {
             let p = r.problem("r");
             assert_eq!(p.status, 401);
             let challenge = p.headers.iter().find(|(k, _)| *k == "www-authenticate").map(|(_, v)| v.as_str());
-            assert_eq!(challenge, Some(format!("Bearer error=\"invalid_token\", error_description=\"{code}\"").as_str()));
+            assert_eq!(
+                challenge,
+                Some(format!("Bearer error=\"invalid_token\", error_description=\"{code}\"").as_str())
+            );
         }
         let p = Reject::TokenTenantMismatch { token_tenant: "acme".into(), claimed: "globex".into() }.problem("r");
         let v: Value = serde_json::from_slice(&p.body).unwrap();
-        assert_eq!((p.status, v["code"].as_str(), v["claimed_tenant"].as_str()), (403, Some("tenant_mismatch"), Some("globex")));
+        assert_eq!(
+            (p.status, v["code"].as_str(), v["claimed_tenant"].as_str()),
+            (403, Some("tenant_mismatch"), Some("globex"))
+        );
         let p = Reject::KeysUnavailable { issuer: "https://idp/".into(), retry_after: 5 }.problem("r");
         assert_eq!(p.status, 503);
         assert!(p.headers.iter().any(|(k, v)| *k == "retry-after" && v == "5"));

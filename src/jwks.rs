@@ -129,7 +129,10 @@ impl KeySet {
     /// The keys that may check a signature made with `alg`: the one named `kid` when the token
     /// names one, otherwise every key that fits.
     pub fn candidates<'a>(&'a self, kid: Option<&'a str>, alg: Algorithm) -> impl Iterator<Item = &'a VerifyKey> + 'a {
-        self.keys.iter().filter(move |k| k.fits(alg) && (kid.is_none() || k.kid.as_deref() == kid || k.kid.is_none() && k.family == AlgorithmFamily::Hmac))
+        self.keys.iter().filter(move |k| {
+            k.fits(alg)
+                && (kid.is_none() || k.kid.as_deref() == kid || k.kid.is_none() && k.family == AlgorithmFamily::Hmac)
+        })
     }
 
     /// Whether some key fits one of `algs`.
@@ -193,7 +196,10 @@ fn read_key(jwk: &Value) -> Result<VerifyKey, String> {
         None => None,
         Some(a) => {
             let name = a.as_str().ok_or("`alg` is not a string")?;
-            Some(Algorithm::from_str(name).map_err(|_| format!("`alg` {} is not a signature algorithm Tollgate checks", shorten(name)))?)
+            Some(
+                Algorithm::from_str(name)
+                    .map_err(|_| format!("`alg` {} is not a signature algorithm Tollgate checks", shorten(name)))?,
+            )
         }
     };
     let kid = match jwk.get("kid") {
@@ -243,7 +249,10 @@ fn read_key(jwk: &Value) -> Result<VerifyKey, String> {
             (AlgorithmFamily::Ed, Some(Curve::Ed25519), key)
         }
         "oct" => {
-            return Err("a symmetric (`oct`) key; a key set is public, so HMAC secrets come only from `hmac_secret_file`".into())
+            return Err(
+                "a symmetric (`oct`) key; a key set is public, so HMAC secrets come only from `hmac_secret_file`"
+                    .into(),
+            )
         }
         other => return Err(format!("key type {} is not RSA, EC or OKP", shorten(other))),
     };

@@ -537,18 +537,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Rules { command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers, jwt } } => {
-            match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers, jwt.as_deref()) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
+        Command::Rules {
+            command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers, jwt },
+        } => match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers, jwt.as_deref()) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

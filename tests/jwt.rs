@@ -276,7 +276,11 @@ fn start(extra_jwt: &str) -> Setup {
         },
     );
     let ed_jwks = jwks(&[&ed]);
-    let gw = Gateway::start_in(temp_dir("jwt"), &config, &[("ed.json", &ed_jwks), ("hs.secret", &format!("{HMAC_SECRET}\n"))]);
+    let gw = Gateway::start_in(
+        temp_dir("jwt"),
+        &config,
+        &[("ed.json", &ed_jwks), ("hs.secret", &format!("{HMAC_SECRET}\n"))],
+    );
     Setup { echo, idp, ec, ed, gw }
 }
 
@@ -366,8 +370,8 @@ fn every_bad_token_is_refused_with_the_right_code() {
     };
     let mut h = Header::new(Algorithm::HS256);
     h.kid = Some("rsa-1".into());
-    let confused =
-        jsonwebtoken::encode(&h, &auth0("acme", "read"), &EncodingKey::from_secret(public_pem.as_bytes())).expect("sign");
+    let confused = jsonwebtoken::encode(&h, &auth0("acme", "read"), &EncodingKey::from_secret(public_pem.as_bytes()))
+        .expect("sign");
     let confused_n = {
         let n = rsa.jwk["n"].as_str().unwrap_or_default();
         jsonwebtoken::encode(&h, &auth0("acme", "read"), &EncodingKey::from_secret(n.as_bytes())).expect("sign")
@@ -400,11 +404,7 @@ fn every_bad_token_is_refused_with_the_right_code() {
         let before = s.echo.hits();
         let r = get_with(&s.gw, "/scoped", &token);
         assert_eq!((r.status, r.problem_code().as_str()), (401, code), "{name}: {}", r.text());
-        assert_eq!(
-            challenge_of(&r),
-            format!("Bearer error=\"invalid_token\", error_description=\"{code}\""),
-            "{name}"
-        );
+        assert_eq!(challenge_of(&r), format!("Bearer error=\"invalid_token\", error_description=\"{code}\""), "{name}");
         assert_eq!(s.echo.hits(), before, "{name} reached the upstream");
         assert!(!r.text().contains(&token[..token.len().min(40)]), "{name}: the answer echoes the token");
     }
@@ -513,7 +513,8 @@ fn a_tier_claim_names_only_a_tier_its_issuer_may_grant() {
     assert_eq!(r.upstream_headers()["x-tenant-tier"], "pro", "globex is free; the token makes it pro");
     let token = hs256(&json!({"iss": HS_ISS, "aud": AUD, "exp": now() + 60, "tenant_id": "globex"}));
     assert_eq!(get_with(&s.gw, "/", &token).upstream_headers()["x-tenant-tier"], "free");
-    let token = hs256(&json!({"iss": HS_ISS, "aud": AUD, "exp": now() + 60, "tenant_id": "globex", "plan": "enterprise"}));
+    let token =
+        hs256(&json!({"iss": HS_ISS, "aud": AUD, "exp": now() + 60, "tenant_id": "globex", "plan": "enterprise"}));
     refused(&get_with(&s.gw, "/", &token), 401, "invalid_token");
 }
 
@@ -622,8 +623,11 @@ fn a_reload_applies_new_issuer_settings() {
     assert_eq!(get_with(&s.gw, "/", &token).status, 200);
     // The operator moves the API to a new audience.
     let text = std::fs::read_to_string(&s.gw.config_path).expect("config");
-    std::fs::write(&s.gw.config_path, text.replace(&format!("audiences = [\"{AUD}\"]"), "audiences = [\"https://api-v2.tollgate.test\"]"))
-        .expect("write");
+    std::fs::write(
+        &s.gw.config_path,
+        text.replace(&format!("audiences = [\"{AUD}\"]"), "audiences = [\"https://api-v2.tollgate.test\"]"),
+    )
+    .expect("write");
     s.gw.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while get_with(&s.gw, "/", &token).status == 200 {
@@ -653,8 +657,10 @@ fn no_token_reaches_a_log_line() {
     }
     // A head Pingora cannot parse, carrying a token.
     let mut conn = Conn::open(s.gw.addr).expect("connect");
-    conn.send_raw(format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {good}\r\nBad Header\r\n\r\n").as_bytes())
-        .expect("send");
+    conn.send_raw(
+        format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {good}\r\nBad Header\r\n\r\n").as_bytes(),
+    )
+    .expect("send");
     let _ = conn.read_response(false);
     std::thread::sleep(Duration::from_millis(300));
     let log = s.gw.log();
@@ -677,7 +683,11 @@ fn rules_explain_shows_the_claims_the_tenant_and_the_scopes() {
             .args(["--path", path, "--jwt", token])
             .output()
             .expect("run");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let token = rsa_key().sign(&auth0("acme", "read"));
     let (code, out, err) = explain(&token, "/scoped");
@@ -702,7 +712,7 @@ fn rules_explain_shows_the_claims_the_tenant_and_the_scopes() {
     let (code, out, _) = explain(&s.ec.sign(&expired), "/");
     assert_eq!(code, Some(0));
     assert!(out.contains("token: refused: 401 token_expired"), "{out}");
-    assert!(out.contains("claims used (not verified):"), "{out}");
+    assert!(out.contains("claims used (not trusted: the token is refused):"), "{out}");
     assert!(out.contains("organization = [\"acme\"]"), "{out}");
 }
 

@@ -234,7 +234,11 @@ pub fn token(
     let kid = parsed.kid.as_deref().map(|k| format!(", key `{k}`")).unwrap_or_default();
     let verdict = match keys(index) {
         Err(e) => {
-            let _ = writeln!(out, "token: cannot be checked: the keys of issuer `{}` are not available: {e}", issuer.issuer);
+            let _ = writeln!(
+                out,
+                "token: cannot be checked: the keys of issuer `{}` are not available: {e}",
+                issuer.issuer
+            );
             let _ = writeln!(out, "  (the gateway answers 503 jwks_unavailable while that lasts)");
             return f;
         }
@@ -242,10 +246,7 @@ pub fn token(
             Ok(()) => check_claims(index, issuer, &parsed.claims, now_ms),
             Err(SigError::Refused(r)) => Err(r),
             Err(SigError::UnknownKid) => Err(crate::error::Reject::InvalidToken {
-                detail: format!(
-                    "its key (`kid`) is not one of its issuer's keys (it has: {})",
-                    set.kids().join(", ")
-                ),
+                detail: format!("its key (`kid`) is not one of its issuer's keys (it has: {})", set.kids().join(", ")),
             }),
         },
     };
@@ -256,7 +257,7 @@ pub fn token(
         }
         Err(r) => refused(out, r),
     }
-    let _ = writeln!(out, "  claims used{}:", if verified { "" } else { " (not verified)" });
+    let _ = writeln!(out, "  claims used{}:", if verified { "" } else { " (not trusted: the token is refused)" });
     let c = &parsed.claims;
     for name in ["iss", "aud"] {
         if let Some(v) = c.get(name) {
@@ -285,8 +286,8 @@ pub fn token(
     let own = config.tenants.iter().find(|t| *t.id == *identity.tenant);
     let tier = identity.tier.as_ref().map(|t| t.name.to_string()).or_else(|| own.map(|t| t.tier.clone()));
     let from = match (&identity.tier, &issuer.tier_claim) {
-        (Some(_), Some(p)) => format!("from the token's `{}` claim", p.text),
-        _ => "the tenant's own".into(),
+        (Some(_), Some(p)) => format!(", from the token's `{}` claim", p.text),
+        _ => String::new(),
     };
     match own {
         Some(t) => {
@@ -294,7 +295,8 @@ pub fn token(
                 crate::config::TenantStatus::Suspended => ", suspended: 403 tenant_suspended",
                 crate::config::TenantStatus::Active => "",
             };
-            let _ = writeln!(out, "  tenant: {} (tier {}, {from}{status})", identity.tenant, tier.as_deref().unwrap_or("-"));
+            let _ =
+                writeln!(out, "  tenant: {} (tier {}{from}{status})", identity.tenant, tier.as_deref().unwrap_or("-"));
         }
         None => {
             let _ = writeln!(

@@ -17,9 +17,7 @@
 
 use super::diag::{Diagnostics, SourceFile};
 use super::file::{JwtFile, SStr};
-use super::model::{
-    ClaimPath, JwtConfig, JwtIssuer, JwtKeys, Tier, DEFAULT_JWT_CACHE_SIZE, DEFAULT_MAX_TOKEN_BYTES,
-};
+use super::model::{ClaimPath, JwtConfig, JwtIssuer, JwtKeys, Tier, DEFAULT_JWT_CACHE_SIZE, DEFAULT_MAX_TOKEN_BYTES};
 use crate::jwks::KeySet;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use std::collections::BTreeMap;
@@ -50,11 +48,7 @@ fn duration(
     match super::units::parse_duration(s.get_ref()) {
         Ok(d) if d >= range.0 && d <= range.1 => d,
         Ok(_) => {
-            diags.error_at(
-                src,
-                s.span(),
-                format!("`{key}` must be from {} to {}", show(range.0), show(range.1)),
-            );
+            diags.error_at(src, s.span(), format!("`{key}` must be from {} to {}", show(range.0), show(range.1)));
             default
         }
         Err(e) => {
@@ -91,7 +85,13 @@ fn claim(v: &Option<SStr>, key: &str, default: &str, src: &SourceFile, diags: &m
 }
 
 /// The bytes of a key file, or an error at its line.
-fn read_file(s: &SStr, what: &str, base: &Path, src: &SourceFile, diags: &mut Diagnostics) -> Option<(PathBuf, Vec<u8>)> {
+fn read_file(
+    s: &SStr,
+    what: &str,
+    base: &Path,
+    src: &SourceFile,
+    diags: &mut Diagnostics,
+) -> Option<(PathBuf, Vec<u8>)> {
     let p = Path::new(s.get_ref());
     let path = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     match std::fs::metadata(&path) {
@@ -159,8 +159,8 @@ pub fn validate(
     });
     let cookie = f.cookie.as_ref().and_then(|c| {
         let name = c.get_ref();
-        let token = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        let token =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
         if token {
             Some(name.clone())
         } else {
@@ -269,14 +269,11 @@ pub fn validate(
         let hmac = algorithms.first().is_some_and(|a| a.family() == AlgorithmFamily::Hmac);
 
         // Exactly one key source, fitting the algorithms.
-        let sources: Vec<(&str, &SStr)> = [
-            ("jwks_url", &i.jwks_url),
-            ("jwks_file", &i.jwks_file),
-            ("hmac_secret_file", &i.hmac_secret_file),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
-        .collect();
+        let sources: Vec<(&str, &SStr)> =
+            [("jwks_url", &i.jwks_url), ("jwks_file", &i.jwks_file), ("hmac_secret_file", &i.hmac_secret_file)]
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+                .collect();
         if sources.len() > 1 {
             diags.error_at(
                 src,
@@ -328,7 +325,9 @@ pub fn validate(
                     diags.error_at(
                         src,
                         s.span(),
-                        format!("`{kind}` gives public keys, but {who} allows HMAC algorithms; give `hmac_secret_file`"),
+                        format!(
+                            "`{kind}` gives public keys, but {who} allows HMAC algorithms; give `hmac_secret_file`"
+                        ),
                     );
                 }
                 if *kind == "jwks_url" {
@@ -376,7 +375,11 @@ pub fn validate(
                     diags.error_at(
                         src,
                         t.span(),
-                        format!("{who} may grant tier `{}`, which is not defined (defined: {})", t.get_ref(), known.join(", ")),
+                        format!(
+                            "{who} may grant tier `{}`, which is not defined (defined: {})",
+                            t.get_ref(),
+                            known.join(", ")
+                        ),
                     );
                 }
             }
@@ -480,14 +483,17 @@ fn trim_end(b: &[u8]) -> &[u8] {
 /// A `jwks_url`: `http://` or `https://`, a host, and a path.
 fn check_url(s: &SStr, src: &SourceFile, diags: &mut Diagnostics) -> Option<String> {
     let text = s.get_ref();
-    let parsed = text.parse::<http::Uri>().ok().filter(|u| {
-        matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some_and(|h| !h.is_empty())
-    });
+    let parsed = text
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some_and(|h| !h.is_empty()));
     let Some(uri) = parsed else {
         diags.error_at(
             src,
             s.span(),
-            format!("`{text}` is not an http(s) URL; write it like \"https://acme.eu.auth0.com/.well-known/jwks.json\""),
+            format!(
+                "`{text}` is not an http(s) URL; write it like \"https://acme.eu.auth0.com/.well-known/jwks.json\""
+            ),
         );
         return None;
     };

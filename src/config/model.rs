@@ -421,10 +421,7 @@ impl ClaimPath {
     }
 }
 
-fn find_in<'c>(
-    obj: &'c serde_json::Map<String, serde_json::Value>,
-    segs: &[String],
-) -> Option<&'c serde_json::Value> {
+fn find_in<'c>(obj: &'c serde_json::Map<String, serde_json::Value>, segs: &[String]) -> Option<&'c serde_json::Value> {
     if let Some(v) = obj.get(&segs.join(".")) {
         return Some(v);
     }

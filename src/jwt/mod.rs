@@ -136,6 +136,9 @@ pub struct State {
     cache: TokenCache,
 }
 
+/// A `jwks_url`'s key set and the task that fetches it (none without a spawner).
+type Fetching = (Arc<Remote>, Option<TaskGuard>);
+
 /// The token verifier. One per process; see the module docs.
 pub struct Jwt {
     clock: SharedClock,
@@ -143,7 +146,7 @@ pub struct Jwt {
     spawner: Option<tokio::runtime::Handle>,
     state: ArcSwap<State>,
     /// Key sets of the `jwks_url`s of the running config, and their fetch tasks.
-    remotes: Mutex<HashMap<String, (Arc<Remote>, Option<TaskGuard>)>>,
+    remotes: Mutex<HashMap<String, Fetching>>,
     rebuild: Mutex<()>,
 }
 
@@ -156,7 +159,13 @@ impl Jwt {
     pub fn new(clock: SharedClock, spawner: Option<tokio::runtime::Handle>) -> Arc<Jwt> {
         let empty = Arc::new(JwtConfig::default());
         let state = State { config: empty, keys: Vec::new(), cache: TokenCache::new(1) };
-        Arc::new(Jwt { clock, spawner, state: ArcSwap::from_pointee(state), remotes: Mutex::default(), rebuild: Mutex::default() })
+        Arc::new(Jwt {
+            clock,
+            spawner,
+            state: ArcSwap::from_pointee(state),
+            remotes: Mutex::default(),
+            rebuild: Mutex::default(),
+        })
     }
 
     /// The state for `cfg`, built if `cfg` is not the config the current state is for.
@@ -172,7 +181,7 @@ impl Jwt {
             return current;
         }
         let mut remotes = lock(&self.remotes);
-        let mut kept: HashMap<String, (Arc<Remote>, Option<TaskGuard>)> = HashMap::new();
+        let mut kept: HashMap<String, Fetching> = HashMap::new();
         let mut keys = Vec::with_capacity(cfg.issuers.len());
         for issuer in &cfg.issuers {
             keys.push(match &issuer.keys {
@@ -190,10 +199,8 @@ impl Jwt {
                         }
                         None => {
                             let remote = Remote::new(url.clone(), schedule);
-                            let task = self
-                                .spawner
-                                .as_ref()
-                                .map(|h| TaskGuard(h.spawn(remote.clone().run()).abort_handle()));
+                            let task =
+                                self.spawner.as_ref().map(|h| TaskGuard(h.spawn(remote.clone().run()).abort_handle()));
                             (remote, task)
                         }
                     };

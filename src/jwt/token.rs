@@ -166,18 +166,16 @@ pub fn verify_signature(issuer: &JwtIssuer, keys: &KeySet, parsed: &Parsed<'_>) 
 fn numeric(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, Reject> {
     match claims.get(name) {
         None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .filter(|v| v.is_finite())
-            .map(Some)
-            .ok_or_else(|| invalid(format!("its `{name}` is not a time"))),
+        Some(Value::Number(n)) => {
+            n.as_f64().filter(|v| v.is_finite()).map(Some).ok_or_else(|| invalid(format!("its `{name}` is not a time")))
+        }
         Some(_) => Err(invalid(format!("its `{name}` is not a number of seconds"))),
     }
 }
 
 /// A claim that must be a string (or a list holding exactly one string, as Keycloak writes
 /// single-valued attributes).
-fn one_string<'c>(v: &'c Value) -> Option<&'c str> {
+fn one_string(v: &Value) -> Option<&str> {
     match v {
         Value::String(s) => Some(s),
         Value::Array(a) if a.len() == 1 => a[0].as_str(),
@@ -227,7 +225,9 @@ pub fn check_claims(
     }
     let aud_ok = match claims.get("aud") {
         Some(Value::String(a)) => issuer.audiences.iter().any(|x| x == a),
-        Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(|a| issuer.audiences.iter().any(|x| x == a)),
+        Some(Value::Array(list)) => {
+            list.iter().filter_map(Value::as_str).any(|a| issuer.audiences.iter().any(|x| x == a))
+        }
         None => return Err(invalid("it names no audience (`aud`)")),
         Some(_) => false,
     };
@@ -236,10 +236,8 @@ pub fn check_claims(
     }
 
     let claim = &issuer.tenant_claim.text;
-    let tenant = issuer
-        .tenant_claim
-        .find(claims)
-        .ok_or_else(|| invalid(format!("it names no tenant (claim `{claim}`)")))?;
+    let tenant =
+        issuer.tenant_claim.find(claims).ok_or_else(|| invalid(format!("it names no tenant (claim `{claim}`)")))?;
     let tenant = one_string(tenant)
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| crate::config::valid_slug(t))
@@ -383,7 +381,9 @@ mod tests {
 
     #[test]
     fn claims_of_the_wrong_type_are_refused_not_ignored() {
-        for bad in [json!({"exp": "99999999999"}), json!({"exp": null}), json!({"nbf": "99999999999"}), json!({"iat": [1]})] {
+        for bad in
+            [json!({"exp": "99999999999"}), json!({"exp": null}), json!({"nbf": "99999999999"}), json!({"iat": [1]})]
+        {
             let t = sign(json!({"alg": "HS256"}), claims(bad.clone()));
             assert_eq!(code(run(&t, NOW_MS)), "invalid_token", "{bad}");
         }

@@ -96,7 +96,11 @@ fn check<'d>(
     if key.is_some() || token.is_some() {
         let missing: Vec<String> = a.require_scopes.iter().filter(|s| !has(s)).map(|s| s.to_string()).collect();
         if !missing.is_empty() {
-            return Err(Reject::InsufficientScope { missing });
+            return Err(if key.is_some() {
+                Reject::InsufficientScope { missing }
+            } else {
+                Reject::TokenInsufficientScope { missing }
+            });
         }
     }
     if let Some(feature) = &a.require_feature {

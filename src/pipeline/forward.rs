@@ -152,8 +152,9 @@ fn remove_cookie(req: &mut RequestHeader, name: &str) -> pingora::Result<()> {
     let joined = kept.join(&b"; "[..]);
     req.remove_header(&http::header::COOKIE);
     if !joined.is_empty() {
-        let value = http::HeaderValue::from_bytes(&joined)
-            .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "cookie header does not rebuild"))?;
+        let value = http::HeaderValue::from_bytes(&joined).map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "cookie header does not rebuild")
+        })?;
         req.insert_header(http::header::COOKIE, value)?;
     }
     Ok(())

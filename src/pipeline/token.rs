@@ -27,11 +27,7 @@ pub struct Verified {
 
 /// Runs the stage. On a refusal after the token verified, also returns what it proved, so the
 /// access log can name its key id.
-pub async fn verify(
-    jwt: &Jwt,
-    rt: &Arc<Runtime>,
-    token: &[u8],
-) -> Result<Verified, (Reject, Option<Arc<Identity>>)> {
+pub async fn verify(jwt: &Jwt, rt: &Arc<Runtime>, token: &[u8]) -> Result<Verified, (Reject, Option<Arc<Identity>>)> {
     let identity = jwt.verify(&rt.config.jwt, token).await.map_err(|r| (r, None))?;
     match identity.tenant_on(rt) {
         Ok(tenant) => Ok(Verified { identity, tenant }),
