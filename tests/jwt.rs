@@ -596,6 +596,39 @@ jwks_timeout = "1s"
 }
 
 #[test]
+fn keys_are_fetched_again_on_schedule_without_any_request() {
+    let echo = Echo::start();
+    let idp = JwksServer::start();
+    idp.set("jwks.json", jwks(&[rsa_key()]));
+    let config = standard_config(
+        echo.addr,
+        Extra {
+            tenancy: r#"resolve = ["jwt"]"#,
+            tail: &format!(
+                r#"
+[[jwt.issuers]]
+issuer = "{RSA_ISS}"
+audiences = ["{AUD}"]
+algorithms = ["RS256"]
+jwks_url = "{}"
+tenant_claim = "{NS_TENANT}"
+jwks_refresh = "1s"
+jwks_refresh_floor = "500ms"
+"#,
+                idp.url("jwks.json")
+            ),
+            ..Extra::default()
+        },
+    );
+    let gw = Gateway::start(&config);
+    let start = idp.hits();
+    std::thread::sleep(Duration::from_millis(3500));
+    let fetched = idp.hits() - start;
+    assert!((2..=5).contains(&fetched), "{fetched} fetches in 3.5 s with jwks_refresh = 1s");
+    assert_eq!(get_with(&gw, "/", &rsa_key().sign(&auth0("acme", "read"))).status, 200);
+}
+
+#[test]
 fn tokens_come_from_the_configured_cookie_or_header_and_do_not_go_upstream() {
     let s = start("");
     let token = rsa_key().sign(&auth0("acme", "read"));
