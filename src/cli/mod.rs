@@ -112,7 +112,7 @@ pub fn explain_cli(
 fn explain_token(config: &crate::config::Config, token: &str) -> explain::TokenFacts {
     use crate::config::JwtKeys;
     let keys = |i: usize| -> Result<std::sync::Arc<crate::jwks::KeySet>, String> {
-        let issuer = &config.jwt.issuers[i];
+        let issuer = config.jwt.issuers.get(i).ok_or_else(|| "no such issuer".to_string())?;
         match &issuer.keys {
             JwtKeys::File { keys, .. } | JwtKeys::Hmac { keys, .. } => Ok(keys.clone()),
             JwtKeys::Url(url) => {

@@ -248,8 +248,11 @@ impl Jwt {
         }
         let parsed = token::parse(token, cfg.max_token_bytes)?;
         let index = token::issuer_of(cfg, &parsed)?;
-        let issuer = &cfg.issuers[index];
-        let verified = match &state.keys[index] {
+        // The state was built for `cfg`, so it has a key source per issuer; never panic anyway.
+        let (Some(issuer), Some(keys)) = (cfg.issuers.get(index), state.keys.get(index)) else {
+            return Err(Reject::Internal);
+        };
+        let verified = match keys {
             Keys::Fixed(keys) => token::verify_signature(issuer, keys, &parsed),
             Keys::Remote(remote) => {
                 let first = match remote.keys() {
