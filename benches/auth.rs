@@ -4,6 +4,9 @@
 //!
 //! Run with `cargo bench --bench auth`. Building the directory hashes every key once, which
 //! takes a few seconds; progress, build time and memory go to stderr.
+//!
+//! Also JWTs (`cargo bench --bench auth -- jwt`): resolution plus authentication with a cached
+//! token, and the first verification of a token per algorithm (see `jwt_bench`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
@@ -364,5 +367,240 @@ fn bench_changes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_auth, bench_changes);
+// ---------------------------------------------------------------------------------------------
+// Tenants from JWTs (`cargo bench --bench auth -- jwt`)
+//
+// Bound: resolution plus authentication with a cached JWT under 1 µs, with 100,000 tenants.
+// The first verification of a token (signature and claims) is measured per algorithm.
+
+mod jwt_bench {
+    use super::*;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use std::sync::Arc;
+    use tollgate::jwt::Jwt;
+    use tollgate::pipeline::authenticate::identify_with;
+    use tollgate::runtime::Runtime;
+
+    const JWT_TENANTS: usize = 100_000;
+    /// Distinct tokens the cached benchmark cycles through.
+    const TOKENS: usize = 1_024;
+    const NOW_S: i64 = NOW_MS / 1000;
+    const SECRET: &str = "the bench's HMAC secret, at least 32 bytes long";
+
+    struct Signer {
+        alg: Algorithm,
+        issuer: &'static str,
+        enc: EncodingKey,
+    }
+
+    impl Signer {
+        fn sign(&self, tenant: &str) -> String {
+            let mut h = Header::new(self.alg);
+            h.kid = Some("k1".into());
+            let claims = serde_json::json!({
+                "iss": self.issuer, "aud": "https://api.example.com", "sub": "auth0|user-1",
+                "exp": NOW_S + 3600, "iat": NOW_S, "https://example.com/tenant": tenant, "scope": "read generate",
+            });
+            jsonwebtoken::encode(&h, &claims, &self.enc).expect("sign")
+        }
+    }
+
+    /// Keys for every algorithm family, their key sets written to `dir`, and the `[jwt]` tables.
+    fn setup(dir: &Path, cache_size: usize) -> (Vec<Signer>, String) {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let rsa = {
+            use rsa::pkcs1::EncodeRsaPrivateKey;
+            let k = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).expect("rsa");
+            EncodingKey::from_rsa_der(k.to_pkcs1_der().expect("der").as_bytes())
+        };
+        let ec = {
+            use p256::pkcs8::EncodePrivateKey;
+            EncodingKey::from_ec_der(
+                p256::SecretKey::random(&mut rand_core::OsRng).to_pkcs8_der().expect("der").as_bytes(),
+            )
+        };
+        let ed_key = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+        let ed = {
+            use ed25519_dalek::pkcs8::EncodePrivateKey;
+            EncodingKey::from_ed_der(ed_key.to_pkcs8_der().expect("der").as_bytes())
+        };
+        let jwk = |enc: &EncodingKey, alg| {
+            let mut j = jsonwebtoken::jwk::Jwk::from_encoding_key(enc, alg).expect("jwk");
+            j.common.key_id = Some("k1".into());
+            serde_json::to_value(j).expect("json")
+        };
+        let sets = [
+            ("rs.json", jwk(&rsa, Algorithm::RS256)),
+            ("es.json", jwk(&ec, Algorithm::ES256)),
+            (
+                "ed.json",
+                serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": b64(ed_key.verifying_key().as_bytes())}),
+            ),
+        ];
+        for (name, key) in sets {
+            std::fs::write(dir.join(name), serde_json::json!({ "keys": [key] }).to_string()).expect("write jwks");
+        }
+        std::fs::write(dir.join("hs.secret"), SECRET).expect("write secret");
+        let mut tables = format!("\n[jwt]\ncache_size = {cache_size}\n");
+        for (iss, alg, keys) in [
+            ("https://rs.idp.test/", "RS256", format!("jwks_file = \"{}\"", dir.join("rs.json").display())),
+            ("https://es.idp.test/", "ES256", format!("jwks_file = \"{}\"", dir.join("es.json").display())),
+            ("https://ed.idp.test/", "EdDSA", format!("jwks_file = \"{}\"", dir.join("ed.json").display())),
+            ("https://hs.idp.test/", "HS256", format!("hmac_secret_file = \"{}\"", dir.join("hs.secret").display())),
+        ] {
+            tables.push_str(&format!(
+                "\n[[jwt.issuers]]\nissuer = \"{iss}\"\naudiences = [\"https://api.example.com\"]\nalgorithms = [\"{alg}\"]\n{keys}\ntenant_claim = \"https://example.com/tenant\"\n"
+            ));
+        }
+        let signers = vec![
+            Signer { alg: Algorithm::RS256, issuer: "https://rs.idp.test/", enc: rsa },
+            Signer { alg: Algorithm::ES256, issuer: "https://es.idp.test/", enc: ec },
+            Signer { alg: Algorithm::EdDSA, issuer: "https://ed.idp.test/", enc: ed },
+            Signer {
+                alg: Algorithm::HS256,
+                issuer: "https://hs.idp.test/",
+                enc: EncodingKey::from_secret(SECRET.as_bytes()),
+            },
+        ];
+        (signers, tables)
+    }
+
+    /// A runtime of `JWT_TENANTS` tenants (no keys) on a config with the `[jwt]` tables.
+    fn runtime(tables: &str) -> Arc<Runtime> {
+        let text = CONFIG.replace(
+            "resolve = [\"api_key\", \"subdomain\", \"path\"]",
+            "resolve = [\"api_key\", \"jwt\", \"subdomain\", \"path\"]",
+        ) + tables;
+        let mut diags = Diagnostics::default();
+        let mut config = match config::load_str(Path::new("benches/auth.toml"), text, &mut diags) {
+            Some(c) => c,
+            None => panic!("bench config does not load: {diags:?}"),
+        };
+        let mut template = config.tenants.first().expect("template tenant").clone();
+        template.keys.clear();
+        let mut dir = Builder::new(&config);
+        for t in 0..JWT_TENANTS {
+            let mut tc = template.clone();
+            tc.id = tenant_id(t);
+            tc.tier = if t % 4 == 0 { "pro" } else { "free" }.into();
+            dir.config_tenant(&tc, Vec::new());
+        }
+        let directory = dir.finish();
+        config.tenants = Vec::new();
+        Arc::new(Runtime { config: Arc::new(config), directory })
+    }
+
+    /// Resolve, the token stage and authenticate, as `request_filter` runs them: `true` when
+    /// the request is authenticated as a token's tenant.
+    fn run(jwt: &Jwt, rt: &Arc<Runtime>, req: &RequestHeader, policy: &RequestPolicy, peer: Option<IpAddr>) -> bool {
+        if check_size(req, rt.config.server.max_header_bytes).is_err() {
+            return false;
+        }
+        let Ok(canon) = of_request(req, policy) else { return false };
+        let Ok(hints) = resolve(&rt.config.tenancy, &canon, req, peer) else { return false };
+        let Some(token) = hints.token else { return false };
+        // The cached path and a file or secret key set never wait: the future is ready at once.
+        let verified = match futures_util::FutureExt::now_or_never(tollgate::pipeline::token::verify(jwt, rt, token)) {
+            Some(Ok(v)) => v,
+            _ => return false,
+        };
+        matches!(identify_with(&rt.directory, &hints, Some(&verified), NOW_MS), Ok(Principal::Token { .. }))
+    }
+
+    pub fn bench_jwt(c: &mut Criterion) {
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (signers, tables) = setup(&dir, 100_000);
+        let clock: tollgate::clock::SharedClock = tollgate::clock::ManualClock::new(NOW_MS);
+        let rt = runtime(&tables);
+        let policy = RequestPolicy::of(&rt.config);
+        let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+        let jwt = Jwt::new(clock.clone(), None);
+
+        // Cached: RS256 tokens of distinct tenants, each verified once before timing.
+        let reqs: Vec<RequestHeader> = (0..TOKENS)
+            .map(|i| request("/v1/chat/completions", "api.example.com", &signers[0].sign(&tenant_id(pick(i).0))))
+            .collect();
+        for r in &reqs {
+            assert!(run(&jwt, &rt, r, &policy, peer), "a bench token does not authenticate");
+        }
+        assert_eq!(jwt.cached(), TOKENS);
+        let mut g = c.benchmark_group("jwt");
+        g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+        g.bench_function("cached_token_resolve_authenticate", |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % TOKENS;
+                black_box(run(&jwt, &rt, &reqs[i], &policy, peer))
+            })
+        });
+        g.bench_function("cached_token_same_request", |b| {
+            b.iter(|| black_box(run(&jwt, &rt, &reqs[0], &policy, peer)))
+        });
+        g.finish();
+
+        // Where the time of the cached path goes.
+        let tokens: Vec<Vec<u8>> = reqs
+            .iter()
+            .map(|r| {
+                let v = r.headers.get("authorization").expect("authorization").as_bytes();
+                v[7..].to_vec()
+            })
+            .collect();
+        let mut g = c.benchmark_group("jwt_parts");
+        g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+        g.bench_function("resolve_only", |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % TOKENS;
+                let req = black_box(&reqs[i]);
+                let Ok(canon) = of_request(req, &policy) else { return false };
+                black_box(resolve(&rt.config.tenancy, &canon, req, peer).is_ok())
+            })
+        });
+        g.bench_function("sha256_of_token", |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % TOKENS;
+                black_box(tollgate::jwt::cache::Digest::of(black_box(&tokens[i])))
+            })
+        });
+        g.bench_function("token_stage_cached", |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % TOKENS;
+                let f = tollgate::pipeline::token::verify(&jwt, &rt, black_box(&tokens[i]));
+                black_box(futures_util::FutureExt::now_or_never(f).is_some_and(|r| r.is_ok()))
+            })
+        });
+        g.finish();
+
+        // First verification: a cache of one entry and two tokens taken in turn, so every
+        // request is checked in full (parse, issuer, key, signature, claims), per algorithm.
+        let rt_one = runtime(&tables.replace("cache_size = 100000", "cache_size = 1"));
+        let mut g = c.benchmark_group("jwt_first_verification");
+        g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+        for s in &signers {
+            let jwt = Jwt::new(clock.clone(), None);
+            let pair = [
+                request("/v1/chat/completions", "api.example.com", &s.sign(&tenant_id(1))),
+                request("/v1/chat/completions", "api.example.com", &s.sign(&tenant_id(2))),
+            ];
+            assert!(pair.iter().all(|r| run(&jwt, &rt_one, r, &policy, peer)));
+            g.bench_function(format!("{:?}", s.alg), |b| {
+                let mut i = 0;
+                b.iter(|| {
+                    i ^= 1;
+                    black_box(run(&jwt, &rt_one, &pair[i], &policy, peer))
+                })
+            });
+            assert!(jwt.cached() <= 1);
+        }
+        g.finish();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+criterion_group!(benches, jwt_bench::bench_jwt, bench_auth, bench_changes);
 criterion_main!(benches);

@@ -400,6 +400,11 @@ fn build(
             }
         });
     }
+    // Token issuers' keys are fetched on the background runtime from the start, and the
+    // verifier follows reloads (see `jwt`).
+    let jwt = crate::jwt::Jwt::new(clock.clone(), Some(background.handle().clone()));
+    jwt.sync(&runtime.load().config.jwt);
+    jwt.watch(runtime.clone());
     let gateway = Gateway {
         admin: admin_core.clone(),
         runtime: runtime.clone(),
@@ -408,6 +413,7 @@ fn build(
         limits: limits.clone(),
         meter: meter.clone(),
         webhook,
+        jwt,
     };
     let fd_limit = crate::edge::raise_fd_limit();
     let proxy_limits = EdgeLimits {

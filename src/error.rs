@@ -72,6 +72,21 @@ pub enum Reject {
     UpstreamTimeout { upstream: String },
     /// 500: a bug or an unexpected internal failure. The detail is logged, not sent.
     Internal,
+    /// 401: a bearer token that is malformed, too long, signed with a key or an algorithm its
+    /// issuer does not use, or whose issuer, audience, `nbf` or `iat` is not accepted. The
+    /// detail says which, never echoing the token.
+    InvalidToken { detail: String },
+    /// 401: the token's `exp` (plus the issuer's leeway) is past.
+    TokenExpired,
+    /// 403: the token names one tenant and the host, header or path another. Same code as a
+    /// key's `tenant_mismatch`.
+    TokenTenantMismatch { token_tenant: String, claimed: String },
+    /// 403: the token lacks scopes the rule requires. Same code as a key's
+    /// `insufficient_scope`.
+    TokenInsufficientScope { missing: Vec<String> },
+    /// 503: the issuer's keys (`jwks_url`) could not be fetched, so no token of it can be
+    /// checked right now.
+    KeysUnavailable { issuer: String, retry_after: u64 },
 }
 
 /// Every stable error code, for documentation and metering.
@@ -103,20 +118,15 @@ pub const CODES: &[&str] = &[
     "upstream_unavailable",
     "upstream_timeout",
     "internal_error",
+    "invalid_token",
+    "token_expired",
+    "jwks_unavailable",
 ];
 
 /// The codes answered only by `/_tollgate/` self-service and the admin listener, on top of
 /// [`CODES`].
-pub const SERVICE_CODES: &[&str] = &[
-    "not_found",
-    "conflict",
-    "unprocessable",
-    "admin_disabled",
-    "missing_token",
-    "invalid_token",
-    "invalid_config",
-    "reload_refused",
-];
+pub const SERVICE_CODES: &[&str] =
+    &["not_found", "conflict", "unprocessable", "admin_disabled", "missing_token", "invalid_config", "reload_refused"];
 
 /// The one `title` of each problem code, whoever answers it (the proxy, `/_tollgate/`
 /// self-service, the admin listener): a client that shows titles sees one per code. Unknown
@@ -156,7 +166,10 @@ pub fn title_of(code: &str) -> &'static str {
         "unprocessable" => "Unprocessable request",
         "admin_disabled" => "Admin API disabled",
         "missing_token" => "Admin token required",
-        "invalid_token" => "Invalid admin token",
+        // Also the admin listener's answer to a wrong admin token.
+        "invalid_token" => "Invalid token",
+        "token_expired" => "Token expired",
+        "jwks_unavailable" => "Token keys unavailable",
         "invalid_config" => "Invalid config",
         "reload_refused" => "Reload refused",
         _ => "Error",
@@ -187,10 +200,10 @@ impl Reject {
             Reject::KeyRevoked => "key_revoked",
             Reject::TenantSuspended { .. } => "tenant_suspended",
             Reject::IpNotAllowed { .. } => "ip_not_allowed",
-            Reject::TenantMismatch { .. } => "tenant_mismatch",
+            Reject::TenantMismatch { .. } | Reject::TokenTenantMismatch { .. } => "tenant_mismatch",
             Reject::UnknownTenant { .. } => "unknown_tenant",
             Reject::NoRoute => "no_route",
-            Reject::InsufficientScope { .. } => "insufficient_scope",
+            Reject::InsufficientScope { .. } | Reject::TokenInsufficientScope { .. } => "insufficient_scope",
             Reject::FeatureNotInTier { .. } => "feature_not_in_tier",
             Reject::Denied { .. } => "denied",
             Reject::BodyTooLarge { .. } => "body_too_large",
@@ -202,6 +215,9 @@ impl Reject {
             Reject::UpstreamUnavailable { .. } | Reject::NoHealthyUpstream { .. } => "upstream_unavailable",
             Reject::UpstreamTimeout { .. } => "upstream_timeout",
             Reject::Internal => "internal_error",
+            Reject::InvalidToken { .. } => "invalid_token",
+            Reject::TokenExpired => "token_expired",
+            Reject::KeysUnavailable { .. } => "jwks_unavailable",
         }
     }
 
@@ -214,12 +230,19 @@ impl Reject {
             | Reject::InvalidCost { .. } => 400,
             Reject::MethodNotAllowed { .. } => 405,
             Reject::RateLimited { .. } | Reject::QuotaExceeded { .. } | Reject::ConcurrencyLimit { .. } => 429,
-            Reject::StoreUnavailable { .. } | Reject::NoHealthyUpstream { .. } => 503,
+            Reject::StoreUnavailable { .. } | Reject::NoHealthyUpstream { .. } | Reject::KeysUnavailable { .. } => 503,
             Reject::HeadersTooLarge { .. } => 431,
-            Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked => 401,
+            Reject::MissingKey
+            | Reject::InvalidKey
+            | Reject::KeyExpired
+            | Reject::KeyRevoked
+            | Reject::InvalidToken { .. }
+            | Reject::TokenExpired => 401,
             Reject::TenantSuspended { .. }
             | Reject::IpNotAllowed { .. }
             | Reject::TenantMismatch { .. }
+            | Reject::TokenTenantMismatch { .. }
+            | Reject::TokenInsufficientScope { .. }
             | Reject::InsufficientScope { .. }
             | Reject::FeatureNotInTier { .. } => 403,
             Reject::UnknownTenant { .. } | Reject::NoRoute => 404,
@@ -305,6 +328,18 @@ impl Reject {
                 "The upstream `{upstream}` did not answer in time. Retry later."
             ),
             Reject::Internal => "The gateway hit an internal error. Retry; if it persists, report the request id.".into(),
+            Reject::InvalidToken { detail } => format!("The bearer token is not accepted: {detail}. Get a new token from your identity provider."),
+            Reject::TokenExpired => "The bearer token has expired. Get a new token from your identity provider.".into(),
+            Reject::TokenInsufficientScope { missing } => format!(
+                "The token lacks the scope(s) this route needs: {}. Ask your identity provider for a token with them.",
+                missing.join(", ")
+            ),
+            Reject::TokenTenantMismatch { token_tenant, claimed } => format!(
+                "The token names tenant `{token_tenant}`, but the request names tenant `{claimed}`. Use a token of `{claimed}` or drop the conflicting host, header or path."
+            ),
+            Reject::KeysUnavailable { issuer, retry_after } => format!(
+                "The gateway cannot check tokens of `{issuer}` right now: its signing keys could not be fetched. Retry in {retry_after} s."
+            ),
         }
     }
 
@@ -313,11 +348,12 @@ impl Reject {
             Reject::TenantSuspended { tenant } | Reject::IpNotAllowed { tenant } | Reject::UnknownTenant { tenant } => {
                 ext.insert("tenant".into(), json!(tenant));
             }
-            Reject::TenantMismatch { key_tenant, claimed } => {
+            Reject::TenantMismatch { key_tenant, claimed }
+            | Reject::TokenTenantMismatch { token_tenant: key_tenant, claimed } => {
                 ext.insert("tenant".into(), json!(key_tenant));
                 ext.insert("claimed_tenant".into(), json!(claimed));
             }
-            Reject::InsufficientScope { missing } => {
+            Reject::InsufficientScope { missing } | Reject::TokenInsufficientScope { missing } => {
                 ext.insert("missing_scopes".into(), json!(missing));
             }
             Reject::FeatureNotInTier { feature, tier } => {
@@ -371,9 +407,9 @@ impl Reject {
                 })
             }
             Reject::ConcurrencyLimit { .. } => Some(1),
-            Reject::StoreUnavailable { retry_after } | Reject::NoHealthyUpstream { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Reject::StoreUnavailable { retry_after }
+            | Reject::NoHealthyUpstream { retry_after, .. }
+            | Reject::KeysUnavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -396,7 +432,15 @@ impl Reject {
             ("content-length", body.len().to_string()),
             ("cache-control", "no-store".to_string()),
         ];
-        if matches!(self, Reject::MissingKey | Reject::InvalidKey | Reject::KeyExpired | Reject::KeyRevoked) {
+        if matches!(
+            self,
+            Reject::MissingKey
+                | Reject::InvalidKey
+                | Reject::KeyExpired
+                | Reject::KeyRevoked
+                | Reject::InvalidToken { .. }
+                | Reject::TokenExpired
+        ) {
             let value = match self {
                 Reject::MissingKey => "Bearer".to_string(),
                 _ => format!("Bearer error=\"invalid_token\", error_description=\"{}\"", self.code()),
@@ -450,6 +494,31 @@ mod tests {
         assert!(p.headers.iter().any(|(k, v)| *k == "retry-after" && v == "5"));
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert_eq!((v["code"].as_str(), v["upstream"].as_str()), (Some("upstream_unavailable"), Some("api")));
+    }
+
+    #[test]
+    fn token_refusals_challenge_with_invalid_token() {
+        for (r, code) in [
+            (Reject::InvalidToken { detail: "its signature does not verify".into() }, "invalid_token"),
+            (Reject::TokenExpired, "token_expired"),
+        ] {
+            let p = r.problem("r");
+            assert_eq!(p.status, 401);
+            let challenge = p.headers.iter().find(|(k, _)| *k == "www-authenticate").map(|(_, v)| v.as_str());
+            assert_eq!(
+                challenge,
+                Some(format!("Bearer error=\"invalid_token\", error_description=\"{code}\"").as_str())
+            );
+        }
+        let p = Reject::TokenTenantMismatch { token_tenant: "acme".into(), claimed: "globex".into() }.problem("r");
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            (p.status, v["code"].as_str(), v["claimed_tenant"].as_str()),
+            (403, Some("tenant_mismatch"), Some("globex"))
+        );
+        let p = Reject::KeysUnavailable { issuer: "https://idp/".into(), retry_after: 5 }.problem("r");
+        assert_eq!(p.status, 503);
+        assert!(p.headers.iter().any(|(k, v)| *k == "retry-after" && v == "5"));
     }
 
     #[test]

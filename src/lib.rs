@@ -15,6 +15,8 @@ pub mod echo;
 pub mod edge;
 pub mod error;
 pub mod fasthash;
+pub mod jwks;
+pub mod jwt;
 pub mod keys;
 pub mod limits;
 pub mod logging;

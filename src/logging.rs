@@ -77,8 +77,13 @@ pub fn init(config: &Config) {
     }
     let access_enabled = tracing::enabled!(target: "tollgate::access", tracing::Level::INFO);
     let _ = SETUP.set(Setup { format: config.log.format, access_enabled, direct: !ansi });
-    // The configured key headers are credentials too, whatever they are called.
-    let markers = config.tenancy.key_headers.iter().map(|h| h.as_str().to_string()).collect();
+    // The configured key headers are credentials too, whatever they are called; so is the
+    // token header, and anything that looks like the start of a JWT (`eyJ`, base64 of `{"`).
+    let mut markers: Vec<String> = config.tenancy.key_headers.iter().map(|h| h.as_str().to_string()).collect();
+    markers.extend(config.tenancy.token_header.iter().map(|h| h.as_str().to_string()));
+    if config.tenancy.uses(crate::config::Source::Jwt) {
+        markers.push("eyj".into());
+    }
     if log::set_boxed_logger(Box::new(PingoraLog { markers })).is_ok() {
         // `log` checks this level before formatting anything, so Pingora's debug chatter costs
         // nothing unless debug output was asked for.

@@ -349,7 +349,7 @@ enum RulesCommand {
         #[arg(long, default_value = "GET")]
         method: String,
         /// Path, optionally with `?query`.
-        #[arg(long)]
+        #[arg(long, default_value = "/")]
         path: String,
         /// The Host header; without it, rules that match on a host do not match.
         #[arg(long, default_value = "")]
@@ -363,6 +363,11 @@ enum RulesCommand {
         /// A request header, `name: value` (repeatable).
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// A bearer token (JWT): check it as the gateway would now, and show the claims used,
+        /// the tenant and the scopes; the request is then explained as that tenant's. `-`
+        /// reads it from stdin.
+        #[arg(long)]
+        jwt: Option<String>,
     },
 }
 
@@ -532,18 +537,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Rules { command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers } } => {
-            match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
+        Command::Rules {
+            command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers, jwt },
+        } => match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers, jwt.as_deref()) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

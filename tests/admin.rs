@@ -1075,7 +1075,7 @@ mod rotation {
         let hints = resolve(&rt.config.tenancy, &canon, &req, Some([127, 0, 0, 1].into()))?;
         match authenticate(&rt.directory, &hints, clock.now_millis())? {
             Principal::Keyed { key } => Ok(key.id.to_string()),
-            Principal::Anonymous { .. } => panic!("a request with a key came out anonymous"),
+            Principal::Anonymous { .. } | Principal::Token { .. } => panic!("a request with a key came out without it"),
         }
     }
 

@@ -770,3 +770,189 @@ fn a_flood_of_idle_sockets_is_capped_in_total() {
     let refused = r#"tollgate_connections_refused_total{listener="proxy",reason="max_connections"}"#;
     assert!(metric(&gw, refused) >= 700.0);
 }
+
+// =============================================================================================
+// JWT inputs: the spellings of a bearer token an attacker would try, against a gateway with
+// `jwt` resolution on (an HS256 issuer whose secret is in a file, a token cookie). Kept apart
+// from the cases above.
+
+const JWT_ISSUER: &str = "https://idp.adversarial.test/";
+const JWT_SECRET: &str = "the adversarial suite's HMAC secret, 32+ bytes";
+
+fn jwt_config(echo: SocketAddr) -> String {
+    let tail = format!(
+        r#"
+[jwt]
+cookie = "session"
+max_token_bytes = "2KiB"
+
+[[jwt.issuers]]
+issuer = "{JWT_ISSUER}"
+audiences = ["api"]
+algorithms = ["HS256"]
+hmac_secret_file = "jwt.secret"
+"#
+    );
+    standard_config(
+        echo,
+        Extra { tenancy: r#"resolve = ["api_key", "jwt", "subdomain", "path"]"#, tail: &tail, ..Extra::default() },
+    )
+}
+
+fn jwt_token(claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).expect("sign")
+}
+
+fn jwt_cases() -> Vec<Case> {
+    let exp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 600;
+    let t = jwt_token(serde_json::json!({"iss": JWT_ISSUER, "aud": "api", "exp": exp, "tenant_id": "acme"}));
+    let other = jwt_token(serde_json::json!({"iss": JWT_ISSUER, "aud": "api", "exp": exp, "tenant_id": "globex"}));
+    let parts: Vec<&str> = t.split('.').collect();
+    let (h, p, s) = (parts[0], parts[1], parts[2]);
+    let host = "Host: gateway.test";
+    let bearer = |v: &str| format!("Authorization: {v}");
+    let none = format!("eyJhbGciOiJub25lIn0.{p}.");
+    let padded = format!("{h}=.{p}.{s}");
+    let fat = jwt_token(
+        serde_json::json!({"iss": JWT_ISSUER, "aud": "api", "exp": exp, "tenant_id": "acme", "pad": "x".repeat(3000)}),
+    );
+    let enormous = format!("Bearer {}.{}.{}", "a".repeat(20 * 1024), p, s);
+    let line = "GET /thing HTTP/1.1";
+    let ok = |name: &'static str, headers: Vec<String>| {
+        let hs: Vec<&str> = std::iter::once(host).chain(headers.iter().map(String::as_str)).collect();
+        passed(name, raw(line, &hs, ""), Some("/thing"))
+    };
+    let no = |name: &'static str, headers: Vec<String>, status: u16, code: &'static str| {
+        let hs: Vec<&str> = std::iter::once(host).chain(headers.iter().map(String::as_str)).collect();
+        refused(name, raw(line, &hs, ""), status, code)
+    };
+    vec![
+        ok("jwt: Bearer", vec![bearer(&format!("Bearer {t}"))]),
+        ok("jwt: bearer in lower case", vec![bearer(&format!("bearer {t}"))]),
+        ok("jwt: BEARER in upper case", vec![bearer(&format!("BEARER {t}"))]),
+        ok("jwt: spaces around the token", vec![bearer(&format!("Bearer   {t}   "))]),
+        ok("jwt: in the cookie, among others", vec![format!("Cookie: a=1; session={t}; b=2")]),
+        ok(
+            "jwt: the same token in two cookie headers",
+            vec![format!("Cookie: session={t}"), format!("Cookie: session={t}")],
+        ),
+        ok(
+            "jwt: the same token in the header and the cookie",
+            vec![bearer(&format!("Bearer {t}")), format!("Cookie: session={t}")],
+        ),
+        ok(
+            "jwt: a spoofed tenant header is ignored",
+            vec![bearer(&format!("Bearer {t}")), "X-Tenant-ID: globex".into()],
+        ),
+        no("jwt: a tab after Bearer", vec![bearer(&format!("Bearer\t{t}"))], 401, "invalid_key"),
+        no("jwt: no space after Bearer", vec![bearer(&format!("Bearer{t}"))], 401, "invalid_key"),
+        no("jwt: another scheme", vec![bearer(&format!("Token {t}"))], 401, "invalid_key"),
+        no("jwt: Bearer alone", vec![bearer("Bearer")], 401, "invalid_key"),
+        no("jwt: Bearer and a dot", vec![bearer("Bearer .")], 401, "invalid_token"),
+        no(
+            "jwt: two Authorization headers, same token",
+            vec![bearer(&format!("Bearer {t}")), bearer(&format!("Bearer {t}"))],
+            400,
+            "duplicate_header",
+        ),
+        no(
+            "jwt: two Authorization headers, two tenants",
+            vec![bearer(&format!("Bearer {t}")), bearer(&format!("Bearer {other}"))],
+            400,
+            "duplicate_header",
+        ),
+        no(
+            "jwt: two tokens, header and cookie",
+            vec![bearer(&format!("Bearer {t}")), format!("Cookie: session={other}")],
+            400,
+            "bad_request",
+        ),
+        no(
+            "jwt: two values of the token cookie",
+            vec![format!("Cookie: session={t}; session={other}")],
+            400,
+            "bad_request",
+        ),
+        no(
+            "jwt: an API key and a token",
+            vec![format!("X-API-Key: {ACME_KEY}"), bearer(&format!("Bearer {t}"))],
+            400,
+            "bad_request",
+        ),
+        no("jwt: four parts", vec![bearer(&format!("Bearer {t}.{s}"))], 401, "invalid_token"),
+        no("jwt: five parts (JWE)", vec![bearer(&format!("Bearer {h}.{p}.{s}.{s}.{s}"))], 401, "invalid_token"),
+        no("jwt: a trailing dot", vec![bearer(&format!("Bearer {t}."))], 401, "invalid_token"),
+        no("jwt: a leading dot", vec![bearer(&format!("Bearer .{t}"))], 401, "invalid_token"),
+        no("jwt: two dots in a row", vec![bearer(&format!("Bearer {h}..{s}"))], 401, "invalid_token"),
+        no("jwt: a space inside", vec![bearer(&format!("Bearer {h}. {p}.{s}"))], 401, "invalid_token"),
+        no("jwt: base64 padding", vec![bearer(&format!("Bearer {padded}"))], 401, "invalid_token"),
+        no("jwt: alg none", vec![bearer(&format!("Bearer {none}"))], 401, "invalid_token"),
+        no("jwt: signature cut", vec![bearer(&format!("Bearer {h}.{p}.{}", &s[..s.len() - 2]))], 401, "invalid_token"),
+        no(
+            "jwt: another payload",
+            vec![bearer(&format!("Bearer {h}.{}.{s}", other.split('.').nth(1).unwrap_or_default()))],
+            401,
+            "invalid_token",
+        ),
+        no("jwt: over max_token_bytes", vec![bearer(&format!("Bearer {fat}"))], 401, "invalid_token"),
+        no("jwt: an empty token cookie", vec!["Cookie: session=".into()], 401, "invalid_token"),
+        no("jwt: a token in the API key header", vec![format!("X-API-Key: {t}")], 401, "invalid_key"),
+        no(
+            "jwt: a token larger than the head limit",
+            vec![format!("Authorization: {enormous}")],
+            431,
+            "headers_too_large",
+        ),
+    ]
+}
+
+#[test]
+fn jwt_inputs_get_their_documented_answers() {
+    let echo = Echo::start();
+    let gw = Gateway::start_in(temp_dir("adv-jwt"), &jwt_config(echo.addr), &[("jwt.secret", JWT_SECRET)]);
+    let cases = jwt_cases();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let before = echo.hits();
+        let resp = send(gw.addr, &case.raw);
+        let reached = echo.hits() > before;
+        let code = (resp.header("content-type") == Some("application/problem+json")).then(|| resp.problem_code());
+        let mut wrong = Vec::new();
+        if resp.status != case.status {
+            wrong.push(format!("status {} (want {})", resp.status, case.status));
+        }
+        if code.as_deref() != case.code {
+            wrong.push(format!("code {code:?} (want {:?})", case.code));
+        }
+        if reached != case.reached {
+            wrong.push(format!("reached upstream: {reached} (want {})", case.reached));
+        }
+        if resp.status == 200 {
+            let v = resp.json();
+            if v["headers"]["x-tenant-id"] != "acme" {
+                wrong.push(format!("upstream saw tenant {}", v["headers"]["x-tenant-id"]));
+            }
+            if v["headers"].get("authorization").is_some()
+                || v["headers"]["cookie"].as_str().is_some_and(|c| c.contains("session"))
+            {
+                wrong.push("the token went upstream".into());
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{}: {}", case.name, wrong.join(", ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} JWT shapes misbehaved:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let log = gw.log();
+    assert!(!log.contains(JWT_SECRET), "the HMAC secret reached the log");
+    assert!(!log.contains("eyJ"), "a token reached the log:\n{log}");
+}

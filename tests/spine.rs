@@ -366,7 +366,7 @@ mod expiry {
         let hints = resolve(&rt.config.tenancy, &canon, &req, Some([127, 0, 0, 1].into()))?;
         match authenticate(directory, &hints, now)? {
             Principal::Keyed { key } => Ok(key.id.to_string()),
-            Principal::Anonymous { .. } => panic!("a request with a key came out anonymous"),
+            Principal::Anonymous { .. } | Principal::Token { .. } => panic!("a request with a key came out without it"),
         }
     }
 

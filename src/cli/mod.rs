@@ -9,7 +9,10 @@ use explain::explain;
 
 /// The `tollgate rules explain` command: loads the config and explains one request, read
 /// through the same canonical view as the gateway (so `--method delete` is refused as it would
-/// be on the wire). When only `tenant` is given, its tier comes from the config.
+/// be on the wire). When only `tenant` is given, its tier comes from the config. With `jwt`,
+/// the token is checked as the gateway would check it now (its issuer's `jwks_url` is
+/// fetched), and the tenant, tier and scopes it proves are explained with the request.
+#[allow(clippy::too_many_arguments)]
 pub fn explain_cli(
     path: &std::path::Path,
     method: &str,
@@ -18,8 +21,25 @@ pub fn explain_cli(
     tier: Option<String>,
     tenant: Option<String>,
     headers: &[String],
+    jwt: Option<&str>,
 ) -> Result<String, String> {
     let config = crate::app::load_or_report(path)?;
+    // `--jwt -` reads the token from stdin, keeping it out of the process list and history.
+    let from_stdin = match jwt {
+        Some("-") => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), 64 * 1024), &mut t)
+                .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+            Some(t)
+        }
+        _ => None,
+    };
+    let jwt = from_stdin.as_deref().or(jwt);
+    let facts = jwt.map(|t| explain_token(&config, t));
+    let (tier, tenant) = match &facts {
+        Some(f) => (tier.or(f.tier.clone()), tenant.or(f.tenant.clone())),
+        None => (tier, tenant),
+    };
     let method =
         http::Method::from_bytes(method.as_bytes()).map_err(|_| format!("`{method}` is not an HTTP method"))?;
     let mut map = http::HeaderMap::new();
@@ -76,7 +96,37 @@ pub fn explain_cli(
         tier: tier.as_deref(),
         tenant: tenant.as_deref(),
     };
-    Ok(explain(&config, &view))
+    let mut out = facts.as_ref().map(|f| f.text.clone()).unwrap_or_default();
+    out.push_str(&explain(&config, &view));
+    if let Some(scopes) = facts.as_ref().and_then(|f| f.scopes.as_ref()) {
+        if let Some(line) = explain::scope_verdict(&config, &view, scopes) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// `rules explain --jwt`: the token checked at the current time, with the keys of the config
+/// (a `jwks_url` is fetched once, within the issuer's `jwks_timeout`).
+fn explain_token(config: &crate::config::Config, token: &str) -> explain::TokenFacts {
+    use crate::config::JwtKeys;
+    let keys = |i: usize| -> Result<std::sync::Arc<crate::jwks::KeySet>, String> {
+        let issuer = config.jwt.issuers.get(i).ok_or_else(|| "no such issuer".to_string())?;
+        match &issuer.keys {
+            JwtKeys::File { keys, .. } | JwtKeys::Hmac { keys, .. } => Ok(keys.clone()),
+            JwtKeys::Url(url) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime: {e}"))?;
+                rt.block_on(crate::jwt::fetch::fetch(url, issuer.jwks_timeout))
+                    .map(std::sync::Arc::new)
+                    .map_err(|e| format!("{url}: {e}"))
+            }
+        }
+    };
+    explain::token(config, token, chrono::Utc::now().timestamp_millis(), &keys)
 }
 
 /// How long a command that reads the store waits for a Redis Cluster to be discovered.

@@ -138,6 +138,44 @@ pub struct AdminFile {
     pub reload_max_removed_fraction: Option<Spanned<f64>>,
 }
 
+/// `[jwt]`: where tokens are read from, and `[[jwt.issuers]]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct JwtFile {
+    pub header: Option<SStr>,
+    pub cookie: Option<SStr>,
+    pub cache_size: Option<Spanned<i64>>,
+    pub max_token_bytes: Option<Spanned<IntOrStr>>,
+    #[serde(default)]
+    pub issuers: Vec<Spanned<IssuerFile>>,
+}
+
+/// One `[[jwt.issuers]]` table.
+#[derive(Debug, Deserialize)]
+pub struct IssuerFile {
+    pub issuer: Option<SStr>,
+    #[serde(default, deserialize_with = "words::strings")]
+    pub audiences: Option<Vec<SStr>>,
+    #[serde(default, deserialize_with = "words::strings")]
+    pub algorithms: Option<Vec<SStr>>,
+    pub jwks_url: Option<SStr>,
+    pub jwks_file: Option<SStr>,
+    pub hmac_secret_file: Option<SStr>,
+    pub tenant_claim: Option<SStr>,
+    pub scopes_claim: Option<SStr>,
+    pub key_id_claim: Option<SStr>,
+    pub tier_claim: Option<SStr>,
+    #[serde(default, deserialize_with = "words::strings")]
+    pub tiers: Option<Vec<SStr>>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub leeway: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub jwks_refresh: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub jwks_refresh_floor: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub jwks_timeout: Option<SStr>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct TierFile {
     pub upstream: Option<SStr>,
@@ -224,6 +262,7 @@ pub struct MainFile {
     pub metering: MeteringFile,
     pub metrics: MetricsFile,
     pub admin: AdminFile,
+    pub jwt: JwtFile,
     pub tiers: Vec<(SStr, TierFile)>,
     pub upstreams: Vec<(SStr, UpstreamFile)>,
     pub tenants: Vec<Spanned<TenantFile>>,
@@ -385,6 +424,7 @@ fn read_root(
             "metering" => out.metering = de_unit(src, key, value, diags).unwrap_or_default(),
             "metrics" => out.metrics = de_unit(src, key, value, diags).unwrap_or_default(),
             "admin" => out.admin = de_unit(src, key, value, diags).unwrap_or_default(),
+            "jwt" => out.jwt = de_unit(src, key, value, diags).unwrap_or_default(),
             "tiers" => out.tiers = de_named_tables(src, value, diags),
             "upstreams" => out.upstreams = de_named_tables(src, value, diags),
             "tenants" => match value.get_ref() {
@@ -402,7 +442,7 @@ fn read_root(
                 src,
                 key.span(),
                 format!(
-                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, metering, metrics, admin, tiers, upstreams, tenants{}",
+                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, metering, metrics, admin, jwt, tiers, upstreams, tenants{}",
                     " (and the rule keys rule, defaults, unmatched, usage_metrics)"
                 ),
             ),

@@ -6,6 +6,7 @@
 //! line and column. A failed load changes nothing; callers keep running on the old config.
 
 pub mod file;
+pub mod jwt;
 pub mod model;
 pub mod policy;
 
@@ -540,11 +541,12 @@ fn validate(
             "subdomain" => Source::Subdomain,
             "header" => Source::Header,
             "path" => Source::Path,
+            "jwt" => Source::Jwt,
             other => {
                 diags.error_at(
                     src,
                     s.span(),
-                    format!("unknown tenant source `{other}`; use api_key, subdomain, header or path"),
+                    format!("unknown tenant source `{other}`; use api_key, jwt, subdomain, header or path"),
                 );
                 continue;
             }
@@ -557,7 +559,7 @@ fn validate(
     if t.resolve.is_none() {
         resolve = vec![Source::ApiKey, Source::Subdomain, Source::Path];
     }
-    if !resolve.contains(&Source::ApiKey) {
+    if !resolve.contains(&Source::ApiKey) && !resolve.contains(&Source::Jwt) {
         if let Some(first) = t.resolve.as_ref().and_then(|r| r.first()) {
             diags.warn_at(
                 src,
@@ -587,12 +589,15 @@ fn validate(
         None => vec![http::header::AUTHORIZATION, http::HeaderName::from_static("x-api-key")],
         Some(list) => list.iter().filter_map(|h| header_name(h, src, diags)).collect(),
     };
-    let tenancy = Tenancy {
+    let mut tenancy = Tenancy {
         resolve,
         base_domain,
         tenant_header,
         key_headers,
         trusted_proxies: cidrs(t.trusted_proxies.as_deref().unwrap_or(&[]), src, diags),
+        // From `[jwt]`, once the tiers its issuers may grant are known.
+        token_header: None,
+        token_cookie: None,
     };
 
     // [log]
@@ -876,6 +881,15 @@ fn validate(
         );
     }
 
+    // [jwt]
+    let resolve_jwt = main.tenancy.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "jwt"));
+    let mut taken: Vec<&http::HeaderName> = tenancy.key_headers.iter().collect();
+    taken.push(&tenancy.tenant_header);
+    let jwt = jwt::validate(src, base_dir, &main.jwt, &tiers, resolve_jwt, &taken, diags);
+    tenancy.token_header = jwt.header;
+    tenancy.token_cookie = jwt.cookie;
+    let jwt = Arc::new(jwt.jwt);
+
     // [[tenants]]
     let mut tenants = Vec::new();
     // The file is the operator's: no hash flooding to fear, and a million keys to check.
@@ -1144,5 +1158,5 @@ fn validate(
         diags.error_file(&src.path, "tenants are defined but no tier is; add a `[tiers.NAME]` table");
     }
 
-    Some(Config { files, server, store, tenancy, log, metering, metrics, admin, tiers, upstreams, tenants, rules })
+    Some(Config { files, server, store, tenancy, log, metering, metrics, admin, jwt, tiers, upstreams, tenants, rules })
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub metering: MeteringConfig,
     pub metrics: MetricsConfig,
     pub admin: AdminConfig,
+    /// `[jwt]`: shared, so the token verifier can tell a reloaded config from the one it runs.
+    pub jwt: Arc<JwtConfig>,
     pub tiers: BTreeMap<String, Arc<Tier>>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub tenants: Vec<TenantConfig>,
@@ -145,6 +147,8 @@ pub enum Source {
     Subdomain,
     Header,
     Path,
+    /// A signed token of a `[[jwt.issuers]]` issuer.
+    Jwt,
 }
 
 impl Source {
@@ -154,6 +158,7 @@ impl Source {
             Source::Subdomain => "subdomain",
             Source::Header => "header",
             Source::Path => "path",
+            Source::Jwt => "jwt",
         }
     }
 }
@@ -166,6 +171,10 @@ pub struct Tenancy {
     pub tenant_header: http::HeaderName,
     pub key_headers: Vec<http::HeaderName>,
     pub trusted_proxies: Vec<IpNet>,
+    /// `[jwt] header`: a header that carries a token (besides `Authorization: Bearer`).
+    pub token_header: Option<http::HeaderName>,
+    /// `[jwt] cookie`: a cookie that carries a token.
+    pub token_cookie: Option<String>,
 }
 
 impl Tenancy {
@@ -320,4 +329,109 @@ impl Default for AdminConfig {
             reload_max_removed_fraction: DEFAULT_RELOAD_MAX_REMOVED_FRACTION,
         }
     }
+}
+
+/// `[jwt]`: the issuers whose signed tokens name a tenant. Validated in `config::jwt`; keys
+/// from `jwks_file` and `hmac_secret_file` are read at load time, so a reload reads them again.
+#[derive(Debug)]
+pub struct JwtConfig {
+    pub issuers: Vec<JwtIssuer>,
+    /// Verified tokens kept (by SHA-256) until they expire.
+    pub cache_size: usize,
+    /// A longer token is refused before anything else is done with it.
+    pub max_token_bytes: usize,
+}
+
+/// Defaults of `[jwt]`.
+pub const DEFAULT_JWT_CACHE_SIZE: usize = 100_000;
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig { issuers: Vec::new(), cache_size: DEFAULT_JWT_CACHE_SIZE, max_token_bytes: DEFAULT_MAX_TOKEN_BYTES }
+    }
+}
+
+impl JwtConfig {
+    /// The issuer whose `issuer` is exactly `iss`.
+    pub fn issuer(&self, iss: &str) -> Option<usize> {
+        self.issuers.iter().position(|i| i.issuer == iss)
+    }
+}
+
+/// One `[[jwt.issuers]]`.
+#[derive(Debug)]
+pub struct JwtIssuer {
+    /// The `iss` its tokens carry, compared exactly.
+    pub issuer: String,
+    /// A token's `aud` must name at least one of these.
+    pub audiences: Vec<String>,
+    /// The allowlist: all HMAC or all public-key, never `none`.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub keys: JwtKeys,
+    pub tenant_claim: ClaimPath,
+    pub scopes_claim: ClaimPath,
+    pub key_id_claim: ClaimPath,
+    pub tier_claim: Option<ClaimPath>,
+    /// The tiers `tier_claim` may name.
+    pub tiers: Vec<Arc<Tier>>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// How often a `jwks_url` is fetched again.
+    pub jwks_refresh: Duration,
+    /// The least time between two fetches, whatever asks for them (an unknown `kid`, a failure).
+    pub jwks_refresh_floor: Duration,
+    /// How long one fetch may take.
+    pub jwks_timeout: Duration,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    /// Fetched in the background, and again on schedule or on an unknown `kid`.
+    Url(String),
+    /// A JWKS file, read at load.
+    File { path: PathBuf, keys: Arc<crate::jwks::KeySet> },
+    /// An HMAC secret file, read at load.
+    Hmac { path: PathBuf, keys: Arc<crate::jwks::KeySet> },
+}
+
+/// A claim named by a dotted path (`tenant_id`, `realm_access.roles`). A key that itself holds
+/// dots, like Auth0's namespaced `https://example.com/tenant`, is found too: at each level the
+/// longest run of segments that is a key of the object wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath {
+    pub text: String,
+    pub segments: Vec<String>,
+}
+
+impl ClaimPath {
+    /// `None` for a path with an empty segment.
+    pub fn parse(text: &str) -> Option<ClaimPath> {
+        let segments: Vec<String> = text.split('.').map(str::to_string).collect();
+        if text.is_empty() || segments.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(ClaimPath { text: text.to_string(), segments })
+    }
+
+    /// The value at this path in `claims`.
+    pub fn find<'c>(&self, claims: &'c serde_json::Map<String, serde_json::Value>) -> Option<&'c serde_json::Value> {
+        find_in(claims, &self.segments)
+    }
+}
+
+fn find_in<'c>(obj: &'c serde_json::Map<String, serde_json::Value>, segs: &[String]) -> Option<&'c serde_json::Value> {
+    if let Some(v) = obj.get(&segs.join(".")) {
+        return Some(v);
+    }
+    // Shorter and shorter runs of segments as this level's key, the rest one level down.
+    for take in (1..segs.len()).rev() {
+        if let Some(serde_json::Value::Object(inner)) = obj.get(&segs[..take].join(".")) {
+            if let Some(v) = find_in(inner, &segs[take..]) {
+                return Some(v);
+            }
+        }
+    }
+    None
 }

@@ -43,7 +43,7 @@ pub struct StoreMeta {
 }
 
 /// A tenant, resolved against its tier.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: Arc<str>,
     pub name: String,

@@ -1,11 +1,14 @@
-//! Stage 2, authenticate: turn the presented key and tenant claims into a [`Principal`].
+//! Stage 2, authenticate: turn the presented key or verified token and the tenant claims into
+//! a [`Principal`].
 //!
 //! The key is hashed and looked up in the directory snapshot; no store is consulted. An API key
 //! is authoritative: if a host, header or path names another tenant the answer is
-//! `tenant_mismatch`. Without a key the principal is anonymous, and only a public rule will
+//! `tenant_mismatch`. A verified token (see the token stage) is authoritative the same way, for
+//! the tenant it names. Without either the principal is anonymous, and only a public rule will
 //! accept it (see the authorize stage).
 
-use super::resolve::Hints;
+use super::resolve::{Claim, Hints};
+use super::token::Verified;
 use crate::directory::{Directory, Key, Tenant};
 use crate::error::Reject;
 use crate::keys::KeyHash;
@@ -16,6 +19,8 @@ use std::sync::Arc;
 pub enum Principal<'d> {
     /// A valid, unexpired, unrevoked key of an active tenant, from an allowed address.
     Keyed { key: &'d Key },
+    /// A verified, unexpired token naming an active tenant, from an allowed address.
+    Token { token: &'d Verified },
     /// No key. `tenant` is what a non-key source named, if it exists.
     Anonymous { tenant: Option<&'d Arc<Tenant>>, unknown: Option<String> },
 }
@@ -24,6 +29,7 @@ impl<'d> Principal<'d> {
     pub fn tenant(&self) -> Option<&'d Arc<Tenant>> {
         match self {
             Principal::Keyed { key } => Some(&key.tenant),
+            Principal::Token { token } => Some(&token.tenant),
             Principal::Anonymous { tenant, .. } => *tenant,
         }
     }
@@ -42,6 +48,26 @@ pub fn identify<'d>(
     hints: &Hints<'_>,
     now_ms: i64,
 ) -> Result<Principal<'d>, (Reject, Option<&'d Key>)> {
+    identify_with(dir, hints, None, now_ms)
+}
+
+/// [`identify`] for a request whose token the token stage verified (`token`).
+pub fn identify_with<'d>(
+    dir: &'d Directory,
+    hints: &Hints<'_>,
+    token: Option<&'d Verified>,
+    now_ms: i64,
+) -> Result<Principal<'d>, (Reject, Option<&'d Key>)> {
+    if let Some(token) = token {
+        let tenant = &token.tenant;
+        if let Some(claim) = hints.claim.as_ref().filter(|c| !names(c, tenant)) {
+            let reject =
+                Reject::TokenTenantMismatch { token_tenant: tenant.id.to_string(), claimed: claim.tenant.to_string() };
+            return Err((reject, None));
+        }
+        check_tenant(tenant, hints).map_err(|r| (r, None))?;
+        return Ok(Principal::Token { token });
+    }
     let Some(secret) = hints.credential else {
         let tenant = hints.claim.as_ref().and_then(|c| {
             dir.tenant(&c.tenant).or_else(|| {
@@ -64,10 +90,7 @@ pub fn identify<'d>(
     }
     let tenant = &key.tenant;
     if let Some(claim) = &hints.claim {
-        let same = *claim.tenant == *tenant.id
-            || (claim.source == crate::config::Source::Subdomain
-                && tenant.subdomains.iter().any(|s| *s == *claim.tenant));
-        if !same {
+        if !names(claim, tenant) {
             return refuse(Reject::TenantMismatch {
                 key_tenant: tenant.id.to_string(),
                 claimed: claim.tenant.to_string(),
@@ -78,6 +101,12 @@ pub fn identify<'d>(
         return refuse(reject);
     }
     Ok(Principal::Keyed { key })
+}
+
+/// Whether a host, header or path claim names `tenant` (by id, or by one of its subdomains).
+fn names(claim: &Claim<'_>, tenant: &Tenant) -> bool {
+    *claim.tenant == *tenant.id
+        || (claim.source == crate::config::Source::Subdomain && tenant.subdomains.iter().any(|s| *s == *claim.tenant))
 }
 
 /// Status and address checks that apply to a tenant however it was identified.

@@ -67,8 +67,13 @@ fn check<'d>(
     if let Some((status, message)) = &a.deny {
         return Err(Reject::Denied { status: *status, message: message.clone(), rule: rule.name.to_string() });
     }
+    let mut token = None;
     let key = match principal {
         Principal::Keyed { key } => Some(key),
+        Principal::Token { token: t } => {
+            token = Some(&t.identity);
+            None
+        }
         Principal::Anonymous { tenant, unknown } => {
             if !a.public {
                 return Err(Reject::MissingKey);
@@ -82,10 +87,20 @@ fn check<'d>(
             None
         }
     };
-    if let Some(k) = key {
-        let missing: Vec<String> = a.require_scopes.iter().filter(|s| !k.has_scope(s)).map(|s| s.to_string()).collect();
+    // A token's scopes count like a key's.
+    let has = |s: &str| match (key, token) {
+        (Some(k), _) => k.has_scope(s),
+        (None, Some(t)) => t.has_scope(s),
+        (None, None) => false,
+    };
+    if key.is_some() || token.is_some() {
+        let missing: Vec<String> = a.require_scopes.iter().filter(|s| !has(s)).map(|s| s.to_string()).collect();
         if !missing.is_empty() {
-            return Err(Reject::InsufficientScope { missing });
+            return Err(if key.is_some() {
+                Reject::InsufficientScope { missing }
+            } else {
+                Reject::TokenInsufficientScope { missing }
+            });
         }
     }
     if let Some(feature) = &a.require_feature {

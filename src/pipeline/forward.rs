@@ -62,6 +62,15 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
         for h in &tenancy.key_headers {
             req.remove_header(h);
         }
+        if tenancy.uses(crate::config::Source::Jwt) {
+            req.remove_header(&http::header::AUTHORIZATION);
+            if let Some(h) = &tenancy.token_header {
+                req.remove_header(h);
+            }
+            if let Some(name) = &tenancy.token_cookie {
+                remove_cookie(req, name)?;
+            }
+        }
     }
 
     if let Some(uri) = &ctx.upstream_uri {
@@ -119,6 +128,34 @@ pub fn upstream_request(req: &mut RequestHeader, ctx: &RequestCtx, pool_host: Op
         for (k, v) in &rule.actions.set_request_headers {
             req.insert_header(k.clone(), v.clone())?;
         }
+    }
+    Ok(())
+}
+
+/// Takes the cookie `name` out of every `Cookie` header, keeping the other cookies.
+fn remove_cookie(req: &mut RequestHeader, name: &str) -> pingora::Result<()> {
+    let carries = |v: &http::HeaderValue| {
+        v.as_bytes().split(|b| *b == b';').any(|p| p.trim_ascii().split(|b| *b == b'=').next() == Some(name.as_bytes()))
+    };
+    if !req.headers.get_all(http::header::COOKIE).iter().any(carries) {
+        return Ok(());
+    }
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for v in req.headers.get_all(http::header::COOKIE) {
+        for p in v.as_bytes().split(|b| *b == b';') {
+            let p = p.trim_ascii();
+            if !p.is_empty() && p.split(|b| *b == b'=').next().map(<[u8]>::trim_ascii) != Some(name.as_bytes()) {
+                kept.push(p);
+            }
+        }
+    }
+    let joined = kept.join(&b"; "[..]);
+    req.remove_header(&http::header::COOKIE);
+    if !joined.is_empty() {
+        let value = http::HeaderValue::from_bytes(&joined).map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "cookie header does not rebuild")
+        })?;
+        req.insert_header(http::header::COOKIE, value)?;
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The request pipeline, and the Pingora `ProxyHttp` impl that sequences it.
 //!
 //! ```text
-//!  request_filter ─► canonicalize ─► resolve ─► authenticate ─► authorize ─► rate_limit ─► quota ─► concurrency
-//!                    Canonical       Hints      Principal       Permit       (&Permit)     Reserved  SlotGuard
+//!  request_filter ─► canonicalize ─► resolve ─► (token) ─► authenticate ─► authorize ─► rate_limit ─► quota ─► concurrency
+//!                    Canonical       Hints      Verified   Principal       Permit       (&Permit)     Reserved  SlotGuard
 //!                    any refusal: one problem+json response, reservations given back, Ok(true)
 //!  request_body_filter: counts streamed bodies against the rule's max_body
 //!  upstream_peer ────────────────────────────────► forward::peer (round robin, timeouts)
@@ -27,6 +27,7 @@ pub mod quota;
 pub mod rate_limit;
 pub mod resolve;
 pub mod self_service;
+pub mod token;
 
 use crate::clock::SharedClock;
 use crate::directory::canonical_ip;
@@ -52,6 +53,8 @@ pub struct Gateway {
     pub limits: Arc<crate::limits::Limits>,
     pub meter: Arc<crate::metering::Meter>,
     pub webhook: Option<crate::metering::webhook::WebhookSender>,
+    /// Checks the bearer tokens of `jwt` resolution, and keeps the keys and the verified ones.
+    pub jwt: Arc<crate::jwt::Jwt>,
 }
 
 /// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
@@ -71,7 +74,7 @@ impl Gateway {
     /// Runs every admission stage in order and records what later phases need.
     async fn admit(
         &self,
-        rt: &crate::runtime::Runtime,
+        rt: &Arc<crate::runtime::Runtime>,
         session: &Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, Reject> {
@@ -87,17 +90,35 @@ impl Gateway {
         ctx.upstream_host = canon.missing_host_header().map(str::to_string);
         let hints = resolve::resolve(&cfg.tenancy, &canon, req, peer)?;
         ctx.client_ip = hints.client_ip;
-        let principal = match authenticate::identify(&rt.directory, &hints, self.clock.now_millis()) {
-            Ok(p) => p,
-            Err((reject, key)) => {
-                // Name the refused key and its tenant in the access log (never the secret).
-                if let Some(key) = key {
-                    ctx.key_id = Some(key.id.clone());
-                    ctx.identified_tenant = Some(key.tenant.clone());
+        let verified = match hints.token {
+            None => None,
+            Some(t) => match token::verify(&self.jwt, rt, t).await {
+                Ok(v) => {
+                    ctx.key_id = v.identity.key_id.clone();
+                    Some(v)
                 }
-                return Err(reject);
-            }
+                Err((reject, identity)) => {
+                    // Name what the token proved in the access log (never the token).
+                    ctx.key_id = identity.and_then(|i| i.key_id.clone());
+                    return Err(reject);
+                }
+            },
         };
+        let principal =
+            match authenticate::identify_with(&rt.directory, &hints, verified.as_ref(), self.clock.now_millis()) {
+                Ok(p) => p,
+                Err((reject, key)) => {
+                    // Name the refused key and its tenant in the access log (never the secret).
+                    if let Some(key) = key {
+                        ctx.key_id = Some(key.id.clone());
+                        ctx.identified_tenant = Some(key.tenant.clone());
+                    }
+                    if let Some(v) = &verified {
+                        ctx.identified_tenant = Some(v.tenant.clone());
+                    }
+                    return Err(reject);
+                }
+            };
         ctx.tenant = principal.tenant().cloned();
         if let authenticate::Principal::Keyed { key } = &principal {
             ctx.key_id = Some(key.id.clone());
@@ -110,7 +131,10 @@ impl Gateway {
                     hints.path,
                     ctx.request_id.as_str(),
                 ))),
-                authenticate::Principal::Anonymous { .. } => Err(Reject::MissingKey),
+                // Self-service manages API keys: it takes an API key, not a token.
+                authenticate::Principal::Anonymous { .. } | authenticate::Principal::Token { .. } => {
+                    Err(Reject::MissingKey)
+                }
             };
         }
         let permit = match authorize::authorize_rule(&cfg.rules, req, &hints, principal) {
