@@ -793,6 +793,12 @@ issuer = "https://a.test/"
 algorithms = ["RS256"]
 jwks_file = "missing.json"
 hmac_secret_file = "short.secret"
+
+[[jwt.issuers]]
+issuer = "https://d.test/"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+jwks_file = "/dev/zero"
 "#;
     let path = dir.join("tollgate.toml");
     std::fs::write(&path, text).expect("write");
@@ -815,6 +821,7 @@ hmac_secret_file = "short.secret"
         (36, "issuer `https://a.test/` is listed twice"),
         (38, "cannot read the JWKS file"),
         (39, "has both `jwks_file` and `hmac_secret_file`"),
+        (45, "not a regular file"),
     ];
     for (line, needle) in want {
         assert!(
