@@ -163,127 +163,6 @@ fn request(path: &str, host: &str, bearer: &str) -> RequestHeader {
     req
 }
 
-fn bench_auth(c: &mut Criterion) {
-    let config = load_config();
-    eprintln!("building a directory of {TENANTS} tenants and {} keys...", TENANTS * KEYS_PER_TENANT);
-    let dir = build_directory(&config);
-    let tenancy = &config.tenancy;
-    let max = config.server.max_header_bytes;
-    let policy = RequestPolicy::of(&config);
-    let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
-
-    let bearer: Vec<RequestHeader> = (0..ROTATION)
-        .map(|i| {
-            let (t, n) = pick(i);
-            request("/v1/chat/completions", "api.example.com", &secret(t, n))
-        })
-        .collect();
-    let subdomain: Vec<RequestHeader> = (0..ROTATION)
-        .map(|i| {
-            let (t, n) = pick(i);
-            let host = format!("{}.api.example.com", tenant_id(t));
-            request("/v1/chat/completions", &host, &secret(t, n))
-        })
-        .collect();
-    let unknown: Vec<RequestHeader> = (0..ROTATION)
-        .map(|i| {
-            let (t, _) = pick(i);
-            // Right shape and prefix, but key number 99 was never issued.
-            request("/v1/chat/completions", "api.example.com", &secret(t, 99))
-        })
-        .collect();
-
-    // Every prepared request must give the expected answer before it is timed.
-    for req in bearer.iter().chain(&subdomain) {
-        let canon = of_request(req, &policy).expect("canonical");
-        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
-        let principal = authenticate(&dir, &hints, NOW_MS).expect("authenticates");
-        assert!(matches!(principal, Principal::Keyed { .. }));
-    }
-    for req in &unknown {
-        let canon = of_request(req, &policy).expect("canonical");
-        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
-        assert!(authenticate(&dir, &hints, NOW_MS).is_err());
-    }
-
-    let run = |req: &RequestHeader| -> bool {
-        if check_size(black_box(req), max).is_err() {
-            return false;
-        }
-        let Ok(canon) = of_request(req, &policy) else { return false };
-        let hints = match resolve(tenancy, &canon, req, peer) {
-            Ok(h) => h,
-            Err(_) => return false,
-        };
-        authenticate(&dir, &hints, NOW_MS).is_ok()
-    };
-
-    let mut g = c.benchmark_group("resolve+authenticate");
-    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-
-    g.bench_function("valid_key_bearer", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            black_box(run(&bearer[i]))
-        })
-    });
-    g.bench_function("valid_key_subdomain_host", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            black_box(run(&subdomain[i]))
-        })
-    });
-    g.bench_function("unknown_key", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            black_box(run(&unknown[i]))
-        })
-    });
-    g.bench_function("valid_key_bearer_same_request", |b| {
-        let req = &bearer[0];
-        b.iter(|| black_box(run(req)))
-    });
-    g.finish();
-
-    // Where the time goes: each step of the above on its own.
-    let mut g = c.benchmark_group("auth_parts");
-    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    g.bench_function("resolve_only", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            let req = black_box(&bearer[i]);
-            let Ok(canon) = of_request(req, &policy) else { return false };
-            black_box(resolve(tenancy, &canon, req, peer).is_ok())
-        })
-    });
-    let secrets: Vec<String> = (0..ROTATION)
-        .map(|i| {
-            let (t, n) = pick(i);
-            secret(t, n)
-        })
-        .collect();
-    g.bench_function("sha256_of_key", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            black_box(KeyHash::of(black_box(secrets[i].as_bytes())))
-        })
-    });
-    let hashes: Vec<KeyHash> = secrets.iter().map(|s| KeyHash::of(s.as_bytes())).collect();
-    g.bench_function("directory_lookup", |b| {
-        let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % ROTATION;
-            black_box(dir.key(black_box(&hashes[i])).is_some())
-        })
-    });
-    g.finish();
-}
-
 /// A directory of store tenants (as loaded from the store) with `keys` keys over `tenants`
 /// tenants, on tier `free`.
 fn store_directory(config: &Config, tenants: usize, keys_per_tenant: usize) -> Directory {
@@ -602,5 +481,128 @@ mod jwt_bench {
     }
 }
 
-criterion_group!(benches, jwt_bench::bench_jwt, bench_auth, bench_changes);
+fn bench_auth(c: &mut Criterion) {
+    // The JWT cases first: they need no 1M-key directory (see `jwt_bench`).
+    jwt_bench::bench_jwt(c);
+    let config = load_config();
+    eprintln!("building a directory of {TENANTS} tenants and {} keys...", TENANTS * KEYS_PER_TENANT);
+    let dir = build_directory(&config);
+    let tenancy = &config.tenancy;
+    let max = config.server.max_header_bytes;
+    let policy = RequestPolicy::of(&config);
+    let peer = Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+
+    let bearer: Vec<RequestHeader> = (0..ROTATION)
+        .map(|i| {
+            let (t, n) = pick(i);
+            request("/v1/chat/completions", "api.example.com", &secret(t, n))
+        })
+        .collect();
+    let subdomain: Vec<RequestHeader> = (0..ROTATION)
+        .map(|i| {
+            let (t, n) = pick(i);
+            let host = format!("{}.api.example.com", tenant_id(t));
+            request("/v1/chat/completions", &host, &secret(t, n))
+        })
+        .collect();
+    let unknown: Vec<RequestHeader> = (0..ROTATION)
+        .map(|i| {
+            let (t, _) = pick(i);
+            // Right shape and prefix, but key number 99 was never issued.
+            request("/v1/chat/completions", "api.example.com", &secret(t, 99))
+        })
+        .collect();
+
+    // Every prepared request must give the expected answer before it is timed.
+    for req in bearer.iter().chain(&subdomain) {
+        let canon = of_request(req, &policy).expect("canonical");
+        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
+        let principal = authenticate(&dir, &hints, NOW_MS).expect("authenticates");
+        assert!(matches!(principal, Principal::Keyed { .. }));
+    }
+    for req in &unknown {
+        let canon = of_request(req, &policy).expect("canonical");
+        let hints = resolve(tenancy, &canon, req, peer).expect("resolves");
+        assert!(authenticate(&dir, &hints, NOW_MS).is_err());
+    }
+
+    let run = |req: &RequestHeader| -> bool {
+        if check_size(black_box(req), max).is_err() {
+            return false;
+        }
+        let Ok(canon) = of_request(req, &policy) else { return false };
+        let hints = match resolve(tenancy, &canon, req, peer) {
+            Ok(h) => h,
+            Err(_) => return false,
+        };
+        authenticate(&dir, &hints, NOW_MS).is_ok()
+    };
+
+    let mut g = c.benchmark_group("resolve+authenticate");
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+
+    g.bench_function("valid_key_bearer", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            black_box(run(&bearer[i]))
+        })
+    });
+    g.bench_function("valid_key_subdomain_host", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            black_box(run(&subdomain[i]))
+        })
+    });
+    g.bench_function("unknown_key", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            black_box(run(&unknown[i]))
+        })
+    });
+    g.bench_function("valid_key_bearer_same_request", |b| {
+        let req = &bearer[0];
+        b.iter(|| black_box(run(req)))
+    });
+    g.finish();
+
+    // Where the time goes: each step of the above on its own.
+    let mut g = c.benchmark_group("auth_parts");
+    g.sample_size(50).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.bench_function("resolve_only", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            let req = black_box(&bearer[i]);
+            let Ok(canon) = of_request(req, &policy) else { return false };
+            black_box(resolve(tenancy, &canon, req, peer).is_ok())
+        })
+    });
+    let secrets: Vec<String> = (0..ROTATION)
+        .map(|i| {
+            let (t, n) = pick(i);
+            secret(t, n)
+        })
+        .collect();
+    g.bench_function("sha256_of_key", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            black_box(KeyHash::of(black_box(secrets[i].as_bytes())))
+        })
+    });
+    let hashes: Vec<KeyHash> = secrets.iter().map(|s| KeyHash::of(s.as_bytes())).collect();
+    g.bench_function("directory_lookup", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % ROTATION;
+            black_box(dir.key(black_box(&hashes[i])).is_some())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_auth, bench_changes);
 criterion_main!(benches);

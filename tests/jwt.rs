@@ -793,6 +793,12 @@ issuer = "https://a.test/"
 algorithms = ["RS256"]
 jwks_file = "missing.json"
 hmac_secret_file = "short.secret"
+
+[[jwt.issuers]]
+issuer = "https://d.test/"
+audiences = ["api"]
+algorithms = ["EdDSA"]
+jwks_file = "/dev/zero"
 "#;
     let path = dir.join("tollgate.toml");
     std::fs::write(&path, text).expect("write");
@@ -815,6 +821,7 @@ hmac_secret_file = "short.secret"
         (36, "issuer `https://a.test/` is listed twice"),
         (38, "cannot read the JWKS file"),
         (39, "has both `jwks_file` and `hmac_secret_file`"),
+        (45, "not a regular file"),
     ];
     for (line, needle) in want {
         assert!(
@@ -823,4 +830,125 @@ hmac_secret_file = "short.secret"
         );
     }
     assert_eq!(errors.len(), want.len(), "{d}");
+}
+
+#[test]
+fn a_jwks_url_over_https_is_fetched_with_the_certificate_checked() {
+    use std::process::{Command, Stdio};
+    let dir = temp_dir("jwt-https");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl (scripts/ensure-deps.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // A CA, and a server certificate for 127.0.0.1 signed by it.
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "leaf.crt",
+    ]);
+    std::fs::write(dir.join("jwks.json"), jwks(&[rsa_key()])).expect("write");
+    // `openssl s_server -WWW` serves the directory's files over HTTPS.
+    let port = free_port();
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-cert", "leaf.crt", "-key", "leaf.key", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "s_server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config = format!(
+        r#"
+[tenancy]
+resolve = ["jwt"]
+
+[upstreams.api]
+servers = ["127.0.0.1:9000"]
+
+[tiers.free]
+upstream = "api"
+
+[[jwt.issuers]]
+issuer = "{RSA_ISS}"
+audiences = ["{AUD}"]
+algorithms = ["RS256"]
+jwks_url = "https://127.0.0.1:{port}/jwks.json"
+tenant_claim = "{NS_TENANT}"
+
+[[tenants]]
+id = "acme"
+tier = "free"
+"#
+    );
+    std::fs::write(dir.join("tollgate.toml"), config).expect("write");
+    let token = rsa_key().sign(&auth0("acme", "read"));
+    let explain = |ca: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["rules", "explain", "-c"]).arg(dir.join("tollgate.toml")).args(["--jwt", &token]);
+        if let Some(ca) = ca {
+            // The platform's root certificates, as rustls-native-certs reads them.
+            cmd.env("SSL_CERT_FILE", dir.join(ca));
+        }
+        String::from_utf8_lossy(&cmd.output().expect("run").stdout).into_owned()
+    };
+    let trusted = explain(Some("ca.crt"));
+    let untrusted = explain(None);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(trusted.contains("token: verified"), "{trusted}");
+    assert!(trusted.contains("tenant: acme (tier free)"), "{trusted}");
+    assert!(untrusted.contains("cannot be checked") && untrusted.contains("UnknownIssuer"), "{untrusted}");
 }

@@ -92,16 +92,25 @@ fn read_file(
     src: &SourceFile,
     diags: &mut Diagnostics,
 ) -> Option<(PathBuf, Vec<u8>)> {
+    use std::io::Read;
     let p = Path::new(s.get_ref());
     let path = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-    match std::fs::metadata(&path) {
-        Ok(m) if m.len() > crate::jwks::MAX_JWKS_BYTES as u64 => {
-            diags.error_at(src, s.span(), format!("{what} {} is larger than 1 MiB", path.display()));
-            return None;
+    let max = crate::jwks::MAX_JWKS_BYTES as u64;
+    // A regular file, read at most to the limit: a device or a pipe named by mistake must not
+    // make loading the config hang or fill memory.
+    let read = std::fs::metadata(&path).and_then(|m| {
+        if !m.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
         }
-        _ => {}
-    }
-    match std::fs::read(&path) {
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)?.take(max + 1).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    });
+    match read {
+        Ok(b) if b.len() as u64 > max => {
+            diags.error_at(src, s.span(), format!("{what} {} is larger than 1 MiB", path.display()));
+            None
+        }
         Ok(b) => Some((path, b)),
         Err(e) => {
             diags.error_at(src, s.span(), format!("cannot read the {what} {}: {e}", path.display()));

@@ -881,15 +881,6 @@ fn validate(
         );
     }
 
-    // [jwt]
-    let resolve_jwt = main.tenancy.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "jwt"));
-    let mut taken: Vec<&http::HeaderName> = tenancy.key_headers.iter().collect();
-    taken.push(&tenancy.tenant_header);
-    let jwt = jwt::validate(src, base_dir, &main.jwt, &tiers, resolve_jwt, &taken, diags);
-    tenancy.token_header = jwt.header;
-    tenancy.token_cookie = jwt.cookie;
-    let jwt = Arc::new(jwt.jwt);
-
     // [[tenants]]
     let mut tenants = Vec::new();
     // The file is the operator's: no hash flooding to fear, and a million keys to check.
@@ -1157,6 +1148,15 @@ fn validate(
     if tiers.is_empty() && !tenants.is_empty() {
         diags.error_file(&src.path, "tenants are defined but no tier is; add a `[tiers.NAME]` table");
     }
+
+    // [jwt]
+    let resolve_jwt = main.tenancy.resolve.as_ref().and_then(|r| r.iter().find(|s| s.get_ref() == "jwt"));
+    let mut taken: Vec<&http::HeaderName> = tenancy.key_headers.iter().collect();
+    taken.push(&tenancy.tenant_header);
+    let jwt = jwt::validate(src, base_dir, &main.jwt, &tiers, resolve_jwt, &taken, diags);
+    tenancy.token_header = jwt.header;
+    tenancy.token_cookie = jwt.cookie;
+    let jwt = Arc::new(jwt.jwt);
 
     Some(Config { files, server, store, tenancy, log, metering, metrics, admin, jwt, tiers, upstreams, tenants, rules })
 }
