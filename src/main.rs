@@ -526,29 +526,20 @@ fn main() -> ExitCode {
             }
         }
         Command::Usage { command: UsageCommand::Report { config, tenant, from, to, format } } => {
-            match tollgate::cli::usage_report(&config, &tenant, &from, &to, &format) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_or_fail(tollgate::cli::usage_report(&config, &tenant, &from, &to, &format))
         }
         Command::Rules {
             command: RulesCommand::Explain { config, method, path, host, tier, tenant, headers, jwt },
-        } => match tollgate::cli::explain_cli(&config, &method, &path, &host, tier, tenant, &headers, jwt.as_deref()) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => print_or_fail(tollgate::cli::explain_cli(
+            &config,
+            &method,
+            &path,
+            &host,
+            tier,
+            tenant,
+            &headers,
+            jwt.as_deref(),
+        )),
     }
 }
 
@@ -593,6 +584,20 @@ fn admin_call(admin: &AdminArgs, method: &str, path: &str, body: Option<Value>) 
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// Prints a command's text on stdout, or its error on stderr with exit status 1.
+fn print_or_fail(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

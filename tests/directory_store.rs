@@ -591,25 +591,24 @@ async fn embedded_opens_a_file_from_before_the_feed() {
     assert_eq!(changes(&store, 7).await.len(), 3);
 }
 
+/// Writes tenant `acme` and its key `key_id` as an earlier release did: the records (and the
+/// version, if given), no feed, no per-tenant key set.
+fn write_records_only(r: &Redis, key_id: &str, version: Option<u64>) {
+    let mut c = redis::Client::open(r.url()).unwrap().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    pipe.cmd("HSET").arg("tg:{dir}:tenants").arg("acme").arg(json(&tenant("acme", "free")));
+    pipe.cmd("HSET").arg("tg:{dir}:keys").arg(key_id).arg(json(&key(key_id, "acme")));
+    if let Some(v) = version {
+        pipe.cmd("SET").arg("tg:{dir}:version").arg(v);
+    }
+    pipe.exec(&mut c).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reads_a_directory_from_before_the_feed() {
     let b = Backend::redis();
     let Server::Redis(r) = &b.server else { unreachable!() };
-    let mut c = redis::Client::open(r.url()).unwrap().get_connection().unwrap();
-    redis::pipe()
-        .cmd("HSET")
-        .arg("tg:{dir}:tenants")
-        .arg("acme")
-        .arg(json(&tenant("acme", "free")))
-        .cmd("HSET")
-        .arg("tg:{dir}:keys")
-        .arg("k1")
-        .arg(json(&key("k1", "acme")))
-        .cmd("SET")
-        .arg("tg:{dir}:version")
-        .arg(7)
-        .exec(&mut c)
-        .unwrap();
+    write_records_only(r, "k1", Some(7));
     check_written_before_the_feed(&*b.store).await;
 }
 
@@ -617,19 +616,8 @@ async fn redis_reads_a_directory_from_before_the_feed() {
 async fn redis_keys_from_before_the_key_sets_go_with_their_tenant_after_a_load() {
     let b = Backend::redis();
     let Server::Redis(r) = &b.server else { unreachable!() };
-    let mut c = redis::Client::open(r.url()).unwrap().get_connection().unwrap();
     // A directory written before the per-tenant key sets: records only.
-    redis::pipe()
-        .cmd("HSET")
-        .arg("tg:{dir}:tenants")
-        .arg("acme")
-        .arg(json(&tenant("acme", "free")))
-        .cmd("HSET")
-        .arg("tg:{dir}:keys")
-        .arg("old")
-        .arg(json(&key("old", "acme")))
-        .exec(&mut c)
-        .unwrap();
+    write_records_only(r, "old", None);
     let s = &*b.store;
     // The load every instance does at start puts the old key in its set and marks the sets
     // complete; a later delete then takes the key with the tenant, so a tenant created again
