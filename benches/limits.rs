@@ -402,7 +402,10 @@ fn bench_admission(c: &mut Criterion) {
             let permit = authorize(&config.rules, req, &hints, principal).ok()?;
             let mut headers = LimitHeaders::default();
             rate_limit::check(&limits, &permit, &mut headers).await.ok()?;
-            let reserved = quota::reserve(&limits, &permit, req, &hints, &mut headers, &sink).await.ok()?;
+            let reserved =
+                quota::reserve(&limits, &permit, quota::charges_of(&permit, req, &hints).ok()?, &mut headers, &sink)
+                    .await
+                    .ok()?;
             let slot = concurrency::acquire(&limits, &permit).await.ok()?;
             black_box(&headers);
             drop(slot);
@@ -475,8 +478,15 @@ fn bench_admission(c: &mut Criterion) {
         run(&rt, async {
             let mut headers = LimitHeaders::default();
             rate_limit::check(&limits, &p.permit, &mut headers).await.expect("rate");
-            let reserved =
-                quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
+            let reserved = quota::reserve(
+                &limits,
+                &p.permit,
+                quota::charges_of(&p.permit, p.req, &p.hints).expect("charges"),
+                &mut headers,
+                &sink,
+            )
+            .await
+            .expect("quota");
             let slot = concurrency::acquire(&limits, &p.permit).await.expect("slot");
             black_box(&headers);
             drop(slot);
@@ -503,7 +513,15 @@ fn bench_admission(c: &mut Criterion) {
         let p = &charged_p[0];
         run(&rt, async {
             rate_limit::check(&limits, &p.permit, &mut headers).await.expect("rate");
-            quota::reserve(&limits, &p.permit, p.req, &p.hints, &mut headers, &sink).await.expect("quota");
+            quota::reserve(
+                &limits,
+                &p.permit,
+                quota::charges_of(&p.permit, p.req, &p.hints).expect("charges"),
+                &mut headers,
+                &sink,
+            )
+            .await
+            .expect("quota");
         });
     }
     assert!(headers.rate.is_some() && headers.quota.is_some());

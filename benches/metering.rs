@@ -49,6 +49,7 @@ use tokio::runtime::Runtime;
 use tollgate::clock::{SharedClock, SystemClock};
 use tollgate::config::{self, Config, Diagnostics};
 use tollgate::directory::{Builder, Tenant};
+use tollgate::metering::ChargeInfo;
 use tollgate::metering::{day_number, day_string, Meter, Record};
 use tollgate::metrics::Metrics;
 use tollgate::store::embedded::Embedded;
@@ -126,7 +127,7 @@ fn pick(i: usize) -> usize {
 }
 
 /// An admitted, charged request as `logging` reports it.
-fn admitted<'a>(tenant: &'a Tenant, metric: &'a Arc<str>) -> Record<'a> {
+fn admitted<'a>(tenant: &'a Tenant, metric: &'a [ChargeInfo]) -> Record<'a> {
     Record {
         tenant: Some(tenant),
         rule: "gen",
@@ -138,14 +139,15 @@ fn admitted<'a>(tenant: &'a Tenant, metric: &'a Arc<str>) -> Record<'a> {
         upstream: Some("main"),
         upstream_secs: Some(0.120),
         total_secs: 0.123,
-        charge: Some((metric, 42)),
+        charges: metric,
+        model: None,
         admitted: true,
     }
 }
 
 /// An admitted request that contributes exactly 3 usage rows: `requests`, `status_2xx` and
 /// the charged `records` (zero bytes and times are not written).
-fn three_rows<'a>(tenant: &'a Tenant, metric: &'a Arc<str>) -> Record<'a> {
+fn three_rows<'a>(tenant: &'a Tenant, metric: &'a [ChargeInfo]) -> Record<'a> {
     Record { bytes_in: 0, bytes_out: 0, upstream_secs: None, total_secs: 0.0, ..admitted(tenant, metric) }
 }
 
@@ -243,7 +245,7 @@ fn redis_store(rt: &Runtime, url: &str, timeout: Duration) -> Arc<RedisStore> {
 fn bench_record(c: &mut Criterion) {
     let config = load_config();
     let tenants = build_tenants(&config);
-    let metric: Arc<str> = "records".into();
+    let metric = [ChargeInfo::new("records".into(), 42, None)];
     let rt = runtime();
     let no_store = Arc::new(NoStore::default());
 
@@ -330,14 +332,20 @@ fn bench_record(c: &mut Criterion) {
 }
 
 /// Records one `three_rows` request per tenant: the next flush writes 30,000 rows.
-fn fill(meter: &Meter, tenants: &[Arc<Tenant>], metric: &Arc<str>) {
+fn fill(meter: &Meter, tenants: &[Arc<Tenant>], metric: &[ChargeInfo]) {
     for t in tenants {
         meter.record(&three_rows(t, metric), NOW_MS);
     }
 }
 
 /// Times `Meter::flush` of 10,000 tenants × 3 metrics; the recording is not timed.
-fn time_meter_flush(rt: &Runtime, meter: &Meter, tenants: &[Arc<Tenant>], metric: &Arc<str>, iters: u64) -> Duration {
+fn time_meter_flush(
+    rt: &Runtime,
+    meter: &Meter,
+    tenants: &[Arc<Tenant>],
+    metric: &[ChargeInfo],
+    iters: u64,
+) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         fill(meter, tenants, metric);
@@ -475,7 +483,7 @@ fn redis_checks(rt: &Runtime, url: &str, rows: &[LedgerRow]) {
 fn bench_flush(c: &mut Criterion) {
     let config = load_config();
     let tenants = build_tenants(&config);
-    let metric: Arc<str> = "records".into();
+    let metric = [ChargeInfo::new("records".into(), 42, None)];
     let rt = runtime();
     let seq = AtomicU64::new(0);
     let day = day_string(day_number(NOW_MS));

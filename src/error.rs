@@ -414,6 +414,40 @@ impl Reject {
         }
     }
 
+    /// Renders the refusal as OpenAI-compatible SDKs read errors:
+    /// `{"error": {"message", "type", "code", "param"}}` as `application/json`, with the same
+    /// status and headers as the problem document. `message` is the problem's title and
+    /// detail, `code` its stable code, `type` OpenAI's class of the error.
+    pub fn openai_error(&self, request_id: &str) -> Problem {
+        let mut p = self.problem(request_id);
+        let kind = match (self, p.status) {
+            (Reject::QuotaExceeded { .. }, _) => "insufficient_quota",
+            (_, 429) => "rate_limit_error",
+            (_, 401) => "authentication_error",
+            (_, 403) => "permission_error",
+            (_, 404) => "not_found_error",
+            (_, 500..) => "server_error",
+            _ => "invalid_request_error",
+        };
+        let doc = json!({
+            "error": {
+                "message": format!("{}: {}", self.title(), self.detail()),
+                "type": kind,
+                "code": self.code(),
+                "param": Value::Null,
+            }
+        });
+        p.body = serde_json::to_vec(&doc).unwrap_or_default();
+        for (k, v) in p.headers.iter_mut() {
+            match *k {
+                "content-type" => *v = "application/json".to_string(),
+                "content-length" => *v = p.body.len().to_string(),
+                _ => {}
+            }
+        }
+        p
+    }
+
     /// Renders the RFC 9457 problem document and its headers.
     pub fn problem(&self, request_id: &str) -> Problem {
         let status = self.status();
@@ -463,6 +497,25 @@ impl Reject {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openai_errors_carry_message_type_and_code_with_the_problems_status_and_headers() {
+        let reject =
+            Reject::QuotaExceeded { metric: "tokens".into(), used: 10, limit: 10, reset_ms: 1_800_000_000_000 };
+        let (p, o) = (reject.problem("r"), reject.openai_error("r"));
+        assert_eq!(o.status, p.status);
+        let v: Value = serde_json::from_slice(&o.body).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "quota_exceeded");
+        assert!(v["error"]["message"].as_str().unwrap().contains("tokens"), "{v}");
+        assert!(v["error"]["param"].is_null());
+        let header = |p: &Problem, k: &str| p.headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(header(&o, "content-type").as_deref(), Some("application/json"));
+        assert_eq!(header(&o, "content-length"), Some(o.body.len().to_string()));
+        assert_eq!(header(&o, "retry-after"), header(&p, "retry-after"));
+        let v: Value = serde_json::from_slice(&Reject::MissingKey.openai_error("r").body).unwrap();
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
 
     #[test]
     fn problem_has_rfc9457_fields_and_length() {

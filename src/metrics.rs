@@ -120,6 +120,9 @@ pub struct Metrics {
     pub keys: IntGauge,
     pub build_info: IntGaugeVec,
     pub quota_warnings: IntCounterVec,
+    /// Charges that kept their estimate because the answer did not settle them (a stream cut
+    /// short, a body without the path, a value that is not a count), by tier, metric, reason.
+    pub charges_unsettled: IntCounterVec,
     pub tenant_requests: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub connections_timed_out: IntCounterVec,
@@ -281,6 +284,12 @@ impl Metrics {
             tenants,
             keys,
             build_info,
+            charges_unsettled: counter(
+                r,
+                "tollgate_charges_unsettled_total",
+                "Charges that kept their estimate: the answer ended without a settlement (reason broken, missing or invalid)",
+                &["tier", "metric", "reason"],
+            ),
             quota_warnings: counter(
                 r,
                 "tollgate_quota_warnings_total",

@@ -503,7 +503,8 @@ fn a_failing_tenant_does_not_hold_up_the_others() {
                 upstream: None,
                 upstream_secs: None,
                 total_secs: 0.0,
-                charge: None,
+                charges: &[],
+                model: None,
                 admitted: true,
             };
             meter.record(&r, chrono::Utc::now().timestamp_millis());

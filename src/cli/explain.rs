@@ -116,20 +116,45 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
             let _ = writeln!(out, "  concurrency: {}{}", c.limit, if c.queue.is_some() { " (queued)" } else { "" });
         }
     }
-    if let Some(c) = &a.charge {
+    for c in &a.charges {
         let cost = match &c.cost {
             CostSource::Constant(n) => format!("{n}"),
             CostSource::Header(h) => format!("from header `{h}`"),
             CostSource::Query(q) => format!("from query `{q}`"),
+            CostSource::Body { path, default } => format!("from body field `{path}` (default {default})"),
         };
         let _ = write!(out, "  charge: {} cost {cost}", c.metric);
         if let Some(m) = c.max_cost {
             let _ = write!(out, " (max {m})");
         }
+        let mut settled: Vec<String> = Vec::new();
         if let Some(s) = &c.settle_from_header {
-            let _ = write!(out, ", settled from `{s}`");
+            settled.push(format!("header `{s}`"));
+        }
+        if let Some(p) = &c.settle_from_body {
+            settled.push(format!("JSON body field `{p}`"));
+        }
+        if let Some(p) = &c.settle_from_sse {
+            settled.push(format!("the last stream event carrying `{p}`"));
+        }
+        if settled.is_empty() {
+            let _ = write!(out, ", not settled (the estimate is final)");
+        } else {
+            let _ = write!(out, ", settled from {}", settled.join(", else "));
         }
         let _ = writeln!(out);
+    }
+    if a.inject_stream_usage {
+        let _ = writeln!(out, "  streamed requests: `stream_options.include_usage` added when missing, its usage event taken out of the client's stream");
+    }
+    if let Some(m) = &a.model_from_body {
+        let _ = writeln!(out, "  model: from body field `{m}` (a report dimension)");
+    }
+    if a.error_format == Some(crate::rules::ErrorFormat::OpenAi) {
+        let _ = writeln!(out, "  refusals: OpenAI error shape");
+    }
+    if a.openai_ratelimit_headers == Some(true) {
+        let _ = writeln!(out, "  headers: x-ratelimit-*-requests and x-ratelimit-*-tokens");
     }
     for (tier, metrics) in &a.quota {
         for (metric, q) in metrics {

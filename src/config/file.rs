@@ -187,7 +187,7 @@ pub struct TierFile {
     pub queue: Option<Spanned<QueueFile>>,
     pub priority: Option<Spanned<i64>>,
     pub on_store_error: Option<SStr>,
-    pub price: Option<BTreeMap<String, Spanned<f64>>>,
+    pub price: Option<BTreeMap<String, Spanned<PriceFile>>>,
     #[serde(default, deserialize_with = "words::numbers")]
     pub warn_at: Option<Vec<Spanned<i64>>>,
 }
@@ -452,4 +452,40 @@ fn read_root(
         out.rules = Some(crate::rules::file::parse_rule_tables(src, rule_tables, diags));
     }
     out
+}
+
+/// A price: per unit, or per model (`price.output_tokens = { "gpt-4o" = 0.00001, default = 0.000002 }`).
+#[derive(Debug, Clone)]
+pub enum PriceFile {
+    Flat(f64),
+    PerModel(BTreeMap<String, f64>),
+}
+
+impl<'de> Deserialize<'de> for PriceFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PriceFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a price per unit, or a table of prices per model")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PriceFile, E> {
+                Ok(PriceFile::Flat(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PriceFile, E> {
+                Ok(PriceFile::Flat(v as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PriceFile, E> {
+                Ok(PriceFile::Flat(v as f64))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<PriceFile, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, f64>()? {
+                    out.insert(k, v);
+                }
+                Ok(PriceFile::PerModel(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }

@@ -21,9 +21,27 @@ pub struct TierLimits {
     pub concurrency: Option<ConcurrencySpec>,
     pub priority: i64,
     pub on_store_error: StorePolicy,
-    /// Price per unit, per metric.
+    /// Price per unit, per metric (for a metric priced per model: its `default`).
     pub prices: BTreeMap<Arc<str>, f64>,
+    /// Price per unit, per metric and model.
+    pub model_prices: BTreeMap<Arc<str>, BTreeMap<Arc<str>, f64>>,
     pub warn_at: Vec<u32>,
+}
+
+impl TierLimits {
+    /// The price of one unit of `metric` used by `model`: the model's price, else the metric's.
+    pub fn price(&self, metric: &str, model: Option<&str>) -> f64 {
+        model
+            .and_then(|m| self.model_prices.get(metric).and_then(|per| per.get(m)))
+            .or_else(|| self.prices.get(metric))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// Whether `model` has a price of its own on some metric (it is then always its own row).
+    pub fn prices_model(&self, model: &str) -> bool {
+        self.model_prices.values().any(|per| per.contains_key(model))
+    }
 }
 
 /// What a tenant changes about its tier.
@@ -89,11 +107,32 @@ pub fn tier_limits(tf: &TierFile, src: &SourceFile, diags: &mut Diagnostics) -> 
         }
     }
     for (metric, price) in tf.price.iter().flatten() {
-        if !price.get_ref().is_finite() || *price.get_ref() < 0.0 {
-            diags.error_at(src, price.span(), "a price is a non-negative number per unit");
-            continue;
+        let bad = |p: f64| !p.is_finite() || p < 0.0;
+        match price.get_ref() {
+            crate::config::file::PriceFile::Flat(p) if bad(*p) => {
+                diags.error_at(src, price.span(), "a price is a non-negative number per unit");
+            }
+            crate::config::file::PriceFile::Flat(p) => {
+                out.prices.insert(metric.as_str().into(), *p);
+            }
+            crate::config::file::PriceFile::PerModel(models) => {
+                let mut per = BTreeMap::new();
+                for (model, p) in models {
+                    if bad(*p) {
+                        diags.error_at(
+                            src,
+                            price.span(),
+                            format!("the price of model `{model}` is not a non-negative number per unit"),
+                        );
+                    } else if model == "default" {
+                        out.prices.insert(metric.as_str().into(), *p);
+                    } else {
+                        per.insert(Arc::from(model.as_str()), *p);
+                    }
+                }
+                out.model_prices.insert(metric.as_str().into(), per);
+            }
         }
-        out.prices.insert(metric.as_str().into(), *price.get_ref());
     }
     out.warn_at = match &tf.warn_at {
         None => vec![80, 90],

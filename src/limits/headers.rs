@@ -134,6 +134,32 @@ impl LimitHeaders {
         }
     }
 
+    /// OpenAI-style headers, for clients written against OpenAI's API: `x-ratelimit-*-requests`
+    /// from the rate the request met, `x-ratelimit-*-tokens` from the quota on `tokens` (the
+    /// rule's first charged metric). Resets are written as OpenAI writes them (`1s`, `6m0s`,
+    /// `20h0m0s`).
+    pub fn render_openai(&self, now_ms: i64, tokens: Option<&str>, mut f: impl FnMut(&'static str, String)) {
+        if let Some(r) = &self.rate {
+            f("x-ratelimit-limit-requests", r.limit.to_string());
+            f("x-ratelimit-remaining-requests", r.remaining.to_string());
+            f("x-ratelimit-reset-requests", duration_text(r.retry_after.unwrap_or(r.reset_secs)));
+        }
+        let Some(tokens) = tokens else { return };
+        // A charged metric may have several quotas (the tenant's, the rule's): the closest to
+        // exhaustion is the one that binds.
+        let q = self
+            .quotas
+            .iter()
+            .filter(|q| &*q.metric == tokens || q.metric.strip_prefix(tokens).is_some_and(|r| r.starts_with('@')))
+            .min_by_key(|q| q.remaining);
+        if let Some(q) = q {
+            f("x-ratelimit-limit-tokens", q.limit.to_string());
+            f("x-ratelimit-remaining-tokens", q.remaining.to_string());
+            let secs = if q.reset_ms == i64::MAX { 0 } else { ((q.reset_ms - now_ms).max(0) as u64).div_ceil(1000) };
+            f("x-ratelimit-reset-tokens", duration_text(secs));
+        }
+    }
+
     /// Appends the headers to `out` (for a problem response).
     pub fn render(&self, now_ms: i64, out: &mut Vec<(&'static str, String)>) {
         let (mut policy, mut state) = (String::new(), String::new());
@@ -284,6 +310,18 @@ impl std::fmt::Display for Value<'_> {
 }
 
 /// A Unix-ms time as RFC 3339 UTC, second precision.
+/// Seconds as OpenAI writes durations: `45s`, `6m0s`, `20h0m0s`.
+pub fn duration_text(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
 pub fn rfc3339(ms: i64) -> String {
     if let Some(t) = rfc3339_fast(ms) {
         return String::from_utf8_lossy(&t).into_owned();

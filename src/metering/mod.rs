@@ -19,6 +19,7 @@
 //! Refused requests are metered as `rejected.<reason>` rows, never as usage.
 
 pub mod report;
+pub mod scan;
 pub mod webhook;
 
 use crate::fasthash::Fast;
@@ -85,7 +86,8 @@ struct TenantDay {
     id: Arc<str>,
     tier: Arc<crate::config::Tier>,
     fixed: [u64; FIXED],
-    charged: Vec<(Arc<str>, u64)>,
+    /// (metric, model, units): a charge with a model adds to its model's entry.
+    charged: Vec<(Arc<str>, Option<Arc<str>>, u64)>,
     rejected: Vec<(&'static str, u64)>,
 }
 
@@ -147,6 +149,30 @@ struct Shard {
     units: HashMap<String, HashMap<String, prometheus::IntCounter, Fast>, Fast>,
 }
 
+/// One charged metric of a request, for settlement and metering.
+#[derive(Debug, Clone)]
+pub struct ChargeInfo {
+    pub metric: Arc<str>,
+    pub estimate: u64,
+    /// Set when the answer settles the charge (a header, a body, a stream's usage event).
+    pub actual: Option<u64>,
+    pub settle_header: Option<http::HeaderName>,
+    /// The estimate still waits for the request body (`cost_from_body`).
+    pub(crate) from_body: bool,
+}
+
+impl ChargeInfo {
+    /// A charge of a fixed number of units, settled or not.
+    pub fn new(metric: Arc<str>, estimate: u64, actual: Option<u64>) -> ChargeInfo {
+        ChargeInfo { metric, estimate, actual, settle_header: None, from_body: false }
+    }
+
+    /// What the request is charged: the settled amount, else the estimate.
+    pub fn units(&self) -> u64 {
+        self.actual.unwrap_or(self.estimate)
+    }
+}
+
 /// What one finished request contributes.
 pub struct Record<'a> {
     pub tenant: Option<&'a crate::directory::Tenant>,
@@ -161,8 +187,10 @@ pub struct Record<'a> {
     pub upstream: Option<&'a str>,
     pub upstream_secs: Option<f64>,
     pub total_secs: f64,
-    /// The charged metric and its settled (or estimated) amount.
-    pub charge: Option<(&'a Arc<str>, u64)>,
+    /// The charged metrics, each with its settled (or estimated) amount.
+    pub charges: &'a [ChargeInfo],
+    /// The model the request named (`model_from_body`), checked to be a short plain name.
+    pub model: Option<&'a Arc<str>>,
     /// Counted as usage: the request was admitted.
     pub admitted: bool,
 }
@@ -197,6 +225,8 @@ pub struct Meter {
     tenant_series: Mutex<TenantSeries>,
     tenant_allow: HashSet<String>,
     tenant_top: usize,
+    models: std::sync::RwLock<ModelSet>,
+    other_model: Arc<str>,
 }
 
 /// Interned metric names, so the hot path clones an `Arc` instead of allocating.
@@ -215,6 +245,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Aggregates stay consistent under a panic (each update is one insert), so a poisoned
     // lock is safe to keep using.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cost in millionths of the price unit.
+fn micros_of(units: u64, price: f64) -> u64 {
+    (units as f64 * price * 1_000_000.0).round() as u64
+}
+
+/// Distinct unpriced model names an instance keeps as their own report rows per UTC day;
+/// later ones are metered as `other`. Models with a price of their own are always kept (the
+/// config bounds them). A client names the model, so this bounds the ledger it can grow.
+pub const MAX_MODELS_PER_DAY: usize = 32;
+
+/// The model names kept today.
+#[derive(Default)]
+struct ModelSet {
+    day: i64,
+    names: HashSet<Arc<str>>,
 }
 
 /// Days since the Unix epoch (UTC) of a Unix-ms time.
@@ -273,6 +320,8 @@ impl Meter {
             },
             tenant_allow: tenant_allow.into_iter().collect(),
             tenant_top,
+            models: std::sync::RwLock::new(ModelSet::default()),
+            other_model: "other".into(),
         })
     }
 
@@ -287,6 +336,36 @@ impl Meter {
             };
         }
         lock(&self.shards[SHARD.with(|s| *s)])
+    }
+
+    /// The report name of `model`: itself while it is priced or among today's first
+    /// [`MAX_MODELS_PER_DAY`] names, else `other`.
+    fn model_dimension(&self, limits: &crate::config::policy::TierLimits, model: &Arc<str>, day: i64) -> Arc<str> {
+        if limits.prices_model(model) {
+            return model.clone();
+        }
+        {
+            let set = self.models.read().unwrap_or_else(|p| p.into_inner());
+            if set.day == day {
+                if set.names.contains(model) {
+                    return model.clone();
+                }
+                if set.names.len() >= MAX_MODELS_PER_DAY {
+                    return self.other_model.clone();
+                }
+            }
+        }
+        let mut set = self.models.write().unwrap_or_else(|p| p.into_inner());
+        if set.day != day {
+            set.day = day;
+            set.names.clear();
+        }
+        if set.names.contains(model) || set.names.len() < MAX_MODELS_PER_DAY {
+            set.names.insert(model.clone());
+            model.clone()
+        } else {
+            self.other_model.clone()
+        }
     }
 
     fn rejected_name(&self, reason: &'static str) -> Arc<str> {
@@ -422,10 +501,19 @@ impl Meter {
         if let Some(s) = r.upstream_secs {
             agg.fixed[UPSTREAM_MS] += (s * 1000.0).round() as u64;
         }
-        if let Some((metric, units)) = r.charge {
-            match agg.charged.iter_mut().find(|(m, _)| Arc::ptr_eq(m, metric) || **m == **metric) {
-                Some(e) => e.1 += units,
-                None => agg.charged.push((metric.clone(), units)),
+        let model = match r.model {
+            Some(model) if !r.charges.is_empty() => Some(self.model_dimension(&tenant.tier.limits, model, day)),
+            _ => None,
+        };
+        for c in r.charges {
+            let units = c.units();
+            let metric = &c.metric;
+            let same = |(m, md, _): &&mut (Arc<str>, Option<Arc<str>>, u64)| {
+                (Arc::ptr_eq(m, metric) || **m == **metric) && *md == model
+            };
+            match agg.charged.iter_mut().find(same) {
+                Some(e) => e.2 += units,
+                None => agg.charged.push((metric.clone(), model.clone(), units)),
             }
             if let Some(c) = counter_for(&mut sh.units, m, tier, metric) {
                 c.inc_by(units);
@@ -554,8 +642,7 @@ impl Meter {
             if value == 0 {
                 return;
             }
-            let price = prices.get(metric).copied().unwrap_or(0.0);
-            let cost_micros = (value as f64 * price * 1_000_000.0).round() as u64;
+            let cost_micros = micros_of(value, prices.get(metric).copied().unwrap_or(0.0));
             out.push(LedgerRow {
                 tenant: agg.id.clone(),
                 metric: metric.clone(),
@@ -573,12 +660,47 @@ impl Meter {
         for (i, name) in n.status.iter().enumerate() {
             push(name, agg.fixed[STATUS0 + i]);
         }
-        for (metric, units) in &agg.charged {
-            push(metric, *units);
+        // A charged metric's row carries its whole value and cost; with models, each model also
+        // gets a `metric[model]` row (its share, priced at the model's price), which reports
+        // show as a breakdown and never add to the total.
+        let mut totals: Vec<(&Arc<str>, u64, u64)> = Vec::new();
+        let mut model_rows: Vec<LedgerRow> = Vec::new();
+        for (metric, model, units) in &agg.charged {
+            let cost = micros_of(*units, agg.tier.limits.price(metric, model.as_deref()));
+            match totals.iter_mut().find(|(m, _, _)| *m == metric) {
+                Some(t) => {
+                    t.1 += units;
+                    t.2 += cost;
+                }
+                None => totals.push((metric, *units, cost)),
+            }
+            if let Some(model) = model {
+                if *units > 0 {
+                    model_rows.push(LedgerRow {
+                        tenant: agg.id.clone(),
+                        metric: format!("{metric}[{model}]").into(),
+                        day: day.clone(),
+                        value: *units,
+                        cost_micros: cost,
+                    });
+                }
+            }
+        }
+        for (metric, units, cost) in totals {
+            if units > 0 {
+                model_rows.push(LedgerRow {
+                    tenant: agg.id.clone(),
+                    metric: metric.clone(),
+                    day: day.clone(),
+                    value: units,
+                    cost_micros: cost,
+                });
+            }
         }
         for (reason, count) in &agg.rejected {
             push(&self.rejected_name(reason), *count);
         }
+        out.append(&mut model_rows);
     }
 
     /// Adds the interval's requests to the per-tenant series, recomputes the top N, and drops

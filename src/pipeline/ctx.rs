@@ -135,8 +135,10 @@ pub struct RequestCtx {
     pub status: u16,
     /// Limit state for the response headers.
     pub limit_headers: LimitHeaders,
-    /// Quota units taken, and the charge to settle.
+    /// Quota units taken, and the charges to settle.
     pub reserved: Reserved,
+    /// What the body stage read and scans (rules with a body plan only).
+    pub body: crate::pipeline::body::BodyState,
     /// The concurrency slot; freed when the upstream's answer ends, or when the context is dropped.
     pub slot: Option<SlotGuard>,
     /// Counts the request in `tollgate_requests_in_flight` until the context is dropped.
@@ -172,6 +174,7 @@ impl RequestCtx {
             status: 0,
             limit_headers: LimitHeaders::default(),
             reserved: Reserved::default(),
+            body: Default::default(),
             slot: None,
             in_flight: None,
         }

@@ -18,6 +18,7 @@
 
 pub mod authenticate;
 pub mod authorize;
+pub mod body;
 pub mod canonical;
 pub mod concurrency;
 pub mod ctx;
@@ -75,7 +76,7 @@ impl Gateway {
     async fn admit(
         &self,
         rt: &Arc<crate::runtime::Runtime>,
-        session: &Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, Reject> {
         let req = session.req_header();
@@ -160,8 +161,27 @@ impl Gateway {
         }
 
         rate_limit::check(&self.limits, &permit, &mut ctx.limit_headers).await?;
+        let mut charges = quota::charges_of(&permit, req, &hints)?;
+        if let Some(plan) = permit.rule.actions.body.as_deref().filter(|p| p.pre_read) {
+            // The estimate comes from the body, so the body is read before anything is reserved
+            // or forwarded (the rule's `max_body` bounds it).
+            let whole = body::read_whole(session, permit.rule.actions.max_body.unwrap_or(0)).await?;
+            ctx.body_limit = None;
+            if let Some(scan) = body::scan_whole(plan, &whole) {
+                quota::costs_from_body(&mut charges, permit.rule, plan, &scan)?;
+                ctx.body.model = body::model_of(plan, &scan);
+                if let Some(rewritten) = body::inject_usage(plan, &scan, &whole) {
+                    ctx.body.whole = Some(rewritten);
+                    ctx.body.rewritten = true;
+                    ctx.body.strip_usage_event = true;
+                }
+            }
+            if ctx.body.whole.is_none() {
+                ctx.body.whole = Some(whole);
+            }
+        }
         let sink = quota::WarnSink { metrics: self.meter.metrics(), webhook: self.webhook.as_ref() };
-        ctx.reserved = quota::reserve(&self.limits, &permit, req, &hints, &mut ctx.limit_headers, &sink).await?;
+        ctx.reserved = quota::reserve(&self.limits, &permit, charges, &mut ctx.limit_headers, &sink).await?;
         match concurrency::acquire_advertised(&self.limits, &permit, &mut ctx.limit_headers).await {
             Ok(slot) => ctx.slot = slot,
             Err(e) => {
@@ -237,10 +257,41 @@ fn forward_target(
     Err(Reject::UpstreamUnavailable { upstream: "(none)".into() })
 }
 
-/// Writes a rejection. The one place a problem response is sent.
+/// The error body format of the route a request is on: its rule's, or, for a refusal made
+/// before the rule was known (a missing key), the first rule its method, host and path match.
+fn error_format(session: &Session, ctx: &RequestCtx) -> crate::rules::ErrorFormat {
+    if let Some(rule) = &ctx.rule {
+        return rule.actions.error_format.unwrap_or_default();
+    }
+    let Some(rules) = ctx.runtime.as_ref().map(|rt| &rt.config.rules).filter(|r| r.error_formats) else {
+        return Default::default();
+    };
+    let req = session.req_header();
+    let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h).to_ascii_lowercase();
+    let view = crate::rules::matcher::RequestView {
+        method: &req.method,
+        host: &host,
+        path: req.uri.path(),
+        query: req.uri.query(),
+        headers: &req.headers,
+        tier: None,
+        tenant: None,
+    };
+    rules.find(&view).and_then(|r| r.actions.error_format).unwrap_or_default()
+}
+
+/// Writes a rejection. The one place a refusal is sent.
 async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject, now_ms: i64) {
-    let mut problem = reject.problem(ctx.request_id.as_str());
+    let mut problem = match error_format(session, ctx) {
+        crate::rules::ErrorFormat::Problem => reject.problem(ctx.request_id.as_str()),
+        crate::rules::ErrorFormat::OpenAi => reject.openai_error(ctx.request_id.as_str()),
+    };
     ctx.limit_headers.render(now_ms, &mut problem.headers);
+    if let Some(rule) = ctx.rule.as_ref().filter(|r| r.actions.openai_ratelimit_headers == Some(true)) {
+        let tokens = rule.actions.charges.first().map(|c| &*c.metric);
+        ctx.limit_headers.render_openai(now_ms, tokens, |k, v| problem.headers.push((k, v)));
+    }
     ctx.status = problem.status;
     ctx.reject = Some(reject);
     if session.response_written().is_some() {
@@ -351,9 +402,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.rule.as_ref().is_some_and(|r| r.actions.body.is_some()) {
+            body::upstream_body(ctx, body, end_of_stream);
+        }
         if let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > limit {
@@ -381,6 +435,12 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.decision = Decision::Forwarded;
         let host = ctx.upstream.as_deref().and_then(|u| self.upstreams.get(u)).and_then(|p| p.config.host.as_deref());
+        // Each attempt (a retry after a failed connection included) sends the whole body again.
+        ctx.body.whole_sent = false;
+        if ctx.body.rewritten && upstream_request.headers.contains_key(http::header::CONTENT_LENGTH) {
+            let len = ctx.body.whole.as_ref().map_or(0, |b| b.len());
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+        }
         forward::upstream_request(upstream_request, ctx, host)
     }
 
@@ -390,14 +450,26 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let settle = ctx.reserved.charge.as_ref().and_then(|c| c.settle_header.as_ref()).and_then(|h| {
-            upstream_response.headers.get(h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
-        });
         if ctx.upstream_first_byte.is_none() {
             ctx.upstream_first_byte = ctx.upstream_started.map(|s| s.elapsed());
         }
-        if let Some(actual) = settle {
-            quota::settle(&self.limits, &mut ctx.reserved, actual, &mut ctx.limit_headers);
+        for i in 0..ctx.reserved.charges.len() {
+            let settle = ctx.reserved.charges[i].settle_header.as_ref().and_then(|h| {
+                upstream_response
+                    .headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+            if let Some(actual) = settle {
+                quota::settle(&self.limits, &mut ctx.reserved, i, actual, &mut ctx.limit_headers);
+            }
+        }
+        if let Some(plan) = ctx.rule.as_ref().and_then(|r| r.actions.body.as_deref()) {
+            if !upstream_response.status.is_informational() {
+                ctx.body.response =
+                    body::start_response(plan, upstream_response, ctx.body.strip_usage_event).map(Box::new);
+            }
         }
         Ok(())
     }
@@ -412,6 +484,16 @@ impl ProxyHttp for Gateway {
         if !ctx.limit_headers.is_empty() {
             let mut inserted = Ok(());
             ctx.limit_headers.render_values(self.clock.now_millis(), |name, value| {
+                if inserted.is_ok() {
+                    inserted = upstream_response.insert_header(name, value);
+                }
+            });
+            inserted?;
+        }
+        if let Some(rule) = ctx.rule.as_ref().filter(|r| r.actions.openai_ratelimit_headers == Some(true)) {
+            let tokens = rule.actions.charges.first().map(|c| &*c.metric);
+            let mut inserted = Ok(());
+            ctx.limit_headers.render_openai(self.clock.now_millis(), tokens, |name, value| {
                 if inserted.is_ok() {
                     inserted = upstream_response.insert_header(name, value);
                 }
@@ -438,10 +520,13 @@ impl ProxyHttp for Gateway {
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
+        if ctx.body.response.is_some() {
+            meter::settle_from_answer(&self.limits, self.meter.metrics(), ctx, body, end_of_stream);
+        }
         if end_of_stream {
             if let Some(start) = ctx.upstream_started {
                 ctx.upstream_time = Some(start.elapsed());

@@ -16,21 +16,14 @@ use crate::rules::CostSource;
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 
-/// The charged metric of a request, for settlement and metering.
-#[derive(Debug, Clone)]
-pub struct ChargeInfo {
-    pub metric: Arc<str>,
-    pub estimate: u64,
-    /// Set when the upstream's settle header arrives.
-    pub actual: Option<u64>,
-    pub settle_header: Option<http::HeaderName>,
-}
+pub use crate::metering::ChargeInfo;
 
 /// What the stage took; kept in the request context until the request ends.
 #[derive(Default)]
 pub struct Reserved {
     pub items: Vec<Reservation>,
-    pub charge: Option<ChargeInfo>,
+    /// One per charge of the rule, in the rule's order.
+    pub charges: Vec<ChargeInfo>,
 }
 
 /// Reads the cost of the rule's charge from the request. A cost named twice is refused: the
@@ -40,10 +33,13 @@ fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &H
         CostSource::Header(h) => format!("header `{h}`"),
         CostSource::Query(q) => format!("query parameter `{q}`"),
         CostSource::Constant(_) => "constant".to_string(),
+        CostSource::Body { path, .. } => format!("body field `{path}`"),
     };
     let twice = || Reject::InvalidCost { detail: format!("The {} appears more than once; send it once.", what()) };
     let raw = match source {
         CostSource::Constant(n) => return Ok(*n),
+        // Read from the body once it is in (`costs_from_body`); the default until then.
+        CostSource::Body { default, .. } => return Ok(*default),
         CostSource::Header(h) => {
             let mut all = req.headers.get_all(h).iter();
             let first = all.next();
@@ -128,26 +124,70 @@ fn warn(
     }
 }
 
-/// Runs the stage.
+/// The rule's charges with their estimates from the request head (a constant, a header, a query
+/// parameter); a cost from the body holds its default until [`costs_from_body`].
+pub fn charges_of(permit: &Permit<'_>, req: &RequestHeader, hints: &Hints<'_>) -> Result<Vec<ChargeInfo>, Reject> {
+    let charges = &permit.rule.actions.charges;
+    let mut out = Vec::with_capacity(charges.len());
+    for c in charges {
+        out.push(ChargeInfo {
+            metric: c.metric.clone(),
+            estimate: cost_of(&c.cost, c.max_cost, req, hints)?,
+            actual: None,
+            settle_header: c.settle_from_header.clone(),
+            from_body: matches!(c.cost, CostSource::Body { .. }),
+        });
+    }
+    Ok(out)
+}
+
+/// Takes the estimates of `cost_from_body` charges from the scanned request body. A body
+/// without the field keeps the charge's `default_cost`; a field that is not a whole number, or
+/// over `max_cost`, is refused.
+pub fn costs_from_body(
+    charges: &mut [ChargeInfo],
+    rule: &crate::rules::Rule,
+    plan: &crate::rules::BodyPlan,
+    scan: &crate::metering::scan::JsonScan,
+) -> Result<(), Reject> {
+    use crate::metering::scan::Found;
+    for ((info, c), at) in charges.iter_mut().zip(&rule.actions.charges).zip(&plan.cost_at) {
+        let (Some(at), CostSource::Body { path, .. }) = (at, &c.cost) else { continue };
+        if !info.from_body {
+            continue;
+        }
+        let n = match scan.get(*at) {
+            None | Some(Found::Null) => continue,
+            Some(Found::Num(n)) => *n,
+            Some(_) => {
+                return Err(Reject::InvalidCost {
+                    detail: format!("The body field `{path}` must be a whole number of at least 0."),
+                })
+            }
+        };
+        if let Some(max) = c.max_cost {
+            if n > max {
+                return Err(Reject::InvalidCost {
+                    detail: format!("The body field `{path}` is {n}; this route allows at most {max} per request."),
+                });
+            }
+        }
+        info.estimate = n;
+    }
+    Ok(())
+}
+
+/// Runs the stage: reserves the request (`requests`) and every charge's estimate from every
+/// quota that applies.
 pub async fn reserve(
     limits: &Limits,
     permit: &Permit<'_>,
-    req: &RequestHeader,
-    hints: &Hints<'_>,
+    charges: Vec<ChargeInfo>,
     headers: &mut LimitHeaders,
     sink: &WarnSink<'_>,
 ) -> Result<Reserved, Reject> {
     let actions = &permit.rule.actions;
-    let mut out = Reserved::default();
-    if let Some(c) = &actions.charge {
-        let estimate = cost_of(&c.cost, c.max_cost, req, hints)?;
-        out.charge = Some(ChargeInfo {
-            metric: c.metric.clone(),
-            estimate,
-            actual: None,
-            settle_header: c.settle_from_header.clone(),
-        });
-    }
+    let mut out = Reserved { items: Vec::new(), charges };
     let Some(tenant) = permit.tenant else { return Ok(out) };
     let policy = &tenant.policy;
     let on_error = actions.on_store_error.unwrap_or(policy.on_store_error);
@@ -157,17 +197,17 @@ pub async fn reserve(
     if let Some((m, spec)) = policy.quotas.get_key_value("requests") {
         wanted.push((m.clone(), spec, 1));
     }
-    if let Some(c) = &out.charge {
+    for c in &out.charges {
         if let Some(spec) = policy.quotas.get(&*c.metric) {
             wanted.push((c.metric.clone(), spec, c.estimate));
         }
     }
     let rule_quotas = actions.quota.get(&*tenant.tier.name).or_else(|| actions.quota.get("default"));
     for (metric, spec) in rule_quotas.into_iter().flatten() {
-        let cost = match &out.charge {
-            Some(c) if *c.metric == **metric => c.estimate,
-            _ if metric == "requests" => 1,
-            _ => continue,
+        let cost = match out.charges.iter().find(|c| *c.metric == **metric) {
+            Some(c) => c.estimate,
+            None if metric == "requests" => 1,
+            None => continue,
         };
         wanted.push((format!("{metric}@{}", permit.rule.name).into(), spec, cost));
     }
@@ -224,11 +264,17 @@ pub fn refund_all(limits: &Limits, reserved: &Reserved) {
     }
 }
 
-/// Settles the charged metric to the upstream's figure, and brings the limit headers of the
-/// response up to date: they are written after this, and must show what is left once the
-/// charge is final, not what was left after the estimate.
-pub fn settle(limits: &Limits, reserved: &mut Reserved, actual: u64, headers: &mut LimitHeaders) {
-    let Some(charge) = reserved.charge.as_mut() else { return };
+/// Settles charge `i` to the upstream's figure, and brings the limit headers up to date: when
+/// they are still to be written they show what is left once the charge is final, not what was
+/// left after the estimate. A larger figure is taken from the lease at once (what the lease
+/// cannot cover goes to the shared counter as debt right away), so a hard quota refuses the
+/// next request; a smaller one gives the difference back.
+pub fn settle(limits: &Limits, reserved: &mut Reserved, i: usize, actual: u64, headers: &mut LimitHeaders) {
+    let Some(charge) = reserved.charges.get_mut(i) else { return };
+    if charge.actual.is_some() {
+        // Settled once: a later figure (a second header, a body after a header) is ignored.
+        return;
+    }
     charge.actual = Some(actual);
     for r in &reserved.items {
         let rule_scoped = r.metric.strip_prefix(&*charge.metric).is_some_and(|rest| rest.starts_with('@'));

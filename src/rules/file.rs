@@ -71,8 +71,44 @@ pub struct ChargeFile {
     pub cost: Option<Spanned<i64>>,
     pub cost_from_header: Option<SStr>,
     pub cost_from_query: Option<SStr>,
+    /// A dotted path into the JSON request body (`max_tokens`).
+    pub cost_from_body: Option<SStr>,
+    /// The estimate when the body does not carry `cost_from_body`.
+    pub default_cost: Option<Spanned<i64>>,
     pub max_cost: Option<Spanned<i64>>,
     pub settle_from_header: Option<SStr>,
+    /// A dotted path into a JSON response body (`usage.total_tokens`).
+    pub settle_from_body: Option<SStr>,
+    /// A dotted path into the `data:` events of a `text/event-stream` response.
+    pub settle_from_sse: Option<SStr>,
+}
+
+/// `charge`: one table, or an array of them (several metrics from one answer).
+#[derive(Debug, Clone, Default)]
+pub struct Charges(pub Vec<ChargeFile>);
+
+impl<'de> Deserialize<'de> for Charges {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Charges;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a charge table, or an array of charge tables")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Charges, A::Error> {
+                let one = ChargeFile::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Charges(vec![one]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Charges, A::Error> {
+                let mut all = Vec::new();
+                while let Some(c) = seq.next_element::<ChargeFile>()? {
+                    all.push(c);
+                }
+                Ok(Charges(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A `[[rule]]` table, or `[defaults]` (which may not have `name` or `match`). One struct for
@@ -100,7 +136,16 @@ pub struct ActionsFile {
     pub pass_credentials: Option<bool>,
     pub priority: Option<Spanned<i64>>,
     pub rate: Option<BTreeMap<String, Spanned<RateFile>>>,
-    pub charge: Option<Spanned<ChargeFile>>,
+    pub charge: Option<Spanned<Charges>>,
+    /// Adds `stream_options.include_usage` to streamed JSON requests that lack it, and takes
+    /// the extra usage event out of the client's stream.
+    pub inject_stream_usage: Option<Spanned<bool>>,
+    /// A dotted path into the JSON request body naming the model: a report dimension.
+    pub model_from_body: Option<SStr>,
+    /// `problem` (default) or `openai`: the body of the gateway's refusals on this route.
+    pub error_format: Option<SStr>,
+    /// `openai` adds `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` to answers.
+    pub ratelimit_headers: Option<SStr>,
     pub quota: Option<BTreeMap<String, BTreeMap<String, Spanned<QuotaFile>>>>,
     pub on_store_error: Option<SStr>,
 }

@@ -6,6 +6,7 @@
 //! rules. Actions from `[defaults]` are merged into each rule at compile time, so the hot path
 //! reads one finished [`Rule`].
 
+pub mod body;
 pub mod file;
 pub mod glob;
 pub mod matcher;
@@ -13,7 +14,8 @@ pub mod matcher;
 use crate::schema::diag::{Diagnostic, Diagnostics, Severity, SourceFile};
 use crate::schema::value::SStr;
 use crate::schema::{size_value, units};
-use file::{ActionsFile, MatchFile, Presence, RuleFile};
+pub use body::BodyPlan;
+use file::{ActionsFile, ChargeFile, MatchFile, Presence, RuleFile};
 use glob::Glob;
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -94,15 +96,38 @@ pub enum CostSource {
     Constant(u64),
     Header(HeaderName),
     Query(String),
+    /// A dotted path into the JSON request body; the default when the body lacks it.
+    Body {
+        path: Arc<str>,
+        default: u64,
+    },
 }
 
+/// One metric a rule charges: what is reserved before forwarding, and what settles it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
     pub metric: Arc<str>,
     pub cost: CostSource,
     pub max_cost: Option<u64>,
     pub settle_from_header: Option<HeaderName>,
+    /// A dotted path into a JSON response body.
+    pub settle_from_body: Option<Arc<str>>,
+    /// A dotted path into the `data:` events of an event stream; the last event carrying it wins.
+    pub settle_from_sse: Option<Arc<str>>,
 }
+
+/// The body of the gateway's own refusals on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorFormat {
+    /// `application/problem+json` (RFC 9457).
+    #[default]
+    Problem,
+    /// `{"error": {"message", "type", "code"}}`, as OpenAI-compatible SDKs read it.
+    OpenAi,
+}
+
+/// At most this many charges per rule.
+pub const MAX_CHARGES: usize = 8;
 
 /// The actions of a rule, with `[defaults]` already merged in.
 #[derive(Debug, Clone, Default)]
@@ -122,7 +147,18 @@ pub struct Actions {
     pub priority: i64,
     /// Keyed by tier name, or `default`.
     pub rate: BTreeMap<String, RateSpec>,
-    pub charge: Option<Charge>,
+    /// The metrics the rule charges, each at most once.
+    pub charges: Vec<Charge>,
+    /// Add `stream_options.include_usage` to streamed JSON requests (see [`BodyPlan`]).
+    pub inject_stream_usage: bool,
+    /// A dotted path into the JSON request body naming the model (a report dimension).
+    pub model_from_body: Option<Arc<str>>,
+    pub error_format: Option<ErrorFormat>,
+    /// Send OpenAI-style `x-ratelimit-*-requests`/`-tokens` headers.
+    pub openai_ratelimit_headers: Option<bool>,
+    /// What the gateway reads from request and response bodies, compiled from the above;
+    /// `None` for a rule that reads no body (the common case, which then pays nothing).
+    pub body: Option<Arc<BodyPlan>>,
     /// Keyed by tier name (or `default`), then metric.
     pub quota: BTreeMap<String, BTreeMap<String, QuotaSpec>>,
     /// Overrides the tier's store failure policy on this route.
@@ -172,6 +208,8 @@ pub struct RuleSet {
     pub named_headers: Vec<HeaderName>,
     /// Every query parameter a rule reads (conditions, charge costs); sent twice, refused.
     pub named_query: Vec<String>,
+    /// Some rule sets `error_format`: a refusal made before its rule is known looks the rule up.
+    pub error_formats: bool,
     index: matcher::Index,
 }
 
@@ -301,18 +339,16 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             };
             let own = c.actions(src, rf);
             let actions = merge(&defaults, &own, dref_fields(rf));
-            if actions.charge.as_ref().is_some_and(|c| &*c.metric == "requests") {
-                let span = rf
-                    .charge
-                    .as_ref()
-                    .and_then(|ch| ch.get_ref().metric.as_ref())
-                    .map(|m| m.span())
-                    .unwrap_or(r.span());
+            if actions.charges.iter().any(|c| &*c.metric == "requests") {
+                let span = rf.charge.as_ref().map(|ch| ch.span()).unwrap_or(r.span());
                 c.diags.error_at(src, span, format!("rule `{name}` charges `requests`, which every request already counts once; charge another metric"));
+            }
+            if actions.body.as_ref().is_some_and(|b| b.pre_read) && actions.max_body.is_none() {
+                c.diags.error_at(src, r.span(), format!("rule `{name}` reads the whole request body (`cost_from_body` or `inject_stream_usage`) and needs a `max_body` to bound it, for example `max_body = \"4MiB\"`"));
             }
             for (tier, metrics) in &actions.quota {
                 for metric in metrics.keys() {
-                    let charged = actions.charge.as_ref().is_some_and(|c| *c.metric == **metric);
+                    let charged = actions.charges.iter().any(|c| *c.metric == **metric);
                     if metric != "requests" && !charged {
                         c.diags.error_at(src, r.span(), format!("rule `{name}` has a `quota.{tier}.{metric}`, but only `requests` and the rule's charged metric are counted on it"));
                     }
@@ -374,10 +410,12 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
         let a = &r.actions;
         named_headers.extend(a.set_request_headers.iter().map(|(h, _)| h.clone()));
         named_headers.extend(a.remove_request_headers.iter().cloned());
-        match a.charge.as_ref().map(|c| &c.cost) {
-            Some(CostSource::Header(h)) => read_headers.push(h.clone()),
-            Some(CostSource::Query(q)) => named_query.push(q.clone()),
-            _ => {}
+        for c in &a.charges {
+            match &c.cost {
+                CostSource::Header(h) => read_headers.push(h.clone()),
+                CostSource::Query(q) => named_query.push(q.clone()),
+                _ => {}
+            }
         }
     }
     let by_name = |a: &HeaderName, b: &HeaderName| a.as_str().cmp(b.as_str());
@@ -388,7 +426,18 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
     named_headers.dedup();
     named_query.sort();
     named_query.dedup();
-    RuleSet { rules, fallback, unmatched, metrics: c.metrics, read_headers, named_headers, named_query, index }
+    let error_formats = rules.iter().chain(fallback.iter()).any(|r| r.actions.error_format.is_some());
+    RuleSet {
+        rules,
+        fallback,
+        unmatched,
+        metrics: c.metrics,
+        read_headers,
+        named_headers,
+        named_query,
+        error_formats,
+        index,
+    }
 }
 
 fn split_origin(origin: &str) -> (String, usize) {
@@ -450,6 +499,8 @@ struct Fields {
     pass_credentials: bool,
     priority: bool,
     charge: bool,
+    inject_stream_usage: bool,
+    model_from_body: bool,
     on_store_error: bool,
 }
 
@@ -464,6 +515,8 @@ fn dref_fields(a: &ActionsFile) -> Fields {
         pass_credentials: a.pass_credentials.is_some(),
         priority: a.priority.is_some(),
         charge: a.charge.is_some(),
+        inject_stream_usage: a.inject_stream_usage.is_some(),
+        model_from_body: a.model_from_body.is_some(),
         on_store_error: a.on_store_error.is_some(),
     }
 }
@@ -489,7 +542,11 @@ fn set_fields(a: &ActionsFile) -> Vec<&'static str> {
         priority,
         rate,
         charge,
-        quota
+        quota,
+        inject_stream_usage,
+        model_from_body,
+        error_format,
+        ratelimit_headers
     );
     v
 }
@@ -510,7 +567,7 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
         out.extend(b.iter().cloned());
         out
     }
-    Actions {
+    let mut out = Actions {
         public: if set.public { own.public } else { defaults.public },
         require_scopes: union(&defaults.require_scopes, &own.require_scopes),
         require_feature: if set.require_feature {
@@ -533,7 +590,20 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
             r.extend(own.rate.clone());
             r
         },
-        charge: if set.charge { own.charge.clone() } else { defaults.charge.clone() },
+        charges: if set.charge { own.charges.clone() } else { defaults.charges.clone() },
+        inject_stream_usage: if set.inject_stream_usage {
+            own.inject_stream_usage
+        } else {
+            defaults.inject_stream_usage
+        },
+        model_from_body: if set.model_from_body {
+            own.model_from_body.clone()
+        } else {
+            defaults.model_from_body.clone()
+        },
+        error_format: own.error_format.or(defaults.error_format),
+        openai_ratelimit_headers: own.openai_ratelimit_headers.or(defaults.openai_ratelimit_headers),
+        body: None,
         on_store_error: if set.on_store_error { own.on_store_error } else { defaults.on_store_error },
         quota: {
             let mut q = defaults.quota.clone();
@@ -542,7 +612,9 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
             }
             q
         },
-    }
+    };
+    out.body = BodyPlan::of(&out).map(Arc::new);
+    out
 }
 
 fn positive(v: &Spanned<i64>, what: &str, src: &SourceFile, diags: &mut Diagnostics) -> Option<u64> {
@@ -555,6 +627,89 @@ fn positive(v: &Spanned<i64>, what: &str, src: &SourceFile, diags: &mut Diagnost
 }
 
 impl Compiler<'_, '_> {
+    /// A dotted path into a JSON body, checked now so a request never meets a bad one.
+    fn body_path(&mut self, src: &SourceFile, p: &SStr) -> Option<Arc<str>> {
+        match crate::metering::scan::JsonPaths::new(&[p.get_ref().as_str()]) {
+            Ok(_) => Some(p.get_ref().as_str().into()),
+            Err(e) => {
+                self.diags.error_at(src, p.span(), format!("`{}` is not a usable body path: {e}", p.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn charge(&mut self, src: &SourceFile, span: std::ops::Range<usize>, cf: &ChargeFile) -> Option<Charge> {
+        let metric = match &cf.metric {
+            Some(m) => Some(self.metric(src, m)),
+            None => {
+                self.diags.missing_at(
+                    src,
+                    span.clone(),
+                    "metric",
+                    span.clone(),
+                    "a charge needs a `metric`, one of the names declared in `usage_metrics`",
+                );
+                None
+            }
+        };
+        let sources = [
+            cf.cost.is_some(),
+            cf.cost_from_header.is_some(),
+            cf.cost_from_query.is_some(),
+            cf.cost_from_body.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if sources > 1 {
+            self.diags.error_at(
+                src,
+                span.clone(),
+                "a charge takes one of `cost`, `cost_from_header`, `cost_from_query` and `cost_from_body`",
+            );
+        }
+        if let (Some(d), None) = (&cf.default_cost, &cf.cost_from_body) {
+            self.diags.error_at(src, d.span(), "`default_cost` is the estimate when the body lacks `cost_from_body`; set `cost_from_body` too, or use `cost`");
+        }
+        let cost = if let Some(c) = &cf.cost {
+            if *c.get_ref() < 0 {
+                self.diags.error_at(src, c.span(), "a cost cannot be negative");
+            }
+            CostSource::Constant((*c.get_ref()).max(0) as u64)
+        } else if let Some(h) = &cf.cost_from_header {
+            CostSource::Header(self.header(src, h).unwrap_or(HeaderName::from_static("x-cost")))
+        } else if let Some(q) = &cf.cost_from_query {
+            CostSource::Query(q.get_ref().clone())
+        } else if let Some(p) = &cf.cost_from_body {
+            let default = match &cf.default_cost {
+                Some(d) if *d.get_ref() < 0 => {
+                    self.diags.error_at(src, d.span(), "a cost cannot be negative");
+                    1
+                }
+                Some(d) => *d.get_ref() as u64,
+                None => 1,
+            };
+            let path = self.body_path(src, p).unwrap_or_else(|| "-".into());
+            CostSource::Body { path, default }
+        } else {
+            CostSource::Constant(1)
+        };
+        let max_cost = cf.max_cost.as_ref().and_then(|m| positive(m, "max_cost", src, self.diags));
+        if let (CostSource::Body { default, .. }, Some(max)) = (&cost, max_cost) {
+            if *default > max {
+                self.diags.error_at(
+                    src,
+                    span.clone(),
+                    format!("`default_cost` ({default}) is over `max_cost` ({max})"),
+                );
+            }
+        }
+        let settle_from_header = cf.settle_from_header.as_ref().and_then(|h| self.header(src, h));
+        let settle_from_body = cf.settle_from_body.as_ref().and_then(|p| self.body_path(src, p));
+        let settle_from_sse = cf.settle_from_sse.as_ref().and_then(|p| self.body_path(src, p));
+        Some(Charge { metric: metric?, cost, max_cost, settle_from_header, settle_from_body, settle_from_sse })
+    }
+
     fn header(&mut self, src: &SourceFile, s: &SStr) -> Option<HeaderName> {
         match HeaderName::from_bytes(s.get_ref().to_ascii_lowercase().as_bytes()) {
             Ok(h) => Some(h),
@@ -777,47 +932,54 @@ impl Compiler<'_, '_> {
             }
         }
         if let Some(ch) = &a.charge {
-            let cf = ch.get_ref();
-            let metric = match &cf.metric {
-                Some(m) => Some(self.metric(src, m)),
-                None => {
-                    self.diags.missing_at(
-                        src,
-                        ch.span(),
-                        "metric",
-                        ch.span(),
-                        "a charge needs a `metric`, one of the names declared in `usage_metrics`",
-                    );
-                    None
-                }
-            };
-            let sources = [cf.cost.is_some(), cf.cost_from_header.is_some(), cf.cost_from_query.is_some()]
-                .iter()
-                .filter(|x| **x)
-                .count();
-            if sources > 1 {
+            let list = &ch.get_ref().0;
+            if list.len() > MAX_CHARGES {
                 self.diags.error_at(
                     src,
                     ch.span(),
-                    "a charge takes one of `cost`, `cost_from_header` and `cost_from_query`",
+                    format!("a rule charges at most {MAX_CHARGES} metrics; this one lists {}", list.len()),
                 );
             }
-            let cost = if let Some(c) = &cf.cost {
-                if *c.get_ref() < 0 {
-                    self.diags.error_at(src, c.span(), "a cost cannot be negative");
+            for cf in list.iter().take(MAX_CHARGES) {
+                if let Some(c) = self.charge(src, ch.span(), cf) {
+                    if out.charges.iter().any(|o| o.metric == c.metric) {
+                        self.diags.error_at(
+                            src,
+                            ch.span(),
+                            format!("the rule charges `{}` twice; charge each metric once", c.metric),
+                        );
+                    } else {
+                        out.charges.push(c);
+                    }
                 }
-                CostSource::Constant((*c.get_ref()).max(0) as u64)
-            } else if let Some(h) = &cf.cost_from_header {
-                CostSource::Header(self.header(src, h).unwrap_or(HeaderName::from_static("x-cost")))
-            } else if let Some(q) = &cf.cost_from_query {
-                CostSource::Query(q.get_ref().clone())
-            } else {
-                CostSource::Constant(1)
-            };
-            let max_cost = cf.max_cost.as_ref().and_then(|m| positive(m, "max_cost", src, self.diags));
-            let settle_from_header = cf.settle_from_header.as_ref().and_then(|h| self.header(src, h));
-            if let Some(metric) = metric {
-                out.charge = Some(Charge { metric, cost, max_cost, settle_from_header });
+            }
+        }
+        if let Some(b) = &a.inject_stream_usage {
+            out.inject_stream_usage = *b.get_ref();
+        }
+        if let Some(m) = &a.model_from_body {
+            out.model_from_body = self.body_path(src, m);
+        }
+        if let Some(f) = &a.error_format {
+            match f.get_ref().as_str() {
+                "problem" => out.error_format = Some(ErrorFormat::Problem),
+                "openai" => out.error_format = Some(ErrorFormat::OpenAi),
+                other => self.diags.error_at(
+                    src,
+                    f.span(),
+                    format!("unknown error_format `{other}`; use problem (application/problem+json) or openai"),
+                ),
+            }
+        }
+        if let Some(h) = &a.ratelimit_headers {
+            match h.get_ref().as_str() {
+                "openai" => out.openai_ratelimit_headers = Some(true),
+                "standard" => out.openai_ratelimit_headers = Some(false),
+                other => self.diags.error_at(
+                    src,
+                    h.span(),
+                    format!("unknown ratelimit_headers `{other}`; use standard or openai"),
+                ),
             }
         }
         for (tier, metrics) in a.quota.iter().flatten() {

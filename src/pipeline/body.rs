@@ -1,0 +1,259 @@
+//! Stage: body. Reads what a rule's [`BodyPlan`] asks of request and response bodies.
+//!
+//! Request side: a rule whose charge costs come from the body, or that adds
+//! `stream_options.include_usage`, has the whole body read (at most its `max_body`) before
+//! the quota stage, so the estimate is reserved before anything is forwarded; the body then
+//! goes upstream as read, or as rewritten, with a `Content-Length` that matches. A rule that
+//! only names the model scans the body as it streams through.
+//!
+//! Response side: a JSON answer or an event stream is scanned as it passes, in bounded memory
+//! and without holding it back (only the extra usage event the gateway asked for is held,
+//! until it ends, to take it out). Charges settle when the answer ends.
+
+use super::ctx::RequestCtx;
+use crate::error::Reject;
+use crate::metering::scan::{Found, JsonScan, SseScan};
+use crate::rules::BodyPlan;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use std::sync::Arc;
+
+/// Pingora resends at most this much of a request body that was read before forwarding (its
+/// retry buffer). A body read whole is handed to the proxy through that buffer: it is enabled
+/// once the rest of the body fits, and the first body the proxy forwards is replaced with the
+/// whole body (see [`upstream_body`]).
+const RESEND_WINDOW: u64 = 64 * 1024;
+
+/// At most this much of a stream event is held back to take it out of the client's stream.
+const MAX_HELD_EVENT: usize = 64 * 1024;
+
+/// Reads the whole request body, at most `limit` bytes.
+pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reject> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Reject::BodyTooLarge { limit });
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
+    let mut window_open = false;
+    loop {
+        // Without a declared length the tail cannot be known: the window opens at once, and a
+        // body longer than it is refused below.
+        let rest = declared.map(|n| n.saturating_sub(buf.len() as u64));
+        if !window_open && rest.is_none_or(|r| r <= RESEND_WINDOW) {
+            session.enable_retry_buffering();
+            window_open = true;
+        }
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(Reject::BodyTooLarge { limit });
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(_) => return Err(Reject::BadRequest { detail: "The request body could not be read.".into() }),
+        }
+    }
+    if !buf.is_empty() && session.get_retry_buffer().is_none() {
+        return Err(Reject::BadRequest {
+            detail: format!(
+                "This route reads the request body before forwarding it; a body over {} KiB must be sent with a Content-Length.",
+                RESEND_WINDOW / 1024
+            ),
+        });
+    }
+    Ok(buf.freeze())
+}
+
+/// Scans a request body read whole.
+pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Option<Box<JsonScan>> {
+    let paths = plan.request.as_ref()?;
+    let mut scan = Box::new(JsonScan::new(paths));
+    scan.feed(paths, body);
+    scan.finish(paths);
+    Some(scan)
+}
+
+/// With `inject_stream_usage`: the body to forward when the client streams (`"stream": true`)
+/// without asking for usage, with `"stream_options": {"include_usage": true}` added; `None`
+/// when the body stays as it is.
+pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Option<Bytes> {
+    let (stream, options, include) = plan.stream_at?;
+    if scan.get(stream) != Some(&Found::Bool(true)) || scan.get(include) == Some(&Found::Bool(true)) {
+        return None;
+    }
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[start] != b'{' {
+        return None;
+    }
+    match scan.get(options) {
+        // The common case: no `stream_options` at all. The member goes first, so nothing of the
+        // client's body moves or changes.
+        None => {
+            const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+            let rest = &body[start + 1..];
+            let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len() + 1);
+            out.extend_from_slice(&body[..=start]);
+            out.extend_from_slice(MEMBER);
+            if !empty {
+                out.extend_from_slice(b",");
+            }
+            out.extend_from_slice(rest);
+            Some(out.freeze())
+        }
+        // `stream_options` without `include_usage: true`: rewritten through a parser, since a
+        // second `stream_options` member would be read differently by different servers.
+        Some(Found::Object) | Some(Found::Null) => {
+            let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+            let obj = doc.as_object_mut()?;
+            let opts = obj.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+            if opts.is_null() {
+                *opts = serde_json::json!({});
+            }
+            opts.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
+            serde_json::to_vec(&doc).ok().map(Bytes::from)
+        }
+        Some(_) => None,
+    }
+}
+
+/// The model a request names, as a report dimension: at most 64 characters of letters,
+/// digits and `._:/-@+`; anything else (or nothing) is `None`. A client chooses this text, so
+/// it is checked before it can become a ledger row.
+pub fn model_of(plan: &BodyPlan, scan: &JsonScan) -> Option<Arc<str>> {
+    match scan.get(plan.model_at?)? {
+        Found::Str { text, truncated: false }
+            if !text.is_empty()
+                && text.len() <= 64
+                && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/-@+".contains(&b)) =>
+        {
+            Some(text.as_str().into())
+        }
+        _ => None,
+    }
+}
+
+/// What the body stage does to the request body on its way upstream: a body read whole replaces
+/// the first body the proxy forwards (Pingora's resend buffer holding its tail, or nothing), and
+/// every later piece is dropped; a streamed body is scanned for the model.
+pub fn upstream_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, end_of_stream: bool) {
+    if let Some(whole) = &ctx.body.whole {
+        if !ctx.body.whole_sent {
+            *body = Some(whole.clone());
+            ctx.body.whole_sent = true;
+        } else if body.is_some() {
+            *body = Some(Bytes::new());
+        }
+        return;
+    }
+    let Some(plan) = ctx.rule.as_ref().and_then(|r| r.actions.body.clone()) else { return };
+    let Some(paths) = plan.request.as_ref() else { return };
+    let scan = ctx.body.request_scan.get_or_insert_with(|| Box::new(JsonScan::new(paths)));
+    if let Some(chunk) = body {
+        scan.feed(paths, chunk);
+    }
+    if end_of_stream {
+        scan.finish(paths);
+        ctx.body.model = model_of(&plan, scan);
+    }
+}
+
+/// How an answer is scanned.
+pub enum ResponseScan {
+    Json(JsonScan),
+    Sse(SseScan),
+}
+
+/// Why a charge kept its estimate (`tollgate_charges_unsettled_total` reason).
+pub fn unsettled_reason(found: Option<&Found>) -> &'static str {
+    match found {
+        None | Some(Found::Null) => "missing",
+        Some(_) => "invalid",
+    }
+}
+
+/// Starts scanning an answer, when the rule settles a charge from it: an event stream
+/// (`text/event-stream`) by its events, anything else as JSON.
+pub fn start_response(plan: &BodyPlan, resp: &mut ResponseHeader, strip_usage_event: bool) -> Option<ResponseScan> {
+    let sse = resp
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().get(..17).is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream")));
+    if sse {
+        let paths = plan.sse.clone()?;
+        let drop_when = match (strip_usage_event, plan.sse_choices_at) {
+            (true, Some(choices)) => plan.sse_at.iter().flatten().next().map(|usage| (*usage, choices)),
+            _ => None,
+        };
+        if drop_when.is_some() {
+            // Events are taken out, so the length the upstream announced no longer holds.
+            resp.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        return Some(ResponseScan::Sse(SseScan::new(paths, drop_when, MAX_HELD_EVENT)));
+    }
+    let paths = plan.json.as_ref()?;
+    Some(ResponseScan::Json(JsonScan::new(paths)))
+}
+
+impl ResponseScan {
+    /// Scans one piece of the answer; an event stream may hold back or take out the extra
+    /// usage event.
+    pub fn feed(&mut self, plan: &BodyPlan, body: &mut Option<Bytes>, end_of_stream: bool) {
+        match self {
+            ResponseScan::Json(scan) => {
+                if let (Some(paths), Some(chunk)) = (plan.json.as_ref(), body.as_ref()) {
+                    scan.feed(paths, chunk);
+                }
+                if end_of_stream {
+                    if let Some(paths) = plan.json.as_ref() {
+                        scan.finish(paths);
+                    }
+                }
+            }
+            ResponseScan::Sse(scan) => {
+                let chunk = body.take().unwrap_or_default();
+                let out = scan.feed(chunk, end_of_stream);
+                *body = Some(out);
+            }
+        }
+    }
+
+    /// What the answer says for charge `i`: `Ok(units)`, or why it does not settle it.
+    pub fn settlement(&self, plan: &BodyPlan, i: usize) -> Option<Result<u64, &'static str>> {
+        let found = match self {
+            ResponseScan::Json(scan) => scan.get((*plan.json_at.get(i)?)?),
+            ResponseScan::Sse(scan) => scan.last((*plan.sse_at.get(i)?)?),
+        };
+        Some(match found {
+            Some(Found::Num(n)) => Ok(*n),
+            other => Err(unsettled_reason(other)),
+        })
+    }
+}
+
+/// The body stage's part of a request's context.
+#[derive(Default)]
+pub struct BodyState {
+    /// The request body read whole, as it goes upstream (rewritten or not).
+    pub whole: Option<Bytes>,
+    /// The whole body replaced the proxy's first piece of this attempt.
+    pub whole_sent: bool,
+    /// The body was rewritten: the upstream gets a new `Content-Length`.
+    pub rewritten: bool,
+    /// The client did not ask for stream usage and the gateway did: its event is taken out.
+    pub strip_usage_event: bool,
+    /// A streamed request body's scan (model only).
+    pub request_scan: Option<Box<JsonScan>>,
+    pub model: Option<Arc<str>>,
+    pub response: Option<Box<ResponseScan>>,
+    /// The answer ended and its charges were settled (or counted as unsettled).
+    pub response_done: bool,
+}
