@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub const DEMO_KEY: &str = "tg_live_u1UuytE2YMsGVuRQhPp9UyIEywPUAUFP";
 
 const EMBEDDED_DEMO: &str = include_str!("../config/demo.toml");
+/// The rule pack the demo config includes, written next to it when the built-in config is used.
+const EMBEDDED_PACK: &str = include_str!("../lua-free-rules/openai-compatible.toml");
 
 fn wait_for(addr: SocketAddr, within: Duration) -> bool {
     let deadline = Instant::now() + within;
@@ -38,6 +40,9 @@ pub fn curl_commands(listen: SocketAddr, admin: SocketAddr) -> String {
          curl -s {base}/v1/hello -H 'Authorization: Bearer {DEMO_KEY}' -H 'X-Tenant-ID: globex'\n\n\
          # The key is acme's but the path names globex: 403 tenant_mismatch\n\
          curl -si {base}/t/globex/v1/hello -H 'Authorization: Bearer {DEMO_KEY}'\n\n\
+         # An OpenAI-compatible chat completion: tokens reserved from max_tokens, settled from usage\n\
+         curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' -d '{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":8}}'\n\
+         curl -s {base}/_tollgate/usage -H 'Authorization: Bearer {DEMO_KEY}'\n\n\
          # Health of the gateway and its upstreams\n\
          curl -s http://{admin}/readyz\n\n\
          Press Ctrl-C to stop.\n"
@@ -49,8 +54,16 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     let path: PathBuf = if config_path.is_file() {
         config_path.to_path_buf()
     } else {
-        let tmp = std::env::temp_dir().join("tollgate-demo.toml");
-        std::fs::write(&tmp, EMBEDDED_DEMO).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        // The config includes `../lua-free-rules/…`: the same layout, under the temp dir.
+        let root = std::env::temp_dir().join("tollgate-demo");
+        let tmp = root.join("config").join("demo.toml");
+        let pack = root.join("lua-free-rules").join("openai-compatible.toml");
+        for (file, text) in [(&tmp, EMBEDDED_DEMO), (&pack, EMBEDDED_PACK)] {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            std::fs::write(file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        }
         eprintln!("{} not found; using the built-in demo config ({})", config_path.display(), tmp.display());
         tmp
     };

@@ -3,6 +3,8 @@
 //! (duplicate headers, huge headers, malformed credentials).
 #![allow(dead_code)]
 
+pub mod llm;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -10,6 +10,11 @@
 //! - `sse=N`: stream N server-sent events, chunked; with a [`Gate`], each event after the first
 //!   waits until the gate is opened, so a test can prove the gateway does not buffer
 //!
+//! `POST` to a path ending in `/chat/completions`, `/completions`, `/embeddings` or `/responses`
+//! is answered as an OpenAI-compatible API would ([`llm`]): a JSON answer with a `usage` block,
+//! or, for `"stream": true`, an event stream whose usage event comes when the request asks
+//! `stream_options.include_usage` (always on `/responses`). The demo meters it.
+//!
 //! Every response carries `Server: tollgate-echo` and `X-Powered-By: echo`, so response header
 //! rules have something to remove.
 
@@ -20,6 +25,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+
+pub mod llm;
 
 /// Opens held SSE streams (see the module docs).
 #[derive(Default)]
@@ -68,8 +75,13 @@ struct Request {
     query: String,
     headers: Vec<(String, String)>,
     body_len: usize,
+    /// Kept for the generation endpoints only.
+    body: Vec<u8>,
     keep_alive: bool,
 }
+
+/// A body the echo keeps to answer a generation request; longer ones are counted, not kept.
+const MAX_KEPT_BODY: usize = 8 * 1024 * 1024;
 
 async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Request>> {
     loop {
@@ -91,12 +103,14 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
                 let content_length: usize = get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
                 let (path, query) = (path.to_string(), query.to_string());
                 buf.drain(..head_len);
+                let mut body = Vec::new();
+                let keep = (method == "POST" && llm::endpoint(&path).is_some()).then_some(&mut body);
                 let body_len = if chunked {
-                    read_chunked(stream, buf).await?
+                    read_chunked(stream, buf, keep).await?
                 } else {
-                    read_exact_body(stream, buf, content_length).await?
+                    read_exact_body(stream, buf, content_length, keep).await?
                 };
-                return Ok(Some(Request { method, path, query, headers, body_len, keep_alive }));
+                return Ok(Some(Request { method, path, query, headers, body_len, body, keep_alive }));
             }
             Ok(httparse::Status::Partial) => {}
             Err(_) => return Ok(None),
@@ -120,15 +134,34 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> 
     Ok(())
 }
 
-async fn read_exact_body(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> std::io::Result<usize> {
+/// Appends `data` to the kept body, if one is kept and it has room.
+fn keep_part(keep: &mut Option<&mut Vec<u8>>, data: &[u8]) {
+    if let Some(k) = keep {
+        if k.len() + data.len() <= MAX_KEPT_BODY {
+            k.extend_from_slice(data);
+        }
+    }
+}
+
+async fn read_exact_body(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    len: usize,
+    mut keep: Option<&mut Vec<u8>>,
+) -> std::io::Result<usize> {
     while buf.len() < len {
         fill(stream, buf).await?;
     }
+    keep_part(&mut keep, &buf[..len]);
     buf.drain(..len);
     Ok(len)
 }
 
-async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_chunked(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut keep: Option<&mut Vec<u8>>,
+) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let line_end = loop {
@@ -158,6 +191,7 @@ async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
         while buf.len() < size + 2 {
             fill(stream, buf).await?;
         }
+        keep_part(&mut keep, &buf[..size]);
         buf.drain(..size + 2);
         total += size;
     }
@@ -186,6 +220,15 @@ async fn connection(mut stream: TcpStream, state: Arc<EchoState>) -> std::io::Re
         let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(ms) = get("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if req.method == "POST" {
+            if let Some(endpoint) = llm::endpoint(&req.path) {
+                llm::answer(&mut stream, endpoint, &req.body).await?;
+                if !req.keep_alive {
+                    return Ok(());
+                }
+                continue;
+            }
         }
         let status: u16 = get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
         let mut extra = String::new();
