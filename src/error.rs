@@ -308,6 +308,11 @@ impl Reject {
             Reject::RateLimited { limit, retry_after, .. } => format!(
                 "The rate limit ({limit} requests per window) is exhausted. Retry in {retry_after} s."
             ),
+            Reject::QuotaExceeded { metric, used, limit, reset_ms } if used < limit => format!(
+                "The `{metric}` quota has {} of {limit} left, less than this request costs. Ask for less (a smaller estimate such as `max_tokens`), or wait until it resets at {}.",
+                limit - used,
+                crate::limits::headers::rfc3339(*reset_ms)
+            ),
             Reject::QuotaExceeded { metric, used, limit, reset_ms } => format!(
                 "The `{metric}` quota is used up: {used} of {limit}. It resets at {}. Upgrade your plan for more.",
                 crate::limits::headers::rfc3339(*reset_ms)

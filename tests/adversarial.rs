@@ -956,3 +956,188 @@ fn jwt_inputs_get_their_documented_answers() {
     assert!(!log.contains(JWT_SECRET), "the HMAC secret reached the log");
     assert!(!log.contains("eyJ"), "a token reached the log:\n{log}");
 }
+
+// -------------------------------------------------------------------------------------------
+// Request bodies the gateway reads (`cost_from_body`, `inject_stream_usage`, `model_from_body`)
+// -------------------------------------------------------------------------------------------
+
+const OPENAI_PACK: &str = include_str!("../lua-free-rules/openai-compatible.toml");
+
+fn body_config(llm: SocketAddr) -> String {
+    format!(
+        r#"include = ["pack.toml"]
+
+[server]
+listen = ["{{LISTEN}}"]
+admin_listen = "{{ADMIN}}"
+threads = 1
+upgrade_sock = "{{DIR}}/upgrade.sock"
+pid_file = "{{DIR}}/tollgate.pid"
+
+[store]
+kind = "embedded"
+path = "{{DIR}}/tollgate.db"
+
+[upstreams.default]
+servers = ["{llm}"]
+
+[tiers.pro]
+upstream = "default"
+quotas.tokens = {{ limit = 1000000000, period = "month" }}
+
+[[tenants]]
+id = "acme"
+tier = "pro"
+
+[[tenants.keys]]
+id = "acme-main"
+hash = "{hash}"
+scopes = ["generate", "read"]
+"#,
+        hash = hash_of(ACME_KEY)
+    )
+}
+
+/// A chat completion request with `body`, framed by Content-Length or chunked, plus `extra` headers.
+fn chat(body: &str, chunked: bool, extra: &[&str]) -> Vec<u8> {
+    let auth = format!("Authorization: Bearer {ACME_KEY}");
+    let mut headers = vec!["Host: llm.test", auth.as_str(), "Content-Type: application/json"];
+    headers.extend_from_slice(extra);
+    if chunked {
+        headers.push("Transfer-Encoding: chunked");
+        let mut framed = String::new();
+        for part in body.as_bytes().chunks(7000) {
+            framed.push_str(&format!("{:x}\r\n{}\r\n", part.len(), String::from_utf8_lossy(part)));
+        }
+        framed.push_str("0\r\n\r\n");
+        raw("POST /v1/chat/completions HTTP/1.1", &headers, &framed)
+    } else {
+        let len = format!("Content-Length: {}", body.len());
+        headers.push(&len);
+        let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+        let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+        raw("POST /v1/chat/completions HTTP/1.1", &refs, body)
+    }
+}
+
+#[test]
+fn request_bodies_the_gateway_reads_get_their_documented_answers() {
+    let llm = common::llm::Llm::start();
+    let gw = Gateway::start_in(temp_dir("adv-body"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
+    // (name, request, status, error code (OpenAI shape), forwarded, reserved estimate)
+    let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>, bool, Option<&str>)> = vec![
+        ("plain", chat(r#"{"model":"m","max_tokens":40}"#, false, &[]), 200, None, true, Some("40")),
+        ("no max_tokens: the default", chat(r#"{"model":"m"}"#, false, &[]), 200, None, true, Some("1024")),
+        ("max_tokens in a nested object", chat(r#"{"x":{"max_tokens":1}}"#, false, &[]), 200, None, true, Some("1024")),
+        ("max_tokens as a string", chat(r#"{"max_tokens":"1"}"#, false, &[]), 400, Some("invalid_cost"), false, None),
+        ("max_tokens negative", chat(r#"{"max_tokens":-1}"#, false, &[]), 400, Some("invalid_cost"), false, None),
+        (
+            "max_tokens over max_cost",
+            chat(r#"{"max_tokens":1e30}"#, false, &[]),
+            400,
+            Some("invalid_cost"),
+            false,
+            None,
+        ),
+        ("max_tokens a fraction: rounded up", chat(r#"{"max_tokens":2.5}"#, false, &[]), 200, None, true, Some("3")),
+        (
+            "max_tokens twice",
+            chat(r#"{"max_tokens":1,"max_tokens":900}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        ("stream twice", chat(r#"{"stream":false,"stream":true}"#, false, &[]), 400, Some("bad_request"), false, None),
+        ("not JSON: the default", chat("max_tokens=5", false, &[]), 200, None, true, Some("1024")),
+        (
+            "gzip body",
+            chat(r#"{"max_tokens":1}"#, false, &["Content-Encoding: gzip"]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "identity coding",
+            chat(r#"{"max_tokens":2}"#, false, &["Content-Encoding: identity"]),
+            200,
+            None,
+            true,
+            Some("2"),
+        ),
+        ("chunked, small", chat(r#"{"max_tokens":3}"#, true, &[]), 200, None, true, Some("3")),
+        ("chunked over 64 KiB", chat(&big, true, &[]), 400, Some("bad_request"), false, None),
+        ("Content-Length over 64 KiB", chat(&big, false, &[]), 200, None, true, Some("9")),
+    ];
+    let used = || {
+        let r = send(
+            gw.addr,
+            &raw(
+                "GET /_tollgate/usage HTTP/1.1",
+                &["Host: llm.test", &format!("Authorization: Bearer {ACME_KEY}")],
+                "",
+            ),
+        );
+        r.json()["quotas"][0]["used"].as_u64().unwrap_or(0)
+    };
+    let mut failures = Vec::new();
+    for (name, req, status, code, forwarded, estimate) in &cases {
+        let before = llm.count();
+        let used_before = used();
+        let resp = send(gw.addr, req);
+        let mut wrong = Vec::new();
+        if resp.status != *status {
+            wrong.push(format!("status {} (want {status}): {}", resp.status, resp.text()));
+        }
+        if let Some(code) = code {
+            if resp.header("content-type") != Some("application/json") || resp.json()["error"]["code"] != *code {
+                wrong.push(format!("body {} (want code {code})", resp.text()));
+            }
+        }
+        if (llm.count() > before) != *forwarded {
+            wrong.push(format!("forwarded: {} (want {forwarded})", llm.count() > before));
+        }
+        if let Some(est) = estimate {
+            // The answer's headers show the quota after the estimate, before the settlement.
+            let left = resp.header("x-ratelimit-remaining-tokens").and_then(|v| v.parse::<u64>().ok());
+            let reserved = left.map(|l| 1_000_000_000 - l - used_before);
+            if reserved != est.parse().ok() {
+                wrong.push(format!("reserved {reserved:?} (want {est})"));
+            }
+        }
+        if *forwarded && *status == 200 {
+            // Forwarded with a Content-Length that matches what was sent, never chunked.
+            let reqs = llm.state.requests.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, headers, body)) = reqs.last() {
+                let cl = headers.iter().find(|(k, _)| k == "content-length").map(|(_, v)| v.clone());
+                if cl != Some(body.len().to_string()) || headers.iter().any(|(k, _)| k == "transfer-encoding") {
+                    wrong.push(format!("upstream framing {cl:?} for {} bytes", body.len()));
+                }
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!("{name}: {}", wrong.join(", ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} body shapes misbehaved:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+
+    // A client's Accept-Encoding never reaches an upstream whose answer the gateway reads.
+    let resp = send(gw.addr, &chat(r#"{"max_tokens":1}"#, false, &["Accept-Encoding: gzip, br"]));
+    assert_eq!(resp.status, 200);
+    assert_eq!(llm.last_header("accept-encoding").as_deref(), Some("identity"));
+    // `stream` only counts at the top level: a nested one is not a streamed request.
+    let resp = send(gw.addr, &chat(r#"{"opts":{"stream":true},"max_tokens":1}"#, false, &[]));
+    assert_eq!(resp.status, 200);
+    let sent = llm.bodies().pop().unwrap_or_default();
+    assert!(sent.get("stream_options").is_none(), "{sent}");
+    // The key never reaches the upstream.
+    assert!(llm.last_header("authorization").is_none());
+}

@@ -512,7 +512,7 @@ impl Meter {
                 (Arc::ptr_eq(m, metric) || **m == **metric) && *md == model
             };
             match agg.charged.iter_mut().find(same) {
-                Some(e) => e.2 += units,
+                Some(e) => e.2 = e.2.saturating_add(units),
                 None => agg.charged.push((metric.clone(), model.clone(), units)),
             }
             if let Some(c) = counter_for(&mut sh.units, m, tier, metric) {
@@ -669,8 +669,8 @@ impl Meter {
             let cost = micros_of(*units, agg.tier.limits.price(metric, model.as_deref()));
             match totals.iter_mut().find(|(m, _, _)| *m == metric) {
                 Some(t) => {
-                    t.1 += units;
-                    t.2 += cost;
+                    t.1 = t.1.saturating_add(*units);
+                    t.2 = t.2.saturating_add(cost);
                 }
                 None => totals.push((metric, *units, cost)),
             }

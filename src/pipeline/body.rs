@@ -28,8 +28,21 @@ const RESEND_WINDOW: u64 = 64 * 1024;
 /// At most this much of a stream event is held back to take it out of the client's stream.
 const MAX_HELD_EVENT: usize = 64 * 1024;
 
-/// Reads the whole request body, at most `limit` bytes.
+/// Reads the whole request body, at most `limit` bytes. A body with a content coding is
+/// refused: the gateway could not read the fields it reserves from, while the upstream may
+/// decode them.
 pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reject> {
+    let coded = session
+        .req_header()
+        .headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if coded {
+        return Err(Reject::BadRequest {
+            detail: "This route reads the JSON request body to charge it; send it without a Content-Encoding.".into(),
+        });
+    }
     let declared = session
         .req_header()
         .headers
@@ -165,6 +178,16 @@ pub fn upstream_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, end_of_stre
     }
 }
 
+/// The request head that goes upstream on a rule that settles from the answer's body: the
+/// answer is asked for without a content coding (a client's `Accept-Encoding: gzip`, which
+/// OpenAI's SDKs send, would otherwise make the usage unreadable and the charge unsettled).
+pub fn upstream_head(plan: &BodyPlan, req: &mut pingora::http::RequestHeader) -> pingora::Result<()> {
+    if plan.json.is_some() || plan.sse.is_some() {
+        req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+    }
+    Ok(())
+}
+
 /// How an answer is scanned.
 pub enum ResponseScan {
     Json(JsonScan),
@@ -246,8 +269,6 @@ pub struct BodyState {
     pub whole: Option<Bytes>,
     /// The whole body replaced the proxy's first piece of this attempt.
     pub whole_sent: bool,
-    /// The body was rewritten: the upstream gets a new `Content-Length`.
-    pub rewritten: bool,
     /// The client did not ask for stream usage and the gateway did: its event is taken out.
     pub strip_usage_event: bool,
     /// A streamed request body's scan (model only).

@@ -172,7 +172,6 @@ impl Gateway {
                 ctx.body.model = body::model_of(plan, &scan);
                 if let Some(rewritten) = body::inject_usage(plan, &scan, &whole) {
                     ctx.body.whole = Some(rewritten);
-                    ctx.body.rewritten = true;
                     ctx.body.strip_usage_event = true;
                 }
             }
@@ -437,11 +436,16 @@ impl ProxyHttp for Gateway {
         let host = ctx.upstream.as_deref().and_then(|u| self.upstreams.get(u)).and_then(|p| p.config.host.as_deref());
         // Each attempt (a retry after a failed connection included) sends the whole body again.
         ctx.body.whole_sent = false;
-        if ctx.body.rewritten && upstream_request.headers.contains_key(http::header::CONTENT_LENGTH) {
-            let len = ctx.body.whole.as_ref().map_or(0, |b| b.len());
-            upstream_request.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+        if let Some(whole) = &ctx.body.whole {
+            // A body read whole goes upstream with its length, however the client framed it.
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, whole.len().to_string())?;
         }
-        forward::upstream_request(upstream_request, ctx, host)
+        forward::upstream_request(upstream_request, ctx, host)?;
+        if let Some(plan) = ctx.rule.as_ref().and_then(|r| r.actions.body.as_deref()) {
+            body::upstream_head(plan, upstream_request)?;
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
