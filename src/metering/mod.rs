@@ -19,6 +19,7 @@
 //! Refused requests are metered as `rejected.<reason>` rows, never as usage.
 
 pub mod report;
+pub mod scan;
 pub mod webhook;
 
 use crate::fasthash::Fast;
