@@ -28,8 +28,9 @@
 //!   lead to a path the grammar is checked fully.
 //! - A number must follow JSON's grammar (`00012`, `1.`, `+1` are [`Found::BadNum`]); any
 //!   negative number, `-0` included, is [`Found::BadNum`].
-//! - A string, array or literal cut off by the end of the document is not reported; a number
-//!   cut off there is (it may have been complete).
+//! - A string or literal cut off by the end of the document is not reported; a number cut off
+//!   there is (it may have been complete); an array is reported as soon as its first element
+//!   (or its `]`) shows whether it is empty.
 
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -1374,5 +1375,487 @@ impl SseScan {
         self.passing = false;
         self.line = Line::Start;
         drop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn paths(p: &[&str]) -> JsonPaths {
+        JsonPaths::new(p).expect("valid paths")
+    }
+
+    /// Scans `doc` fed in the pieces `splits` cuts it into; the values of every path.
+    fn scan_split(p: &JsonPaths, doc: &[u8], splits: &[usize]) -> Vec<Option<Found>> {
+        let mut s = JsonScan::new(p);
+        let mut at = 0;
+        for &cut in splits {
+            let cut = cut.clamp(at, doc.len());
+            s.feed(p, &doc[at..cut]);
+            at = cut;
+        }
+        s.feed(p, &doc[at..]);
+        s.finish(p);
+        (0..p.len()).map(|i| s.get(i).cloned()).collect()
+    }
+
+    fn scan(p: &JsonPaths, doc: &str) -> Vec<Option<Found>> {
+        scan_split(p, doc.as_bytes(), &[])
+    }
+
+    fn one(path: &str, doc: &str) -> Option<Found> {
+        scan(&paths(&[path]), doc).remove(0)
+    }
+
+    fn s(t: &str) -> Option<Found> {
+        Some(Found::Str { text: t.to_string(), truncated: false })
+    }
+
+    const CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"Hi \"there\"\n\u00e9\ud83d\ude00 \\ done"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21,"cost":12.000001}}"#;
+
+    fn chat_paths() -> JsonPaths {
+        paths(&[
+            "usage.total_tokens",
+            "model",
+            "choices",
+            "choices.0.message.content",
+            "choices.0.index",
+            "usage.cost",
+            "usage",
+            "choices.1",
+            "missing",
+        ])
+    }
+
+    #[test]
+    fn finds_the_values_of_a_chat_completion() {
+        let got = scan(&chat_paths(), CHAT);
+        assert_eq!(
+            got,
+            vec![
+                Some(Found::Num(21)),
+                s("gpt-4o"),
+                Some(Found::Array { empty: false }),
+                s("Hi \"there\"\né😀 \\ done"),
+                Some(Found::Num(0)),
+                Some(Found::Num(13)),
+                Some(Found::Object),
+                None,
+                None,
+            ]
+        );
+    }
+
+    /// Documents whose scan must not depend on where they are cut.
+    fn representative() -> Vec<(JsonPaths, String)> {
+        vec![
+            (chat_paths(), CHAT.to_string()),
+            (
+                paths(&["a.b", "n", "t", "f", "z", "e", "k"]),
+                r#" { "x" : [ {"b":1} , "}" ] , "a" : { "b" : -1.5e-3 } , "n" : 12345678901234567890 , "t" : true , "f":false,"z":null,"e":[ ],"k":"\uD83D\uDE00\ud800x\q\u12"}"#
+                    .to_string(),
+            ),
+            (paths(&["n"]), r#"{"n":1e3}"#.to_string()),
+            (paths(&["0.a", "1"]), r#"[{"a":"x\\\"y"},0.5]"#.to_string()),
+            (paths(&["a"]), r#"{"a":4"#.to_string()),
+        ]
+    }
+
+    #[test]
+    fn every_two_piece_and_byte_by_byte_chunking_gives_the_whole_result() {
+        for (p, doc) in representative() {
+            let whole = scan(&p, &doc);
+            assert!(whole.iter().any(Option::is_some), "{doc}");
+            for cut in 0..=doc.len() {
+                assert_eq!(scan_split(&p, doc.as_bytes(), &[cut]), whole, "{doc} cut at {cut}");
+            }
+            let every: Vec<usize> = (1..doc.len()).collect();
+            assert_eq!(scan_split(&p, doc.as_bytes(), &every), whole, "{doc} byte by byte");
+        }
+    }
+
+    #[test]
+    fn the_second_representative_document_finds_each_kind() {
+        let (p, doc) = &representative()[1];
+        assert_eq!(
+            scan(p, doc),
+            vec![
+                Some(Found::BadNum),
+                Some(Found::Num(12345678901234567890)),
+                Some(Found::Bool(true)),
+                Some(Found::Bool(false)),
+                Some(Found::Null),
+                Some(Found::Array { empty: true }),
+                s("😀\\ud800x\\q\\u12"),
+            ]
+        );
+    }
+
+    #[test]
+    fn numbers() {
+        let cases: &[(&str, Found)] = &[
+            ("0", Found::Num(0)),
+            ("21", Found::Num(21)),
+            ("18446744073709551615", Found::Num(u64::MAX)),
+            ("18446744073709551616", Found::Num(u64::MAX)),
+            ("99999999999999999999999", Found::Num(u64::MAX)),
+            ("12.2", Found::Num(13)),
+            ("12.000001", Found::Num(13)),
+            ("12.000", Found::Num(12)),
+            ("0.0001", Found::Num(1)),
+            ("0.0", Found::Num(0)),
+            ("1e3", Found::Num(1000)),
+            ("1E+3", Found::Num(1000)),
+            ("1.25e2", Found::Num(125)),
+            ("1.255e2", Found::Num(126)),
+            ("1500e-3", Found::Num(2)),
+            ("1000e-3", Found::Num(1)),
+            ("1e400", Found::Num(u64::MAX)),
+            ("1e-400", Found::Num(1)),
+            ("0e5", Found::Num(0)),
+            ("1.8446744073709551615e19", Found::Num(u64::MAX)),
+            ("1.8446744073709551614e19", Found::Num(u64::MAX - 1)),
+            ("-1", Found::BadNum),
+            ("-0", Found::BadNum),
+            ("00012", Found::BadNum),
+            ("1.", Found::BadNum),
+            ("1.e3", Found::BadNum),
+            ("1e", Found::BadNum),
+            ("1x", Found::BadNum),
+            ("1.2.3", Found::BadNum),
+        ];
+        for (text, want) in cases {
+            assert_eq!(one("n", &format!(r#"{{"n":{text}}}"#)).as_ref(), Some(want), "{text}");
+            // At the very end of the document, completed by `finish`.
+            assert_eq!(one("n", &format!(r#"{{"n":{text}"#)).as_ref(), Some(want), "{text} at end");
+        }
+        assert_eq!(one("n", r#"{"n":"12"}"#), s("12"), "a string is not a number");
+        // `+` cannot start a JSON value: the document is malformed from there.
+        assert_eq!(one("n", r#"{"n":+1}"#), None);
+    }
+
+    #[test]
+    fn keys_are_compared_after_escape_decoding() {
+        assert_eq!(one("usage.total_tokens", r#"{"us\u0061ge":{"total_tokens":7}}"#), Some(Found::Num(7)));
+        assert!(JsonPaths::new(&["a\"b"]).is_err());
+        // An escaped key that decodes to another name is that other name.
+        assert_eq!(one("usage", r#"{"usage2":1,"us\u0067":2,"usage":3}"#), Some(Found::Num(3)));
+        // A key longer than 64 bytes matches nothing, even if it starts with the path.
+        let long = format!(r#"{{"{}":1,"a":2}}"#, "a".repeat(65));
+        assert_eq!(one("a", &long), Some(Found::Num(2)));
+        let key64 = "k".repeat(64);
+        assert_eq!(one(&key64, &format!(r#"{{"{key64}":5}}"#)), Some(Found::Num(5)));
+    }
+
+    #[test]
+    fn the_first_occurrence_wins() {
+        let p = paths(&["a", "b.c"]);
+        assert_eq!(
+            scan(&p, r#"{"a":1,"b":{"c":2,"c":3},"a":4,"b":{"c":5}}"#),
+            vec![Some(Found::Num(1)), Some(Found::Num(2))]
+        );
+        // A later occurrence fills a path the first did not carry.
+        assert_eq!(scan(&p, r#"{"b":{"x":2},"b":{"c":6}}"#), vec![None, Some(Found::Num(6))]);
+    }
+
+    #[test]
+    fn container_values() {
+        let p = paths(&["o", "a", "e", "o.x"]);
+        assert_eq!(
+            scan(&p, r#"{"o":{"x":[1,{"y":2}]},"a":[[]],"e":[ ]}"#),
+            vec![
+                Some(Found::Object),
+                Some(Found::Array { empty: false }),
+                Some(Found::Array { empty: true }),
+                Some(Found::Array { empty: false }),
+            ]
+        );
+        assert_eq!(one("a.2.b", r#"{"a":[{"b":1},{"b":2},{"b":3}]}"#), Some(Found::Num(3)));
+        assert_eq!(one("a.1", r#"{"a":[0,[1,2],7]}"#), Some(Found::Array { empty: false }));
+        assert_eq!(one("a.01", r#"{"a":[0,9]}"#), None, "01 is no index");
+        assert_eq!(one("a.01", r#"{"a":{"01":9}}"#), Some(Found::Num(9)));
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_stacks_keeps_the_shape() {
+        for depth in [63, 64, 65, 200, 100_000] {
+            let doc = format!(r#"{{"deep":{}1{},"usage":{{"total_tokens":3}}}}"#, "[".repeat(depth), "]".repeat(depth));
+            assert_eq!(one("usage.total_tokens", &doc), Some(Found::Num(3)), "depth {depth}");
+            let doc = format!(
+                r#"{{"deep":{}1{},"usage":{{"total_tokens":3}}}}"#,
+                r#"{"a":"#.repeat(depth),
+                "}".repeat(depth)
+            );
+            assert_eq!(one("usage.total_tokens", &doc), Some(Found::Num(3)), "depth {depth}");
+        }
+        // A wrong closer inside the checked levels ends the scan: `usage` would otherwise be
+        // read inside the array `a`.
+        assert_eq!(one("usage", r#"{"a":[1},"usage":5]}"#), None);
+        assert_eq!(one("usage", r#"{"a":{"b":[1}},"usage":5}"#), None);
+    }
+
+    #[test]
+    fn a_megabyte_string_is_skipped_and_truncated() {
+        let big = "x".repeat(1 << 20);
+        let doc = format!(r#"{{"s":"{big}","t":"{big}","n":1}}"#);
+        let got = scan(&paths(&["t", "n"]), &doc);
+        assert_eq!(got[0], Some(Found::Str { text: "x".repeat(256), truncated: true }));
+        assert_eq!(got[1], Some(Found::Num(1)));
+        // Exactly 256 bytes is not truncated; a multibyte character never split.
+        assert_eq!(one("t", &format!(r#"{{"t":"{}"}}"#, "y".repeat(256))), s(&"y".repeat(256)));
+        let doc = format!(r#"{{"t":"{}é"}}"#, "y".repeat(255));
+        assert_eq!(one("t", &doc), Some(Found::Str { text: "y".repeat(255), truncated: true }));
+        let doc = format!(r#"{{"t":"{}\u00e9"}}"#, "y".repeat(255));
+        assert_eq!(one("t", &doc), Some(Found::Str { text: "y".repeat(255), truncated: true }));
+    }
+
+    #[test]
+    fn malformed_documents_keep_what_came_before() {
+        let p = paths(&["a", "b"]);
+        assert_eq!(scan(&p, r#"{"a":"ends mid-str"#), vec![None, None]);
+        assert_eq!(scan(&p, r#"{"a":1,"b":"ends mid-str"#), vec![Some(Found::Num(1)), None]);
+        assert_eq!(scan(&p, r#"{"a":1 garbage "b":2}"#), vec![Some(Found::Num(1)), None]);
+        assert_eq!(scan(&p, r#"{"a":1,,"b":2}"#), vec![Some(Found::Num(1)), None]);
+        assert_eq!(scan(&p, r#"{"a":tru,"b":2}"#), vec![None, None]);
+        assert_eq!(scan(&p, r#"{"a" 1,"b":2}"#), vec![None, None]);
+        assert_eq!(scan(&p, r#"{"a":1,}"#), vec![Some(Found::Num(1)), None]);
+        assert_eq!(scan(&p, "[DONE]"), vec![None, None]);
+        assert_eq!(scan(&p, ""), vec![None, None]);
+        assert_eq!(scan(&p, "\u{0}\u{ff}{{{]]]\"\\"), vec![None, None]);
+        // An array is reported once its first element (or its end) shows whether it is empty.
+        assert_eq!(scan(&p, r#"{"a":[1,2"#), vec![Some(Found::Array { empty: false }), None]);
+        assert_eq!(scan(&p, r#"{"a":[ "#), vec![None, None]);
+        // A document after the root value is ignored.
+        assert_eq!(scan(&p, r#"{"x":1} {"a":2}"#), vec![None, None]);
+    }
+
+    #[test]
+    fn reset_scans_the_next_document_afresh() {
+        let p = paths(&["m", "n"]);
+        let mut sc = JsonScan::new(&p);
+        sc.feed(&p, br#"{"m":"first","n":1}"#);
+        sc.finish(&p);
+        assert_eq!(sc.get(0).cloned(), s("first"));
+        sc.reset();
+        sc.feed(&p, br#"{"n":2,"m":"second"}"#);
+        sc.finish(&p);
+        assert_eq!(sc.get(0).cloned(), s("second"));
+        assert_eq!(sc.get(1), Some(&Found::Num(2)));
+        assert_eq!(sc.get(2), None);
+    }
+
+    #[test]
+    fn path_errors_say_what_to_write() {
+        for bad in ["", "a..b", ".a", "a.", "a\\b", "a.b.c.d.e.f.g.h.i"] {
+            let e = JsonPaths::new(&[bad]).err().unwrap_or_default();
+            assert!(e.contains("write") || e.contains("point at"), "{bad:?}: {e}");
+        }
+        assert!(JsonPaths::new(&["a".repeat(65)]).is_err());
+        assert!(JsonPaths::new(&["a", "a"]).is_err());
+        let many: Vec<String> = (0..17).map(|i| format!("p{i}")).collect();
+        assert!(JsonPaths::new(&many).is_err());
+        let p = JsonPaths::new(&many[..16]).expect("16 paths");
+        assert_eq!(p.len(), 16);
+        assert_eq!(p.index_of("p15"), Some(15));
+        assert_eq!(p.index_of("p16"), None);
+        assert!(JsonPaths::new::<&str>(&[]).expect("none").is_empty());
+        let doc: String = format!("{{{}}}", (0..16).map(|i| format!(r#""p{i}":{i}"#)).collect::<Vec<_>>().join(","));
+        let got = scan(&p, &doc);
+        assert_eq!(got[15], Some(Found::Num(15)));
+        assert!(got.iter().all(Option::is_some));
+    }
+
+    // ---- Property tests against serde_json ----
+
+    /// A JSON text for `v` with keys and strings escaped at random (`\uXXXX`, surrogate pairs,
+    /// the short escapes, `\/`), and random whitespace.
+    fn render(v: &serde_json::Value, rng: &mut u64, out: &mut String) {
+        fn next(rng: &mut u64) -> u64 {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        }
+        fn ws(rng: &mut u64, out: &mut String) {
+            match next(rng) % 8 {
+                0 => out.push(' '),
+                1 => out.push_str("\n\t "),
+                _ => {}
+            }
+        }
+        fn string(t: &str, rng: &mut u64, out: &mut String) {
+            out.push('"');
+            for c in t.chars() {
+                let r = next(rng) % 4;
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str(if r == 0 { "\\u000a" } else { "\\n" }),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    '/' if r == 0 => out.push_str("\\/"),
+                    c if r == 0 => {
+                        let mut units = [0u16; 2];
+                        for u in c.encode_utf16(&mut units) {
+                            out.push_str(&format!("\\u{u:04X}"));
+                        }
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+        ws(rng, out);
+        match v {
+            serde_json::Value::Object(m) => {
+                out.push('{');
+                for (i, (k, x)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    ws(rng, out);
+                    string(k, rng, out);
+                    ws(rng, out);
+                    out.push(':');
+                    render(x, rng, out);
+                }
+                ws(rng, out);
+                out.push('}');
+            }
+            serde_json::Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    render(x, rng, out);
+                }
+                ws(rng, out);
+                out.push(']');
+            }
+            serde_json::Value::String(t) => string(t, rng, out),
+            other => out.push_str(&other.to_string()),
+        }
+        ws(rng, out);
+    }
+
+    /// What the scanner must report for a value serde_json found.
+    fn expected(v: &serde_json::Value) -> Found {
+        match v {
+            serde_json::Value::Null => Found::Null,
+            serde_json::Value::Bool(b) => Found::Bool(*b),
+            serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Found::Num(u),
+                (None, Some(_), _) => Found::BadNum,
+                (_, _, Some(f)) if f < 0.0 => Found::BadNum,
+                (_, _, Some(f)) => Found::Num(f.ceil() as u64),
+                _ => Found::BadNum,
+            },
+            serde_json::Value::String(t) => {
+                let mut end = t.len().min(MAX_STR);
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Found::Str { text: t[..end].to_string(), truncated: end < t.len() }
+            }
+            serde_json::Value::Array(a) => Found::Array { empty: a.is_empty() },
+            serde_json::Value::Object(_) => Found::Object,
+        }
+    }
+
+    /// Every path of `v` (as segments) that a [`JsonPaths`] can express.
+    fn all_paths(v: &serde_json::Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        if prefix.len() == MAX_SEGMENTS {
+            return;
+        }
+        let children: Vec<(String, &serde_json::Value)> = match v {
+            serde_json::Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), x)).collect(),
+            serde_json::Value::Array(a) => a.iter().enumerate().map(|(i, x)| (i.to_string(), x)).collect(),
+            _ => return,
+        };
+        for (k, x) in children {
+            if k.is_empty()
+                || k.len() > MAX_SEGMENT_LEN
+                || k.contains(|c: char| c == '.' || c == '"' || c == '\\' || c < ' ')
+            {
+                continue;
+            }
+            prefix.push(k);
+            out.push(prefix.clone());
+            all_paths(x, prefix, out);
+            prefix.pop();
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let key =
+            prop_oneof!["[a-c]{1,2}", "[0-3]", Just("usage".to_string()), "[a-zé😀/~\"\\\\\n.]{1,4}", "k{60,70}",];
+        let text = prop_oneof!["[a-z \"\\\\/\n\t\u{1}é😀]{0,12}", "x{250,260}", "[é😀]{120,130}",];
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<u64>().prop_map(serde_json::Value::from),
+            (0u64..1000).prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (0u32..1_000_000, 1u32..100)
+                .prop_map(|(a, b)| serde_json::Value::from(f64::from(a) + f64::from(b) / 100.0)),
+            text.prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(5, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn pointer(segs: &[String]) -> String {
+        segs.iter().map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1"))).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn finds_what_serde_json_finds(
+            v in json_value(),
+            seed in 1u64..u64::MAX,
+            pick in prop::collection::vec(any::<prop::sample::Index>(), 1..16),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut text = String::new();
+            let mut rng = seed;
+            render(&v, &mut rng, &mut text);
+            prop_assert_eq!(&serde_json::from_str::<serde_json::Value>(&text).expect("valid"), &v);
+            let mut candidates = Vec::new();
+            all_paths(&v, &mut Vec::new(), &mut candidates);
+            let mut chosen: Vec<Vec<String>> = Vec::new();
+            for ix in &pick {
+                if candidates.is_empty() { break; }
+                let c = &candidates[ix.index(candidates.len())];
+                if !chosen.contains(c) { chosen.push(c.clone()); }
+            }
+            // A path the value lacks, too.
+            chosen.push(vec!["zz".to_string(), "0".to_string()]);
+            let dotted: Vec<String> = chosen.iter().map(|c| c.join(".")).collect();
+            let p = JsonPaths::new(&dotted).expect("paths from the value");
+            let mut splits: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
+            splits.sort_unstable();
+            let got = scan_split(&p, text.as_bytes(), &splits);
+            for (i, c) in chosen.iter().enumerate() {
+                let want = v.pointer(&pointer(c)).map(expected);
+                prop_assert_eq!(&got[i], &want, "path {} in {}", dotted[i], text);
+            }
+        }
+
+        #[test]
+        fn random_chunkings_agree(doc_ix in 0usize..5, cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+            let (p, doc) = &representative()[doc_ix];
+            let mut splits: Vec<usize> = cuts.iter().map(|c| c.index(doc.len() + 1)).collect();
+            splits.sort_unstable();
+            prop_assert_eq!(scan_split(p, doc.as_bytes(), &splits), scan(p, doc));
+        }
     }
 }
