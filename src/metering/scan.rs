@@ -1667,6 +1667,216 @@ mod tests {
         assert!(got.iter().all(Option::is_some));
     }
 
+    // ---- SSE ----
+
+    fn chat_event(content: &str) -> String {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":null}}\n\n"
+        )
+    }
+
+    const USAGE_EVENT: &str = "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":12,\"total_tokens\":21}}\n\n";
+
+    /// A chat stream with `include_usage`: chunks, the usage event, `[DONE]`; and what the
+    /// client sees when the usage event is removed.
+    fn chat_stream() -> (String, String) {
+        let mut chunks = String::new();
+        for c in ["Hel", "lo", " \\\"world\\\""] {
+            chunks.push_str(&chat_event(c));
+        }
+        let full = format!("{chunks}: keep-alive\n\n{USAGE_EVENT}data: [DONE]\n\n");
+        let filtered = format!("{chunks}: keep-alive\n\ndata: [DONE]\n\n");
+        (full, filtered)
+    }
+
+    fn sse_paths() -> Arc<JsonPaths> {
+        Arc::new(paths(&["usage.total_tokens", "choices"]))
+    }
+
+    struct SseRun {
+        out: Vec<u8>,
+        total: Option<Found>,
+        choices: Option<Found>,
+        events: u64,
+        dropped: u64,
+    }
+
+    /// Feeds `stream` cut at `splits` (the last piece marked end of stream).
+    fn sse_split(stream: &[u8], splits: &[usize], drop_when: Option<(usize, usize)>, max_held: usize) -> SseRun {
+        let mut sc = SseScan::new(sse_paths(), drop_when, max_held);
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &cut in splits {
+            let cut = cut.clamp(at, stream.len());
+            out.extend_from_slice(&sc.feed(Bytes::copy_from_slice(&stream[at..cut]), false));
+            at = cut;
+        }
+        out.extend_from_slice(&sc.feed(Bytes::copy_from_slice(&stream[at..]), true));
+        SseRun {
+            out,
+            total: sc.last(0).cloned(),
+            choices: sc.last(1).cloned(),
+            events: sc.events(),
+            dropped: sc.dropped(),
+        }
+    }
+
+    #[test]
+    fn the_usage_event_settles_and_is_dropped() {
+        let (full, filtered) = chat_stream();
+        let r = sse_split(full.as_bytes(), &[], Some((0, 1)), 64 * 1024);
+        assert_eq!(String::from_utf8_lossy(&r.out), filtered);
+        assert_eq!(r.total, Some(Found::Num(21)));
+        assert_eq!(r.choices, Some(Found::Array { empty: true }), "the last event carrying choices");
+        assert_eq!((r.events, r.dropped), (5, 1));
+        // Without drop_when the same stream passes whole, in the same buffer.
+        let mut sc = SseScan::new(sse_paths(), None, 64 * 1024);
+        let input = Bytes::from(full.clone());
+        let out = sc.feed(input.clone(), true);
+        assert_eq!(out.as_ptr(), input.as_ptr());
+        assert_eq!(out.len(), input.len());
+        assert_eq!(sc.last(0), Some(&Found::Num(21)));
+        assert_eq!((sc.events(), sc.dropped()), (5, 0));
+    }
+
+    #[test]
+    fn events_that_do_not_match_the_filter_are_kept() {
+        // Usage present but choices not empty: kept. Usage not a number: kept.
+        let kept = concat!(
+            "data: {\"choices\":[{\"index\":0}],\"usage\":{\"total_tokens\":5}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"total_tokens\":\"5\"}}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"total_tokens\":-5}}\n\n",
+        );
+        let r = sse_split(kept.as_bytes(), &[], Some((0, 1)), 1024);
+        assert_eq!(String::from_utf8_lossy(&r.out), kept);
+        assert_eq!(r.dropped, 0);
+        assert_eq!(r.total, Some(Found::BadNum), "the last event carrying the path");
+        // Absent or null `choices` count as empty.
+        for ev in [
+            "data: {\"usage\":{\"total_tokens\":5}}\n\n",
+            "data: {\"choices\":null,\"usage\":{\"total_tokens\":5}}\n\n",
+        ] {
+            let r = sse_split(ev.as_bytes(), &[], Some((0, 1)), 1024);
+            assert_eq!((r.out.len(), r.dropped), (0, 1), "{ev}");
+        }
+    }
+
+    #[test]
+    fn every_chunking_of_a_stream_gives_the_same_bytes_and_values() {
+        let (full, filtered) = chat_stream();
+        let crlf = full.replace('\n', "\r\n");
+        let cr = full.replace('\n', "\r");
+        for (stream, want) in [
+            (full.clone(), filtered.clone()),
+            (crlf.clone(), filtered.replace('\n', "\r\n")),
+            (cr.clone(), filtered.replace('\n', "\r")),
+        ] {
+            let b = stream.as_bytes();
+            let whole = sse_split(b, &[], Some((0, 1)), 64 * 1024);
+            assert_eq!(String::from_utf8_lossy(&whole.out), want);
+            assert_eq!(whole.total, Some(Found::Num(21)));
+            for cut in 0..=b.len() {
+                for drop_when in [None, Some((0, 1))] {
+                    let r = sse_split(b, &[cut], drop_when, 64 * 1024);
+                    let want_out = if drop_when.is_some() { want.as_bytes() } else { b };
+                    assert_eq!(r.out, want_out, "cut at {cut}");
+                    assert_eq!((&r.total, &r.choices), (&whole.total, &whole.choices), "cut at {cut}");
+                    assert_eq!(r.events, 5);
+                }
+            }
+            let every: Vec<usize> = (1..b.len()).collect();
+            let r = sse_split(b, &every, Some((0, 1)), 64 * 1024);
+            assert_eq!(r.out, want.as_bytes(), "byte by byte");
+            assert_eq!(r.dropped, 1);
+        }
+    }
+
+    #[test]
+    fn line_ends_and_fields() {
+        // Mixed line ends, a field without a space after the colon, event/id/retry fields,
+        // comments, and data split over lines (joined with \n, a valid JSON whitespace).
+        let stream = "event: response.completed\r\nid: 7\rretry: 10\n:c\ndata:{\"usage\":\r\ndata: {\"total_tokens\"\ndata: :4}}\r\r\n";
+        let r = sse_split(stream.as_bytes(), &[], Some((0, 1)), 1024);
+        assert_eq!(r.total, Some(Found::Num(4)));
+        assert_eq!(r.events, 1);
+        assert_eq!((r.out.len(), r.dropped), (0, 1));
+        // The `\n` after the blank line's `\r` belongs to that dropped event: the next event
+        // keeps its own bytes only.
+        let two = "data: {\"usage\":{\"total_tokens\":4}}\r\r\ndata: 1\r\r\n";
+        for cut in 0..=two.len() {
+            let r = sse_split(two.as_bytes(), &[cut], Some((0, 1)), 1024);
+            assert_eq!(String::from_utf8_lossy(&r.out), "data: 1\r\r\n", "cut {cut}");
+            assert_eq!(r.events, 2);
+        }
+        // `data` must be the whole field name; `data` without a colon is an empty data line.
+        let r = sse_split(b"datax: {\"usage\":{\"total_tokens\":4}}\n\n", &[], None, 1024);
+        assert_eq!((r.total, r.events), (None, 0));
+        let r = sse_split(b"data\ndata\n\n", &[], None, 1024);
+        assert_eq!(r.events, 1, "two empty data lines are an event with data \"\\n\"");
+        let r = sse_split(b"data:\n\n: ping\n\n", &[], Some((0, 1)), 1024);
+        assert_eq!((r.events, r.out.len()), (0, 15));
+    }
+
+    #[test]
+    fn a_data_line_split_at_every_offset() {
+        let ev = "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\",\"usage\":{\"input_tokens\":3,\"output_tokens\":4,\"total_tokens\":7}}}\n\n";
+        let stream = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\"}}\n\nevent: response.completed\n{ev}"
+        );
+        let p = Arc::new(paths(&["response.usage.total_tokens", "type"]));
+        for a in 0..stream.len() {
+            for b in [a + 1, a + 7, stream.len()] {
+                let mut sc = SseScan::new(p.clone(), None, 1024);
+                let b = b.min(stream.len());
+                let bytes = stream.as_bytes();
+                sc.feed(Bytes::copy_from_slice(&bytes[..a]), false);
+                sc.feed(Bytes::copy_from_slice(&bytes[a..b]), false);
+                sc.feed(Bytes::copy_from_slice(&bytes[b..]), true);
+                assert_eq!(sc.last(0), Some(&Found::Num(7)), "cut {a} {b}");
+                assert_eq!(sc.last(1).cloned(), s("response.completed"));
+                assert_eq!(sc.events(), 2);
+            }
+        }
+    }
+
+    #[test]
+    fn events_larger_than_max_held_pass_as_they_come() {
+        let pad = "x".repeat(300);
+        let big = format!("data: {{\"pad\":\"{pad}\",\"choices\":[],\"usage\":{{\"total_tokens\":8}}}}\n\n");
+        let small = "data: {\"choices\":[],\"usage\":{\"total_tokens\":2}}\n\n";
+        let stream = format!("{big}{small}");
+        let b = stream.as_bytes();
+        for max_held in [big.len() - 2, big.len() - 1] {
+            for cut in 0..=b.len() {
+                let r = sse_split(b, &[cut, cut + 40], Some((0, 1)), max_held);
+                assert_eq!(String::from_utf8_lossy(&r.out), big, "max {max_held} cut {cut}");
+                assert_eq!((r.dropped, r.total.clone()), (1, Some(Found::Num(2))));
+            }
+        }
+        // An event of exactly max_held bytes up to its blank line's first byte can be dropped.
+        let r = sse_split(b, &[100], Some((0, 1)), big.len());
+        assert_eq!((r.out.len(), r.dropped), (0, 2));
+        // When an event passes early, the bytes sent before its end are its own, in order.
+        let mut sc = SseScan::new(sse_paths(), Some((0, 1)), 64);
+        let first = sc.feed(Bytes::copy_from_slice(&b[..50]), false);
+        assert!(first.is_empty(), "50 bytes are held");
+        let second = sc.feed(Bytes::copy_from_slice(&b[50..100]), false);
+        assert_eq!(&second[..], &b[..100], "held bytes and the new ones, once past 64");
+    }
+
+    #[test]
+    fn an_unterminated_last_event_is_scanned_but_not_dropped() {
+        let stream = "data: {\"choices\":[],\"usage\":{\"total_tokens\":9}}";
+        for cut in 0..=stream.len() {
+            let r = sse_split(stream.as_bytes(), &[cut], Some((0, 1)), 1024);
+            assert_eq!(r.out, stream.as_bytes());
+            assert_eq!((r.total.clone(), r.events, r.dropped), (Some(Found::Num(9)), 1, 0));
+        }
+        // A number ending the stream completes at the end.
+        let r = sse_split(b"data: {\"usage\":{\"total_tokens\":9", &[], None, 1024);
+        assert_eq!(r.total, Some(Found::Num(9)));
+    }
+
     // ---- Property tests against serde_json ----
 
     /// A JSON text for `v` with keys and strings escaped at random (`\uXXXX`, surrogate pairs,
@@ -1856,6 +2066,27 @@ mod tests {
             let mut splits: Vec<usize> = cuts.iter().map(|c| c.index(doc.len() + 1)).collect();
             splits.sort_unstable();
             prop_assert_eq!(scan_split(p, doc.as_bytes(), &splits), scan(p, doc));
+        }
+
+        #[test]
+        fn random_chunkings_of_a_stream_agree(
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            line_end in 0usize..3,
+            max_held in prop_oneof![Just(64 * 1024), 100usize..200],
+        ) {
+            let (full, _) = chat_stream();
+            let stream = match line_end { 0 => full, 1 => full.replace('\n', "\r\n"), _ => full.replace('\n', "\r") };
+            let b = stream.as_bytes();
+            let mut splits: Vec<usize> = cuts.iter().map(|c| c.index(b.len() + 1)).collect();
+            splits.sort_unstable();
+            let whole = sse_split(b, &[], Some((0, 1)), max_held);
+            let r = sse_split(b, &splits, Some((0, 1)), max_held);
+            prop_assert_eq!(&r.out, &whole.out);
+            prop_assert_eq!((&r.total, &r.choices, r.events, r.dropped), (&whole.total, &whole.choices, whole.events, whole.dropped));
+            // The usage event is dropped when it fits in what is held: its size counts the
+            // blank line's first byte, not the `\n` of its `\r\n`.
+            let size = USAGE_EVENT.len() + usize::from(line_end == 1);
+            prop_assert_eq!(r.dropped, u64::from(max_held >= size));
         }
     }
 }
