@@ -720,9 +720,7 @@ impl JsonScan {
                 }
                 St::Value | St::ArrFirst | St::ObjFirst | St::Key | St::Colon | St::After => {
                     let b = chunk[i];
-                    if is_ws(b) {
-                        i += 1;
-                    } else if self.structural(paths, b) {
+                    if is_ws(b) || self.structural(paths, b) {
                         i += 1;
                     }
                 }
@@ -746,7 +744,7 @@ impl JsonScan {
                 }
                 let top = self.frames[self.nframes - 1];
                 if top.alive & !self.found_mask == 0 {
-                    self.to_skip();
+                    self.skip_innermost();
                     return false;
                 }
                 self.element_match(paths);
@@ -769,7 +767,7 @@ impl JsonScan {
                 let top = self.frames[self.nframes - 1];
                 if top.alive & !self.found_mask == 0 {
                     self.state = St::ObjFirst;
-                    self.to_skip();
+                    self.skip_innermost();
                     return false;
                 }
                 self.sink = Sink::Key;
@@ -865,7 +863,7 @@ impl JsonScan {
 
     /// Turns the innermost frame (just opened, or with nothing left to find) into skipped
     /// content of one level.
-    fn to_skip(&mut self) {
+    fn skip_innermost(&mut self) {
         self.nframes -= 1;
         let array = self.frames[self.nframes].array;
         self.skip_depth = 1;
