@@ -70,6 +70,9 @@ pub struct JsonPaths {
     ends_at: [u16; MAX_SEGMENTS],
     /// Bit set of the paths with more than `d + 1` segments.
     longer: [u16; MAX_SEGMENTS],
+    /// Bit `l` set: some path has a segment of `l` bytes at index `d` (a quick rejection of
+    /// keys no path names).
+    key_lens: [u128; MAX_SEGMENTS],
     all: u16,
 }
 
@@ -83,6 +86,7 @@ impl JsonPaths {
             paths: Vec::with_capacity(paths.len()),
             ends_at: [0; MAX_SEGMENTS],
             longer: [0; MAX_SEGMENTS],
+            key_lens: [0; MAX_SEGMENTS],
             all: 0,
         };
         for (i, p) in paths.iter().enumerate() {
@@ -130,6 +134,9 @@ impl JsonPaths {
             out.ends_at[segs.len() - 1] |= bit;
             for d in 0..segs.len() - 1 {
                 out.longer[d] |= bit;
+            }
+            for (d, seg) in segs.iter().enumerate() {
+                out.key_lens[d] |= 1 << seg.text.len();
             }
             out.all |= bit;
             out.paths.push(Path { text: p.to_string(), segs });
@@ -406,6 +413,33 @@ impl Scalar {
     }
 }
 
+/// The first `"` or `\\` in `s`: most strings in API bodies are short, and a plain loop over
+/// their first bytes beats the set-up of a SIMD search; longer ones go to `memchr2`.
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &s[..s.len().min(SHORT)];
+    if let Some(j) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(j);
+    }
+    if s.len() <= SHORT {
+        return None;
+    }
+    memchr::memchr2(b'"', b'\\', &s[SHORT..]).map(|j| j + SHORT)
+}
+
+/// The length of the rest of a string (after its opening quote) up to and including its closing
+/// quote, if it ends in `s`.
+fn skip_string(s: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let j = quote_or_backslash(s.get(at..)?)?;
+        if s[at + j] == b'"' {
+            return Some(at + j + 1);
+        }
+        at += j + 2;
+    }
+}
+
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -541,7 +575,7 @@ impl JsonScan {
                 St::Done | St::Dead => return,
                 St::Str => {
                     let rest = &chunk[i..];
-                    match memchr::memchr2(b'"', b'\\', rest) {
+                    match quote_or_backslash(rest) {
                         None => {
                             self.sink_bytes(rest);
                             return;
@@ -557,7 +591,7 @@ impl JsonScan {
                         }
                     }
                 }
-                St::SkipStr => match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
+                St::SkipStr => match quote_or_backslash(&chunk[i..]) {
                     None => return,
                     Some(j) => {
                         let b = chunk[i + j];
@@ -574,10 +608,32 @@ impl JsonScan {
                         let b = chunk[i];
                         i += 1;
                         match b {
-                            b'"' => {
-                                self.state = St::SkipStr;
+                            b',' if self.skip_depth == 0 => {
+                                if !self.frames[self.nframes - 1].array {
+                                    // The common case, a whole key in this chunk, read in place.
+                                    if let Some(m) = self.fast_key(paths, &chunk[i..]) {
+                                        i += m;
+                                        if self.nothing_pending() {
+                                            continue;
+                                        }
+                                        self.state = St::Value;
+                                        break;
+                                    }
+                                }
+                                self.next_member(paths);
                                 break;
                             }
+                            b'}' | b']' if self.skip_depth == 0 => {
+                                self.close(b);
+                                break;
+                            }
+                            b'"' => match skip_string(&chunk[i..]) {
+                                Some(m) => i += m,
+                                None => {
+                                    self.state = St::SkipStr;
+                                    break;
+                                }
+                            },
                             b'{' | b'[' => {
                                 if self.skip_depth < SKIP_STACK {
                                     let bit = 1u64 << self.skip_depth;
@@ -597,8 +653,8 @@ impl JsonScan {
                                     self.state = St::Dead;
                                     break;
                                 }
-                                if self.skip_depth == 0 {
-                                    self.after_value();
+                                if self.skip_depth == 0 && self.nframes == 0 {
+                                    self.state = St::Done;
                                     break;
                                 }
                             }
@@ -664,9 +720,7 @@ impl JsonScan {
                 }
                 St::Value | St::ArrFirst | St::ObjFirst | St::Key | St::Colon | St::After => {
                     let b = chunk[i];
-                    if is_ws(b) {
-                        i += 1;
-                    } else if self.structural(paths, b) {
+                    if is_ws(b) || self.structural(paths, b) {
                         i += 1;
                     }
                 }
@@ -690,10 +744,15 @@ impl JsonScan {
                 }
                 let top = self.frames[self.nframes - 1];
                 if top.alive & !self.found_mask == 0 {
-                    self.to_skip();
+                    self.skip_innermost();
                     return false;
                 }
                 self.element_match(paths);
+                if self.nothing_pending() {
+                    self.skip_depth = 0;
+                    self.state = St::Skip;
+                    return false;
+                }
                 self.begin_value(b)
             }
             St::ObjFirst | St::Key => {
@@ -708,7 +767,7 @@ impl JsonScan {
                 let top = self.frames[self.nframes - 1];
                 if top.alive & !self.found_mask == 0 {
                     self.state = St::ObjFirst;
-                    self.to_skip();
+                    self.skip_innermost();
                     return false;
                 }
                 self.sink = Sink::Key;
@@ -718,7 +777,16 @@ impl JsonScan {
                 true
             }
             St::Colon => {
-                self.state = if b == b':' { St::Value } else { St::Dead };
+                self.state = if b != b':' {
+                    St::Dead
+                } else if self.nothing_pending() {
+                    // No path goes through this key: its value is skipped, up to the `,` or
+                    // the closer after it.
+                    self.skip_depth = 0;
+                    St::Skip
+                } else {
+                    St::Value
+                };
                 true
             }
             St::After => {
@@ -727,16 +795,7 @@ impl JsonScan {
                     return true;
                 }
                 match b {
-                    b',' => {
-                        let top = &mut self.frames[self.nframes - 1];
-                        if top.array {
-                            top.index += 1;
-                            self.element_match(paths);
-                            self.state = St::Value;
-                        } else {
-                            self.state = St::Key;
-                        }
-                    }
+                    b',' => self.next_member(paths),
                     b'}' | b']' => self.close(b),
                     _ => self.state = St::Dead,
                 }
@@ -746,9 +805,65 @@ impl JsonScan {
         }
     }
 
+    /// After a `,` in the innermost frame: the next key, or the next element (skipped when no
+    /// path goes through it).
+    fn next_member(&mut self, paths: &JsonPaths) {
+        let top = &mut self.frames[self.nframes - 1];
+        if top.array {
+            top.index += 1;
+            self.element_match(paths);
+            if self.nothing_pending() {
+                self.skip_depth = 0;
+                self.state = St::Skip;
+            } else {
+                self.state = St::Value;
+            }
+        } else {
+            self.state = St::Key;
+        }
+    }
+
+    /// Reads `ws "key" ws :` at the start of `rest` when it is all there and the key has no
+    /// escape: sets what the key's value is for, and returns the bytes read. None: the slow
+    /// path reads it.
+    fn fast_key(&mut self, paths: &JsonPaths, rest: &[u8]) -> Option<usize> {
+        let mut j = 0;
+        while j < rest.len() && is_ws(rest[j]) {
+            j += 1;
+        }
+        if rest.get(j) != Some(&b'"') {
+            return None;
+        }
+        let k0 = j + 1;
+        let e = quote_or_backslash(&rest[k0..])?;
+        if rest[k0 + e] != b'"' {
+            return None;
+        }
+        let key = &rest[k0..k0 + e];
+        let mut m = k0 + e + 1;
+        while m < rest.len() && is_ws(rest[m]) {
+            m += 1;
+        }
+        if rest.get(m) != Some(&b':') {
+            return None;
+        }
+        let d = self.nframes - 1;
+        let cur = if key.len() > MAX_SEGMENT_LEN || (paths.key_lens[d] >> key.len()) & 1 == 0 {
+            0
+        } else {
+            paths.match_key(self.frames[d].alive & !self.found_mask, d, key)
+        };
+        self.set_pending(paths, cur, d);
+        Some(m + 1)
+    }
+
+    fn nothing_pending(&self) -> bool {
+        self.pending_target == NONE && self.pending_carry & !self.found_mask == 0
+    }
+
     /// Turns the innermost frame (just opened, or with nothing left to find) into skipped
     /// content of one level.
-    fn to_skip(&mut self) {
+    fn skip_innermost(&mut self) {
         self.nframes -= 1;
         let array = self.frames[self.nframes].array;
         self.skip_depth = 1;
@@ -883,7 +998,11 @@ impl JsonScan {
             Sink::Key => {
                 let d = self.nframes - 1;
                 let alive = self.frames[d].alive & !self.found_mask;
-                let cur = if self.key_over { 0 } else { paths.match_key(alive, d, &self.key[..self.key_len]) };
+                let cur = if self.key_over || (paths.key_lens[d] >> self.key_len) & 1 == 0 {
+                    0
+                } else {
+                    paths.match_key(alive, d, &self.key[..self.key_len])
+                };
                 self.set_pending(paths, cur, d);
                 self.state = St::Colon;
             }
