@@ -461,6 +461,10 @@ fn is_scalar(b: u8) -> bool {
 pub struct JsonScan {
     found: Vec<Option<Found>>,
     found_mask: u16,
+    /// Read the whole document, also past the first occurrence of every path, and note the
+    /// paths that occur again ([`JsonScan::strict`]).
+    strict: bool,
+    dup_mask: u16,
     all: u16,
     state: St,
     frames: [Frame; MAX_SEGMENTS],
@@ -497,6 +501,8 @@ impl JsonScan {
         let mut s = JsonScan {
             found: vec![None; paths.len()],
             found_mask: 0,
+            strict: false,
+            dup_mask: 0,
             all: paths.all,
             state: St::Value,
             frames: [Frame::default(); MAX_SEGMENTS],
@@ -532,6 +538,7 @@ impl JsonScan {
             }
         }
         self.found_mask = 0;
+        self.dup_mask = 0;
         self.state = if self.all == 0 { St::Done } else { St::Value };
         self.nframes = 0;
         self.skip_depth = 0;
@@ -546,6 +553,30 @@ impl JsonScan {
         self.cap_trunc = false;
         self.hi = 0;
         self.u_n = 0;
+    }
+
+    /// A scanner that reads the whole document and notes every path that occurs more than
+    /// once. For request bodies: parsers differ on which of two equal keys counts (most take
+    /// the last, this scanner the first), so a body that names a field the gateway reads twice
+    /// is refused rather than read one way by the gateway and another by the upstream.
+    pub fn strict(paths: &JsonPaths) -> JsonScan {
+        let mut s = JsonScan::new(paths);
+        s.strict = true;
+        s
+    }
+
+    /// Whether some path occurred more than once (only noted by a [`JsonScan::strict`] scanner).
+    pub fn duplicated(&self) -> bool {
+        self.dup_mask != 0
+    }
+
+    /// The paths no longer looked for: those found, unless every occurrence is wanted.
+    fn settled(&self) -> u16 {
+        if self.strict {
+            0
+        } else {
+            self.found_mask
+        }
     }
 
     /// The value found at path `i` (the index in [`JsonPaths`]), if any.
@@ -567,7 +598,7 @@ impl JsonScan {
         let n = chunk.len();
         let mut i = 0;
         while i < n {
-            if self.found_mask == self.all {
+            if !self.strict && self.found_mask == self.all {
                 // Only the first occurrence counts: nothing left to find.
                 self.state = St::Done;
             }
@@ -743,7 +774,7 @@ impl JsonScan {
                     return true;
                 }
                 let top = self.frames[self.nframes - 1];
-                if top.alive & !self.found_mask == 0 {
+                if top.alive & !self.settled() == 0 {
                     self.skip_innermost();
                     return false;
                 }
@@ -765,7 +796,7 @@ impl JsonScan {
                     return true;
                 }
                 let top = self.frames[self.nframes - 1];
-                if top.alive & !self.found_mask == 0 {
+                if top.alive & !self.settled() == 0 {
                     self.state = St::ObjFirst;
                     self.skip_innermost();
                     return false;
@@ -851,14 +882,14 @@ impl JsonScan {
         let cur = if key.len() > MAX_SEGMENT_LEN || (paths.key_lens[d] >> key.len()) & 1 == 0 {
             0
         } else {
-            paths.match_key(self.frames[d].alive & !self.found_mask, d, key)
+            paths.match_key(self.frames[d].alive & !self.settled(), d, key)
         };
         self.set_pending(paths, cur, d);
         Some(m + 1)
     }
 
     fn nothing_pending(&self) -> bool {
-        self.pending_target == NONE && self.pending_carry & !self.found_mask == 0
+        self.pending_target == NONE && self.pending_carry & !self.settled() == 0
     }
 
     /// Turns the innermost frame (just opened, or with nothing left to find) into skipped
@@ -874,7 +905,7 @@ impl JsonScan {
     fn element_match(&mut self, paths: &JsonPaths) {
         let d = self.nframes - 1;
         let top = self.frames[d];
-        let cur = paths.match_index(top.alive & !self.found_mask, d, top.index);
+        let cur = paths.match_index(top.alive & !self.settled(), d, top.index);
         self.set_pending(paths, cur, d);
     }
 
@@ -886,7 +917,7 @@ impl JsonScan {
 
     fn begin_value(&mut self, b: u8) -> bool {
         let t = self.pending_target;
-        let carry = self.pending_carry & !self.found_mask;
+        let carry = self.pending_carry & !self.settled();
         self.pending_target = NONE;
         self.pending_carry = 0;
         match b {
@@ -951,6 +982,8 @@ impl JsonScan {
             if slot.is_none() {
                 *slot = Some(f);
                 self.found_mask |= 1 << t;
+            } else {
+                self.dup_mask |= 1 << t;
             }
         }
     }
@@ -997,7 +1030,7 @@ impl JsonScan {
             Sink::Skip => self.after_value(),
             Sink::Key => {
                 let d = self.nframes - 1;
-                let alive = self.frames[d].alive & !self.found_mask;
+                let alive = self.frames[d].alive & !self.settled();
                 let cur = if self.key_over || (paths.key_lens[d] >> self.key_len) & 1 == 0 {
                     0
                 } else {
@@ -1500,6 +1533,27 @@ impl SseScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_strict_scanner_notes_paths_that_occur_twice_and_keeps_the_first() {
+        let paths = JsonPaths::new(&["max_tokens", "stream", "opts.n"]).unwrap();
+        let dup = |doc: &str| {
+            let mut s = JsonScan::strict(&paths);
+            s.feed(&paths, doc.as_bytes());
+            s.finish(&paths);
+            (s.duplicated(), s.get(0).cloned())
+        };
+        assert_eq!(dup(r#"{"max_tokens":1,"stream":true}"#), (false, Some(Found::Num(1))));
+        assert_eq!(dup(r#"{"max_tokens":1,"max_tokens":900}"#), (true, Some(Found::Num(1))));
+        assert_eq!(dup(r#"{"stream":false,"x":[1,{"stream":1}],"stream":true}"#).0, true);
+        assert_eq!(dup(r#"{"opts":{"n":1},"opts":{"m":2}}"#).0, false, "an object twice, the path once");
+        assert_eq!(dup(r#"{"opts":{"n":1},"opts":{"n":2}}"#).0, true);
+        assert_eq!(dup(r#"{"a":{"max_tokens":1},"max_tokens":2}"#), (false, Some(Found::Num(2))));
+        // The default scanner stops at the first occurrences and notes nothing.
+        let mut s = JsonScan::new(&paths);
+        s.feed(&paths, br#"{"max_tokens":1,"stream":true,"opts":{"n":3},"max_tokens":2}"#);
+        assert!(!s.duplicated());
+    }
     use proptest::prelude::*;
 
     fn paths(p: &[&str]) -> JsonPaths {

@@ -84,13 +84,20 @@ pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reje
     Ok(buf.freeze())
 }
 
-/// Scans a request body read whole.
-pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Option<Box<JsonScan>> {
-    let paths = plan.request.as_ref()?;
-    let mut scan = Box::new(JsonScan::new(paths));
+/// Scans a request body read whole. A body that names a field the gateway reads twice is
+/// refused: JSON parsers disagree on which of two equal keys counts (most take the last), so
+/// the gateway could reserve and ask for usage on one reading while the upstream acts on another.
+pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>, Reject> {
+    let Some(paths) = plan.request.as_ref() else { return Ok(None) };
+    let mut scan = Box::new(JsonScan::strict(paths));
     scan.feed(paths, body);
     scan.finish(paths);
-    Some(scan)
+    if scan.duplicated() {
+        return Err(Reject::BadRequest {
+            detail: "The request body names a field this route reads (such as `max_tokens`, `stream` or `model`) more than once; send each field once.".into(),
+        });
+    }
+    Ok(Some(scan))
 }
 
 /// With `inject_stream_usage`: the body to forward when the client streams (`"stream": true`)

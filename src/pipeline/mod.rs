@@ -167,7 +167,7 @@ impl Gateway {
             // or forwarded (the rule's `max_body` bounds it).
             let whole = body::read_whole(session, permit.rule.actions.max_body.unwrap_or(0)).await?;
             ctx.body_limit = None;
-            if let Some(scan) = body::scan_whole(plan, &whole) {
+            if let Some(scan) = body::scan_whole(plan, &whole)? {
                 quota::costs_from_body(&mut charges, permit.rule, plan, &scan)?;
                 ctx.body.model = body::model_of(plan, &scan);
                 if let Some(rewritten) = body::inject_usage(plan, &scan, &whole) {
