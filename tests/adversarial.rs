@@ -1020,13 +1020,15 @@ fn chat(body: &str, chunked: bool, extra: &[&str]) -> Vec<u8> {
     }
 }
 
+/// (name, request, status, error code (OpenAI shape), forwarded, reserved estimate)
+type BodyCase = (&'static str, Vec<u8>, u16, Option<&'static str>, bool, Option<&'static str>);
+
 #[test]
 fn request_bodies_the_gateway_reads_get_their_documented_answers() {
     let llm = common::llm::Llm::start();
     let gw = Gateway::start_in(temp_dir("adv-body"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
-    // (name, request, status, error code (OpenAI shape), forwarded, reserved estimate)
     let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
-    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>, bool, Option<&str>)> = vec![
+    let cases: Vec<BodyCase> = vec![
         ("plain", chat(r#"{"model":"m","max_tokens":40}"#, false, &[]), 200, None, true, Some("40")),
         ("no max_tokens: the default", chat(r#"{"model":"m"}"#, false, &[]), 200, None, true, Some("1024")),
         ("max_tokens in a nested object", chat(r#"{"x":{"max_tokens":1}}"#, false, &[]), 200, None, true, Some("1024")),

@@ -105,13 +105,11 @@ fn total(report: &serde_json::Value, metric: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads a streamed answer event by event: (status, headers, [(arrival, event text)]).
-fn stream(
-    gw: &Gateway,
-    path: &str,
-    extra: &[(&str, &str)],
-    body: &serde_json::Value,
-) -> (u16, Vec<(String, String)>, Vec<(Duration, String)>) {
+/// A streamed answer: status, headers, and each event with the time it arrived.
+type Streamed = (u16, Vec<(String, String)>, Vec<(Duration, String)>);
+
+/// Reads a streamed answer event by event.
+fn stream(gw: &Gateway, path: &str, extra: &[(&str, &str)], body: &serde_json::Value) -> Streamed {
     let auth = bearer(ACME_KEY);
     let mut headers = vec![("authorization", auth.as_str()), ("content-type", "application/json")];
     headers.extend_from_slice(extra);
@@ -121,16 +119,11 @@ fn stream(
     let (status, head) = c.read_head().expect("head");
     let mut events = Vec::new();
     let mut pending = String::new();
-    loop {
-        match c.read_chunk() {
-            Ok(Some(chunk)) => {
-                pending.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(i) = pending.find("\n\n") {
-                    let event: String = pending.drain(..i + 2).collect();
-                    events.push((t0.elapsed(), event));
-                }
-            }
-            Ok(None) | Err(_) => break,
+    while let Ok(Some(chunk)) = c.read_chunk() {
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = pending.find("\n\n") {
+            let event: String = pending.drain(..i + 2).collect();
+            events.push((t0.elapsed(), event));
         }
     }
     (status, head, events)

@@ -20,10 +20,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// One request as received: path, headers (lower-case names), body.
+pub type Received = (String, Vec<(String, String)>, Vec<u8>);
+
 #[derive(Default)]
 pub struct LlmState {
-    /// Each request's path, headers (lower-case names) and body, in arrival order.
-    pub requests: Mutex<Vec<(String, Vec<(String, String)>, Vec<u8>)>>,
+    /// Every request, in arrival order.
+    pub requests: Mutex<Vec<Received>>,
 }
 
 pub struct Llm {
