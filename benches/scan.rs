@@ -22,7 +22,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate::metering::scan::{Found, JsonPaths, JsonScan, SseScan};
+use tollgate::scan::{Found, JsonPaths, JsonScan, SseScan};
 
 fn chat_completion_16k() -> Vec<u8> {
     let mut content = String::new();

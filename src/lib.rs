@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod rules;
 pub mod runtime;
+pub mod scan;
 pub mod schema;
 pub mod store;
 pub mod upstream;

@@ -360,13 +360,19 @@ fn openai_compatible_pack() {
     let gw = pack_gateway(&echo, &["openai-compatible"]);
     let acme = bearer(ACME_KEY);
     let ro = bearer(ACME_READONLY_KEY);
+    // The echo answers the generation routes as an OpenAI-compatible API: charges settle.
     assert_eq!(gw.request("POST", "/v1/chat/completions", &[("authorization", &acme)], b"{}").status, 200);
     assert_eq!(gw.request("POST", "/v1/completions", &[("authorization", &acme)], b"{}").status, 200);
+    // Refusals on the pack's routes take OpenAI's error shape.
+    let openai_code = |r: &Resp| {
+        assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+        r.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    };
     let r = gw.request("POST", "/v1/chat/completions", &[("authorization", &ro)], b"{}");
-    assert_eq!(r.problem_code(), "insufficient_scope");
+    assert_eq!((r.status, openai_code(&r)), (403, "insufficient_scope".into()));
     assert_eq!(gw.get("/v1/models", &[("authorization", &ro)]).status, 200);
     let r = gw.request("DELETE", "/v1/models/gpt", &[("authorization", &acme)], b"");
-    assert_eq!((r.status, r.problem_code()), (405, "denied".into()));
+    assert_eq!((r.status, openai_code(&r)), (405, "denied".into()));
 }
 
 #[test]

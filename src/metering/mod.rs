@@ -19,7 +19,6 @@
 //! Refused requests are metered as `rejected.<reason>` rows, never as usage.
 
 pub mod report;
-pub mod scan;
 pub mod webhook;
 
 use crate::fasthash::Fast;

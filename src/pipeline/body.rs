@@ -10,10 +10,9 @@
 //! and without holding it back (only the extra usage event the gateway asked for is held,
 //! until it ends, to take it out). Charges settle when the answer ends.
 
-use super::ctx::RequestCtx;
 use crate::error::Reject;
-use crate::metering::scan::{Found, JsonScan, SseScan};
 use crate::rules::BodyPlan;
+use crate::scan::{Found, JsonScan, SseScan};
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
@@ -163,25 +162,24 @@ pub fn model_of(plan: &BodyPlan, scan: &JsonScan) -> Option<Arc<str>> {
 /// What the body stage does to the request body on its way upstream: a body read whole replaces
 /// the first body the proxy forwards (Pingora's resend buffer holding its tail, or nothing), and
 /// every later piece is dropped; a streamed body is scanned for the model.
-pub fn upstream_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, end_of_stream: bool) {
-    if let Some(whole) = &ctx.body.whole {
-        if !ctx.body.whole_sent {
+pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<Bytes>, end_of_stream: bool) {
+    if let Some(whole) = &state.whole {
+        if !state.whole_sent {
             *body = Some(whole.clone());
-            ctx.body.whole_sent = true;
+            state.whole_sent = true;
         } else if body.is_some() {
             *body = Some(Bytes::new());
         }
         return;
     }
-    let Some(plan) = ctx.rule.as_ref().and_then(|r| r.actions.body.clone()) else { return };
     let Some(paths) = plan.request.as_ref() else { return };
-    let scan = ctx.body.request_scan.get_or_insert_with(|| Box::new(JsonScan::new(paths)));
+    let scan = state.request_scan.get_or_insert_with(|| Box::new(JsonScan::new(paths)));
     if let Some(chunk) = body {
         scan.feed(paths, chunk);
     }
     if end_of_stream {
         scan.finish(paths);
-        ctx.body.model = model_of(&plan, scan);
+        state.model = model_of(plan, scan);
     }
 }
 

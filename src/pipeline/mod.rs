@@ -404,8 +404,8 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.rule.as_ref().is_some_and(|r| r.actions.body.is_some()) {
-            body::upstream_body(ctx, body, end_of_stream);
+        if let Some(plan) = ctx.rule.as_ref().and_then(|r| r.actions.body.as_deref()) {
+            body::upstream_body(&mut ctx.body, plan, body, end_of_stream);
         }
         if let (Some(limit), Some(chunk)) = (ctx.body_limit, body.as_ref()) {
             ctx.body_seen += chunk.len() as u64;

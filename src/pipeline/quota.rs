@@ -148,9 +148,9 @@ pub fn costs_from_body(
     charges: &mut [ChargeInfo],
     rule: &crate::rules::Rule,
     plan: &crate::rules::BodyPlan,
-    scan: &crate::metering::scan::JsonScan,
+    scan: &crate::scan::JsonScan,
 ) -> Result<(), Reject> {
-    use crate::metering::scan::Found;
+    use crate::scan::Found;
     for ((info, c), at) in charges.iter_mut().zip(&rule.actions.charges).zip(&plan.cost_at) {
         let (Some(at), CostSource::Body { path, .. }) = (at, &c.cost) else { continue };
         if !info.from_body {

@@ -1,11 +1,11 @@
 //! What a rule reads from request and response bodies, compiled once per rule.
 //!
 //! A rule that names no body path has no plan, and its requests skip every body stage. A plan
-//! lists the dotted paths to look for, so the scanners ([`crate::metering::scan`]) compare keys
+//! lists the dotted paths to look for, so the scanners ([`crate::scan`]) compare keys
 //! against a fixed set and never build a document.
 
 use super::{Actions, CostSource};
-use crate::metering::scan::JsonPaths;
+use crate::scan::JsonPaths;
 use std::sync::Arc;
 
 /// Where the request body is read from, and which of its paths mean what.

@@ -340,7 +340,14 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
             let own = c.actions(src, rf);
             let actions = merge(&defaults, &own, dref_fields(rf));
             if actions.charges.iter().any(|c| &*c.metric == "requests") {
-                let span = rf.charge.as_ref().map(|ch| ch.span()).unwrap_or(r.span());
+                let span = rf
+                    .charge
+                    .as_ref()
+                    .and_then(|ch| {
+                        let named = ch.get_ref().0.iter().filter_map(|c| c.metric.as_ref());
+                        named.clone().find(|m| m.get_ref() == "requests").or(named.clone().next()).map(|m| m.span())
+                    })
+                    .unwrap_or(r.span());
                 c.diags.error_at(src, span, format!("rule `{name}` charges `requests`, which every request already counts once; charge another metric"));
             }
             if actions.body.as_ref().is_some_and(|b| b.pre_read) && actions.max_body.is_none() {
@@ -629,7 +636,7 @@ fn positive(v: &Spanned<i64>, what: &str, src: &SourceFile, diags: &mut Diagnost
 impl Compiler<'_, '_> {
     /// A dotted path into a JSON body, checked now so a request never meets a bad one.
     fn body_path(&mut self, src: &SourceFile, p: &SStr) -> Option<Arc<str>> {
-        match crate::metering::scan::JsonPaths::new(&[p.get_ref().as_str()]) {
+        match crate::scan::JsonPaths::new(&[p.get_ref().as_str()]) {
             Ok(_) => Some(p.get_ref().as_str().into()),
             Err(e) => {
                 self.diags.error_at(src, p.span(), format!("`{}` is not a usable body path: {e}", p.get_ref()));
