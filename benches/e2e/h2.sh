@@ -34,7 +34,7 @@ CONNS=64
 KEY=tg_live_bench_e2e_0000000000000000000000
 KEY_HASH=487c084bf6ca4d97907acf63a58d40f869541d82c1a9f46f156bc29c09dbf323
 URL_PATH=/api/items/42
-TOLLGATE=target/release/tollgate
+TOLLGATE=${CARGO_TARGET_DIR:-target}/release/tollgate
 OUT=target/bench-h2
 VARIANTS="h1 h2c h2c-m8"
 
