@@ -335,3 +335,30 @@ fn no_server_header_by_default() {
     assert_eq!(r.status, 401);
     assert!(r.header("server").is_none());
 }
+
+#[test]
+fn a_reload_applies_the_server_header_and_says_h2c_waits_for_a_restart() {
+    const TOKEN: &str = "h2-reload-admin-token-0123456789";
+    let echo = Echo::start();
+    let tail = format!("[admin]\ntoken_hash = \"{}\"\n", hash_of(TOKEN));
+    let gw = Gateway::start(&standard_config(echo.addr, Extra { tail: &tail, ..Extra::default() }));
+    assert!(gw.get("/api/x", &[]).header("server").is_none());
+    let changed = standard_config(
+        echo.addr,
+        Extra { server: "h2c = false\nserver_header = \"edge\"", tail: &tail, ..Extra::default() },
+    );
+    let text = render(&changed, gw.addr, gw.admin, &gw.dir);
+    std::fs::write(&gw.config_path, text).expect("write config");
+    let r = common::request(gw.admin, "POST", "/v1/reload", &[("authorization", &bearer(TOKEN))], b"").expect("reload");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let warnings = r.json()["warnings"].to_string();
+    assert!(warnings.contains("`server.h2c` changed: it applies on the next restart"), "{warnings}");
+    assert_eq!(gw.get("/api/x", &[]).header("server"), Some("edge"), "the Server header follows the reload");
+    assert_eq!(send_raw(gw.addr, b"HELLO THERE\r\n\r\n").header("server"), Some("edge"));
+    // h2c stays as the process started.
+    runtime().block_on(async {
+        let mut send = h2c(gw.addr).await;
+        let r = exchange(&mut send, get(&format!("http://gateway.test:{}/api/x", gw.addr.port()), &[])).await;
+        assert_eq!(r.status, 401);
+    });
+}
