@@ -18,6 +18,12 @@
 //!   upstream connections and the admin listener, which has caps of its own, so a flood on the
 //!   data plane cannot starve the admin API.
 //! - **Pipelining kept.** Requests pipelined behind another are answered in order, not dropped.
+//! - **HTTP/2 told apart cheaply.** With h2c on, a plaintext connection is read for at most the
+//!   24 bytes of the HTTP/2 preface, stopping at the first byte that differs, and the bytes are
+//!   put back; a preface goes to Pingora's HTTP/2 server, anything else to the HTTP/1 loop below.
+//!   ALPN `h2` on the TLS listener does the same without reading.
+//! - **Parser refusals in the gateway's shape.** On the data plane, each HTTP/1 connection's
+//!   stream is wrapped by [`crate::guard::Guarded`], armed while a head is awaited.
 //!
 //! The head deadline learns that a head was read through the connection's user context: the
 //! edge stores a [`HeadMarker`] in it before each request, and the application hands it back to
