@@ -48,7 +48,7 @@ fuzz:
 ## with more and more policy on, and nginx, one proxy thread each, in interleaved wrk rounds;
 ## prints the table and writes it into docs/performance.md. About 7 minutes after the build.
 ## Settings such as ROUNDS=5 or DURATION=5 pass through (see benches/e2e/run.sh).
-.PHONY: bench-e2e bench-scale
+.PHONY: bench-e2e bench-scale bench-h2
 bench-e2e:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release --bin tollgate --example bare_hop
@@ -62,3 +62,10 @@ bench-scale:
 	@scripts/ensure-deps.sh --bench
 	$(CARGO) build --release --bin tollgate
 	BENCH_COMMAND="make bench-scale" benches/e2e/scale.sh
+
+## HTTP/2 (docs/performance.md, "HTTP/2"): the gateway's requests per second and CPU per request
+## over h2c against HTTP/1.1, same config and upstream, with h2load. About 2 minutes after the build.
+bench-h2:
+	@scripts/ensure-deps.sh --bench
+	$(CARGO) build --release --bin tollgate
+	benches/e2e/h2.sh

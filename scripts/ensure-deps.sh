@@ -15,6 +15,7 @@
 #   prometheus    - its `promtool check metrics` validates the /metrics output
 # End-to-end benchmarks (--bench) add, to the build tools and curl:
 #   wrk           - the load generator
+#   h2load        - the HTTP/2 load generator of `make bench-h2` (nghttp2-client)
 #   nginx         - the upstream, and the reference proxy (nginx-light has map and limit_req)
 #   redis-server  - the Redis store variant
 #   perf          - CPU profiles of the gateway and of the bare Pingora hop (linux-perf)
@@ -58,7 +59,7 @@ if [ "$mode" = test ]; then
     deps+=(redis-server:redis-server openssl:openssl promtool:prometheus)
 fi
 if [ "$mode" = bench ]; then
-    deps+=(wrk:wrk nginx:nginx-light redis-server:redis-server perf:linux-perf taskset:util-linux python3:python3)
+    deps+=(wrk:wrk h2load:nghttp2-client nginx:nginx-light redis-server:redis-server perf:linux-perf taskset:util-linux python3:python3)
 fi
 
 need=()

@@ -324,6 +324,7 @@ fn build(
     let trusted_proxies = config.tenancy.trusted_proxies.clone();
     let admin_listen = config.server.admin_listen;
     let tls = config.server.tls.clone();
+    let h2c = config.server.h2c;
     let flush_interval = config.store.flush_interval;
     let slot_ttl = config.store.slot_ttl;
     let listening = Arc::new(AtomicBool::new(false));
@@ -427,8 +428,15 @@ fn build(
         max_connections_per_ip: edge_cfg.max_connections_per_ip,
         exempt: trusted_proxies,
     };
-    let proxy_app = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let mut edge = Edge::new(proxy_app, proxy_limits, &metrics);
+    let mut proxy_app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    // HTTP/2 connections (ALPN `h2` on the TLS listener, the preface on plaintext ones when
+    // `h2c` is on) go to Pingora's HTTP/2 server; an idle one is closed after `idle_timeout`.
+    let mut server_options = pingora::apps::HttpServerOptions::default();
+    server_options.h2c = h2c;
+    server_options.h2_idle_timeout = Some(edge_cfg.idle_timeout);
+    proxy_app.server_options = Some(server_options);
+    let refusals = Arc::new(crate::guard::Refusals { runtime: runtime.clone(), meter: meter.clone() });
+    let mut edge = Edge::new(proxy_app, proxy_limits, &metrics).with_h2c(h2c).with_refusals(refusals);
     if let Some(tls) = &tls {
         // The TLS listener is a plain TCP listener whose handshake the edge performs, under the
         // same caps and head deadline as every other connection.
@@ -917,8 +925,10 @@ fn remove_pid_file(path: &Path) {
 /// cannot load; that becomes an error naming the files.
 fn tls_acceptor(tls: &crate::config::TlsConfig) -> Result<pingora::listeners::tls::Acceptor, String> {
     let (cert, key) = (tls.cert.display().to_string(), tls.key.display().to_string());
-    let settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+    let mut settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
         .map_err(|e| format!("TLS listener {}: {e}", tls.listen))?;
+    // ALPN offers `h2` first, then `http/1.1`; a client that offers neither gets HTTP/1.1.
+    settings.enable_h2();
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| settings.build())).map_err(|_| {
         format!(
             "TLS listener {}: cannot load the certificate {cert} or the key {key}; check they are PEM files that belong together",

@@ -18,6 +18,12 @@
 //!   upstream connections and the admin listener, which has caps of its own, so a flood on the
 //!   data plane cannot starve the admin API.
 //! - **Pipelining kept.** Requests pipelined behind another are answered in order, not dropped.
+//! - **HTTP/2 told apart cheaply.** With h2c on, a plaintext connection is read for at most the
+//!   24 bytes of the HTTP/2 preface, stopping at the first byte that differs, and the bytes are
+//!   put back; a preface goes to Pingora's HTTP/2 server, anything else to the HTTP/1 loop below.
+//!   ALPN `h2` on the TLS listener does the same without reading.
+//! - **Parser refusals in the gateway's shape.** On the data plane, each HTTP/1 connection's
+//!   stream is wrapped by [`crate::guard::Guarded`], armed while a head is awaited.
 //!
 //! The head deadline learns that a head was read through the connection's user context: the
 //! edge stores a [`HeadMarker`] in it before each request, and the application hands it back to
@@ -71,13 +77,25 @@ pub fn mark_head_read(ctx: Option<Box<dyn std::any::Any + Send + Sync>>) {
 /// Runs `app` to its end, or until `by` passes before it reads a request head (`None`).
 /// `timer` is the connection's one timer; it may be armed for an earlier request's deadline and
 /// is moved to `by` only when it fires while no head has been read.
-async fn head_within<F: Future>(app: F, mut timer: Pin<&mut Sleep>, by: Instant) -> Option<F::Output> {
+/// `watch`, when the connection is guarded, is disarmed after the poll that read the head.
+async fn head_within<F: Future>(
+    app: F,
+    mut timer: Pin<&mut Sleep>,
+    by: Instant,
+    watch: Option<&crate::guard::Watch>,
+) -> Option<F::Output> {
     let mut app = std::pin::pin!(app);
     let mut head_read = false;
     std::future::poll_fn(|cx| {
         let outer = HEAD_READ.replace(false);
         let polled = app.as_mut().poll(cx);
-        head_read |= HEAD_READ.replace(outer);
+        let read_now = HEAD_READ.replace(outer);
+        if read_now && !head_read {
+            if let Some(w) = watch {
+                w.disarm();
+            }
+        }
+        head_read |= read_now;
         if let Poll::Ready(out) = polled {
             return Poll::Ready(Some(out));
         }
@@ -149,6 +167,40 @@ pub struct Edge<A> {
     /// caps is taken and within the head deadline, rather than in Pingora's accept loop, where it
     /// would hold a file descriptor for up to a minute outside every cap.
     tls: Option<(std::net::SocketAddr, pingora::listeners::tls::Acceptor)>,
+    /// Plaintext connections that open with the HTTP/2 preface speak h2c.
+    h2c: bool,
+    /// Answers the HTTP/1 parser's own refusals in the gateway's shape (see [`crate::guard`]).
+    refusals: Option<Arc<crate::guard::Refusals>>,
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads just enough of a plaintext connection to tell an HTTP/2 preface from an HTTP/1 request
+/// line, and puts what it read back. Stops at the first byte that differs from the preface, so
+/// a short HTTP/1 request (`GET / HTTP/1.0` and a blank line is 18 bytes) is never waited on
+/// for bytes it will not send. `None`: closed, or no byte by `by`.
+async fn opens_with_h2_preface(stream: &mut pingora::protocols::l4::stream::Stream, by: Instant) -> Option<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    let h2 = loop {
+        match tokio::time::timeout_at(by, stream.read(&mut buf[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                stream.rewind(&buf[..n]);
+                return if n == 0 { None } else { Some(false) };
+            }
+            Ok(Ok(k)) => n += k,
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    stream.rewind(&buf[..n]);
+    Some(h2)
 }
 
 impl<A> Edge<A> {
@@ -161,7 +213,22 @@ impl<A> Edge<A> {
             timed_out: metrics.connections_timed_out.clone(),
             last_log: AtomicI64::new(0),
             tls: None,
+            h2c: false,
+            refusals: None,
         }
+    }
+
+    /// Plaintext connections may speak HTTP/2 with prior knowledge. The application must accept
+    /// h2c too (`HttpServerOptions::h2c`): the edge only tells the protocols apart.
+    pub fn with_h2c(mut self, h2c: bool) -> Self {
+        self.h2c = h2c;
+        self
+    }
+
+    /// HTTP/1 heads the parser refuses are answered, counted and logged by the gateway.
+    pub fn with_refusals(mut self, refusals: Arc<crate::guard::Refusals>) -> Self {
+        self.refusals = Some(refusals);
+        self
     }
 
     /// Connections accepted on `addr` (a plain TCP listener of this service) speak TLS.
@@ -269,12 +336,40 @@ where
                     }
                 }
             }
+            _ if self.h2c => {
+                let Ok(mut l4) = stream.into_any().downcast::<pingora::protocols::l4::stream::Stream>() else {
+                    tracing::error!(
+                        listener = self.limits.listener,
+                        "a connection arrived on an unexpected stream type"
+                    );
+                    return None;
+                };
+                let by = Instant::now() + self.limits.header_timeout;
+                match opens_with_h2_preface(&mut l4, by).await {
+                    Some(true) => {
+                        // HTTP/2 has its own connection management in Pingora; only the caps apply.
+                        return self.app.process_new(l4, shutdown).await;
+                    }
+                    Some(false) => l4,
+                    None => {
+                        if by <= Instant::now() {
+                            self.timed_out.with_label_values(&[self.limits.listener, "header_timeout"]).inc();
+                        }
+                        return None;
+                    }
+                }
+            }
             _ => stream,
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // HTTP/2 has its own connection management in Pingora; only the caps apply.
             return self.app.process_new(stream, shutdown).await;
         }
+        let watch = self.refusals.as_ref().map(|_| Arc::new(crate::guard::Watch::default()));
+        let stream: Stream = match (&self.refusals, &watch) {
+            (Some(r), Some(w)) => Box::new(crate::guard::Guarded::new(stream, w.clone(), r.clone(), ip)),
+            _ => stream,
+        };
         let idle = self.limits.idle_timeout.as_secs().max(1);
         let mut session = ServerSession::new_http1(stream);
         session.set_pipelining_enabled(true);
@@ -287,8 +382,11 @@ where
             session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
             session.set_connection_user_context(Some(Box::new(HeadMarker)));
             let by = Instant::now() + budget;
-            let Some(outcome) = head_within(self.app.process_new_http(session, shutdown), timer.as_mut(), by).await
-            else {
+            if let Some(w) = &watch {
+                w.arm();
+            }
+            let app = self.app.process_new_http(session, shutdown);
+            let Some(outcome) = head_within(app, timer.as_mut(), by, watch.as_deref()).await else {
                 self.timed_out.with_label_values(&[self.limits.listener, "header_timeout"]).inc();
                 tracing::debug!(listener = self.limits.listener, client = ?ip, "request head not complete in time; connection closed");
                 return None;

@@ -47,7 +47,8 @@ pub enum Reject {
     /// 403: the tenant's tier lacks a feature the rule requires.
     FeatureNotInTier { feature: String, tier: String },
     /// A rule's `deny` action, with the operator's status and message.
-    Denied { status: u16, message: String, rule: String },
+    /// A 405 carries the `Allow` header RFC 9110 requires.
+    Denied { status: u16, message: String, rule: String, allow: Option<String> },
     /// 413: the body is larger than the rule's `max_body`.
     BodyTooLarge { limit: u64 },
     /// 400: a charge's cost (from a header or query parameter) is missing, not a number, or
@@ -453,6 +454,52 @@ impl Reject {
         p
     }
 
+    /// The gRPC status code of this refusal, for a request whose `content-type` is
+    /// `application/grpc` (the table in docs/errors.md, "gRPC clients").
+    pub fn grpc_status(&self) -> u8 {
+        match self.code() {
+            "unknown_tenant" => 5,                       // NOT_FOUND
+            "no_route" | "method_not_allowed" => 12,     // UNIMPLEMENTED
+            "body_too_large" | "headers_too_large" => 8, // RESOURCE_EXHAUSTED
+            _ => match self.status() {
+                400 => 3,             // INVALID_ARGUMENT
+                401 => 16,            // UNAUTHENTICATED
+                403 => 7,             // PERMISSION_DENIED
+                404 => 5,             // NOT_FOUND
+                405 | 501 => 12,      // UNIMPLEMENTED
+                408 => 4,             // DEADLINE_EXCEEDED
+                409 => 10,            // ABORTED
+                413 | 429 | 431 => 8, // RESOURCE_EXHAUSTED
+                500 => 13,            // INTERNAL
+                502..=504 => 14,      // UNAVAILABLE
+                _ => 2,               // UNKNOWN
+            },
+        }
+    }
+
+    /// Renders the refusal as a gRPC *trailers-only* answer: HTTP status 200 and a header block
+    /// that ends the stream, carrying `grpc-status`, `grpc-message` (the problem's detail,
+    /// percent-encoded as the gRPC spec asks), `tollgate-error-code` (the problem code), and
+    /// the same `retry-after`, `www-authenticate`, `allow` and `x-request-id` a problem
+    /// document would have. The body is empty.
+    pub fn grpc(&self, request_id: &str) -> Problem {
+        let mut headers = vec![
+            ("content-type", "application/grpc".to_string()),
+            ("grpc-status", self.grpc_status().to_string()),
+            ("grpc-message", grpc_percent_encode(&self.detail())),
+            ("tollgate-error-code", self.code().to_string()),
+        ];
+        // The headers a problem document carries, less those about its body.
+        let problem = self.problem(request_id);
+        headers.extend(
+            problem
+                .headers
+                .into_iter()
+                .filter(|(k, _)| !matches!(*k, "content-type" | "content-length" | "cache-control")),
+        );
+        Problem { status: 200, headers, body: Vec::new() }
+    }
+
     /// Renders the RFC 9457 problem document and its headers.
     pub fn problem(&self, request_id: &str) -> Problem {
         let status = self.status();
@@ -489,7 +536,7 @@ impl Reject {
         if let Some(secs) = self.retry_after() {
             headers.push(("retry-after", secs.to_string()));
         }
-        if let Reject::MethodNotAllowed { allow, .. } = self {
+        if let Reject::MethodNotAllowed { allow, .. } | Reject::Denied { allow: Some(allow), .. } = self {
             headers.push(("allow", allow.clone()));
         }
         if !request_id.is_empty() {
@@ -497,6 +544,19 @@ impl Reject {
         }
         Problem { status, headers, body }
     }
+}
+
+/// Percent-encodes a `grpc-message`: bytes outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -520,6 +580,43 @@ mod tests {
         assert_eq!(header(&o, "retry-after"), header(&p, "retry-after"));
         let v: Value = serde_json::from_slice(&Reject::MissingKey.openai_error("r").body).unwrap();
         assert_eq!(v["error"]["type"], "authentication_error");
+    }
+
+    #[test]
+    fn grpc_answers_are_trailers_only_with_the_mapped_status() {
+        for (r, want) in [
+            (Reject::MissingKey, 16),
+            (Reject::InvalidToken { detail: "x".into() }, 16),
+            (Reject::InsufficientScope { missing: vec!["a".into()] }, 7),
+            (Reject::RateLimited { limit: 1, retry_after: 3, reset: 3 }, 8),
+            (Reject::ConcurrencyLimit { limit: 1 }, 8),
+            (Reject::UpstreamUnavailable { upstream: "u".into() }, 14),
+            (Reject::NoHealthyUpstream { upstream: "u".into(), retry_after: 1 }, 14),
+            (Reject::UpstreamTimeout { upstream: "u".into() }, 14),
+            (Reject::StoreUnavailable { retry_after: 1 }, 14),
+            (Reject::NoRoute, 12),
+            (Reject::UnknownTenant { tenant: "t".into() }, 5),
+            (Reject::BadRequest { detail: "x".into() }, 3),
+            (Reject::Internal, 13),
+            (Reject::Denied { status: 418, message: "no".into(), rule: "r".into(), allow: None }, 2),
+        ] {
+            let g = r.grpc("rid");
+            let h = |name: &str| g.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+            assert_eq!((g.status, h("grpc-status")), (200, Some(want.to_string())), "{r:?}");
+            assert_eq!(h("content-type").as_deref(), Some("application/grpc"));
+            assert_eq!(h("tollgate-error-code").as_deref(), Some(r.code()));
+            assert!(g.body.is_empty() && h("content-length").is_none());
+        }
+        let g = Reject::RateLimited { limit: 1, retry_after: 3, reset: 3 }.grpc("rid");
+        assert!(g.headers.iter().any(|(k, v)| *k == "retry-after" && v == "3"));
+        assert_eq!(grpc_percent_encode("50% of `é`\n"), "50%25 of `%C3%A9`%0A");
+    }
+
+    #[test]
+    fn a_405_deny_carries_allow() {
+        let r = Reject::Denied { status: 405, message: "no".into(), rule: "r".into(), allow: Some("GET, HEAD".into()) };
+        let p = r.problem("rid");
+        assert!(p.headers.iter().any(|(k, v)| *k == "allow" && v == "GET, HEAD"));
     }
 
     #[test]

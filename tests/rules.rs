@@ -549,3 +549,57 @@ fn rules_explain_shows_the_match_the_misses_and_the_policy() {
     let (ok, text) = explain("GET", "/t/acme/api/admin/x");
     assert!(ok && text.contains("tenant=acme") && text.contains("gen-admin") && text.contains("MATCH"), "{text}");
 }
+
+#[test]
+fn a_405_deny_says_what_is_allowed() {
+    let echo = Echo::start();
+    let tail = r#"
+[[rule]]
+name = "items-read-only"
+match = { path = "/items", methods = ["DELETE", "PUT"] }
+deny = { status = 405, message = "Items are read-only." }
+
+[[rule]]
+name = "items-read"
+match = { path = "/items", methods = ["GET", "HEAD"] }
+
+[[rule]]
+name = "items-create"
+match = { path = "/items", methods = ["POST"] }
+
+[[rule]]
+name = "legacy"
+match = { path_prefix = "/legacy/" }
+deny = { status = 405, allow = ["GET"] }
+
+[[rule]]
+name = "frozen"
+match = { path_prefix = "/frozen/", methods = ["POST", "PATCH"] }
+deny = { status = 405 }
+"#;
+    let gw = gateway_with(&echo, "", tail);
+    let acme = bearer(ACME_KEY);
+    let r = gw.request("DELETE", "/items", &[("authorization", &acme)], b"");
+    assert_eq!((r.status, r.problem_code().as_str()), (405, "denied"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST"), "the methods of the other rules on /items");
+    assert_eq!(gw.request("POST", "/legacy/x", &[("authorization", &acme)], b"").header("allow"), Some("GET"));
+    assert_eq!(
+        gw.request("POST", "/frozen/x", &[("authorization", &acme)], b"").header("allow"),
+        Some("GET, HEAD, PUT, DELETE, OPTIONS"),
+        "no other rule on the path: every default method the deny does not match"
+    );
+    // Other statuses carry no Allow.
+    assert!(gw.get("/internal/x", &[("authorization", &acme)]).header("allow").is_none());
+    assert_rule_error(
+        "[[rule]]\nname = \"a\"\ndeny = { status = 403, allow = [\"GET\"] }\n",
+        "only sent with `status = 405`",
+        3,
+        8,
+    );
+    assert_rule_error(
+        "[[rule]]\nname = \"a\"\ndeny = { status = 405, allow = [\"get\"] }\n",
+        "not an HTTP method in upper case",
+        3,
+        33,
+    );
+}

@@ -83,7 +83,9 @@ impl AnyReject {
             AnyReject::InsufficientScope(missing) => Reject::InsufficientScope { missing },
             AnyReject::FeatureNotInTier(feature, tier) => Reject::FeatureNotInTier { feature, tier },
             // The config refuses a deny `status` outside 400..=599, so no other reaches here.
-            AnyReject::Denied(status, message, rule) => Reject::Denied { status: 400 + status % 200, message, rule },
+            AnyReject::Denied(status, message, rule) => {
+                Reject::Denied { status: 400 + status % 200, message, rule, allow: None }
+            }
             AnyReject::BodyTooLarge(limit) => Reject::BodyTooLarge { limit },
             AnyReject::InvalidCost(detail) => Reject::InvalidCost { detail },
             AnyReject::RateLimited(limit, retry_after, reset) => Reject::RateLimited { limit, retry_after, reset },
@@ -122,6 +124,13 @@ fuzz_target!(|input: (AnyReject, String)| {
             assert!(HeaderValue::from_str(v).is_ok(), "{name}: {v:?}");
         }
     }
+    // The gRPC rendering of the same refusal: trailers-only, a status, a sendable message.
+    let g = reject.grpc(&request_id);
+    assert_eq!(g.status, 200);
+    assert!(g.body.is_empty());
+    let grpc = |name: &str| g.headers.iter().filter(|(k, _)| *k == name).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    assert!(grpc("grpc-status")[0].parse::<u8>().is_ok_and(|c| c <= 16));
+    assert!(HeaderValue::from_str(grpc("grpc-message")[0]).is_ok());
     // A 429 or 503 of the gateway's own limits says when to retry; an operator's `deny` rule
     // answering 429 or 503 has no such time to give.
     if matches!(p.status, 429 | 503) && !matches!(reject, Reject::Denied { .. }) {

@@ -771,6 +771,16 @@ impl AdminCore {
                 {
                     warnings.push("listen addresses changed: they apply on the next restart".into());
                 }
+                if old.server.h2c != loaded.config.server.h2c {
+                    warnings.push("`server.h2c` changed: it applies on the next restart".into());
+                }
+                let protocols = |c: &crate::config::Config| -> Vec<(String, crate::config::UpstreamProtocol)> {
+                    c.upstreams.iter().map(|(n, u)| (n.clone(), u.protocol)).collect()
+                };
+                if protocols(&old) != protocols(&loaded.config) {
+                    warnings
+                        .push("upstream protocols changed: restart (or upgrade with `run -u`) to apply them".into());
+                }
                 let summary = loaded.config.summary();
                 let running_skipped = running.directory.skipped();
                 let running_config_ids: Vec<String> =

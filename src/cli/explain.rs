@@ -50,8 +50,11 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
     let a = &rule.actions;
     let tier = req.tier.and_then(|t| config.tiers.get(t));
     let _ = writeln!(out, "effective policy:");
-    if let Some((status, msg)) = &a.deny {
-        let _ = writeln!(out, "  deny: {status} \"{msg}\"");
+    if let Some(d) = &a.deny {
+        let _ = writeln!(out, "  deny: {} \"{}\"", d.status, d.message);
+        if let Some(allow) = &d.allow {
+            let _ = writeln!(out, "  allow: {allow}");
+        }
         return;
     }
     let _ = writeln!(out, "  key required: {}", if a.public { "no (public)" } else { "yes" });

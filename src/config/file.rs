@@ -43,6 +43,8 @@ pub struct ServerFile {
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub work_stealing: Option<bool>,
     pub upstream_keepalive_pool_size: Option<Spanned<i64>>,
+    pub h2c: Option<bool>,
+    pub server_header: Option<SStr>,
 }
 
 /// All three keys are needed; their absence is reported in validation, in the user's words.
@@ -218,6 +220,7 @@ pub struct UpstreamFile {
     #[serde(default, deserialize_with = "words::duration")]
     pub write_timeout: Option<SStr>,
     pub host: Option<SStr>,
+    pub protocol: Option<SStr>,
 }
 
 #[derive(Debug, Deserialize)]

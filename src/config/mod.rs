@@ -409,6 +409,18 @@ fn validate(
         max_connections_per_ip,
         work_stealing: s.work_stealing.unwrap_or(true),
         upstream_keepalive_pool_size,
+        h2c: s.h2c.unwrap_or(true),
+        server_header: s.server_header.as_ref().and_then(|v| match http::HeaderValue::from_str(v.get_ref()) {
+            Ok(h) if !v.get_ref().trim().is_empty() => Some(h),
+            _ => {
+                diags.error_at(
+                    src,
+                    v.span(),
+                    "`server_header` must be non-empty visible ASCII, like \"tollgate\"; leave it out to send no `Server` header",
+                );
+                None
+            }
+        }),
     };
 
     // [store]
@@ -828,6 +840,21 @@ fn validate(
                 read_timeout: duration_or(&u.read_timeout, Duration::from_secs(60), src, diags),
                 write_timeout: duration_or(&u.write_timeout, Duration::from_secs(60), src, diags),
                 host: u.host.as_ref().map(|h| h.get_ref().clone()),
+                protocol: match u.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+                    None | Some("h1") => UpstreamProtocol::H1,
+                    Some("h2") => UpstreamProtocol::H2,
+                    Some("h2c") => UpstreamProtocol::H2c,
+                    Some(other) => {
+                        if let Some(p) = &u.protocol {
+                            diags.error_at(
+                                src,
+                                p.span(),
+                                format!("unknown upstream protocol `{other}`; use \"h1\", \"h2\" (HTTP/2 over TLS) or \"h2c\" (HTTP/2 without TLS)"),
+                            );
+                        }
+                        UpstreamProtocol::H1
+                    }
+                },
             },
         );
     }

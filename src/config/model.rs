@@ -89,6 +89,11 @@ pub struct ServerConfig {
     /// Idle upstream connections kept for reuse, per worker thread (Pingora's
     /// `upstream_keepalive_pool_size`).
     pub upstream_keepalive_pool_size: usize,
+    /// Plaintext listeners take HTTP/2 with prior knowledge (h2c) besides HTTP/1.1.
+    pub h2c: bool,
+    /// The `Server` header of the gateway's own answers (refusals, gRPC statuses,
+    /// self-service); `None` sends none.
+    pub server_header: Option<http::HeaderValue>,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +236,21 @@ pub struct UpstreamConfig {
     pub write_timeout: Duration,
     /// Host header sent upstream; `None` keeps the client's.
     pub host: Option<String>,
+    /// What the pool's servers speak.
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol of an upstream pool (`protocol = "h1" | "h2" | "h2c"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over plain TCP (the default).
+    #[default]
+    H1,
+    /// HTTP/2 over TLS, negotiated by ALPN; the certificate is checked against the system's
+    /// roots and the pool's `host` (or the server's address).
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge (gRPC servers inside a network).
+    H2c,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

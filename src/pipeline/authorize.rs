@@ -64,8 +64,13 @@ fn check<'d>(
     tenant: Option<&'d Arc<Tenant>>,
 ) -> Result<Permit<'d>, Reject> {
     let a = &rule.actions;
-    if let Some((status, message)) = &a.deny {
-        return Err(Reject::Denied { status: *status, message: message.clone(), rule: rule.name.to_string() });
+    if let Some(d) = &a.deny {
+        return Err(Reject::Denied {
+            status: d.status,
+            message: d.message.clone(),
+            rule: rule.name.to_string(),
+            allow: d.allow.as_deref().map(str::to_string),
+        });
     }
     let mut token = None;
     let key = match principal {

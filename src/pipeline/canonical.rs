@@ -166,7 +166,11 @@ pub fn of_request<'r>(
     req: &'r pingora::http::RequestHeader,
     policy: &RequestPolicy<'_>,
 ) -> Result<Canonical<'r>, Reject> {
-    canonicalize(&req.method, req.raw_path(), &req.headers, policy)
+    // An HTTP/2 request names its host in `:authority`, which Pingora keeps in the URI, and its
+    // target in `:path` (the raw path): together they are what an absolute-form target is to
+    // HTTP/1.1, and are checked the same way against a `host` header.
+    let authority = if req.version == http::Version::HTTP_2 { req.uri.authority().map(|a| a.as_str()) } else { None };
+    canonicalize_with(&req.method, req.raw_path(), authority, &req.headers, policy)
 }
 
 /// Builds the canonical view of a request head, or refuses it.
@@ -176,6 +180,17 @@ pub fn of_request<'r>(
 pub fn canonicalize<'r>(
     method: &'r Method,
     raw_target: &'r [u8],
+    headers: &'r HeaderMap,
+    policy: &RequestPolicy<'_>,
+) -> Result<Canonical<'r>, Reject> {
+    canonicalize_with(method, raw_target, None, headers, policy)
+}
+
+/// [`canonicalize`], with the `:authority` of an HTTP/2 request.
+fn canonicalize_with<'r>(
+    method: &'r Method,
+    raw_target: &'r [u8],
+    h2_authority: Option<&'r str>,
     headers: &'r HeaderMap,
     policy: &RequestPolicy<'_>,
 ) -> Result<Canonical<'r>, Reject> {
@@ -193,7 +208,12 @@ pub fn canonicalize<'r>(
 
     // Target form (RFC 9112 section 3.2).
     let (authority, path_and_query) = if target.starts_with('/') {
-        (None, target)
+        if h2_authority.is_some_and(|a| a.contains('@')) {
+            return Err(invalid_target(
+                "The `:authority` carries user information (`user@`); send credentials in headers.",
+            ));
+        }
+        (h2_authority, target)
     } else if let Some(rest) = strip_scheme(target) {
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (auth, pq) = rest.split_at(end);

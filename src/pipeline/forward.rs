@@ -7,6 +7,7 @@
 //! tenant identity that the gateway proved.
 
 use super::ctx::RequestCtx;
+use crate::config::UpstreamProtocol;
 use crate::error::Reject;
 use crate::upstream::Upstreams;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -23,8 +24,25 @@ pub fn peer(upstreams: &Upstreams, ctx: &RequestCtx) -> Result<Box<HttpPeer>, Re
         upstream: name.to_string(),
         retry_after: pool.retry_after_secs(),
     })?;
-    let mut peer = Box::new(HttpPeer::new(backend.addr, false, String::new()));
     let cfg = &pool.config;
+    let mut peer = match cfg.protocol {
+        UpstreamProtocol::H1 => Box::new(HttpPeer::new(backend.addr, false, String::new())),
+        UpstreamProtocol::H2c => {
+            // HTTP/2 with prior knowledge: Pingora speaks h2 to a plaintext peer whose lowest
+            // version is 2, without an upgrade round trip.
+            let mut p = Box::new(HttpPeer::new(backend.addr, false, String::new()));
+            p.options.set_http_version(2, 2);
+            p
+        }
+        UpstreamProtocol::H2 => {
+            // The certificate is checked against the pool's `host`, else the server's address.
+            let sni =
+                cfg.host.clone().or_else(|| backend.addr.as_inet().map(|a| a.ip().to_string())).unwrap_or_default();
+            let mut p = Box::new(HttpPeer::new(backend.addr, true, sni));
+            p.options.set_http_version(2, 2);
+            p
+        }
+    };
     let read_timeout = ctx.rule.as_ref().and_then(|r| r.actions.timeout).unwrap_or(cfg.read_timeout);
     peer.options.connection_timeout = Some(cfg.connect_timeout);
     peer.options.total_connection_timeout = Some(cfg.connect_timeout);

@@ -219,6 +219,9 @@ impl Gateway {
         let _ = resp.insert_header("content-length", answer.body.len().to_string());
         let _ = resp.insert_header("cache-control", "no-store");
         let _ = resp.insert_header("x-request-id", ctx.request_id.header());
+        if let Some(server) = ctx.runtime.as_ref().and_then(|rt| rt.config.server.server_header.clone()) {
+            let _ = resp.insert_header("server", server);
+        }
         for (k, v) in answer.headers {
             let _ = resp.insert_header(*k, *v);
         }
@@ -266,7 +269,7 @@ fn error_format(session: &Session, ctx: &RequestCtx) -> crate::rules::ErrorForma
         return Default::default();
     };
     let req = session.req_header();
-    let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or(req.uri.host()).unwrap_or("");
     let host = host.rsplit_once(':').map_or(host, |(h, _)| h).to_ascii_lowercase();
     let view = crate::rules::matcher::RequestView {
         method: &req.method,
@@ -281,15 +284,31 @@ fn error_format(session: &Session, ctx: &RequestCtx) -> crate::rules::ErrorForma
 }
 
 /// Writes a rejection. The one place a refusal is sent.
+///
+/// A gRPC request (`content-type: application/grpc…`) gets a trailers-only gRPC answer with the
+/// same headers as metadata; on a route with `error_format = "openai"`, OpenAI's error shape;
+/// anyone else a problem document.
 async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject, now_ms: i64) {
-    let mut problem = match error_format(session, ctx) {
-        crate::rules::ErrorFormat::Problem => reject.problem(ctx.request_id.as_str()),
-        crate::rules::ErrorFormat::OpenAi => reject.openai_error(ctx.request_id.as_str()),
+    let grpc = is_grpc(session.req_header());
+    let mut problem = if grpc {
+        reject.grpc(ctx.request_id.as_str())
+    } else {
+        match error_format(session, ctx) {
+            crate::rules::ErrorFormat::Problem => reject.problem(ctx.request_id.as_str()),
+            crate::rules::ErrorFormat::OpenAi => reject.openai_error(ctx.request_id.as_str()),
+        }
     };
     ctx.limit_headers.render(now_ms, &mut problem.headers);
     if let Some(rule) = ctx.rule.as_ref().filter(|r| r.actions.openai_ratelimit_headers == Some(true)) {
         let tokens = rule.actions.charges.first().map(|c| &*c.metric);
         ctx.limit_headers.render_openai(now_ms, tokens, |k, v| problem.headers.push((k, v)));
+    }
+    if grpc && !session.is_http2() {
+        // HTTP/1 has no trailers-only answer: an empty body, delimited.
+        problem.headers.push(("content-length", "0".into()));
+    }
+    if let Some(server) = ctx.runtime.as_ref().and_then(|rt| rt.config.server.server_header.as_ref()) {
+        problem.headers.push(("server", server.to_str().unwrap_or_default().to_string()));
     }
     ctx.status = problem.status;
     ctx.reject = Some(reject);
@@ -301,9 +320,20 @@ async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject, no
     for (k, v) in problem.headers {
         let _ = resp.insert_header(k, v);
     }
-    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+    let end = problem.body.is_empty();
+    if session.write_response_header(Box::new(resp), end).await.is_ok() && !end {
         let _ = session.write_response_body(Some(Bytes::from(problem.body)), true).await;
     }
+}
+
+/// Whether the client speaks gRPC: `application/grpc`, `application/grpc+proto` and the like.
+fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
 }
 
 /// Maps a Pingora error to the gateway's error, `None` when the client is already gone.

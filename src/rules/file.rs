@@ -63,6 +63,8 @@ pub struct MatchFile {
 pub struct DenyFile {
     pub status: Option<Spanned<i64>>,
     pub message: Option<String>,
+    #[serde(default, deserialize_with = "words::strings")]
+    pub allow: Option<Vec<SStr>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -129,13 +129,23 @@ pub enum ErrorFormat {
 /// At most this many charges per rule.
 pub const MAX_CHARGES: usize = 8;
 
+/// A rule's `deny`: the status and message of the refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deny {
+    pub status: u16,
+    pub message: String,
+    /// The `Allow` header of a 405: the deny's own `allow` list, else the methods that other
+    /// rules with the same host and path accept, else every method this rule does not match.
+    pub allow: Option<Arc<str>>,
+}
+
 /// The actions of a rule, with `[defaults]` already merged in.
 #[derive(Debug, Clone, Default)]
 pub struct Actions {
     pub public: bool,
     pub require_scopes: Vec<Arc<str>>,
     pub require_feature: Option<Arc<str>>,
-    pub deny: Option<(u16, String)>,
+    pub deny: Option<Deny>,
     pub upstream: Option<Arc<str>>,
     pub set_request_headers: Vec<(HeaderName, HeaderValue)>,
     pub remove_request_headers: Vec<HeaderName>,
@@ -173,7 +183,7 @@ impl Actions {
 }
 
 /// One compiled rule.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     /// Position in evaluation order.
     pub index: usize,
@@ -407,6 +417,7 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
         })),
         Unmatched::Deny => None,
     };
+    allow_of_405_denies(&mut rules);
     let index = matcher::Index::build(&rules);
     let mut read_headers: Vec<HeaderName> = Vec::new();
     let mut named_headers: Vec<HeaderName> = Vec::new();
@@ -492,6 +503,45 @@ fn subsumes(earlier: &Conditions, later: &Conditions) -> bool {
         && tenants
         && earlier.headers.iter().all(|h| later.headers.contains(h))
         && earlier.query.iter().all(|q| later.query.contains(q))
+}
+
+/// Gives every `deny` with status 405 and no `allow` list of its own the `Allow` header RFC 9110
+/// requires: the methods that rules without a deny and with the same host and path accept, in
+/// rule order; when none names methods, every standard method this rule does not match.
+fn allow_of_405_denies(rules: &mut [Arc<Rule>]) {
+    for i in 0..rules.len() {
+        let needs = rules[i].actions.deny.as_ref().is_some_and(|d| d.status == 405 && d.allow.is_none());
+        if !needs {
+            continue;
+        }
+        let this = &rules[i].when;
+        let mut methods: Vec<Method> = Vec::new();
+        for other in rules.iter() {
+            let same_route = other.when.path == this.path && other.when.host == this.host;
+            if other.index == rules[i].index || other.actions.deny.is_some() || !same_route {
+                continue;
+            }
+            for m in other.when.methods.iter().flatten() {
+                if !methods.contains(m) && !this.methods.as_ref().is_some_and(|ms| ms.contains(m)) {
+                    methods.push(m.clone());
+                }
+            }
+        }
+        if methods.is_empty() {
+            // The methods a gateway serves by default (`[server] allowed_methods`).
+            methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .filter(|m| !this.methods.as_ref().is_some_and(|ms| ms.contains(m)))
+                .collect();
+        }
+        let allow: Arc<str> = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ").into();
+        let mut rule = (*rules[i]).clone();
+        if let Some(d) = rule.actions.deny.as_mut() {
+            d.allow = Some(allow);
+        }
+        rules[i] = Arc::new(rule);
+    }
 }
 
 /// Which action fields a table sets, for merging over defaults.
@@ -904,7 +954,25 @@ impl Compiler<'_, '_> {
                 }
             };
             let message = d.get_ref().message.clone().unwrap_or_else(|| "This route is not available.".into());
-            out.deny = Some((status, message));
+            let mut allow = None;
+            if let Some(list) = &d.get_ref().allow {
+                let mut methods = Vec::new();
+                for m in list {
+                    match http::Method::from_bytes(m.get_ref().as_bytes()) {
+                        Ok(method) if m.get_ref().bytes().all(|b| b.is_ascii_uppercase()) => methods.push(method),
+                        _ => self.diags.error_at(
+                            src,
+                            m.span(),
+                            format!("`{}` is not an HTTP method in upper case, like \"GET\"", m.get_ref()),
+                        ),
+                    }
+                }
+                if status != 405 {
+                    self.diags.error_at(src, d.span(), "a deny's `allow` list is only sent with `status = 405`");
+                }
+                allow = Some(methods.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ").into());
+            }
+            out.deny = Some(Deny { status, message, allow });
         }
         if let Some(u) = &a.upstream {
             if !self.ctx.upstreams.contains(u.get_ref().as_str()) {
