@@ -15,6 +15,7 @@ pub mod echo;
 pub mod edge;
 pub mod error;
 pub mod fasthash;
+pub mod jobs;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;

@@ -1,0 +1,245 @@
+//! Asynchronous jobs end to end, on both stores: a real gateway binary, the echo upstream,
+//! SQLite or a real Redis.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const ACME: &str = "tg_live_jobsACMExxxxxxxxxxxxxxxxxxxxxx";
+const GLOBEX: &str = "tg_live_jobsGLOBEXxxxxxxxxxxxxxxxxxxxx";
+
+fn config(echo: &Echo, store: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["{{LISTEN}}"]
+admin_listen = "{{ADMIN}}"
+threads = 1
+upgrade_sock = "{{DIR}}/upgrade.sock"
+pid_file = "{{DIR}}/tollgate.pid"
+
+[store]
+{store}
+
+[jobs]
+workers = 4
+poll_interval = "100ms"
+lease_ttl = "1s"
+retry_lost = "always"
+
+[upstreams.default]
+servers = ["{echo}"]
+read_timeout = "10s"
+
+[tiers.pro]
+upstream = "default"
+priority = 5
+concurrency = 1
+quotas.requests = {{ limit = 100, period = "day" }}
+
+[[tenants]]
+id = "acme"
+tier = "pro"
+
+[[tenants.keys]]
+id = "acme-main"
+hash = "{acme}"
+scopes = ["read"]
+
+[[tenants]]
+id = "globex"
+tier = "pro"
+
+[[tenants.keys]]
+id = "globex-main"
+hash = "{globex}"
+scopes = ["read"]
+
+[[rule]]
+name = "generate"
+match = {{ path_prefix = "/gen" }}
+mode = "async"
+retention = "1h"
+
+[[rule]]
+name = "slow"
+match = {{ path_prefix = "/slow" }}
+mode = "async"
+job_timeout = "300ms"
+
+[[rule]]
+name = "either"
+match = {{ path_prefix = "/either" }}
+mode = "either"
+"#,
+        echo = echo.addr,
+        acme = hash_of(ACME),
+        globex = hash_of(GLOBEX),
+    )
+}
+
+const EMBEDDED: &str = "kind = \"embedded\"\npath = \"{DIR}/tollgate.db\"";
+
+fn redis_store(redis: &Redis) -> String {
+    format!("kind = \"redis\"\nurl = \"{}\"", redis.url())
+}
+
+fn wait_status(gw: &Gateway, auth: &str, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = gw.get(&format!("/_tollgate/jobs/{id}"), &[("authorization", auth)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        if v["status"] == want {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} is {} after 15 s, not {want}", v["status"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn submit(gw: &Gateway, auth: &str, path: &str, extra: &[(&str, &str)]) -> String {
+    let mut h = vec![("authorization", auth)];
+    h.extend_from_slice(extra);
+    let r = gw.request("POST", path, &h, b"{\"rows\":1000}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(v["status"], "pending");
+    assert_eq!(r.header("location"), Some(format!("/_tollgate/jobs/{id}").as_str()));
+    id
+}
+
+fn used(gw: &Gateway, auth: &str) -> u64 {
+    let r = gw.get("/_tollgate/usage", &[("authorization", auth)]);
+    let v = r.json();
+    v["quotas"]
+        .as_array()
+        .and_then(|q| q.iter().find(|x| x["metric"] == "requests"))
+        .and_then(|x| x["used"].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+/// Usage on a shared store is reported as leases settle: wait a moment for it.
+fn wait_used(gw: &Gateway, auth: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used(gw, auth) != want {
+        assert!(Instant::now() < deadline, "requests used is {}, not {want}", used(gw, auth));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn lifecycle(store: &str) {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(&echo, store));
+    let (a, g) = (bearer(ACME), bearer(GLOBEX));
+
+    // 202, then the upstream's own answer as the result.
+    let id = submit(&gw, &a, "/gen/rows?delay_ms=200&header=x-job-progress:40", &[("x-job-priority", "99")]);
+    let v = wait_status(&gw, &a, &id, "completed");
+    assert_eq!(v["priority"], 5, "X-Job-Priority is capped by the tier");
+    assert!(v["started_at"].is_string() && v["finished_at"].is_string());
+    assert_eq!(v["progress"], "40");
+    let r = gw.get(&format!("/_tollgate/jobs/{id}/result"), &[("authorization", &a)]);
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert_eq!(
+        (body["method"].as_str(), body["path"].as_str(), body["body_bytes"].as_u64()),
+        (Some("POST"), Some("/gen/rows"), Some(13))
+    );
+    assert_eq!(body["headers"]["x-tenant-id"], "acme");
+    assert!(body["headers"].get("authorization").is_none(), "the key is never stored or forwarded");
+    assert!(body["headers"].get("x-job-priority").is_none());
+    assert_eq!(r.header("x-tollgate-job-id"), Some(id.as_str()));
+
+    // Another tenant sees nothing.
+    for p in [format!("/_tollgate/jobs/{id}"), format!("/_tollgate/jobs/{id}/result")] {
+        assert_eq!(gw.get(&p, &[("authorization", &g)]).status, 404);
+    }
+    assert_eq!(gw.request("DELETE", &format!("/_tollgate/jobs/{id}"), &[("authorization", &g)], b"").status, 404);
+    let list = gw.get("/_tollgate/jobs?status=completed", &[("authorization", &g)]).json();
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0));
+    let list = gw.get("/_tollgate/jobs?status=completed", &[("authorization", &a)]).json();
+    assert_eq!(list["items"][0]["id"], id.as_str());
+    assert_eq!(gw.get("/_tollgate/jobs?status=done", &[("authorization", &a)]).status, 400);
+    assert_eq!(gw.get("/_tollgate/jobs", &[]).status, 401);
+
+    // `either`: synchronous unless the client prefers async.
+    assert_eq!(gw.request("POST", "/either", &[("authorization", &a)], b"").status, 200);
+    submit(&gw, &a, "/either", &[("prefer", "wait=5, respond-async")]);
+
+    // job_timeout.
+    let id = submit(&gw, &a, "/slow?delay_ms=3000", &[]);
+    let v = wait_status(&gw, &a, &id, "timeout");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("job_timeout")));
+}
+
+fn cancel_priority_quota(store: &str) {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(&echo, store));
+    let a = bearer(ACME);
+    let before = used(&gw, &a);
+    // The tenant's one slot is taken by a long job; the next ones wait.
+    let long = submit(&gw, &a, "/gen?delay_ms=1500", &[]);
+    wait_status(&gw, &a, &long, "running");
+    // Running, and holding the slot: the upstream has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while echo.hits() < 1 {
+        assert!(Instant::now() < deadline, "the long job never reached the upstream");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let low = submit(&gw, &a, "/gen?which=low&delay_ms=1100", &[("x-job-priority", "1")]);
+    let high = submit(&gw, &a, "/gen?which=high&delay_ms=1100", &[]);
+    let doomed = submit(&gw, &a, "/gen?which=doomed", &[]);
+    wait_used(&gw, &a, before + 4);
+    // Cancel a pending job: its reservation comes back.
+    let r = gw.request("DELETE", &format!("/_tollgate/jobs/{doomed}"), &[("authorization", &a)], b"");
+    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("cancelled")), "{}", r.text());
+    wait_used(&gw, &a, before + 3);
+    let r = gw.request("DELETE", &format!("/_tollgate/jobs/{doomed}"), &[("authorization", &a)], b"");
+    assert_eq!(r.status, 409);
+    // The higher priority job, submitted later, runs first.
+    let h = wait_status(&gw, &a, &high, "completed");
+    let l = wait_status(&gw, &a, &low, "completed");
+    assert!(h["started_at"].as_str() < l["started_at"].as_str(), "high {h} low {l}");
+    assert_eq!(wait_status(&gw, &a, &long, "completed")["status"], "completed");
+
+    // Cancel a running job, then everything.
+    let running = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
+    wait_status(&gw, &a, &running, "running");
+    let r = gw.request("DELETE", &format!("/_tollgate/jobs/{running}"), &[("authorization", &a)], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(wait_status(&gw, &a, &running, "cancelled")["status"], "cancelled");
+    let x = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
+    let y = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
+    let r = gw.request("DELETE", "/_tollgate/jobs", &[("authorization", &a)], b"");
+    assert_eq!(r.status, 200);
+    let ids: Vec<String> =
+        r.json()["cancelled"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    assert!(ids.contains(&x) && ids.contains(&y), "{ids:?}");
+    wait_status(&gw, &a, &x, "cancelled");
+    wait_status(&gw, &a, &y, "cancelled");
+}
+
+#[test]
+fn jobs_on_sqlite() {
+    lifecycle(EMBEDDED);
+}
+
+#[test]
+fn cancel_priority_and_quota_on_sqlite() {
+    cancel_priority_quota(EMBEDDED);
+}
+
+#[test]
+fn jobs_on_redis() {
+    let redis = Redis::start();
+    lifecycle(&redis_store(&redis));
+}
+
+#[test]
+fn cancel_priority_and_quota_on_redis() {
+    let redis = Redis::start();
+    cancel_priority_quota(&redis_store(&redis));
+}
