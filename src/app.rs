@@ -484,7 +484,8 @@ fn build(
         max_connections_per_ip: 64,
         exempt: Vec::new(),
     };
-    let admin_app = AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() };
+    let admin_app =
+        AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone(), jobs: jobs.clone() };
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         Edge::new(ReadyGate { app: admin_app, listening }, admin_limits, &metrics),

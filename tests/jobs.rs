@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 const ACME: &str = "tg_live_jobsACMExxxxxxxxxxxxxxxxxxxxxx";
 const GLOBEX: &str = "tg_live_jobsGLOBEXxxxxxxxxxxxxxxxxxxxx";
+const SECRET: &str = "jobs-callback-secret-0123";
 
 fn config(echo: &Echo, store: &str) -> String {
     format!(
@@ -27,6 +28,9 @@ workers = 4
 poll_interval = "100ms"
 lease_ttl = "1s"
 retry_lost = "always"
+max_open_per_tenant = 20
+callback_secret = "{secret}"
+callback_hosts = {{ pro = ["127.0.0.1"] }}
 
 [upstreams.default]
 servers = ["{echo}"]
@@ -76,6 +80,7 @@ mode = "either"
         echo = echo.addr,
         acme = hash_of(ACME),
         globex = hash_of(GLOBEX),
+        secret = SECRET,
     )
 }
 
@@ -242,4 +247,170 @@ fn jobs_on_redis() {
 fn cancel_priority_and_quota_on_redis() {
     let redis = Redis::start();
     cancel_priority_quota(&redis_store(&redis));
+}
+
+/// A gateway SIGKILLed while it runs a job: another instance on the same Redis finishes it once
+/// the lease has expired (a second attempt).
+#[test]
+fn a_killed_instances_running_job_is_finished_by_another() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let store = redis_store(&redis);
+    let a = bearer(ACME);
+    let gw1 = Gateway::start(&config(&echo, &store));
+    let id = submit(&gw1, &a, "/gen?delay_ms=2000", &[]);
+    wait_status(&gw1, &a, &id, "running");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while echo.hits() < 1 {
+        assert!(Instant::now() < deadline, "the job never reached the upstream");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gw1.signal("KILL");
+    let gw2 = Gateway::start(&config(&echo, &store));
+    let v = wait_status(&gw2, &a, &id, "completed");
+    assert_eq!(v["attempts"], 2, "{v}");
+    assert_eq!(echo.hits(), 2);
+    let r = gw2.get(&format!("/_tollgate/jobs/{id}/result"), &[("authorization", &a)]);
+    assert_eq!((r.status, r.json()["path"].as_str()), (200, Some("/gen")));
+}
+
+/// The callbacks a receiver got: headers (lower-case names) and body of each.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
+
+/// Records callback POSTs; answers 500 to the first `refuse` of them, 204 after.
+fn receiver(refuse: usize) -> (u16, Received) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let (head, body) = loop {
+                let n = s.read(&mut tmp).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < i + 4 + len {
+                        let n = s.read(&mut tmp).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&tmp[..n]);
+                    }
+                    break (head, buf[i + 4..].to_vec());
+                }
+            };
+            let headers = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
+                .collect();
+            let n = {
+                let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
+                g.push((headers, body));
+                g.len()
+            };
+            let status = if n <= refuse { "500 Nope" } else { "204 No Content" };
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn callbacks_are_signed_and_retried() {
+    use hmac::{Hmac, Mac};
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(&echo, EMBEDDED));
+    let a = bearer(ACME);
+    let (port, got) = receiver(1);
+    let url = format!("http://127.0.0.1:{port}/hooks/jobs");
+    let id = submit(&gw, &a, "/gen", &[("x-callback-url", &url)]);
+    wait_status(&gw, &a, &id, "completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().map(|g| g.len()).unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "the refused callback was not retried");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let calls = got.lock().map(|g| g.clone()).unwrap_or_default();
+    for (headers, body) in &calls {
+        let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default();
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac");
+        mac.update(format!("{}.", h("x-tollgate-timestamp")).as_bytes());
+        mac.update(body);
+        assert_eq!(h("x-tollgate-signature"), format!("sha256={}", hex::encode(mac.finalize().into_bytes())));
+        let v: Value = serde_json::from_slice(body).expect("json");
+        assert_eq!(
+            (v["id"].as_str(), v["status"].as_str(), v["tenant"].as_str()),
+            (Some(id.as_str()), Some("completed"), Some("acme"))
+        );
+    }
+    assert_eq!(calls.len(), 2, "delivered once the receiver took it");
+    // Hosts outside the tier's list, other schemes, credentials in the URL and duplicates are refused.
+    for bad in
+        ["http://10.1.2.3/x", "https://127.0.0.1/x", "http://user@127.0.0.1/x", "ftp://127.0.0.1/", "127.0.0.1/x"]
+    {
+        let r = gw.request("POST", "/gen", &[("authorization", &a), ("x-callback-url", bad)], b"");
+        assert_eq!((r.status, r.problem_code()), (400, "invalid_job".to_string()), "{bad}");
+    }
+    let r =
+        gw.request("POST", "/gen", &[("authorization", &a), ("x-callback-url", &url), ("x-callback-url", &url)], b"");
+    assert_eq!((r.status, r.problem_code()), (400, "invalid_job".to_string()));
+}
+
+#[test]
+fn job_input_is_checked() {
+    let echo = Echo::start();
+    let gw = Gateway::start(&config(&echo, EMBEDDED));
+    let a = bearer(ACME);
+    for bad in ["high", "1.5", "", "99999999999999999999", "-2000000"] {
+        let r = gw.request("POST", "/gen", &[("authorization", &a), ("x-job-priority", bad)], b"");
+        assert_eq!((r.status, r.problem_code()), (400, "invalid_job".to_string()), "{bad:?}");
+    }
+    let r = gw.request("POST", "/gen", &[("authorization", &a), ("x-job-priority", "1"), ("x-job-priority", "2")], b"");
+    assert_eq!(r.status, 400);
+    // Ids that are not ids, other methods, queries on single-job paths.
+    for p in
+        ["/_tollgate/jobs/nope", "/_tollgate/jobs/JOB_00000000000000000000000000000000", "/_tollgate/jobs/job_0/result"]
+    {
+        assert_eq!(gw.get(p, &[("authorization", &a)]).status, 404, "{p}");
+    }
+    let r = gw.request("POST", "/_tollgate/jobs", &[("authorization", &a)], b"");
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, DELETE")));
+    for q in ["limit=0", "limit=101", "cursor=x", "status=PENDING", "limit=1&limit=2", "page=2"] {
+        assert_eq!(gw.get(&format!("/_tollgate/jobs?{q}"), &[("authorization", &a)]).status, 400, "{q}");
+    }
+    // The open-job bound (20 in this config): the 21st is refused and takes no quota.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(submit(&gw, &a, "/gen?delay_ms=5000", &[]));
+    }
+    let before = used(&gw, &a);
+    let r = gw.request("POST", "/gen", &[("authorization", &a)], b"");
+    assert_eq!((r.status, r.problem_code()), (429, "job_queue_full".to_string()));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(used(&gw, &a), before, "a refused job consumes nothing");
+    assert_eq!(gw.request("DELETE", "/_tollgate/jobs", &[("authorization", &a)], b"").status, 200);
+    // The metrics saw the jobs.
+    let m = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+    assert!(m.contains("tollgate_jobs_submitted_total{tier=\"pro\"} 20"), "{m}");
+    assert!(m.contains("tollgate_jobs_finished_total{status=\"cancelled\",tier=\"pro\"}"), "{m}");
+    assert!(m.contains("tollgate_job_wait_seconds_bucket"));
+    assert!(gw.log().contains("job_id="), "job events are in the log");
 }

@@ -94,6 +94,8 @@ pub struct Jobs {
     running: Mutex<HashMap<String, oneshot::Sender<()>>>,
     /// Tenants whose concurrency slots were full at the last claim.
     skip: Mutex<HashSet<String>>,
+    /// Set at shutdown: running jobs are handed back rather than left to their lease.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,6 +229,7 @@ impl Jobs {
             held: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             skip: Mutex::new(HashSet::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

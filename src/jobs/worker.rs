@@ -37,8 +37,40 @@ impl Jobs {
                 _ = shutdown.changed() => break,
             }
         }
+        // Running jobs go back to the queue now (or fail, per `retry_lost`), instead of waiting
+        // for their leases to expire.
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+        for (_, tx) in lock(&self.running).drain() {
+            let _ = tx.send(());
+        }
         for t in tasks {
             let _ = t.await;
+        }
+    }
+
+    /// Settles or refunds the quota of jobs accepted here that ended elsewhere (another
+    /// instance ran or cancelled them), at most `BATCH` per call.
+    async fn settle_remote(&self) {
+        const BATCH: usize = 100;
+        let ids: Vec<String> =
+            lock(&self.held).keys().filter(|id| !lock(&self.running).contains_key(*id)).take(BATCH).cloned().collect();
+        for id in ids {
+            let Ok(found) = self.store.peek(&id).await else { return };
+            let Some(r) = found else {
+                lock(&self.held).remove(&id);
+                continue;
+            };
+            match r.status() {
+                JobStatus::Pending | JobStatus::Running => {}
+                JobStatus::Completed => {
+                    let result = self.store.result(&r.spec.tenant, &id, self.clock.now_millis()).await.ok().flatten();
+                    self.settle(&id, result.as_ref());
+                }
+                _ if r.state.started_ms.is_none() => self.refund(&id),
+                _ => {
+                    lock(&self.held).remove(&id);
+                }
+            }
         }
     }
 
@@ -69,6 +101,7 @@ impl Jobs {
         }
         // Slots may have freed on other instances or by synchronous requests.
         lock(&self.skip).clear();
+        self.settle_remote().await;
     }
 
     async fn work(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -144,6 +177,10 @@ impl Jobs {
         drop(slot);
         self.metrics.run.with_label_values(&[&spec.tier]).observe(clock.elapsed().as_secs_f64());
         let Some(outcome) = outcome else {
+            if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                self.hand_back(spec).await;
+                return;
+            }
             // Cancelled (the cancel was recorded and announced by whoever cancelled it), or lost.
             lock(&self.skip).remove(&spec.tenant);
             self.wake.notify_waiters();
@@ -177,6 +214,26 @@ impl Jobs {
         }
         lock(&self.skip).remove(&spec.tenant);
         self.wake.notify_waiters();
+    }
+
+    /// At shutdown: the job runs again elsewhere when `retry_lost` allows, else it fails.
+    async fn hand_back(&self, spec: &JobSpec) {
+        let cfg = self.config();
+        let written = if cfg.retry_lost.allows(spec) {
+            self.store.unclaim(&spec.id, &self.worker).await.map(|()| true)
+        } else {
+            let now = self.clock.now_millis();
+            let lost = crate::store::jobs::LOST_ERROR;
+            let done = self.store.finish(&spec.id, &self.worker, JobStatus::Failed, None, Some(lost), now).await;
+            if matches!(done, Ok(true)) {
+                self.metrics.finished.with_label_values(&[&spec.tier, "failed"]).inc();
+                event(spec, JobStatus::Failed, Some(lost));
+            }
+            done
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, job_id = %spec.id, "cannot hand a job back at shutdown; its lease will expire");
+        }
     }
 
     /// Forwards the job, renewing its lease meanwhile. `None` when it was cancelled or lost.

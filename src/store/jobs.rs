@@ -1,7 +1,7 @@
 //! The job store: asynchronous jobs (`mode = "async"` rules), their queue, leases and results.
 //!
 //! One small trait, [`JobStore`], with two implementations: SQLite for one node
-//! ([`super::jobs_embedded`]) and Redis for a fleet (`redis::jobs`). The conformance suite
+//! (`jobs_embedded`) and Redis for a fleet (`redis::jobs`). The conformance suite
 //! (`tests/job_store.rs`) holds both to the same answers. What every implementation guarantees:
 //!
 //! - **Priority order.** [`JobStore::claim`] takes the pending job with the highest priority,
