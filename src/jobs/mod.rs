@@ -96,6 +96,10 @@ pub struct Jobs {
     skip: Mutex<HashSet<String>>,
     /// Set at shutdown: running jobs are handed back rather than left to their lease.
     stopping: std::sync::atomic::AtomicBool,
+    /// One claim at a time on this instance, from the claim to the slot (or the give-back): a
+    /// job claimed and then given back would otherwise let a lower one be claimed meanwhile
+    /// and take the slot first.
+    claiming: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,6 +234,7 @@ impl Jobs {
             running: Mutex::new(HashMap::new()),
             skip: Mutex::new(HashSet::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            claiming: tokio::sync::Mutex::new(()),
         })
     }
 

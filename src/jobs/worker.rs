@@ -2,6 +2,7 @@
 //! expired results; send completion callbacks.
 
 use super::{client, event, lock, Jobs};
+use crate::limits::concurrency::SlotGuard;
 use crate::policy::ConcurrencySpec;
 use crate::store::jobs::{JobRecord, JobResult, JobSpec, JobStatus, Renewed};
 use std::sync::Arc;
@@ -117,16 +118,22 @@ impl Jobs {
                     _ = shutdown.changed() => return,
                 }
             }
-            let skip: Vec<String> = lock(&self.skip).iter().cloned().collect();
             let lease_ms = cfg.lease_ttl.as_millis() as i64;
-            let claimed = self.store.claim(&self.worker, &skip, self.clock.now_millis(), lease_ms).await;
-            match claimed {
-                Ok(Some(job)) => {
-                    self.clone().run(job).await;
-                    continue;
+            let started = {
+                let _one = self.claiming.lock().await;
+                let skip: Vec<String> = lock(&self.skip).iter().cloned().collect();
+                match self.store.claim(&self.worker, &skip, self.clock.now_millis(), lease_ms).await {
+                    Ok(Some(job)) => self.slot_for(job).await,
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot claim a job");
+                        None
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(error = %e, "cannot claim a job"),
+            };
+            if let Some((job, slot)) = started {
+                self.clone().run(job, slot).await;
+                continue;
             }
             let notified = self.wake.notified();
             tokio::select! {
@@ -137,35 +144,29 @@ impl Jobs {
         }
     }
 
-    /// Takes the tenant's concurrency slot (without waiting) and runs the job; gives the job
-    /// back when the slots are full.
-    async fn run(self: Arc<Self>, job: JobRecord) {
-        let spec = &job.spec;
+    /// Takes the tenant's concurrency slot without waiting; when the slots are full, gives the
+    /// job back and skips the tenant until a slot frees. `Some` with the slot (if the tenant
+    /// has a limit) when the job may run.
+    async fn slot_for(&self, job: JobRecord) -> Option<(JobRecord, Option<SlotGuard>)> {
         let rt = self.runtime.load_full();
-        let slot = match rt.directory.tenant(&spec.tenant) {
-            None => None,
-            Some(t) => match &t.policy.concurrency {
-                None => None,
-                Some(c) => {
-                    let now_only = ConcurrencySpec { limit: c.limit, queue: None };
-                    match self
-                        .limits
-                        .concurrency
-                        .acquire(&t.id, &now_only, spec.priority, t.policy.on_store_error)
-                        .await
-                    {
-                        Ok(g) => Some(g),
-                        Err(_) => {
-                            lock(&self.skip).insert(spec.tenant.clone());
-                            if let Err(e) = self.store.unclaim(&spec.id, &self.worker).await {
-                                tracing::warn!(error = %e, job_id = %spec.id, "cannot give a job back; its lease will expire");
-                            }
-                            return;
-                        }
-                    }
+        let Some(t) = rt.directory.tenant(&job.spec.tenant) else { return Some((job, None)) };
+        let Some(c) = &t.policy.concurrency else { return Some((job, None)) };
+        let now_only = ConcurrencySpec { limit: c.limit, queue: None };
+        match self.limits.concurrency.acquire(&t.id, &now_only, job.spec.priority, t.policy.on_store_error).await {
+            Ok(g) => Some((job, Some(g))),
+            Err(_) => {
+                lock(&self.skip).insert(job.spec.tenant.clone());
+                if let Err(e) = self.store.unclaim(&job.spec.id, &self.worker).await {
+                    tracing::warn!(error = %e, job_id = %job.spec.id, "cannot give a job back; its lease will expire");
                 }
-            },
-        };
+                None
+            }
+        }
+    }
+
+    /// Runs a claimed job holding its tenant's slot, and records how it ended.
+    async fn run(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>) {
+        let spec = &job.spec;
         let started = self.clock.now_millis();
         self.metrics.wait.with_label_values(&[&spec.tier]).observe((started - spec.created_ms).max(0) as f64 / 1000.0);
         event(spec, JobStatus::Running, None);

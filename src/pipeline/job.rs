@@ -186,3 +186,34 @@ pub async fn submit(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(prefer: &[&str]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/gen", None).expect("request");
+        for p in prefer {
+            r.append_header("prefer", *p).expect("header");
+        }
+        r
+    }
+
+    #[test]
+    fn respond_async_is_found_in_any_prefer_header_and_spelling() {
+        for yes in [
+            &["respond-async"][..],
+            &["RESPOND-ASYNC"],
+            &["wait=10, respond-async"],
+            &["return=minimal", "respond-async;x=1"],
+            &[" respond-async "],
+        ] {
+            assert!(prefers_async(&req(yes)), "{yes:?}");
+        }
+        for no in
+            [&[][..], &["respond-asynchronous"], &["wait=respond-async"], &["respond_async"], &["x-respond-async"]]
+        {
+            assert!(!prefers_async(&req(no)), "{no:?}");
+        }
+    }
+}

@@ -27,6 +27,9 @@ use std::collections::HashMap;
 const P: &str = "tg:{jobs}:";
 /// The key every script is routed by.
 const ROUTE: &str = "tg:{jobs}:queue";
+/// The deadline of a job call: longer than the hot-path timeout, since a job step may touch
+/// many keys (cancel all, reap) and a submission is one call per job, not per request.
+const JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 const SUBMIT: &str = r#"
 local p = 'tg:{jobs}:'
@@ -223,11 +226,12 @@ impl RedisStore {
             pipe.add_command(c);
             pipe
         };
-        let (answer,): (redis::RedisResult<redis::Value>,) = self.run_within(op, "jobs", &call(false), None).await?;
+        let (answer,): (redis::RedisResult<redis::Value>,) =
+            self.run_within(op, "jobs", &call(false), Some(JOB_TIMEOUT)).await?;
         let value = match answer {
             Err(e) if is_noscript(&e) => {
                 let (answer,): (redis::RedisResult<redis::Value>,) =
-                    self.run_within(op, "jobs", &call(true), None).await?;
+                    self.run_within(op, "jobs", &call(true), Some(JOB_TIMEOUT)).await?;
                 answer
             }
             other => other,
@@ -247,7 +251,7 @@ impl RedisStore {
         for id in ids {
             pipe.cmd("HGETALL").arg(format!("{P}job:{id}"));
         }
-        let rows: Vec<HashMap<String, String>> = self.run_within("job_read", "jobs", &pipe, None).await?;
+        let rows: Vec<HashMap<String, String>> = self.run_within("job_read", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
         Ok(rows.into_iter().filter_map(decode).collect())
     }
 
@@ -389,7 +393,7 @@ impl JobStore for RedisStore {
         }
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(format!("{P}result:{id}"));
-        let (json,): (Option<String>,) = self.run_within("job_result", "jobs", &pipe, None).await?;
+        let (json,): (Option<String>,) = self.run_within("job_result", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
@@ -419,7 +423,7 @@ impl JobStore for RedisStore {
                 .arg("LIMIT")
                 .arg(0)
                 .arg(BATCH);
-            let (ids,): (Vec<String>,) = self.run_within("job_list", "jobs", &pipe, None).await?;
+            let (ids,): (Vec<String>,) = self.run_within("job_list", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
             let exhausted = ids.len() < BATCH;
             scanned += ids.len();
             let mut records = self.job_records(&ids).await?;
@@ -460,7 +464,7 @@ impl JobStore for RedisStore {
     async fn cancel_all(&self, tenant: &str, now_ms: i64) -> Result<Vec<JobRecord>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE").arg(format!("{P}t:{tenant}")).arg(0).arg(-1);
-        let (ids,): (Vec<String>,) = self.run_within("job_list", "jobs", &pipe, None).await?;
+        let (ids,): (Vec<String>,) = self.run_within("job_list", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
         let mut open = Vec::new();
         for chunk in ids.chunks(200) {
             open.extend(self.job_records(chunk).await?.into_iter().filter(|r| !r.status().is_final()));
@@ -483,7 +487,7 @@ impl JobStore for RedisStore {
     async fn depth(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(format!("{P}depth"));
-        let (map,): (HashMap<String, i64>,) = self.run_within("job_depth", "jobs", &pipe, None).await?;
+        let (map,): (HashMap<String, i64>,) = self.run_within("job_depth", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
         let mut out: Vec<(String, u64)> = map.into_iter().map(|(t, n)| (t, n.max(0) as u64)).collect();
         out.sort();
         Ok(out)
