@@ -255,7 +255,7 @@ impl Jobs {
         if ok {
             lock(&self.held).insert(spec.id.clone(), held);
             self.metrics.submitted.with_label_values(&[&spec.tier]).inc();
-            event(spec, JobStatus::Pending, None);
+            event(self, spec, JobStatus::Pending, None);
             self.wake.notify_waiters();
         }
         Ok(ok)
@@ -440,13 +440,16 @@ impl Jobs {
             }
         }
         self.metrics.finished.with_label_values(&[&before.spec.tier, "cancelled"]).inc();
-        event(&before.spec, JobStatus::Cancelled, None);
+        event(self, &before.spec, JobStatus::Cancelled, None);
         self.callback(&before.spec, JobStatus::Cancelled);
     }
 }
 
-/// A job event in the access log.
-fn event(spec: &JobSpec, status: JobStatus, error: Option<&str>) {
+/// A job event in the access log (unless `[log] access_log = false`).
+fn event(jobs: &Jobs, spec: &JobSpec, status: JobStatus, error: Option<&str>) {
+    if !jobs.runtime.load().config.log.access_log {
+        return;
+    }
     tracing::info!(
         target: "tollgate::access",
         job_id = %spec.id,

@@ -75,7 +75,18 @@ impl Jobs {
         }
     }
 
+    /// `true` when the running config has an asynchronous rule. Without one the job system
+    /// makes no store call at all (jobs left from an earlier config wait until one returns).
+    fn enabled(&self) -> bool {
+        let rt = self.runtime.load();
+        let rules = &rt.config.rules;
+        rules.rules.iter().chain(rules.fallback.iter()).any(|r| r.actions.job.is_some())
+    }
+
     async fn upkeep(&self) {
+        if !self.enabled() {
+            return;
+        }
         let cfg = self.config();
         let now = self.clock.now_millis();
         match self.store.reap(now, cfg.retry_lost).await {
@@ -87,7 +98,7 @@ impl Jobs {
                 for id in &reaped.failed {
                     if let Ok(Some(r)) = self.store.peek(id).await {
                         self.metrics.finished.with_label_values(&[&r.spec.tier, "failed"]).inc();
-                        event(&r.spec, JobStatus::Failed, r.state.error.as_deref());
+                        event(self, &r.spec, JobStatus::Failed, r.state.error.as_deref());
                         self.callback(&r.spec, JobStatus::Failed);
                     }
                 }
@@ -111,7 +122,7 @@ impl Jobs {
                 return;
             }
             let cfg = self.config();
-            if !self.runtime.load().config.rules.rules.iter().any(|r| r.actions.job.is_some()) {
+            if !self.enabled() {
                 // No asynchronous rule: no store traffic (a reload that adds one is seen here).
                 tokio::select! {
                     _ = tokio::time::sleep(cfg.poll_interval) => continue,
@@ -169,7 +180,7 @@ impl Jobs {
         let spec = &job.spec;
         let started = self.clock.now_millis();
         self.metrics.wait.with_label_values(&[&spec.tier]).observe((started - spec.created_ms).max(0) as f64 / 1000.0);
-        event(spec, JobStatus::Running, None);
+        event(&self, spec, JobStatus::Running, None);
         let (abort_tx, abort_rx) = oneshot::channel();
         lock(&self.running).insert(spec.id.clone(), abort_tx);
         let clock = Instant::now();
@@ -207,7 +218,7 @@ impl Jobs {
                     self.refund(&spec.id);
                 }
                 self.metrics.finished.with_label_values(&[&spec.tier, outcome.status.as_str()]).inc();
-                event(spec, outcome.status, outcome.error.as_deref());
+                event(&self, spec, outcome.status, outcome.error.as_deref());
                 self.callback(spec, outcome.status);
             }
             Ok(false) => {}
@@ -228,7 +239,7 @@ impl Jobs {
             let done = self.store.finish(&spec.id, &self.worker, JobStatus::Failed, None, Some(lost), now).await;
             if matches!(done, Ok(true)) {
                 self.metrics.finished.with_label_values(&[&spec.tier, "failed"]).inc();
-                event(spec, JobStatus::Failed, Some(lost));
+                event(self, spec, JobStatus::Failed, Some(lost));
             }
             done
         };

@@ -97,12 +97,14 @@ pub fn admit(permit: &Permit<'_>, req: &RequestHeader, cfg: &JobsConfig) -> Resu
     Ok(Some(Ticket { rule: rule.clone(), priority, callback }))
 }
 
-/// Reads the body, stores the job and answers `202`.
+/// Reads the body, stores the job and answers `202`. `pool_host` is the upstream pool's `host`
+/// (the `Host` it is sent), as for a forwarded request.
 pub async fn submit(
     jobs: &Jobs,
     session: &mut Session,
     ctx: &mut RequestCtx,
     ticket: Ticket,
+    pool_host: Option<&str>,
     now_ms: i64,
 ) -> Result<(), Reject> {
     let cfg = ctx.runtime.as_ref().map(|r| r.config.jobs.clone()).unwrap_or_default();
@@ -120,7 +122,7 @@ pub async fn submit(
     for h in ["prefer", "x-job-priority", "x-callback-url"] {
         up.remove_header(h);
     }
-    super::forward::upstream_request(&mut up, ctx, None).map_err(|_| Reject::Internal)?;
+    super::forward::upstream_request(&mut up, ctx, pool_host).map_err(|_| Reject::Internal)?;
     let headers = up
         .headers
         .iter()

@@ -388,7 +388,9 @@ impl ProxyHttp for Gateway {
             }
             Ok(Admission::Job(ticket)) => {
                 let now = self.clock.now_millis();
-                if let Err(reject) = job::submit(&self.jobs, session, ctx, ticket, now).await {
+                let pool = ctx.upstream.as_deref().and_then(|u| self.upstreams.get(u));
+                let host = pool.and_then(|p| p.config.host.clone());
+                if let Err(reject) = job::submit(&self.jobs, session, ctx, ticket, host.as_deref(), now).await {
                     quota::refund_all(&self.limits, &ctx.reserved);
                     ctx.reserved.items.clear();
                     ctx.decision = Decision::Rejected;
