@@ -434,6 +434,7 @@ fn build(
         runtime.clone(),
         upstreams.clone(),
         limits.clone(),
+        meter.clone(),
         clock.clone(),
         format!("{}-{:08x}", runtime.load().config.store.instance_id, rand::random::<u32>()),
         &metrics.registry,

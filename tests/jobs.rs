@@ -12,7 +12,8 @@ const SECRET: &str = "jobs-callback-secret-0123";
 
 fn config(echo: &Echo, store: &str) -> String {
     format!(
-        r#"
+        r#"usage_metrics = ["rows"]
+
 [server]
 listen = ["{{LISTEN}}"]
 admin_listen = "{{ADMIN}}"
@@ -41,6 +42,7 @@ upstream = "default"
 priority = 5
 concurrency = 1
 quotas.requests = {{ limit = 100, period = "day" }}
+quotas.rows = {{ limit = 100000, period = "day" }}
 
 [[tenants]]
 id = "acme"
@@ -65,6 +67,12 @@ name = "generate"
 match = {{ path_prefix = "/gen" }}
 mode = "async"
 retention = "1h"
+
+[[rule]]
+name = "charged"
+match = {{ path_prefix = "/charged" }}
+mode = "async"
+charge = {{ metric = "rows", cost_from_header = "x-rows", settle_from_header = "x-rows-used" }}
 
 [[rule]]
 name = "slow"
@@ -117,11 +125,15 @@ fn submit(gw: &Gateway, auth: &str, path: &str, extra: &[(&str, &str)]) -> Strin
 }
 
 fn used(gw: &Gateway, auth: &str) -> u64 {
+    used_of(gw, auth, "requests")
+}
+
+fn used_of(gw: &Gateway, auth: &str, metric: &str) -> u64 {
     let r = gw.get("/_tollgate/usage", &[("authorization", auth)]);
     let v = r.json();
     v["quotas"]
         .as_array()
-        .and_then(|q| q.iter().find(|x| x["metric"] == "requests"))
+        .and_then(|q| q.iter().find(|x| x["metric"] == metric))
         .and_then(|x| x["used"].as_u64())
         .unwrap_or(u64::MAX)
 }
@@ -173,6 +185,32 @@ fn lifecycle(store: &str) {
     // `either`: synchronous unless the client prefers async.
     assert_eq!(gw.request("POST", "/either", &[("authorization", &a)], b"").status, 200);
     submit(&gw, &a, "/either", &[("prefer", "wait=5, respond-async")]);
+
+    // The charge is reserved at submission and settled from the result's header; the run is
+    // metered as usage (the 202 itself is not).
+    let rows_before = used_of(&gw, &a, "rows");
+    let id = submit(&gw, &a, "/charged?delay_ms=300&header=x-rows-used:7", &[("x-rows", "50")]);
+    assert_eq!(used_of(&gw, &a, "rows"), rows_before + 50, "the estimate is reserved at submission");
+    wait_status(&gw, &a, &id, "completed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used_of(&gw, &a, "rows") != rows_before + 7 {
+        assert!(
+            Instant::now() < deadline,
+            "rows used is {}, not settled to {}",
+            used_of(&gw, &a, "rows"),
+            rows_before + 7
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+        if m.contains("tollgate_usage_units_total{metric=\"rows\",tier=\"pro\"} 7") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run was not metered with the settled charge:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // job_timeout.
     let id = submit(&gw, &a, "/slow?delay_ms=3000", &[]);

@@ -85,6 +85,8 @@ pub struct Jobs {
     runtime: SharedRuntime,
     upstreams: Arc<Upstreams>,
     limits: Arc<Limits>,
+    /// Meters each run like a forwarded request (usage, ledger, request metrics).
+    meter: Arc<crate::metering::Meter>,
     clock: SharedClock,
     /// This process's worker name in the store (instance id plus a start id).
     worker: String,
@@ -217,6 +219,7 @@ impl Jobs {
         runtime: SharedRuntime,
         upstreams: Arc<Upstreams>,
         limits: Arc<Limits>,
+        meter: Arc<crate::metering::Meter>,
         clock: SharedClock,
         worker: String,
         registry: &Registry,
@@ -226,6 +229,7 @@ impl Jobs {
             runtime,
             upstreams,
             limits,
+            meter,
             clock,
             worker,
             metrics: JobMetrics::new(registry),

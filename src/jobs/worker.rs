@@ -212,6 +212,7 @@ impl Jobs {
             .await;
         match written {
             Ok(true) => {
+                self.meter_run(spec, &outcome, clock.elapsed().as_secs_f64(), now);
                 if outcome.reached {
                     self.settle(&spec.id, outcome.result.as_ref());
                 } else {
@@ -226,6 +227,47 @@ impl Jobs {
         }
         lock(&self.skip).remove(&spec.tenant);
         self.wake.notify_waiters();
+    }
+
+    /// Meters a run that ended here like a forwarded request: the ledger counts one request
+    /// (and the charge, settled from the result or else the estimate) per job that reached
+    /// its upstream. The submission itself (a 202 the gateway answered) is not usage.
+    fn meter_run(&self, spec: &JobSpec, outcome: &Outcome, secs: f64, now_ms: i64) {
+        let rt = self.runtime.load_full();
+        let tenant = rt.directory.tenant(&spec.tenant).cloned();
+        let result = outcome.result.as_ref();
+        let status = result.map_or(if outcome.status == JobStatus::Timeout { 504 } else { 502 }, |r| r.status);
+        let metric: Option<Arc<str>> = spec.charge.as_ref().map(|c| Arc::from(c.metric.as_str()));
+        let units = spec.charge.as_ref().map(|c| {
+            let settled = c.settle_header.as_deref().and_then(|h| {
+                result?.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(h)).and_then(|(_, v)| v.trim().parse().ok())
+            });
+            settled.unwrap_or(c.estimate)
+        });
+        let (decision, failure) = match outcome.status {
+            JobStatus::Completed => ("forwarded", None),
+            JobStatus::Timeout => ("upstream_error", Some("timeout")),
+            _ if outcome.reached => ("upstream_error", Some("error")),
+            _ => ("upstream_error", Some("connect_error")),
+        };
+        self.meter.record_with(
+            &crate::metering::Record {
+                tenant: tenant.as_deref(),
+                rule: &spec.rule,
+                decision,
+                reason: None,
+                status,
+                bytes_in: spec.body.len() as u64,
+                bytes_out: result.map_or(0, |r| r.body.len() as u64),
+                upstream: Some(&spec.upstream),
+                upstream_secs: Some(secs),
+                total_secs: secs,
+                charge: metric.as_ref().zip(units),
+                admitted: outcome.reached,
+            },
+            &crate::metering::Detail { upstream_failure: failure, first_byte_secs: None },
+            now_ms,
+        );
     }
 
     /// At shutdown: the job runs again elsewhere when `retry_lost` allows, else it fails.

@@ -150,6 +150,11 @@ pub async fn submit(
         request_id: ctx.request_id.as_str().to_string(),
         key_id: ctx.key_id.as_ref().map(|k| k.to_string()),
         created_ms: now_ms,
+        charge: ctx.reserved.charge.as_ref().map(|c| crate::store::jobs::JobCharge {
+            metric: c.metric.to_string(),
+            estimate: c.estimate,
+            settle_header: c.settle_header.as_ref().map(|h| h.as_str().to_string()),
+        }),
     };
     let charge = ctx.reserved.charge.as_ref();
     let held = Held {

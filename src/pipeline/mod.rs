@@ -130,17 +130,17 @@ impl Gateway {
         if let authenticate::Principal::Keyed { key } = &principal {
             ctx.key_id = Some(key.id.clone());
         }
-        if hints.path == "/_tollgate/jobs" || hints.path.starts_with("/_tollgate/jobs/") {
-            return match (&principal, principal.tenant()) {
-                (authenticate::Principal::Anonymous { .. }, _) | (_, None) => Err(Reject::MissingKey),
-                (_, Some(t)) => Ok(Admission::Jobs {
-                    tenant: t.id.clone(),
-                    path: hints.path.to_string(),
-                    query: hints.query.map(str::to_string),
-                }),
-            };
-        }
         if hints.path.starts_with("/_tollgate/") {
+            if hints.path == "/_tollgate/jobs" || hints.path.starts_with("/_tollgate/jobs/") {
+                return match (&principal, principal.tenant()) {
+                    (authenticate::Principal::Anonymous { .. }, _) | (_, None) => Err(Reject::MissingKey),
+                    (_, Some(t)) => Ok(Admission::Jobs {
+                        tenant: t.id.clone(),
+                        path: hints.path.to_string(),
+                        query: hints.query.map(str::to_string),
+                    }),
+                };
+            }
             return match &principal {
                 authenticate::Principal::Keyed { key } => Ok(Admission::SelfService(self_service::Call::new(
                     key,

@@ -88,6 +88,18 @@ pub struct JobSpec {
     pub request_id: String,
     pub key_id: Option<String>,
     pub created_ms: i64,
+    /// The rule's charge, for metering the run.
+    #[serde(default)]
+    pub charge: Option<JobCharge>,
+}
+
+/// A job's charged metric: the estimate reserved at submission, and the response header that
+/// settles it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCharge {
+    pub metric: String,
+    pub estimate: u64,
+    pub settle_header: Option<String>,
 }
 
 impl JobSpec {
