@@ -430,13 +430,15 @@ fn build(
     jwt.sync(&runtime.load().config.jwt);
     jwt.watch(runtime.clone());
     let jobs = crate::jobs::Jobs::new(
-        stores.jobs.clone(),
-        runtime.clone(),
-        upstreams.clone(),
-        limits.clone(),
-        meter.clone(),
-        clock.clone(),
-        format!("{}-{:08x}", runtime.load().config.store.instance_id, rand::random::<u32>()),
+        crate::jobs::Parts {
+            store: stores.jobs.clone(),
+            runtime: runtime.clone(),
+            upstreams: upstreams.clone(),
+            limits: limits.clone(),
+            meter: meter.clone(),
+            clock: clock.clone(),
+            worker: format!("{}-{:08x}", runtime.load().config.store.instance_id, rand::random::<u32>()),
+        },
         &metrics.registry,
     );
     let gateway = Gateway {

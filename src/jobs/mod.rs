@@ -213,25 +213,28 @@ pub fn list_query(query: Option<&str>) -> Result<(Option<JobStatus>, usize, Opti
     Ok((status, limit, cursor))
 }
 
+/// What the job service is built from (see `app.rs`).
+pub struct Parts {
+    pub store: Arc<dyn JobStore>,
+    pub runtime: SharedRuntime,
+    pub upstreams: Arc<Upstreams>,
+    pub limits: Arc<Limits>,
+    pub meter: Arc<crate::metering::Meter>,
+    pub clock: SharedClock,
+    /// This process's worker name in the store: the instance id plus a start id.
+    pub worker: String,
+}
+
 impl Jobs {
-    pub fn new(
-        store: Arc<dyn JobStore>,
-        runtime: SharedRuntime,
-        upstreams: Arc<Upstreams>,
-        limits: Arc<Limits>,
-        meter: Arc<crate::metering::Meter>,
-        clock: SharedClock,
-        worker: String,
-        registry: &Registry,
-    ) -> Arc<Jobs> {
+    pub fn new(p: Parts, registry: &Registry) -> Arc<Jobs> {
         Arc::new(Jobs {
-            store,
-            runtime,
-            upstreams,
-            limits,
-            meter,
-            clock,
-            worker,
+            store: p.store,
+            runtime: p.runtime,
+            upstreams: p.upstreams,
+            limits: p.limits,
+            meter: p.meter,
+            clock: p.clock,
+            worker: p.worker,
             metrics: JobMetrics::new(registry),
             wake: Notify::new(),
             held: Mutex::new(HashMap::new()),
