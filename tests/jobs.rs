@@ -452,3 +452,34 @@ fn job_input_is_checked() {
     assert!(m.contains("tollgate_job_wait_seconds_bucket"));
     assert!(gw.log().contains("job_id="), "job events are in the log");
 }
+
+/// A job accepted by one instance and cancelled or run by another: the accepting instance
+/// gives the reservation back, or settles it from the result, on its own.
+#[test]
+fn the_accepting_instance_settles_jobs_other_instances_ended() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let store = redis_store(&redis);
+    let idle = config(&echo, &store).replace("workers = 4", "workers = 0");
+    let a = bearer(ACME);
+    let accepting = Gateway::start(&idle);
+    let other = Gateway::start(&idle);
+    let rows_before = used_of(&accepting, &a, "rows");
+    let pending = submit(&accepting, &a, "/charged", &[("x-rows", "30")]);
+    assert_eq!(used_of(&accepting, &a, "rows"), rows_before + 30);
+    let r = other.request("DELETE", &format!("/_tollgate/jobs/{pending}"), &[("authorization", &a)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let wait_rows = |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used_of(&accepting, &a, "rows") != want {
+            assert!(Instant::now() < deadline, "rows used is {}, not {want}", used_of(&accepting, &a, "rows"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_rows(rows_before);
+    // Run by a third instance: settled from the result's header where it was accepted.
+    let id = submit(&accepting, &a, "/charged?header=x-rows-used:4", &[("x-rows", "40")]);
+    let _worker = Gateway::start(&config(&echo, &store));
+    wait_status(&accepting, &a, &id, "completed");
+    wait_rows(rows_before + 4);
+}

@@ -102,6 +102,8 @@ pub struct Jobs {
     /// job claimed and then given back would otherwise let a lower one be claimed meanwhile
     /// and take the slot first.
     claiming: tokio::sync::Mutex<()>,
+    /// When the upkeep last looked at jobs accepted here and run elsewhere (ms).
+    settled_at: std::sync::atomic::AtomicI64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -242,6 +244,7 @@ impl Jobs {
             skip: Mutex::new(HashSet::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             claiming: tokio::sync::Mutex::new(()),
+            settled_at: std::sync::atomic::AtomicI64::new(0),
         })
     }
 

@@ -50,24 +50,37 @@ impl Jobs {
     }
 
     /// Settles or refunds the quota of jobs accepted here that ended elsewhere (another
-    /// instance ran or cancelled them), at most `BATCH` per call.
+    /// instance ran or cancelled them): every 2 s, at most 100 jobs, one status read each.
     async fn settle_remote(&self) {
         const BATCH: usize = 100;
+        const EVERY_MS: i64 = 2_000;
+        let now = self.clock.now_millis();
+        let last = self.settled_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now - last < EVERY_MS {
+            return;
+        }
+        self.settled_at.store(now, std::sync::atomic::Ordering::Relaxed);
         let ids: Vec<String> =
             lock(&self.held).keys().filter(|id| !lock(&self.running).contains_key(*id)).take(BATCH).cloned().collect();
         for id in ids {
-            let Ok(found) = self.store.peek(&id).await else { return };
-            let Some(r) = found else {
+            let Ok(found) = self.store.status(&id).await else { return };
+            let Some((status, started)) = found else {
                 lock(&self.held).remove(&id);
                 continue;
             };
-            match r.status() {
+            match status {
                 JobStatus::Pending | JobStatus::Running => {}
                 JobStatus::Completed => {
-                    let result = self.store.result(&r.spec.tenant, &id, self.clock.now_millis()).await.ok().flatten();
+                    // The tenant is in the record; the result read is scoped by it.
+                    let tenant = self.store.peek(&id).await.ok().flatten().map(|r| r.spec.tenant);
+                    let now = self.clock.now_millis();
+                    let result = match tenant {
+                        Some(t) => self.store.result(&t, &id, now).await.ok().flatten(),
+                        None => None,
+                    };
                     self.settle(&id, result.as_ref());
                 }
-                _ if r.state.started_ms.is_none() => self.refund(&id),
+                _ if started.is_none() => self.refund(&id),
                 _ => {
                     lock(&self.held).remove(&id);
                 }
@@ -177,6 +190,14 @@ impl Jobs {
 
     /// Runs a claimed job holding its tenant's slot, and records how it ended.
     async fn run(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>) {
+        let id = job.spec.id.clone();
+        self.clone().run_inner(job, slot).await;
+        // Only now, once its quota is settled or refunded here: the upkeep leaves the jobs in
+        // `running` to this worker.
+        lock(&self.running).remove(&id);
+    }
+
+    async fn run_inner(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>) {
         let spec = &job.spec;
         let started = self.clock.now_millis();
         self.metrics.wait.with_label_values(&[&spec.tier]).observe((started - spec.created_ms).max(0) as f64 / 1000.0);
@@ -185,7 +206,6 @@ impl Jobs {
         lock(&self.running).insert(spec.id.clone(), abort_tx);
         let clock = Instant::now();
         let outcome = self.execute(spec, abort_rx).await;
-        lock(&self.running).remove(&spec.id);
         drop(slot);
         self.metrics.run.with_label_values(&[&spec.tier]).observe(clock.elapsed().as_secs_f64());
         let Some(outcome) = outcome else {

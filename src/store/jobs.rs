@@ -257,6 +257,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Any job by id, whatever its tenant: for the gateway's own upkeep, never for a client.
     async fn peek(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
 
+    /// A job's status and start time alone (no body, no result): the cheap read of the upkeep.
+    async fn status(&self, id: &str) -> Result<Option<(JobStatus, Option<i64>)>, StoreError>;
+
     /// The result of the tenant's job, under the same conditions as [`JobStore::get`].
     async fn result(&self, tenant: &str, id: &str, now_ms: i64) -> Result<Option<JobResult>, StoreError>;
 

@@ -273,6 +273,20 @@ impl JobStore for EmbeddedJobs {
         self.tx(move |tx| load(tx, &id)).await
     }
 
+    async fn status(&self, id: &str) -> Result<Option<(JobStatus, Option<i64>)>, StoreError> {
+        let id = id.to_string();
+        self.tx(move |tx| {
+            let row: Option<(String, Option<i64>)> = tx
+                .query_row("SELECT status, started_ms FROM jobs WHERE id = ?1", params![id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            Ok(row.and_then(|(s, started)| JobStatus::parse(&s).map(|s| (s, started))))
+        })
+        .await
+    }
+
     async fn result(&self, tenant: &str, id: &str, now_ms: i64) -> Result<Option<JobResult>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
         self.tx(move |tx| {

@@ -387,6 +387,14 @@ impl JobStore for RedisStore {
         self.job_record(id).await
     }
 
+    async fn status(&self, id: &str) -> Result<Option<(JobStatus, Option<i64>)>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET").arg(format!("{P}job:{id}")).arg("status").arg("started");
+        let ((status, started),): ((Option<String>, Option<String>),) =
+            self.run_within("job_status", "jobs", &pipe, Some(JOB_TIMEOUT)).await?;
+        Ok(status.and_then(|s| JobStatus::parse(&s)).map(|s| (s, started.as_deref().and_then(num))))
+    }
+
     async fn result(&self, tenant: &str, id: &str, now_ms: i64) -> Result<Option<JobResult>, StoreError> {
         if self.get(tenant, id, now_ms).await?.is_none() {
             return Ok(None);
