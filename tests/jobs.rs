@@ -483,3 +483,24 @@ fn the_accepting_instance_settles_jobs_other_instances_ended() {
     wait_status(&accepting, &a, &id, "completed");
     wait_rows(rows_before + 4);
 }
+
+/// A gateway stopped with SIGTERM hands its running job back at once (not after its lease),
+/// and the job runs again elsewhere.
+#[test]
+fn a_stopping_instance_hands_its_running_job_back() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let store = redis_store(&redis);
+    let long_lease = config(&echo, &store).replace("lease_ttl = \"1s\"", "lease_ttl = \"60s\"");
+    let a = bearer(ACME);
+    let mut gw1 = Gateway::start(&long_lease);
+    let observer = Gateway::start(&long_lease.replace("workers = 4", "workers = 0"));
+    let id = submit(&gw1, &a, "/gen?delay_ms=3000", &[]);
+    wait_status(&observer, &a, &id, "running");
+    gw1.signal("TERM");
+    let v = wait_status(&observer, &a, &id, "pending");
+    assert_eq!(v["attempts"], 0, "given back, not reaped after the 60 s lease: {v}");
+    assert!(gw1.wait_exit(Duration::from_secs(15)).is_some(), "the gateway did not stop");
+    let _worker = Gateway::start(&long_lease);
+    wait_status(&observer, &a, &id, "completed");
+}
