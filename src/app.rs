@@ -95,6 +95,8 @@ pub struct Stores {
     pub directory: Arc<dyn DirectoryStore>,
     /// The Redis store itself, when the store is Redis (for [`Stores::wait_connected`]).
     pub redis: Option<Arc<RedisStore>>,
+    /// Asynchronous jobs: in the SQLite file, or in Redis.
+    pub jobs: Arc<dyn crate::store::jobs::JobStore>,
 }
 
 impl Stores {
@@ -124,7 +126,11 @@ pub fn open_store(
                 Embedded::open(&cfg.path, clock.now_millis())
                     .map_err(|e| format!("cannot open the embedded store at {}: {e}", cfg.path.display()))?,
             );
-            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store, redis: None })
+            let jobs = Arc::new(
+                crate::store::jobs_embedded::EmbeddedJobs::open(store.connection())
+                    .map_err(|e| format!("cannot open the job table in {}: {e}", cfg.path.display()))?,
+            );
+            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store, redis: None, jobs })
         }
         StoreKind::Redis => {
             let _guard = bg.enter();
@@ -139,7 +145,13 @@ pub fn open_store(
                     .map_err(|e| format!("cannot set up the Redis store ({}): {e}", cfg.urls.join(",")))?
                     .with_lease_timeout(cfg.lease_timeout),
             );
-            Ok(Stores { counters: store.clone(), ledger: store.clone(), directory: store.clone(), redis: Some(store) })
+            Ok(Stores {
+                counters: store.clone(),
+                ledger: store.clone(),
+                directory: store.clone(),
+                jobs: store.clone(),
+                redis: Some(store),
+            })
         }
     }
 }
@@ -236,6 +248,18 @@ impl BackgroundService for Maintenance {
                 _ = meter.tick() => self.meter.flush().await,
             }
         }
+    }
+}
+
+/// Runs the job workers and their upkeep until shutdown.
+struct JobWorkers {
+    jobs: Arc<crate::jobs::Jobs>,
+}
+
+#[async_trait]
+impl BackgroundService for JobWorkers {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.jobs.clone().serve(shutdown).await;
     }
 }
 
@@ -406,6 +430,18 @@ fn build(
     let jwt = crate::jwt::Jwt::new(clock.clone(), Some(background.handle().clone()));
     jwt.sync(&runtime.load().config.jwt);
     jwt.watch(runtime.clone());
+    let jobs = crate::jobs::Jobs::new(
+        crate::jobs::Parts {
+            store: stores.jobs.clone(),
+            runtime: runtime.clone(),
+            upstreams: upstreams.clone(),
+            limits: limits.clone(),
+            meter: meter.clone(),
+            clock: clock.clone(),
+            worker: format!("{}-{:08x}", runtime.load().config.store.instance_id, rand::random::<u32>()),
+        },
+        &metrics.registry,
+    );
     let gateway = Gateway {
         admin: admin_core.clone(),
         runtime: runtime.clone(),
@@ -415,6 +451,7 @@ fn build(
         meter: meter.clone(),
         webhook,
         jwt,
+        jobs: jobs.clone(),
     };
     let fd_limit = crate::edge::raise_fd_limit();
     let proxy_limits = EdgeLimits {
@@ -458,7 +495,8 @@ fn build(
         max_connections_per_ip: 64,
         exempt: Vec::new(),
     };
-    let admin_app = AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone() };
+    let admin_app =
+        AdminApp { runtime, upstreams, metrics: metrics.clone(), core: admin_core.clone(), jobs: jobs.clone() };
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         Edge::new(ReadyGate { app: admin_app, listening }, admin_limits, &metrics),
@@ -474,6 +512,7 @@ fn build(
         "limits maintenance",
         Maintenance { limits, admin: admin_core, meter, flush_interval, meter_interval, slot_ttl },
     ));
+    server.add_service(background_service("job workers", JobWorkers { jobs }));
     server.add_service(startup);
     Ok(Built { server, background, metrics, finish, log })
 }

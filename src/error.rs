@@ -88,6 +88,12 @@ pub enum Reject {
     /// 503: the issuer's keys (`jwks_url`) could not be fetched, so no token of it can be
     /// checked right now.
     KeysUnavailable { issuer: String, retry_after: u64 },
+    /// 400: an asynchronous request names a job setting the gateway cannot accept (an
+    /// `X-Job-Priority` that is not a whole number, an `X-Callback-URL` to a host the tenant
+    /// may not call back).
+    InvalidJob { detail: String },
+    /// 429: the tenant already has `jobs.max_open_per_tenant` jobs pending or running.
+    JobQueueFull { limit: u32 },
 }
 
 /// Every stable error code, for documentation and metering.
@@ -122,6 +128,8 @@ pub const CODES: &[&str] = &[
     "invalid_token",
     "token_expired",
     "jwks_unavailable",
+    "invalid_job",
+    "job_queue_full",
 ];
 
 /// The codes answered only by `/_tollgate/` self-service and the admin listener, on top of
@@ -163,6 +171,8 @@ pub fn title_of(code: &str) -> &'static str {
         "upstream_timeout" => "Upstream timeout",
         "internal_error" => "Internal error",
         "not_found" => "Not found",
+        "invalid_job" => "Invalid job",
+        "job_queue_full" => "Too many open jobs",
         "conflict" => "Conflict",
         "unprocessable" => "Unprocessable request",
         "admin_disabled" => "Admin API disabled",
@@ -219,6 +229,8 @@ impl Reject {
             Reject::InvalidToken { .. } => "invalid_token",
             Reject::TokenExpired => "token_expired",
             Reject::KeysUnavailable { .. } => "jwks_unavailable",
+            Reject::InvalidJob { .. } => "invalid_job",
+            Reject::JobQueueFull { .. } => "job_queue_full",
         }
     }
 
@@ -228,9 +240,13 @@ impl Reject {
             | Reject::DuplicateHeader { .. }
             | Reject::InvalidTarget { .. }
             | Reject::InvalidHost { .. }
-            | Reject::InvalidCost { .. } => 400,
+            | Reject::InvalidCost { .. }
+            | Reject::InvalidJob { .. } => 400,
             Reject::MethodNotAllowed { .. } => 405,
-            Reject::RateLimited { .. } | Reject::QuotaExceeded { .. } | Reject::ConcurrencyLimit { .. } => 429,
+            Reject::RateLimited { .. }
+            | Reject::QuotaExceeded { .. }
+            | Reject::ConcurrencyLimit { .. }
+            | Reject::JobQueueFull { .. } => 429,
             Reject::StoreUnavailable { .. } | Reject::NoHealthyUpstream { .. } | Reject::KeysUnavailable { .. } => 503,
             Reject::HeadersTooLarge { .. } => 431,
             Reject::MissingKey
@@ -334,6 +350,10 @@ impl Reject {
                 "The upstream `{upstream}` did not answer in time. Retry later."
             ),
             Reject::Internal => "The gateway hit an internal error. Retry; if it persists, report the request id.".into(),
+            Reject::InvalidJob { detail } => detail.clone(),
+            Reject::JobQueueFull { limit } => format!(
+                "You have {limit} jobs pending or running, the most allowed. Retry when one finishes, or cancel some with DELETE /_tollgate/jobs/{{id}}."
+            ),
             Reject::InvalidToken { detail } => format!("The bearer token is not accepted: {detail}. Get a new token from your identity provider."),
             Reject::TokenExpired => "The bearer token has expired. Get a new token from your identity provider.".into(),
             Reject::TokenInsufficientScope { missing } => format!(
@@ -413,6 +433,7 @@ impl Reject {
                 })
             }
             Reject::ConcurrencyLimit { .. } => Some(1),
+            Reject::JobQueueFull { .. } => Some(5),
             Reject::StoreUnavailable { retry_after }
             | Reject::NoHealthyUpstream { retry_after, .. }
             | Reject::KeysUnavailable { retry_after, .. } => Some(*retry_after),

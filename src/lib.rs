@@ -16,6 +16,7 @@ pub mod edge;
 pub mod error;
 pub mod fasthash;
 pub mod guard;
+pub mod jobs;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;

@@ -193,6 +193,9 @@ fn every_admin_response_matches_the_openapi_document() {
     c.check("GET", "/v1/tenants/{id}/keys", &call("GET", "/v1/tenants/initech/keys", None));
     c.check("GET", "/v1/tenants/{id}/keys", &call("GET", "/v1/tenants/acme/keys", None));
     c.check("GET", "/v1/tenants/{id}/usage", &call("GET", "/v1/tenants/initech/usage", None));
+    c.check("GET", "/v1/tenants/{id}/jobs", &call("GET", "/v1/tenants/acme/jobs?status=pending&limit=5", None));
+    c.check("GET", "/v1/tenants/{id}/jobs", &call("GET", "/v1/tenants/acme/jobs?limit=500", None));
+    c.check("GET", "/v1/tenants/{id}/jobs", &call("GET", "/v1/tenants/nobody/jobs", None));
     c.check(
         "GET",
         "/v1/tenants/{id}/usage/report",
@@ -249,6 +252,74 @@ fn every_admin_response_matches_the_openapi_document() {
     for status in ["POST /v1/reload 409", "POST /v1/reload 400"] {
         assert!(c.checked.iter().any(|x| x == status), "{status} was not seen: {:?}", c.checked);
     }
+}
+
+/// The jobs document (`docs/jobs-openapi.json`) matches the real `/_tollgate/jobs` endpoints:
+/// each is called on a running gateway with an asynchronous rule, and every answer must be
+/// declared there and valid against its schema.
+#[test]
+fn every_job_response_matches_the_jobs_document() {
+    let echo = Echo::start();
+    let tail =
+        "[[rule]]\nname = \"gen\"\nmatch = { path_prefix = \"/gen\" }\nmode = \"async\"\njob_timeout = \"300ms\"\n";
+    let gw = Gateway::start(&standard_config(echo.addr, Extra { tail, ..Extra::default() }));
+    let doc: Value = serde_json::from_str(include_str!("../docs/jobs-openapi.json")).expect("the document is JSON");
+    let mut c = Checker { doc, checked: Vec::new(), errors: Vec::new() };
+    let auth = bearer(ACME_KEY);
+    let a: &[(&str, &str)] = &[("authorization", auth.as_str())];
+    let r = gw.request("POST", "/gen/rows", a, b"{}");
+    c.check("POST", "/{async-route}", &r);
+    let id = r.json()["id"].as_str().unwrap_or_default().to_string();
+    c.check("POST", "/{async-route}", &gw.request("POST", "/gen", &[a[0], ("x-job-priority", "x")], b""));
+    c.check("POST", "/{async-route}", &gw.request("POST", "/gen", &[], b""));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.get(&format!("/_tollgate/jobs/{id}"), a).json()["status"] != "completed" {
+        assert!(std::time::Instant::now() < deadline, "the job did not complete");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    c.check("GET", "/_tollgate/jobs/{id}", &gw.get(&format!("/_tollgate/jobs/{id}"), a));
+    c.check("GET", "/_tollgate/jobs/{id}", &gw.get(&format!("/_tollgate/jobs/{id}"), &[]));
+    c.check("GET", "/_tollgate/jobs/{id}", &gw.get("/_tollgate/jobs/job_00000000000000000000000000000000", a));
+    c.check("GET", "/_tollgate/jobs/{id}/result", &gw.get(&format!("/_tollgate/jobs/{id}/result"), a));
+    c.check("DELETE", "/_tollgate/jobs/{id}", &gw.request("DELETE", &format!("/_tollgate/jobs/{id}"), a, b""));
+    c.check("GET", "/_tollgate/jobs", &gw.get("/_tollgate/jobs?limit=1", a));
+    c.check("GET", "/_tollgate/jobs", &gw.get("/_tollgate/jobs?limit=0", a));
+    c.check("GET", "/_tollgate/jobs", &gw.get("/_tollgate/jobs?status=completed&status=failed", a));
+    let pending =
+        gw.request("POST", "/gen?delay_ms=5000", a, b"").json()["id"].as_str().unwrap_or_default().to_string();
+    c.check("DELETE", "/_tollgate/jobs/{id}", &gw.request("DELETE", &format!("/_tollgate/jobs/{pending}"), a, b""));
+    let timed_out =
+        gw.request("POST", "/gen?delay_ms=3000", a, b"").json()["id"].as_str().unwrap_or_default().to_string();
+    c.check("GET", "/_tollgate/jobs/{id}/result", &gw.get(&format!("/_tollgate/jobs/{timed_out}/result"), a));
+    c.check("DELETE", "/_tollgate/jobs", &gw.request("DELETE", "/_tollgate/jobs", a, b""));
+    c.check("PUT", "/_tollgate/jobs", &gw.request("PUT", "/_tollgate/jobs", a, b""));
+    assert!(c.errors.is_empty(), "responses that do not match the document:\n{}", c.errors.join("\n"));
+    for seen in [
+        "POST /{async-route} 202",
+        "POST /{async-route} 400",
+        "POST /{async-route} 401",
+        "DELETE /_tollgate/jobs/{id} 409",
+    ] {
+        assert!(c.checked.iter().any(|x| x == seen), "{seen} was not seen: {:?}", c.checked);
+    }
+    // Every input of the jobs document is bounded too.
+    let doc = c.doc.clone();
+    let mut errors = Vec::new();
+    let mut seen = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        let shared = item.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
+        for (method, op) in item.as_object().expect("path item") {
+            if method == "parameters" {
+                continue;
+            }
+            let own = op.get("parameters").and_then(Value::as_array).cloned().unwrap_or_default();
+            for p in shared.iter().chain(&own) {
+                let at = format!("{} {path} parameter `{}`", method.to_uppercase(), p["name"].as_str().unwrap_or("?"));
+                walk_inputs(&doc, &p["schema"], &at, &mut seen, &mut errors);
+            }
+        }
+    }
+    assert!(errors.is_empty(), "unbounded inputs in jobs-openapi.json:\n{}", errors.join("\n"));
 }
 
 /// Where a schema sits in the document, for messages.

@@ -35,6 +35,8 @@ pub struct AdminApp {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub core: Arc<AdminCore>,
+    /// The tenants' asynchronous jobs (`GET /v1/tenants/{id}/jobs`).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 type Resp = Response<Vec<u8>>;
@@ -432,6 +434,18 @@ impl AdminApp {
                     }
                 }
                 _ => method_not_allowed("GET, POST"),
+            },
+            ["tenants", id, "jobs"] => match *m {
+                Method::GET => {
+                    tenant_path(id)?;
+                    Query::parse(query, &["status", "limit", "cursor"])?;
+                    if let Err(e) = core.tenant(id) {
+                        return Ok(admin_error(&e));
+                    }
+                    let r = self.jobs.list(id, query, &actor.request_id).await;
+                    respond(r.status, &r.content_type, r.body, &[])
+                }
+                _ => method_not_allowed("GET"),
             },
             ["tenants", id, "usage"] => match *m {
                 Method::GET => {

@@ -266,6 +266,7 @@ pub struct MainFile {
     pub metrics: MetricsFile,
     pub admin: AdminFile,
     pub jwt: JwtFile,
+    pub jobs: super::jobs::JobsFile,
     pub tiers: Vec<(SStr, TierFile)>,
     pub upstreams: Vec<(SStr, UpstreamFile)>,
     pub tenants: Vec<Spanned<TenantFile>>,
@@ -428,6 +429,7 @@ fn read_root(
             "metrics" => out.metrics = de_unit(src, key, value, diags).unwrap_or_default(),
             "admin" => out.admin = de_unit(src, key, value, diags).unwrap_or_default(),
             "jwt" => out.jwt = de_unit(src, key, value, diags).unwrap_or_default(),
+            "jobs" => out.jobs = de_unit(src, key, value, diags).unwrap_or_default(),
             "tiers" => out.tiers = de_named_tables(src, value, diags),
             "upstreams" => out.upstreams = de_named_tables(src, value, diags),
             "tenants" => match value.get_ref() {
@@ -445,7 +447,7 @@ fn read_root(
                 src,
                 key.span(),
                 format!(
-                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, metering, metrics, admin, jwt, tiers, upstreams, tenants{}",
+                    "unknown key `{other}`; the top-level tables are include, server, store, tenancy, log, metering, metrics, admin, jwt, jobs, tiers, upstreams, tenants{}",
                     " (and the rule keys rule, defaults, unmatched, usage_metrics)"
                 ),
             ),

@@ -6,6 +6,7 @@
 //! line and column. A failed load changes nothing; callers keep running on the old config.
 
 pub mod file;
+pub mod jobs;
 pub mod jwt;
 pub mod model;
 pub mod policy;
@@ -1184,6 +1185,23 @@ fn validate(
     tenancy.token_header = jwt.header;
     tenancy.token_cookie = jwt.cookie;
     let jwt = Arc::new(jwt.jwt);
+    let tier_names: Vec<&str> = tiers.keys().map(String::as_str).collect();
+    let jobs = jobs::validate(&main.jobs, &tier_names, src, diags);
 
-    Some(Config { files, server, store, tenancy, log, metering, metrics, admin, jwt, tiers, upstreams, tenants, rules })
+    Some(Config {
+        files,
+        server,
+        store,
+        tenancy,
+        log,
+        metering,
+        metrics,
+        admin,
+        jwt,
+        jobs,
+        tiers,
+        upstreams,
+        tenants,
+        rules,
+    })
 }

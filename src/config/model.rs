@@ -25,6 +25,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[jwt]`: shared, so the token verifier can tell a reloaded config from the one it runs.
     pub jwt: Arc<JwtConfig>,
+    /// `[jobs]`: workers and callbacks of asynchronous rules.
+    pub jobs: super::jobs::JobsConfig,
     pub tiers: BTreeMap<String, Arc<Tier>>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub tenants: Vec<TenantConfig>,

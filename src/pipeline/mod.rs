@@ -23,6 +23,7 @@ pub mod canonical;
 pub mod concurrency;
 pub mod ctx;
 pub mod forward;
+pub mod job;
 pub mod meter;
 pub mod quota;
 pub mod rate_limit;
@@ -56,6 +57,8 @@ pub struct Gateway {
     pub webhook: Option<crate::metering::webhook::WebhookSender>,
     /// Checks the bearer tokens of `jwt` resolution, and keeps the keys and the verified ones.
     pub jwt: Arc<crate::jwt::Jwt>,
+    /// Asynchronous jobs (`mode = "async"` rules, `/_tollgate/jobs`).
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// Keeps a client's `X-Request-ID` when it is sane, otherwise makes a new one.
@@ -69,6 +72,10 @@ enum Admission {
     Proxy,
     /// A `/_tollgate/` self-service call the gateway answers itself.
     SelfService(self_service::Call),
+    /// An asynchronous request, to store as a job.
+    Job(job::Ticket),
+    /// A `/_tollgate/jobs` call of this tenant.
+    Jobs { tenant: Arc<str>, path: String, query: Option<String> },
 }
 
 impl Gateway {
@@ -125,6 +132,16 @@ impl Gateway {
             ctx.key_id = Some(key.id.clone());
         }
         if hints.path.starts_with("/_tollgate/") {
+            if hints.path == "/_tollgate/jobs" || hints.path.starts_with("/_tollgate/jobs/") {
+                return match (&principal, principal.tenant()) {
+                    (authenticate::Principal::Anonymous { .. }, _) | (_, None) => Err(Reject::MissingKey),
+                    (_, Some(t)) => Ok(Admission::Jobs {
+                        tenant: t.id.clone(),
+                        path: hints.path.to_string(),
+                        query: hints.query.map(str::to_string),
+                    }),
+                };
+            }
             return match &principal {
                 authenticate::Principal::Keyed { key } => Ok(Admission::SelfService(self_service::Call::new(
                     key,
@@ -162,6 +179,8 @@ impl Gateway {
 
         rate_limit::check(&self.limits, &permit, &mut ctx.limit_headers).await?;
         let mut charges = quota::charges_of(&permit, req, &hints)?;
+        // Whether the request becomes a job, decided from its head before the body is read.
+        let ticket = job::admit(&permit, req, &cfg.jobs)?;
         if let Some(plan) = permit.rule.actions.body.as_deref().filter(|p| p.pre_read) {
             // The estimate comes from the body, so the body is read before anything is reserved
             // or forwarded (the rule's `max_body` bounds it).
@@ -181,6 +200,9 @@ impl Gateway {
         }
         let sink = quota::WarnSink { metrics: self.meter.metrics(), webhook: self.webhook.as_ref() };
         ctx.reserved = quota::reserve(&self.limits, &permit, charges, &mut ctx.limit_headers, &sink).await?;
+        if let Some(ticket) = ticket {
+            return Ok(Admission::Job(ticket));
+        }
         match concurrency::acquire_advertised(&self.limits, &permit, &mut ctx.limit_headers).await {
             Ok(slot) => ctx.slot = slot,
             Err(e) => {
@@ -225,6 +247,27 @@ impl Gateway {
         for (k, v) in answer.headers {
             let _ = resp.insert_header(*k, *v);
         }
+        if session.write_response_header(Box::new(resp), false).await.is_ok() {
+            let _ = session.write_response_body(Some(Bytes::from(answer.body)), true).await;
+        }
+    }
+}
+
+impl Gateway {
+    /// Writes an answer of the jobs API.
+    async fn write_reply(&self, session: &mut Session, ctx: &mut RequestCtx, answer: crate::jobs::Reply) {
+        ctx.status = answer.status;
+        ctx.decision = Decision::Served;
+        let Ok(mut resp) = ResponseHeader::build(answer.status, Some(answer.headers.len() + 4)) else { return };
+        if !answer.content_type.is_empty() {
+            let _ = resp.insert_header("content-type", answer.content_type);
+        }
+        for (k, v) in answer.headers {
+            let _ = resp.append_header(k, v);
+        }
+        let _ = resp.insert_header("content-length", answer.body.len().to_string());
+        let _ = resp.insert_header("cache-control", "no-store");
+        let _ = resp.insert_header("x-request-id", ctx.request_id.header());
         if session.write_response_header(Box::new(resp), false).await.is_ok() {
             let _ = session.write_response_body(Some(Bytes::from(answer.body)), true).await;
         }
@@ -417,6 +460,32 @@ impl ProxyHttp for Gateway {
             Ok(Admission::Proxy) => Ok(false),
             Ok(Admission::SelfService(call)) => {
                 self.serve_self(session, ctx, call).await;
+                Ok(true)
+            }
+            Ok(Admission::Job(ticket)) => {
+                let now = self.clock.now_millis();
+                let pool = ctx.upstream.as_deref().and_then(|u| self.upstreams.get(u));
+                let host = pool.and_then(|p| p.config.host.clone());
+                if let Err(reject) = job::submit(&self.jobs, session, ctx, ticket, host.as_deref(), now).await {
+                    quota::refund_all(&self.limits, &ctx.reserved);
+                    ctx.reserved.items.clear();
+                    ctx.decision = Decision::Rejected;
+                    respond(session, ctx, reject, now).await;
+                }
+                Ok(true)
+            }
+            Ok(Admission::Jobs { tenant, path, query }) => {
+                let answer = self
+                    .jobs
+                    .api(
+                        &tenant,
+                        &session.req_header().method.clone(),
+                        &path,
+                        query.as_deref(),
+                        ctx.request_id.as_str(),
+                    )
+                    .await;
+                self.write_reply(session, ctx, answer).await;
                 Ok(true)
             }
             Err(reject) => {

@@ -150,6 +150,14 @@ pub struct ActionsFile {
     pub ratelimit_headers: Option<SStr>,
     pub quota: Option<BTreeMap<String, BTreeMap<String, Spanned<QuotaFile>>>>,
     pub on_store_error: Option<SStr>,
+    /// `sync` (the default), `async`, or `either` (async when the client sends
+    /// `Prefer: respond-async`); see `docs/jobs.md`.
+    pub mode: Option<SStr>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub job_timeout: Option<SStr>,
+    pub result_max_bytes: Option<Spanned<IntOrStr>>,
+    #[serde(default, deserialize_with = "words::duration")]
+    pub retention: Option<SStr>,
 }
 
 /// One rule file (or the rule part of the main file), after reading.

@@ -173,6 +173,27 @@ pub struct Actions {
     pub quota: BTreeMap<String, BTreeMap<String, QuotaSpec>>,
     /// Overrides the tier's store failure policy on this route.
     pub on_store_error: Option<StorePolicy>,
+    /// `mode = "async"` or `"either"`: requests become jobs (`src/jobs/`).
+    pub job: Option<Arc<JobRule>>,
+}
+
+/// How a rule's requests run as asynchronous jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRule {
+    /// `async`: every request is a job. `either`: only requests with `Prefer: respond-async`.
+    pub always: bool,
+    /// A running job that has not finished after this ends as `timeout`.
+    pub timeout: Duration,
+    /// The most of the upstream's body kept as the result.
+    pub result_max_bytes: u64,
+    /// How long a finished job and its result stay readable.
+    pub retention: Duration,
+}
+
+impl JobRule {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+    pub const DEFAULT_RESULT_MAX_BYTES: u64 = 1 << 20;
+    pub const DEFAULT_RETENTION: Duration = Duration::from_secs(86_400);
 }
 
 impl Actions {
@@ -559,6 +580,7 @@ struct Fields {
     inject_stream_usage: bool,
     model_from_body: bool,
     on_store_error: bool,
+    job: bool,
 }
 
 fn dref_fields(a: &ActionsFile) -> Fields {
@@ -575,6 +597,7 @@ fn dref_fields(a: &ActionsFile) -> Fields {
         inject_stream_usage: a.inject_stream_usage.is_some(),
         model_from_body: a.model_from_body.is_some(),
         on_store_error: a.on_store_error.is_some(),
+        job: a.mode.is_some(),
     }
 }
 
@@ -662,6 +685,7 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
         openai_ratelimit_headers: own.openai_ratelimit_headers.or(defaults.openai_ratelimit_headers),
         body: None,
         on_store_error: if set.on_store_error { own.on_store_error } else { defaults.on_store_error },
+        job: if set.job { own.job.clone() } else { defaults.job.clone() },
         quota: {
             let mut q = defaults.quota.clone();
             for (tier, metrics) in &own.quota {
@@ -765,6 +789,63 @@ impl Compiler<'_, '_> {
         let settle_from_body = cf.settle_from_body.as_ref().and_then(|p| self.body_path(src, p));
         let settle_from_sse = cf.settle_from_sse.as_ref().and_then(|p| self.body_path(src, p));
         Some(Charge { metric: metric?, cost, max_cost, settle_from_header, settle_from_body, settle_from_sse })
+    }
+
+    /// `mode` and the job settings beside it.
+    fn job_rule(&mut self, src: &SourceFile, a: &ActionsFile) -> Option<Arc<JobRule>> {
+        let mut duration = |v: &Option<SStr>, what: &str, default: Duration| match v {
+            None => default,
+            Some(t) => match units::parse_duration(t.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.diags.error_at(src, t.span(), format!("`{what}` must be longer than zero"));
+                    default
+                }
+                Err(e) => {
+                    self.diags.error_at(src, t.span(), e);
+                    default
+                }
+            },
+        };
+        let timeout = duration(&a.job_timeout, "job_timeout", JobRule::DEFAULT_TIMEOUT);
+        let retention = duration(&a.retention, "retention", JobRule::DEFAULT_RETENTION);
+        let result_max_bytes = a
+            .result_max_bytes
+            .as_ref()
+            .and_then(|m| size_value(m, src, self.diags))
+            .unwrap_or(JobRule::DEFAULT_RESULT_MAX_BYTES);
+        let mode = match &a.mode {
+            None => {
+                let stray = [a.job_timeout.as_ref().map(|t| t.span()), a.retention.as_ref().map(|t| t.span())]
+                    .into_iter()
+                    .flatten()
+                    .chain(a.result_max_bytes.as_ref().map(|m| m.span()))
+                    .next();
+                if let Some(span) = stray {
+                    self.diags.error_at(
+                        src,
+                        span,
+                        "job settings apply to asynchronous rules only; add `mode = \"async\"` or `mode = \"either\"`",
+                    );
+                }
+                return None;
+            }
+            Some(m) => m,
+        };
+        let always = match mode.get_ref().as_str() {
+            "sync" => return None,
+            "async" => true,
+            "either" => false,
+            other => {
+                self.diags.error_at(
+                    src,
+                    mode.span(),
+                    format!("unknown mode `{other}`; use sync, async, or either (async on `Prefer: respond-async`)"),
+                );
+                return None;
+            }
+        };
+        Some(Arc::new(JobRule { always, timeout, result_max_bytes, retention }))
     }
 
     fn header(&mut self, src: &SourceFile, s: &SStr) -> Option<HeaderName> {
@@ -1065,6 +1146,7 @@ impl Compiler<'_, '_> {
                 out.quota.entry(tier.clone()).or_default().insert(metric.clone(), spec);
             }
         }
+        out.job = self.job_rule(src, a);
         if let Some(p) = &a.on_store_error {
             match StorePolicy::parse(p.get_ref()) {
                 Some(v) => out.on_store_error = Some(v),

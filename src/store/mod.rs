@@ -12,6 +12,8 @@
 //! runs against both implementations.
 
 pub mod embedded;
+pub mod jobs;
+pub mod jobs_embedded;
 pub mod records;
 pub mod redis;
 

@@ -33,6 +33,8 @@
 //! ([`RedisStore::connect_cluster`]); tools that call once and exit wait for it with
 //! [`RedisStore::wait_connected`].
 
+pub mod jobs;
+
 use super::{
     tenant_prefix, Breaker, Change, CounterKey, Counters, DirectoryStore, Feed, Grant, KeyRecord, LeaseRequest, Ledger,
     LedgerBatch, LedgerRow, Page, RecordKind, StoreError, StoreObserver, TenantRecord, Versioned, FEED_RETAINED,
