@@ -465,3 +465,37 @@ fn a_hard_token_quota_holds_across_three_instances_on_redis() {
         }
     }
 }
+
+#[test]
+fn an_async_rule_that_reads_its_estimate_from_the_body_stores_that_body_whole() {
+    let llm = Llm::start();
+    let tail = r#"[[rule]]
+name = "batch"
+match = { path = "/batch/v1/chat/completions", methods = ["POST"] }
+require_scopes = ["generate"]
+mode = "async"
+max_body = "1MiB"
+charge = { metric = "tokens", cost_from_body = "max_tokens", settle_from_header = "x-usage-total-tokens" }
+"#;
+    let gw = start(&llm, "quotas.tokens = { limit = 100000, period = \"month\" }", tail);
+    let long = "z".repeat(200 * 1024);
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": long}], "max_tokens": 77});
+    let r = post(&gw, "/batch/v1/chat/completions", &[], &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(used(&gw, "tokens"), 77, "the estimate from the body is reserved at submission");
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = gw.get(&format!("/_tollgate/jobs/{id}"), &[("authorization", &bearer(ACME_KEY))]);
+        if s.json()["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job not completed: {}", s.text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = llm.bodies().pop().expect("the job ran");
+    assert_eq!(sent["messages"][0]["content"].as_str().map(str::len), Some(long.len()));
+    let len: usize = llm.last_header("content-length").and_then(|v| v.parse().ok()).expect("content-length");
+    let reqs = llm.state.requests.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!(reqs.last().map(|r| r.2.len()), Some(len));
+}
