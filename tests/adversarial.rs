@@ -1143,3 +1143,54 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
     // The key never reaches the upstream.
     assert!(llm.last_header("authorization").is_none());
 }
+
+/// A client that sends `Expect: 100-continue` waits for the interim answer before its body; on a
+/// route that reads the body whole before forwarding, the gateway gives that answer itself (no
+/// upstream is asked yet), and the final answer follows, forwarded or refused.
+#[test]
+fn a_body_read_whole_is_asked_for_with_100_continue() {
+    let llm = common::llm::Llm::start();
+    let gw = Gateway::start_in(temp_dir("adv-expect"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
+    for (body, status) in [(r#"{"model":"m","max_tokens":40}"#, 200), (r#"{"max_tokens":1e30}"#, 400)] {
+        let req = chat(body, false, &["Expect: 100-continue"]);
+        let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+        let before = llm.count();
+        let mut conn = Conn::open(gw.addr).expect("connect");
+        conn.send_raw(&req[..head_end]).expect("send head");
+        // The body is only sent once the interim answer came (a real client would wait a while,
+        // then send anyway; this one would wait 30 s).
+        let (interim, _) = conn.read_head().expect("an interim answer before the body");
+        assert_eq!(interim, 100, "{body}");
+        conn.send_raw(&req[head_end..]).expect("send body");
+        let resp = conn.read_response(false).expect("final answer");
+        assert_eq!(resp.status, status, "{body}: {}", resp.text());
+        if status == 200 {
+            assert_eq!(llm.count(), before + 1);
+            assert_eq!(
+                llm.state.requests.lock().unwrap_or_else(|p| p.into_inner()).last().map(|r| r.2.clone()),
+                Some(body.as_bytes().to_vec())
+            );
+            // The upstream is not asked to agree to a body that is already in hand.
+            assert!(llm.last_header("expect").is_none());
+        } else {
+            assert_eq!(resp.json()["error"]["code"], "invalid_cost");
+            assert_eq!(llm.count(), before);
+        }
+        // The connection carries the next request.
+        let next = conn.request(
+            "GET",
+            "/_tollgate/usage",
+            &[("Host", "llm.test"), ("Authorization", &format!("Bearer {ACME_KEY}"))],
+            b"",
+        );
+        assert_eq!(next.as_ref().map(|r| r.status).map_err(|e| format!("{e} after {:?}", resp.headers)), Ok(200));
+    }
+    // A body over the route's limit is refused without the interim answer: it is never sent.
+    let big = format!("{{\"messages\":\"{}\"}}", "q".repeat(5 * 1024 * 1024));
+    let req = chat(&big, false, &["Expect: 100-continue"]);
+    let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    conn.send_raw(&req[..head_end]).expect("send head");
+    let (status, _) = conn.read_head().expect("an answer");
+    assert_eq!(status, 413);
+}

@@ -51,6 +51,17 @@ pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reje
     if declared.is_some_and(|n| n > limit) {
         return Err(Reject::BodyTooLarge { limit });
     }
+    // A client that sent `Expect: 100-continue` waits for the interim answer before its body;
+    // no upstream is asked before the body is in, so the gateway gives it (once the declared
+    // length is known to fit), and the upstream is not asked again (see `upstream_request`).
+    if expects_continue(session.req_header()) && !session.is_body_empty() {
+        // An interim answer before the body is not a refusal: the connection stays reusable
+        // (Pingora's default, restored after it, closes it on an answer written mid-body).
+        session.set_close_on_response_before_downstream_finish(false);
+        let sent = session.write_continue_response().await;
+        session.set_close_on_response_before_downstream_finish(true);
+        sent.map_err(|_| Reject::BadRequest { detail: "The request body could not be read.".into() })?;
+    }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     let mut window_open = false;
     loop {
@@ -81,6 +92,12 @@ pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reje
         });
     }
     Ok(buf.freeze())
+}
+
+/// The request asks for `100 Continue` before it sends its body.
+fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req.headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Scans a request body read whole. A body that names a field the gateway reads twice is
