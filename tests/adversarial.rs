@@ -1028,6 +1028,11 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
     let llm = common::llm::Llm::start();
     let gw = Gateway::start_in(temp_dir("adv-body"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
     let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
+    let deep = format!(
+        "{{\"stream\":true,\"stream_options\":{{}},\"x\":{}1{},\"max_tokens\":1}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     let cases: Vec<BodyCase> = vec![
         ("plain", chat(r#"{"model":"m","max_tokens":40}"#, false, &[]), 200, None, true, Some("40")),
         ("no max_tokens: the default", chat(r#"{"model":"m"}"#, false, &[]), 200, None, true, Some("1024")),
@@ -1068,6 +1073,55 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
             None,
             true,
             Some("2"),
+        ),
+        // A stream the gateway cannot ask usage for would never settle: refused, not forwarded.
+        (
+            "stream as a number",
+            chat(r#"{"stream":1,"max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream as a string",
+            chat(r#"{"stream":"true","max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options not an object",
+            chat(r#"{"stream":true,"stream_options":"x","max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options next to nesting a parser refuses",
+            chat(&deep, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options next to a number a parser refuses",
+            chat(r#"{"stream":true,"stream_options":{"include_usage":false},"x":1e400}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream false, stream_options odd: nothing to ask",
+            chat(r#"{"stream":false,"stream_options":"x","max_tokens":4}"#, false, &[]),
+            200,
+            None,
+            true,
+            Some("4"),
         ),
         ("chunked, small", chat(r#"{"max_tokens":3}"#, true, &[]), 200, None, true, Some("3")),
         ("chunked over 64 KiB", chat(&big, true, &[]), 400, Some("bad_request"), false, None),

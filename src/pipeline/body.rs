@@ -118,16 +118,26 @@ pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>,
 
 /// With `inject_stream_usage`: the body to forward when the client streams (`"stream": true`)
 /// without asking for usage, with `"stream_options": {"include_usage": true}` added; `None`
-/// when the body stays as it is.
-pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Option<Bytes> {
-    let (stream, options, include) = plan.stream_at?;
-    if scan.get(stream) != Some(&Found::Bool(true)) || scan.get(include) == Some(&Found::Bool(true)) {
-        return None;
+/// when the body stays as it is. A body the gateway could not ask usage for is refused: its
+/// stream would never settle (a `stream` that is not `true` or `false`, which lenient servers
+/// still take as a stream; a `stream_options` that is not an object; a body whose rewrite a
+/// parser refuses while the upstream's may not).
+pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Result<Option<Bytes>, Reject> {
+    let Some((stream, options, include)) = plan.stream_at else { return Ok(None) };
+    let unaskable = |what: &str| Reject::BadRequest {
+        detail: format!("This route meters streams from their usage, which it could not ask for: {what}."),
+    };
+    match scan.get(stream) {
+        Some(Found::Bool(true)) => {}
+        None | Some(Found::Null) | Some(Found::Bool(false)) => return Ok(None),
+        Some(_) => return Err(unaskable("send `stream` as true or false")),
     }
-    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[start] != b'{' {
-        return None;
+    if scan.get(include) == Some(&Found::Bool(true)) {
+        return Ok(None);
     }
+    let Some(start) = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{') else {
+        return Ok(None);
+    };
     match scan.get(options) {
         // The common case: no `stream_options` at all. The member goes first, so nothing of the
         // client's body moves or changes.
@@ -142,21 +152,25 @@ pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Option<By
                 out.extend_from_slice(b",");
             }
             out.extend_from_slice(rest);
-            Some(out.freeze())
+            Ok(Some(out.freeze()))
         }
         // `stream_options` without `include_usage: true`: rewritten through a parser, since a
         // second `stream_options` member would be read differently by different servers.
         Some(Found::Object) | Some(Found::Null) => {
-            let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-            let obj = doc.as_object_mut()?;
-            let opts = obj.entry("stream_options").or_insert_with(|| serde_json::json!({}));
-            if opts.is_null() {
-                *opts = serde_json::json!({});
+            let rewritten = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|mut doc| {
+                let opts = doc.as_object_mut()?.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+                if opts.is_null() {
+                    *opts = serde_json::json!({});
+                }
+                opts.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
+                serde_json::to_vec(&doc).ok()
+            });
+            match rewritten {
+                Some(out) => Ok(Some(Bytes::from(out))),
+                None => Err(unaskable("send the body as plain JSON (numbers within range, nesting under 128 levels)")),
             }
-            opts.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
-            serde_json::to_vec(&doc).ok().map(Bytes::from)
         }
-        Some(_) => None,
+        Some(_) => Err(unaskable("send `stream_options` as an object")),
     }
 }
 

@@ -170,7 +170,7 @@ impl Gateway {
             if let Some(scan) = body::scan_whole(plan, &whole)? {
                 quota::costs_from_body(&mut charges, permit.rule, plan, &scan)?;
                 ctx.body.model = body::model_of(plan, &scan);
-                if let Some(rewritten) = body::inject_usage(plan, &scan, &whole) {
+                if let Some(rewritten) = body::inject_usage(plan, &scan, &whole)? {
                     ctx.body.whole = Some(rewritten);
                     ctx.body.strip_usage_event = true;
                 }
