@@ -1248,3 +1248,54 @@ fn a_body_read_whole_is_asked_for_with_100_continue() {
     let (status, _) = conn.read_head().expect("an answer");
     assert_eq!(status, 413);
 }
+
+/// A body read whole is consumed exactly: the next request on the connection, sent at once
+/// behind it (pipelined) or after its answer, is parsed from the first byte after the body,
+/// whatever the framing, whether the request was forwarded or refused after the read.
+#[test]
+fn requests_behind_a_body_read_whole_on_one_connection_are_parsed_from_its_end() {
+    let llm = common::llm::Llm::start();
+    let gw = Gateway::start_in(temp_dir("adv-pipe"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
+    let auth = format!("Bearer {ACME_KEY}");
+    let usage = build_request("GET", "/_tollgate/usage", &[("Host", "llm.test"), ("Authorization", &auth)], b"");
+    let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
+    let shapes: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        (
+            "Content-Length",
+            chat(r#"{"model":"m","max_tokens":40}"#, false, &[]),
+            200,
+            Some(r#"{"model":"m","max_tokens":40}"#),
+        ),
+        ("chunked", chat(r#"{"model":"m","max_tokens":41}"#, true, &[]), 200, Some(r#"{"model":"m","max_tokens":41}"#)),
+        ("over 64 KiB", chat(&big, false, &[]), 200, Some(big.as_str())),
+        ("empty", chat("", false, &[]), 200, Some("")),
+        ("refused after the read", chat(r#"{"max_tokens":1e30}"#, true, &[]), 400, None),
+    ];
+    for (name, req, status, forwarded) in &shapes {
+        for pipelined in [false, true] {
+            let before = llm.count();
+            let mut conn = Conn::open(gw.addr).expect("connect");
+            let mut bytes = req.clone();
+            if pipelined {
+                bytes.extend_from_slice(&usage);
+            }
+            conn.send_raw(&bytes).expect("send");
+            let first = conn.read_response(false).expect("first answer");
+            assert_eq!(first.status, *status, "{name} (pipelined {pipelined}): {}", first.text());
+            if !pipelined {
+                conn.send_raw(&usage).expect("send");
+            }
+            let second = conn.read_response(false).expect("second answer");
+            assert_eq!(second.status, 200, "{name} (pipelined {pipelined}): {}", second.text());
+            assert_eq!(second.json()["tenant"], "acme", "{name}");
+            match forwarded {
+                Some(body) => {
+                    assert_eq!(llm.count(), before + 1, "{name}: forwarded once");
+                    let sent = llm.state.requests.lock().unwrap_or_else(|p| p.into_inner()).last().map(|r| r.2.clone());
+                    assert_eq!(sent.as_deref(), Some(body.as_bytes()), "{name}: forwarded as read");
+                }
+                None => assert_eq!(llm.count(), before, "{name}: not forwarded"),
+            }
+        }
+    }
+}
