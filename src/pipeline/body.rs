@@ -192,7 +192,8 @@ pub fn model_of(plan: &BodyPlan, scan: &JsonScan) -> Option<Arc<str>> {
 
 /// What the body stage does to the request body on its way upstream: a body read whole replaces
 /// the first body the proxy forwards (Pingora's resend buffer holding its tail, or nothing), and
-/// every later piece is dropped; a streamed body is scanned for the model.
+/// every later piece is dropped; a streamed body is scanned for the model (none when it names
+/// one twice).
 pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<Bytes>, end_of_stream: bool) {
     if let Some(whole) = &state.whole {
         if !state.whole_sent {
@@ -204,13 +205,16 @@ pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<B
         return;
     }
     let Some(paths) = plan.request.as_ref() else { return };
-    let scan = state.request_scan.get_or_insert_with(|| Box::new(JsonScan::new(paths)));
+    // Strict: the body is already on its way and cannot be refused, so a model named twice
+    // (which the upstream, like most parsers, may read as the last) is no model at all, never
+    // the first name, which a client could pick to be priced as a cheaper model.
+    let scan = state.request_scan.get_or_insert_with(|| Box::new(JsonScan::strict(paths)));
     if let Some(chunk) = body {
         scan.feed(paths, chunk);
     }
     if end_of_stream {
         scan.finish(paths);
-        state.model = model_of(plan, scan);
+        state.model = if scan.duplicated() { None } else { model_of(plan, scan) };
     }
 }
 
