@@ -1247,6 +1247,19 @@ fn a_body_read_whole_is_asked_for_with_100_continue() {
     conn.send_raw(&req[..head_end]).expect("send head");
     let (status, _) = conn.read_head().expect("an answer");
     assert_eq!(status, 413);
+
+    // An upstream that cannot be reached after the interim answer: the refusal still follows it.
+    let down: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let gw = Gateway::start_in(temp_dir("adv-expect-down"), &body_config(down), &[("pack.toml", OPENAI_PACK)]);
+    let req = chat(r#"{"max_tokens":2}"#, false, &["Expect: 100-continue"]);
+    let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    conn.send_raw(&req[..head_end]).expect("send head");
+    assert_eq!(conn.read_head().expect("interim").0, 100);
+    conn.send_raw(&req[head_end..]).expect("send body");
+    let resp = conn.read_response(false).expect("final answer");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], "upstream_unavailable", "{}", resp.text());
 }
 
 /// A body read whole is consumed exactly: the next request on the connection, sent at once
