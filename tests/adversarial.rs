@@ -1123,6 +1123,16 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
             true,
             Some("4"),
         ),
+        // Python's parser (so FastAPI-based servers) skips a byte-order mark; the gateway would
+        // read no fields at all, neither the estimate nor `stream`.
+        (
+            "byte-order mark",
+            chat("\u{feff}{\"stream\":true,\"max_tokens\":7}", false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
         ("chunked, small", chat(r#"{"max_tokens":3}"#, true, &[]), 200, None, true, Some("3")),
         ("chunked over 64 KiB", chat(&big, true, &[]), 400, Some("bad_request"), false, None),
         ("Content-Length over 64 KiB", chat(&big, false, &[]), 200, None, true, Some("9")),

@@ -100,11 +100,20 @@ fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
         && req.headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Scans a request body read whole. A body that names a field the gateway reads twice is
-/// refused: JSON parsers disagree on which of two equal keys counts (most take the last), so
-/// the gateway could reserve and ask for usage on one reading while the upstream acts on another.
+/// Scans a request body read whole. A body that starts with a byte-order mark, or names a
+/// field the gateway reads twice, is refused: parsers disagree on both (most take the last of
+/// two equal keys; some skip the mark), so the gateway could reserve and ask for usage on one
+/// reading while the upstream acts on another.
 pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>, Reject> {
     let Some(paths) = plan.request.as_ref() else { return Ok(None) };
+    if body.starts_with(b"\xEF\xBB\xBF") {
+        // JSON texts carry no byte-order mark (RFC 8259), yet some parsers (Python's) skip one:
+        // the gateway would read no field (neither the estimate nor `stream`) of a body the
+        // upstream acts on.
+        return Err(Reject::BadRequest {
+            detail: "The request body starts with a byte-order mark; send the JSON without it.".into(),
+        });
+    }
     let mut scan = Box::new(JsonScan::strict(paths));
     scan.feed(paths, body);
     scan.finish(paths);
