@@ -489,3 +489,27 @@ fn a_model_named_twice_in_a_streamed_body_is_not_a_price_the_client_picks() {
     let cheap = input["by_model"].as_array().into_iter().flatten().any(|m| m["model"] == "cheap");
     assert!(!cheap, "{input}");
 }
+
+/// A charge reserved at 0 and settled from the answer (`input_tokens` on the pack) still meets
+/// its hard quota: once the settlements used it up, the next request is refused, though its
+/// estimate is 0.
+#[test]
+fn a_hard_quota_on_a_charge_estimated_at_zero_refuses_once_settlements_use_it_up() {
+    let llm = Llm::start();
+    let gw = start(&llm, "quotas.input_tokens = { limit = 10, period = \"month\" }", "");
+    let ask = || {
+        post(
+            &gw,
+            "/v1/chat/completions",
+            &[("x-test-usage", "9,1")],
+            &serde_json::json!({"model": "m", "max_tokens": 1}),
+        )
+    };
+    assert_eq!(ask().status, 200);
+    assert_eq!(ask().status, 200, "9 of 10 used: admitted");
+    let before = llm.count();
+    let r = ask();
+    assert_eq!(r.status, 429, "18 of 10 used: {}", r.text());
+    assert_eq!(r.json()["error"]["code"], "quota_exceeded");
+    assert_eq!(llm.count(), before, "not forwarded");
+}
