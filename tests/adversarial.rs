@@ -1059,6 +1059,11 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
     let llm = common::llm::Llm::start();
     let gw = Gateway::start_in(temp_dir("adv-body"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
     let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
+    let deep = format!(
+        "{{\"stream\":true,\"stream_options\":{{}},\"x\":{}1{},\"max_tokens\":1}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
     let cases: Vec<BodyCase> = vec![
         ("plain", chat(r#"{"model":"m","max_tokens":40}"#, false, &[]), 200, None, true, Some("40")),
         ("no max_tokens: the default", chat(r#"{"model":"m"}"#, false, &[]), 200, None, true, Some("1024")),
@@ -1099,6 +1104,65 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
             None,
             true,
             Some("2"),
+        ),
+        // A stream the gateway cannot ask usage for would never settle: refused, not forwarded.
+        (
+            "stream as a number",
+            chat(r#"{"stream":1,"max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream as a string",
+            chat(r#"{"stream":"true","max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options not an object",
+            chat(r#"{"stream":true,"stream_options":"x","max_tokens":1}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options next to nesting a parser refuses",
+            chat(&deep, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream_options next to a number a parser refuses",
+            chat(r#"{"stream":true,"stream_options":{"include_usage":false},"x":1e400}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "stream false, stream_options odd: nothing to ask",
+            chat(r#"{"stream":false,"stream_options":"x","max_tokens":4}"#, false, &[]),
+            200,
+            None,
+            true,
+            Some("4"),
+        ),
+        // Python's parser (so FastAPI-based servers) skips a byte-order mark; the gateway would
+        // read no fields at all, neither the estimate nor `stream`.
+        (
+            "byte-order mark",
+            chat("\u{feff}{\"stream\":true,\"max_tokens\":7}", false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
         ),
         ("chunked, small", chat(r#"{"max_tokens":3}"#, true, &[]), 200, None, true, Some("3")),
         ("chunked over 64 KiB", chat(&big, true, &[]), 400, Some("bad_request"), false, None),
@@ -1173,4 +1237,119 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
     assert!(sent.get("stream_options").is_none(), "{sent}");
     // The key never reaches the upstream.
     assert!(llm.last_header("authorization").is_none());
+}
+
+/// A client that sends `Expect: 100-continue` waits for the interim answer before its body; on a
+/// route that reads the body whole before forwarding, the gateway gives that answer itself (no
+/// upstream is asked yet), and the final answer follows, forwarded or refused.
+#[test]
+fn a_body_read_whole_is_asked_for_with_100_continue() {
+    let llm = common::llm::Llm::start();
+    let gw = Gateway::start_in(temp_dir("adv-expect"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
+    for (body, status) in [(r#"{"model":"m","max_tokens":40}"#, 200), (r#"{"max_tokens":1e30}"#, 400)] {
+        let req = chat(body, false, &["Expect: 100-continue"]);
+        let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+        let before = llm.count();
+        let mut conn = Conn::open(gw.addr).expect("connect");
+        conn.send_raw(&req[..head_end]).expect("send head");
+        // The body is only sent once the interim answer came (a real client would wait a while,
+        // then send anyway; this one would wait 30 s).
+        let (interim, _) = conn.read_head().expect("an interim answer before the body");
+        assert_eq!(interim, 100, "{body}");
+        conn.send_raw(&req[head_end..]).expect("send body");
+        let resp = conn.read_response(false).expect("final answer");
+        assert_eq!(resp.status, status, "{body}: {}", resp.text());
+        if status == 200 {
+            assert_eq!(llm.count(), before + 1);
+            assert_eq!(
+                llm.state.requests.lock().unwrap_or_else(|p| p.into_inner()).last().map(|r| r.2.clone()),
+                Some(body.as_bytes().to_vec())
+            );
+            // The upstream is not asked to agree to a body that is already in hand.
+            assert!(llm.last_header("expect").is_none());
+        } else {
+            assert_eq!(resp.json()["error"]["code"], "invalid_cost");
+            assert_eq!(llm.count(), before);
+        }
+        // The connection carries the next request.
+        let next = conn.request(
+            "GET",
+            "/_tollgate/usage",
+            &[("Host", "llm.test"), ("Authorization", &format!("Bearer {ACME_KEY}"))],
+            b"",
+        );
+        assert_eq!(next.as_ref().map(|r| r.status).map_err(|e| format!("{e} after {:?}", resp.headers)), Ok(200));
+    }
+    // A body over the route's limit is refused without the interim answer: it is never sent.
+    let big = format!("{{\"messages\":\"{}\"}}", "q".repeat(5 * 1024 * 1024));
+    let req = chat(&big, false, &["Expect: 100-continue"]);
+    let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    conn.send_raw(&req[..head_end]).expect("send head");
+    let (status, _) = conn.read_head().expect("an answer");
+    assert_eq!(status, 413);
+
+    // An upstream that cannot be reached after the interim answer: the refusal still follows it.
+    let down: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let gw = Gateway::start_in(temp_dir("adv-expect-down"), &body_config(down), &[("pack.toml", OPENAI_PACK)]);
+    let req = chat(r#"{"max_tokens":2}"#, false, &["Expect: 100-continue"]);
+    let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").map_or(req.len(), |p| p + 4);
+    let mut conn = Conn::open(gw.addr).expect("connect");
+    conn.send_raw(&req[..head_end]).expect("send head");
+    assert_eq!(conn.read_head().expect("interim").0, 100);
+    conn.send_raw(&req[head_end..]).expect("send body");
+    let resp = conn.read_response(false).expect("final answer");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], "upstream_unavailable", "{}", resp.text());
+}
+
+/// A body read whole is consumed exactly: the next request on the connection, sent at once
+/// behind it (pipelined) or after its answer, is parsed from the first byte after the body,
+/// whatever the framing, whether the request was forwarded or refused after the read.
+#[test]
+fn requests_behind_a_body_read_whole_on_one_connection_are_parsed_from_its_end() {
+    let llm = common::llm::Llm::start();
+    let gw = Gateway::start_in(temp_dir("adv-pipe"), &body_config(llm.addr), &[("pack.toml", OPENAI_PACK)]);
+    let auth = format!("Bearer {ACME_KEY}");
+    let usage = build_request("GET", "/_tollgate/usage", &[("Host", "llm.test"), ("Authorization", &auth)], b"");
+    let big = format!("{{\"messages\":\"{}\",\"max_tokens\":9}}", "q".repeat(80 * 1024));
+    let shapes: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        (
+            "Content-Length",
+            chat(r#"{"model":"m","max_tokens":40}"#, false, &[]),
+            200,
+            Some(r#"{"model":"m","max_tokens":40}"#),
+        ),
+        ("chunked", chat(r#"{"model":"m","max_tokens":41}"#, true, &[]), 200, Some(r#"{"model":"m","max_tokens":41}"#)),
+        ("over 64 KiB", chat(&big, false, &[]), 200, Some(big.as_str())),
+        ("empty", chat("", false, &[]), 200, Some("")),
+        ("refused after the read", chat(r#"{"max_tokens":1e30}"#, true, &[]), 400, None),
+    ];
+    for (name, req, status, forwarded) in &shapes {
+        for pipelined in [false, true] {
+            let before = llm.count();
+            let mut conn = Conn::open(gw.addr).expect("connect");
+            let mut bytes = req.clone();
+            if pipelined {
+                bytes.extend_from_slice(&usage);
+            }
+            conn.send_raw(&bytes).expect("send");
+            let first = conn.read_response(false).expect("first answer");
+            assert_eq!(first.status, *status, "{name} (pipelined {pipelined}): {}", first.text());
+            if !pipelined {
+                conn.send_raw(&usage).expect("send");
+            }
+            let second = conn.read_response(false).expect("second answer");
+            assert_eq!(second.status, 200, "{name} (pipelined {pipelined}): {}", second.text());
+            assert_eq!(second.json()["tenant"], "acme", "{name}");
+            match forwarded {
+                Some(body) => {
+                    assert_eq!(llm.count(), before + 1, "{name}: forwarded once");
+                    let sent = llm.state.requests.lock().unwrap_or_else(|p| p.into_inner()).last().map(|r| r.2.clone());
+                    assert_eq!(sent.as_deref(), Some(body.as_bytes()), "{name}: forwarded as read");
+                }
+                None => assert_eq!(llm.count(), before, "{name}: not forwarded"),
+            }
+        }
+    }
 }

@@ -499,3 +499,51 @@ charge = { metric = "tokens", cost_from_body = "max_tokens", settle_from_header 
     let reqs = llm.state.requests.lock().unwrap_or_else(|p| p.into_inner());
     assert_eq!(reqs.last().map(|r| r.2.len()), Some(len));
 }
+
+/// A body that names its model twice is metered under neither name: JSON parsers disagree on
+/// which one counts (most, the upstream's included, take the last), so the first would let a
+/// client name a cheap model for the gateway and an expensive one for the upstream. The
+/// charge is priced at the metric's `default`.
+#[test]
+fn a_model_named_twice_in_a_streamed_body_is_not_a_price_the_client_picks() {
+    let llm = Llm::start();
+    let gw = start(&llm, "price.input_tokens = { \"cheap\" = 0.0001, default = 0.01 }", "");
+    let auth = bearer(ACME_KEY);
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json"), ("x-test-usage", "100,0")];
+    let r = gw.request("POST", "/v1/embeddings", &headers, br#"{"model":"cheap","input":"x","model":"big"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(llm.bodies().pop().unwrap_or_default()["model"], "big", "the upstream reads the last");
+    let rep = report_when(&gw, "input_tokens", 100);
+    let input = rep["totals"]
+        .as_array()
+        .and_then(|t| t.iter().find(|x| x["metric"] == "input_tokens"))
+        .cloned()
+        .expect("input_tokens");
+    assert!((input["cost"].as_f64().unwrap_or(0.0) - 1.0).abs() < 1e-9, "{input}");
+    let cheap = input["by_model"].as_array().into_iter().flatten().any(|m| m["model"] == "cheap");
+    assert!(!cheap, "{input}");
+}
+
+/// A charge reserved at 0 and settled from the answer (`input_tokens` on the pack) still meets
+/// its hard quota: once the settlements used it up, the next request is refused, though its
+/// estimate is 0.
+#[test]
+fn a_hard_quota_on_a_charge_estimated_at_zero_refuses_once_settlements_use_it_up() {
+    let llm = Llm::start();
+    let gw = start(&llm, "quotas.input_tokens = { limit = 10, period = \"month\" }", "");
+    let ask = || {
+        post(
+            &gw,
+            "/v1/chat/completions",
+            &[("x-test-usage", "9,1")],
+            &serde_json::json!({"model": "m", "max_tokens": 1}),
+        )
+    };
+    assert_eq!(ask().status, 200);
+    assert_eq!(ask().status, 200, "9 of 10 used: admitted");
+    let before = llm.count();
+    let r = ask();
+    assert_eq!(r.status, 429, "18 of 10 used: {}", r.text());
+    assert_eq!(r.json()["error"]["code"], "quota_exceeded");
+    assert_eq!(llm.count(), before, "not forwarded");
+}

@@ -513,6 +513,27 @@ impl QuotaEngine {
         }
     }
 
+    /// The state of a hard quota that is used up, else `None`. A reservation of 0 units always
+    /// succeeds; a request whose charge is estimated at 0 and settled from the answer asks this
+    /// first, so a used-up quota refuses it as it would a request with a cost.
+    pub fn used_up(
+        &self,
+        tenant: &Arc<str>,
+        metric: &Arc<str>,
+        spec: &QuotaSpec,
+        policy: &Policy,
+    ) -> Option<QuotaState> {
+        if !spec.hard {
+            return None;
+        }
+        let now = self.clock.now_millis();
+        let cell = self.cell(tenant, metric, spec, policy, now);
+        let mut st = cell.lock();
+        self.roll(&mut st, spec, policy, now);
+        self.expire_lease(&mut st, now);
+        self.exhausted(&st, spec.ceiling(), now).then(|| st.snapshot(spec))
+    }
+
     /// Reserves `cost` units of `metric` for `tenant`. On success the units are spent; give
     /// them back with [`QuotaEngine::refund`] if the request is refused later.
     #[allow(clippy::too_many_arguments)]

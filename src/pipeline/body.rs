@@ -51,6 +51,17 @@ pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reje
     if declared.is_some_and(|n| n > limit) {
         return Err(Reject::BodyTooLarge { limit });
     }
+    // A client that sent `Expect: 100-continue` waits for the interim answer before its body;
+    // no upstream is asked before the body is in, so the gateway gives it (once the declared
+    // length is known to fit), and the upstream is not asked again (see `upstream_request`).
+    if expects_continue(session.req_header()) && !session.is_body_empty() {
+        // An interim answer before the body is not a refusal: the connection stays reusable
+        // (Pingora's default, restored after it, closes it on an answer written mid-body).
+        session.set_close_on_response_before_downstream_finish(false);
+        let sent = session.write_continue_response().await;
+        session.set_close_on_response_before_downstream_finish(true);
+        sent.map_err(|_| Reject::BadRequest { detail: "The request body could not be read.".into() })?;
+    }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit) as usize);
     let mut window_open = false;
     loop {
@@ -83,11 +94,26 @@ pub async fn read_whole(session: &mut Session, limit: u64) -> Result<Bytes, Reje
     Ok(buf.freeze())
 }
 
-/// Scans a request body read whole. A body that names a field the gateway reads twice is
-/// refused: JSON parsers disagree on which of two equal keys counts (most take the last), so
-/// the gateway could reserve and ask for usage on one reading while the upstream acts on another.
+/// The request asks for `100 Continue` before it sends its body.
+fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req.headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Scans a request body read whole. A body that starts with a byte-order mark, or names a
+/// field the gateway reads twice, is refused: parsers disagree on both (most take the last of
+/// two equal keys; some skip the mark), so the gateway could reserve and ask for usage on one
+/// reading while the upstream acts on another.
 pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>, Reject> {
     let Some(paths) = plan.request.as_ref() else { return Ok(None) };
+    if body.starts_with(b"\xEF\xBB\xBF") {
+        // JSON texts carry no byte-order mark (RFC 8259), yet some parsers (Python's) skip one:
+        // the gateway would read no field (neither the estimate nor `stream`) of a body the
+        // upstream acts on.
+        return Err(Reject::BadRequest {
+            detail: "The request body starts with a byte-order mark; send the JSON without it.".into(),
+        });
+    }
     let mut scan = Box::new(JsonScan::strict(paths));
     scan.feed(paths, body);
     scan.finish(paths);
@@ -101,16 +127,26 @@ pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>,
 
 /// With `inject_stream_usage`: the body to forward when the client streams (`"stream": true`)
 /// without asking for usage, with `"stream_options": {"include_usage": true}` added; `None`
-/// when the body stays as it is.
-pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Option<Bytes> {
-    let (stream, options, include) = plan.stream_at?;
-    if scan.get(stream) != Some(&Found::Bool(true)) || scan.get(include) == Some(&Found::Bool(true)) {
-        return None;
+/// when the body stays as it is. A body the gateway could not ask usage for is refused: its
+/// stream would never settle (a `stream` that is not `true` or `false`, which lenient servers
+/// still take as a stream; a `stream_options` that is not an object; a body whose rewrite a
+/// parser refuses while the upstream's may not).
+pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Result<Option<Bytes>, Reject> {
+    let Some((stream, options, include)) = plan.stream_at else { return Ok(None) };
+    let unaskable = |what: &str| Reject::BadRequest {
+        detail: format!("This route meters streams from their usage, which it could not ask for: {what}."),
+    };
+    match scan.get(stream) {
+        Some(Found::Bool(true)) => {}
+        None | Some(Found::Null) | Some(Found::Bool(false)) => return Ok(None),
+        Some(_) => return Err(unaskable("send `stream` as true or false")),
     }
-    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[start] != b'{' {
-        return None;
+    if scan.get(include) == Some(&Found::Bool(true)) {
+        return Ok(None);
     }
+    let Some(start) = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{') else {
+        return Ok(None);
+    };
     match scan.get(options) {
         // The common case: no `stream_options` at all. The member goes first, so nothing of the
         // client's body moves or changes.
@@ -125,21 +161,25 @@ pub fn inject_usage(plan: &BodyPlan, scan: &JsonScan, body: &Bytes) -> Option<By
                 out.extend_from_slice(b",");
             }
             out.extend_from_slice(rest);
-            Some(out.freeze())
+            Ok(Some(out.freeze()))
         }
         // `stream_options` without `include_usage: true`: rewritten through a parser, since a
         // second `stream_options` member would be read differently by different servers.
         Some(Found::Object) | Some(Found::Null) => {
-            let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-            let obj = doc.as_object_mut()?;
-            let opts = obj.entry("stream_options").or_insert_with(|| serde_json::json!({}));
-            if opts.is_null() {
-                *opts = serde_json::json!({});
+            let rewritten = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|mut doc| {
+                let opts = doc.as_object_mut()?.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+                if opts.is_null() {
+                    *opts = serde_json::json!({});
+                }
+                opts.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
+                serde_json::to_vec(&doc).ok()
+            });
+            match rewritten {
+                Some(out) => Ok(Some(Bytes::from(out))),
+                None => Err(unaskable("send the body as plain JSON (numbers within range, nesting under 128 levels)")),
             }
-            opts.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
-            serde_json::to_vec(&doc).ok().map(Bytes::from)
         }
-        Some(_) => None,
+        Some(_) => Err(unaskable("send `stream_options` as an object")),
     }
 }
 
@@ -161,7 +201,8 @@ pub fn model_of(plan: &BodyPlan, scan: &JsonScan) -> Option<Arc<str>> {
 
 /// What the body stage does to the request body on its way upstream: a body read whole replaces
 /// the first body the proxy forwards (Pingora's resend buffer holding its tail, or nothing), and
-/// every later piece is dropped; a streamed body is scanned for the model.
+/// every later piece is dropped; a streamed body is scanned for the model (none when it names
+/// one twice).
 pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<Bytes>, end_of_stream: bool) {
     if let Some(whole) = &state.whole {
         if !state.whole_sent {
@@ -173,13 +214,16 @@ pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<B
         return;
     }
     let Some(paths) = plan.request.as_ref() else { return };
-    let scan = state.request_scan.get_or_insert_with(|| Box::new(JsonScan::new(paths)));
+    // Strict: the body is already on its way and cannot be refused, so a model named twice
+    // (which the upstream, like most parsers, may read as the last) is no model at all, never
+    // the first name, which a client could pick to be priced as a cheaper model.
+    let scan = state.request_scan.get_or_insert_with(|| Box::new(JsonScan::strict(paths)));
     if let Some(chunk) = body {
         scan.feed(paths, chunk);
     }
     if end_of_stream {
         scan.finish(paths);
-        state.model = model_of(plan, scan);
+        state.model = if scan.duplicated() { None } else { model_of(plan, scan) };
     }
 }
 

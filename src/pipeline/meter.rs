@@ -79,7 +79,11 @@ fn micros(d: Duration) -> u64 {
 
 /// Records the finished request.
 pub fn record(session: &Session, ctx: &RequestCtx, access_log: bool, meter: &Meter, now_ms: i64) {
-    let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(ctx.status);
+    let status = session
+        .response_written()
+        .filter(|r| !r.status.is_informational())
+        .map(|r| r.status.as_u16())
+        .unwrap_or(ctx.status);
     let elapsed = ctx.started.elapsed();
     let total = elapsed.as_secs_f64();
     // A request whose upstream was never reached is not usage (its quota units were given back).

@@ -189,7 +189,7 @@ impl Gateway {
             if let Some(scan) = body::scan_whole(plan, &whole)? {
                 quota::costs_from_body(&mut charges, permit.rule, plan, &scan)?;
                 ctx.body.model = body::model_of(plan, &scan);
-                if let Some(rewritten) = body::inject_usage(plan, &scan, &whole) {
+                if let Some(rewritten) = body::inject_usage(plan, &scan, &whole)? {
                     ctx.body.whole = Some(rewritten);
                     ctx.body.strip_usage_event = true;
                 }
@@ -355,7 +355,7 @@ async fn respond(session: &mut Session, ctx: &mut RequestCtx, reject: Reject, no
     }
     ctx.status = problem.status;
     ctx.reject = Some(reject);
-    if session.response_written().is_some() {
+    if session.response_written().is_some_and(|r| !r.status.is_informational()) {
         // Headers already went out (an error mid-stream): the connection just closes.
         return;
     }
@@ -538,6 +538,8 @@ impl ProxyHttp for Gateway {
         if let Some(whole) = &ctx.body.whole {
             // A body read whole goes upstream with its length, however the client framed it.
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            // The client's `Expect: 100-continue` was answered by the gateway when it read the body.
+            upstream_request.remove_header(&http::header::EXPECT);
             upstream_request.insert_header(http::header::CONTENT_LENGTH, whole.len().to_string())?;
         }
         forward::upstream_request(upstream_request, ctx, host)?;

@@ -192,14 +192,22 @@ pub async fn reserve(
     let policy = &tenant.policy;
     let on_error = actions.on_store_error.unwrap_or(policy.on_store_error);
 
-    // (counter metric, spec, cost)
-    let mut wanted: Vec<(Arc<str>, &QuotaSpec, u64)> = Vec::new();
+    // A charge settled from the answer may come to more than its estimate, so an estimate of 0
+    // does not pass a used-up quota.
+    let settles = |metric: &str| {
+        actions.charges.iter().any(|c| {
+            *c.metric == *metric
+                && (c.settle_from_header.is_some() || c.settle_from_body.is_some() || c.settle_from_sse.is_some())
+        })
+    };
+    // (counter metric, spec, cost, settled from the answer)
+    let mut wanted: Vec<(Arc<str>, &QuotaSpec, u64, bool)> = Vec::new();
     if let Some((m, spec)) = policy.quotas.get_key_value("requests") {
-        wanted.push((m.clone(), spec, 1));
+        wanted.push((m.clone(), spec, 1, false));
     }
     for c in &out.charges {
         if let Some(spec) = policy.quotas.get(&*c.metric) {
-            wanted.push((c.metric.clone(), spec, c.estimate));
+            wanted.push((c.metric.clone(), spec, c.estimate, settles(&c.metric)));
         }
     }
     let rule_quotas = actions.quota.get(&*tenant.tier.name).or_else(|| actions.quota.get("default"));
@@ -209,13 +217,19 @@ pub async fn reserve(
             None if metric == "requests" => 1,
             None => continue,
         };
-        wanted.push((format!("{metric}@{}", permit.rule.name).into(), spec, cost));
+        wanted.push((format!("{metric}@{}", permit.rule.name).into(), spec, cost, settles(metric)));
     }
     if wanted.is_empty() {
         return Ok(out);
     }
-    for (metric, spec, cost) in wanted {
-        match limits.quotas.reserve(&tenant.id, &metric, spec, policy, cost, on_error).await {
+    for (metric, spec, cost, settles) in wanted {
+        let used_up =
+            if cost == 0 && settles { limits.quotas.used_up(&tenant.id, &metric, spec, policy) } else { None };
+        let reserved = match used_up {
+            Some(state) => Err(QuotaError::Exceeded(state)),
+            None => limits.quotas.reserve(&tenant.id, &metric, spec, policy, cost, on_error).await,
+        };
+        match reserved {
             Ok((r, state)) => {
                 offer(headers, &metric, spec, &state);
                 if state.over {
