@@ -17,15 +17,7 @@ fn config(llm: &Llm, store: &str, tier: &str, tail: &str) -> String {
     format!(
         r#"include = ["lua-free-rules/openai-compatible.toml"]
 
-[server]
-listen = ["{{LISTEN}}"]
-admin_listen = "{{ADMIN}}"
-threads = 2
-upgrade_sock = "{{DIR}}/upgrade.sock"
-pid_file = "{{DIR}}/tollgate.pid"
-shutdown_grace = "1s"
-shutdown_timeout = "2s"
-
+{SERVER_TABLE}
 [store]
 {store}
 
