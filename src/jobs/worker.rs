@@ -204,6 +204,14 @@ impl Jobs {
         event(&self, spec, JobStatus::Running, None);
         let (abort_tx, abort_rx) = oneshot::channel();
         lock(&self.running).insert(spec.id.clone(), abort_tx);
+        // A shutdown that began between the claim and the line above drained `running` without
+        // this job: it goes back now rather than run past the process's end and wait out its
+        // lease. (`stopping` is set before the drain, so one of the two always sees the job.)
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            drop(slot);
+            self.hand_back(spec).await;
+            return;
+        }
         let clock = Instant::now();
         let outcome = self.execute(spec, abort_rx).await;
         drop(slot);
