@@ -172,6 +172,12 @@ fn an_estimate_from_max_tokens_is_reserved_and_the_settlement_replaces_it() {
     let r = post(&gw, "/v1/chat/completions", &[], &body(995));
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(llm.count(), before);
+    // So is one whose `max_completion_tokens` (the newer spelling) is over what is left, even
+    // beside a small `max_tokens`.
+    let newer = serde_json::json!({"model": "m", "messages": [], "max_tokens": 1, "max_completion_tokens": 995});
+    let r = post(&gw, "/v1/chat/completions", &[], &newer);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(llm.count(), before);
     // A request without max_tokens reserves the pack's default (1024 > 990 left): refused.
     let r = post(&gw, "/v1/chat/completions", &[], &serde_json::json!({"model": "m", "messages": []}));
     assert_eq!(r.status, 429);

@@ -450,6 +450,26 @@ fn rule_validation_errors_name_file_line_and_column() {
 }
 
 #[test]
+fn body_charge_errors_name_their_place() {
+    let rule = |charge: &str| {
+        format!("usage_metrics = [\"tokens\"]\n[[rule]]\nname = \"a\"\nmax_body = \"1MiB\"\ncharge = {{ metric = \"tokens\", {charge} }}\n")
+    };
+    assert_rule_error(&rule("cost_from_body = []"), "a list of 1 to 4 paths", 5, 48);
+    assert_rule_error(&rule("cost_from_body = [\"a\", \"b\", \"c\", \"d\", \"e\"]"), "a list of 1 to 4 paths", 5, 48);
+    assert_rule_error(&rule("cost_from_body = [\"max_tokens\", \"max_tokens\"]"), "named twice", 5, 63);
+    assert_rule_error(&rule("cost_from_body = \"usage..total\""), "not a usable body path", 5, 48);
+    assert_rule_error(&rule("cost_from_body = \"n\", cost = 3"), "takes one of", 5, 10);
+    assert_rule_error(&rule("default_cost = 5"), "set `cost_from_body` too", 5, 46);
+    assert_rule_error(&rule("cost_from_body = \"n\", default_cost = 9, max_cost = 5"), "over `max_cost` (5)", 5, 10);
+    assert_rule_error(
+        "usage_metrics = [\"tokens\"]\n[[rule]]\nname = \"a\"\ncharge = { metric = \"tokens\", cost_from_body = \"n\" }\n",
+        "needs a `max_body`",
+        2,
+        1,
+    );
+}
+
+#[test]
 fn all_rule_errors_come_at_once() {
     let items = rule_errors(
         "[[rule]]\nname = \"a\"\nbogus = 1\nupstream = \"nowhere\"\n[[rule]]\nname = \"a\"\nmax_body = \"huge\"\n",

@@ -124,7 +124,10 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
             CostSource::Constant(n) => format!("{n}"),
             CostSource::Header(h) => format!("from header `{h}`"),
             CostSource::Query(q) => format!("from query `{q}`"),
-            CostSource::Body { path, default } => format!("from body field `{path}` (default {default})"),
+            CostSource::Body { paths, default } => match paths.as_slice() {
+                [one] => format!("from body field `{one}` (default {default})"),
+                _ => format!("from the largest of body fields `{}` (default {default})", paths.join("`, `")),
+            },
         };
         let _ = write!(out, "  charge: {} cost {cost}", c.metric);
         if let Some(m) = c.max_cost {

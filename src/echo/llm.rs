@@ -1,6 +1,7 @@
 //! The echo's OpenAI-compatible answers, so the demo and the docs can meter a generation API
 //! without one: deterministic usage from the request (prompt tokens: a quarter of the body's
-//! bytes, rounded up; completion tokens: `max_tokens` or `max_output_tokens`, at most 16).
+//! bytes, rounded up; completion tokens: `max_completion_tokens`, `max_tokens` or
+//! `max_output_tokens`, at most 16).
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -53,7 +54,10 @@ pub async fn answer(stream: &mut TcpStream, endpoint: Endpoint, body: &[u8]) -> 
     let req: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let model = req["model"].as_str().unwrap_or("echo-1").to_string();
     let prompt = (body.len() as u64).div_ceil(4);
-    let max = req["max_tokens"].as_u64().or_else(|| req["max_output_tokens"].as_u64()).unwrap_or(16);
+    let max = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| req[*k].as_u64())
+        .unwrap_or(16);
     let completion = if endpoint == Endpoint::Embeddings { 0 } else { max.min(16) };
     let usage = match endpoint {
         Endpoint::Responses => {

@@ -33,7 +33,7 @@ fn cost_of(source: &CostSource, max: Option<u64>, req: &RequestHeader, hints: &H
         CostSource::Header(h) => format!("header `{h}`"),
         CostSource::Query(q) => format!("query parameter `{q}`"),
         CostSource::Constant(_) => "constant".to_string(),
-        CostSource::Body { path, .. } => format!("body field `{path}`"),
+        CostSource::Body { paths, .. } => format!("body field `{}`", paths.join("` or `")),
     };
     let twice = || Reject::InvalidCost { detail: format!("The {} appears more than once; send it once.", what()) };
     let raw = match source {
@@ -141,9 +141,9 @@ pub fn charges_of(permit: &Permit<'_>, req: &RequestHeader, hints: &Hints<'_>) -
     Ok(out)
 }
 
-/// Takes the estimates of `cost_from_body` charges from the scanned request body. A body
-/// without the field keeps the charge's `default_cost`; a field that is not a whole number, or
-/// over `max_cost`, is refused.
+/// Takes the estimates of `cost_from_body` charges from the scanned request body: the largest
+/// of the charge's fields present. A body with none of them keeps the charge's `default_cost`;
+/// a field that is not a whole number, or over `max_cost`, is refused.
 pub fn costs_from_body(
     charges: &mut [ChargeInfo],
     rule: &crate::rules::Rule,
@@ -152,27 +152,33 @@ pub fn costs_from_body(
 ) -> Result<(), Reject> {
     use crate::scan::Found;
     for ((info, c), at) in charges.iter_mut().zip(&rule.actions.charges).zip(&plan.cost_at) {
-        let (Some(at), CostSource::Body { path, .. }) = (at, &c.cost) else { continue };
+        let CostSource::Body { paths, .. } = &c.cost else { continue };
         if !info.from_body {
             continue;
         }
-        let n = match scan.get(*at) {
-            None | Some(Found::Null) => continue,
-            Some(Found::Num(n)) => *n,
-            Some(_) => {
-                return Err(Reject::InvalidCost {
-                    detail: format!("The body field `{path}` must be a whole number of at least 0."),
-                })
+        let mut largest: Option<u64> = None;
+        for (i, path) in at.iter().zip(paths) {
+            let n = match scan.get(*i) {
+                None | Some(Found::Null) => continue,
+                Some(Found::Num(n)) => *n,
+                Some(_) => {
+                    return Err(Reject::InvalidCost {
+                        detail: format!("The body field `{path}` must be a whole number of at least 0."),
+                    })
+                }
+            };
+            if let Some(max) = c.max_cost {
+                if n > max {
+                    return Err(Reject::InvalidCost {
+                        detail: format!("The body field `{path}` is {n}; this route allows at most {max} per request."),
+                    });
+                }
             }
-        };
-        if let Some(max) = c.max_cost {
-            if n > max {
-                return Err(Reject::InvalidCost {
-                    detail: format!("The body field `{path}` is {n}; this route allows at most {max} per request."),
-                });
-            }
+            largest = Some(largest.map_or(n, |l| l.max(n)));
         }
-        info.estimate = n;
+        if let Some(n) = largest {
+            info.estimate = n;
+        }
     }
     Ok(())
 }

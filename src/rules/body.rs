@@ -15,8 +15,9 @@ pub struct BodyPlan {
     pub pre_read: bool,
     /// Paths read in the request body.
     pub request: Option<JsonPaths>,
-    /// Per charge (in the rule's order): the index in `request` of its `cost_from_body`.
-    pub cost_at: Vec<Option<usize>>,
+    /// Per charge (in the rule's order): the indexes in `request` of its `cost_from_body`
+    /// paths (empty for a cost from elsewhere).
+    pub cost_at: Vec<Vec<usize>>,
     pub model_at: Option<usize>,
     /// `stream`, `stream_options` and `stream_options.include_usage`, for
     /// `inject_stream_usage`.
@@ -72,12 +73,12 @@ impl BodyPlan {
     /// The plan of a rule's (merged) actions; `None` when the rule reads no body.
     pub fn of(a: &Actions) -> Option<BodyPlan> {
         let mut request = PathList::default();
-        let cost_at: Vec<Option<usize>> = a
+        let cost_at: Vec<Vec<usize>> = a
             .charges
             .iter()
             .map(|c| match &c.cost {
-                CostSource::Body { path, .. } => Some(request.add(path)),
-                _ => None,
+                CostSource::Body { paths, .. } => paths.iter().map(|p| request.add(p)).collect(),
+                _ => Vec::new(),
             })
             .collect();
         let model_at = a.model_from_body.as_ref().map(|m| request.add(m));
@@ -99,7 +100,7 @@ impl BodyPlan {
             return None;
         }
         Some(BodyPlan {
-            pre_read: cost_at.iter().any(Option::is_some) || stream_at.is_some(),
+            pre_read: cost_at.iter().any(|at| !at.is_empty()) || stream_at.is_some(),
             request: request.compile(),
             cost_at,
             model_at,

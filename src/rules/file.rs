@@ -73,9 +73,11 @@ pub struct ChargeFile {
     pub cost: Option<Spanned<i64>>,
     pub cost_from_header: Option<SStr>,
     pub cost_from_query: Option<SStr>,
-    /// A dotted path into the JSON request body (`max_tokens`).
-    pub cost_from_body: Option<SStr>,
-    /// The estimate when the body does not carry `cost_from_body`.
+    /// A dotted path into the JSON request body (`max_tokens`), or a list of them (the largest
+    /// value present is the estimate).
+    #[serde(default, deserialize_with = "words::string_or_strings")]
+    pub cost_from_body: Option<Spanned<Vec<SStr>>>,
+    /// The estimate when the body carries none of `cost_from_body`.
     pub default_cost: Option<Spanned<i64>>,
     pub max_cost: Option<Spanned<i64>>,
     pub settle_from_header: Option<SStr>,

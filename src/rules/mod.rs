@@ -96,9 +96,10 @@ pub enum CostSource {
     Constant(u64),
     Header(HeaderName),
     Query(String),
-    /// A dotted path into the JSON request body; the default when the body lacks it.
+    /// Dotted paths into the JSON request body: the largest value present, or the default
+    /// when the body has none of them.
     Body {
-        path: Arc<str>,
+        paths: Vec<Arc<str>>,
         default: u64,
     },
 }
@@ -770,8 +771,25 @@ impl Compiler<'_, '_> {
                 Some(d) => *d.get_ref() as u64,
                 None => 1,
             };
-            let path = self.body_path(src, p).unwrap_or_else(|| "-".into());
-            CostSource::Body { path, default }
+            // An upstream honours one of several spellings of a bound (`max_tokens`,
+            // `max_completion_tokens`); the largest present is an estimate none of them passes.
+            const MOST: usize = 4;
+            if p.get_ref().is_empty() || p.get_ref().len() > MOST {
+                self.diags.error_at(
+                    src,
+                    p.span(),
+                    format!("`cost_from_body` takes one path, or a list of 1 to {MOST} paths"),
+                );
+            }
+            let mut paths: Vec<Arc<str>> = Vec::with_capacity(p.get_ref().len());
+            for one in p.get_ref() {
+                let path = self.body_path(src, one).unwrap_or_else(|| "-".into());
+                if paths.contains(&path) {
+                    self.diags.error_at(src, one.span(), format!("`{path}` is named twice in `cost_from_body`"));
+                }
+                paths.push(path);
+            }
+            CostSource::Body { paths, default }
         } else {
             CostSource::Constant(1)
         };
