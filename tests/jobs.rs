@@ -248,12 +248,32 @@ fn cancel_priority_quota(store: &str) {
     assert!(h["started_at"].as_str() < l["started_at"].as_str(), "high {h} low {l}");
     assert_eq!(wait_status(&gw, &a, &long, "completed")["status"], "completed");
 
-    // Cancel a running job, then everything.
-    let running = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
+    // Cancel a running job: the upstream had it, so its reservation stays and the run is
+    // metered at the estimate, status 499. Then cancel everything.
+    let rows_before = used_of(&gw, &a, "rows");
+    let running = submit(&gw, &a, "/charged?delay_ms=5000&header=x-rows-used:7", &[("x-rows", "30")]);
     wait_status(&gw, &a, &running, "running");
     let r = gw.request("DELETE", &format!("/_tollgate/jobs/{running}"), &[("authorization", &a)], b"");
     assert_eq!(r.status, 200);
     assert_eq!(wait_status(&gw, &a, &running, "cancelled")["status"], "cancelled");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+        let metered = m.contains("tollgate_usage_units_total{metric=\"rows\",tier=\"pro\"} 30")
+            && m.lines().any(|l| {
+                l.starts_with("tollgate_requests_total{")
+                    && l.contains("rule=\"charged\"")
+                    && l.contains("status_class=\"4xx\"")
+                    && l.ends_with(" 1")
+            });
+        if metered {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cancelled run was not metered at its estimate:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(used_of(&gw, &a, "rows"), rows_before + 30, "a cancelled run keeps its reservation");
     let x = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
     let y = submit(&gw, &a, "/gen?delay_ms=5000", &[]);
     let r = gw.request("DELETE", "/_tollgate/jobs", &[("authorization", &a)], b"");

@@ -9,6 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
+/// The status a run cancelled before its answer is metered with (nginx's "client closed
+/// request").
+const CLIENT_CLOSED: u16 = 499;
+
 /// How a run ended, before it is written.
 struct Outcome {
     status: JobStatus,
@@ -17,6 +21,16 @@ struct Outcome {
     /// The upstream was reached: the tenant pays.
     reached: bool,
     progress: Option<String>,
+}
+
+/// Why a run stopped before its upstream answered.
+enum Stopped {
+    /// Cancelled through the job API (here, or on another instance).
+    Cancelled,
+    /// Aborted here: a cancel on this instance, or shutdown.
+    Aborted,
+    /// The lease passed to another worker.
+    Lost,
 }
 
 impl Jobs {
@@ -216,15 +230,31 @@ impl Jobs {
         let outcome = self.execute(spec, abort_rx).await;
         drop(slot);
         self.metrics.run.with_label_values(&[&spec.tier]).observe(clock.elapsed().as_secs_f64());
-        let Some(outcome) = outcome else {
-            if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(Stopped::Aborted) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
                 self.hand_back(spec).await;
                 return;
             }
-            // Cancelled (the cancel was recorded and announced by whoever cancelled it), or lost.
-            lock(&self.skip).remove(&spec.tenant);
-            self.wake.notify_waiters();
-            return;
+            Err(why) => {
+                // The cancel was recorded and announced by whoever cancelled it. The upstream
+                // had the job, so it is metered like a forwarded request whose client went
+                // away: the charge at its estimate, status 499; its quota reservation stays.
+                // A lost lease is metered by the worker that runs the job again.
+                if !matches!(why, Stopped::Lost) {
+                    let cancelled = Outcome {
+                        status: JobStatus::Cancelled,
+                        result: None,
+                        error: None,
+                        reached: true,
+                        progress: None,
+                    };
+                    self.meter_run(spec, &cancelled, clock.elapsed().as_secs_f64(), self.clock.now_millis());
+                }
+                lock(&self.skip).remove(&spec.tenant);
+                self.wake.notify_waiters();
+                return;
+            }
         };
         let now = self.clock.now_millis();
         if let Some(p) = outcome.progress.as_deref() {
@@ -264,7 +294,14 @@ impl Jobs {
         let rt = self.runtime.load_full();
         let tenant = rt.directory.tenant(&spec.tenant).cloned();
         let result = outcome.result.as_ref();
-        let status = result.map_or(if outcome.status == JobStatus::Timeout { 504 } else { 502 }, |r| r.status);
+        let status = result.map_or(
+            match outcome.status {
+                JobStatus::Timeout => 504,
+                JobStatus::Cancelled => CLIENT_CLOSED,
+                _ => 502,
+            },
+            |r| r.status,
+        );
         let charges: Vec<crate::metering::ChargeInfo> = spec
             .charge
             .iter()
@@ -280,7 +317,7 @@ impl Jobs {
             })
             .collect();
         let (decision, failure) = match outcome.status {
-            JobStatus::Completed => ("forwarded", None),
+            JobStatus::Completed | JobStatus::Cancelled => ("forwarded", None),
             JobStatus::Timeout => ("upstream_error", Some("timeout")),
             _ if outcome.reached => ("upstream_error", Some("error")),
             _ => ("upstream_error", Some("connect_error")),
@@ -326,8 +363,8 @@ impl Jobs {
         }
     }
 
-    /// Forwards the job, renewing its lease meanwhile. `None` when it was cancelled or lost.
-    async fn execute(&self, spec: &JobSpec, mut abort: oneshot::Receiver<()>) -> Option<Outcome> {
+    /// Forwards the job, renewing its lease meanwhile, until it ends or is stopped.
+    async fn execute(&self, spec: &JobSpec, mut abort: oneshot::Receiver<()>) -> Result<Outcome, Stopped> {
         let cfg = self.config();
         let lease_ms = cfg.lease_ttl.as_millis() as i64;
         let progress: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -339,9 +376,9 @@ impl Jobs {
         let renew_every = (cfg.lease_ttl / 3).max(Duration::from_millis(50));
         loop {
             tokio::select! {
-                out = &mut forward => return Some(Outcome { progress: lock(&progress).clone(), ..out }),
+                out = &mut forward => return Ok(Outcome { progress: lock(&progress).clone(), ..out }),
                 _ = &mut timeout => {
-                    return Some(Outcome {
+                    return Ok(Outcome {
                         status: JobStatus::Timeout,
                         result: None,
                         error: Some(format!("the job ran longer than its job_timeout ({} ms)", spec.timeout_ms)),
@@ -349,14 +386,15 @@ impl Jobs {
                         progress: lock(&progress).clone(),
                     });
                 }
-                _ = &mut abort => return None,
+                _ = &mut abort => return Err(Stopped::Aborted),
                 _ = tokio::time::sleep(renew_every) => {}
                 _ = seen.notified() => {}
             }
             let p = lock(&progress).clone();
             match self.store.renew(&spec.id, &self.worker, p.as_deref(), self.clock.now_millis(), lease_ms).await {
                 Ok(Renewed::Running) => {}
-                Ok(Renewed::Cancelled | Renewed::Lost) => return None,
+                Ok(Renewed::Cancelled) => return Err(Stopped::Cancelled),
+                Ok(Renewed::Lost) => return Err(Stopped::Lost),
                 Err(e) => tracing::debug!(error = %e, job_id = %spec.id, "cannot renew a job's lease"),
             }
         }
