@@ -362,3 +362,109 @@ fn a_reload_applies_the_server_header_and_says_h2c_waits_for_a_restart() {
         assert_eq!(r.status, 401);
     });
 }
+
+/// An HTTP/2 upstream that answers what it received: the request body's length and its
+/// trailers (as `x-saw-trailers`), then a body and trailers of its own.
+fn start_h2_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let mut n = 0;
+                            while let Some(Ok(chunk)) = body.data().await {
+                                n += chunk.len();
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                            let saw = match body.trailers().await {
+                                Ok(Some(t)) => t
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                _ => "none".to_string(),
+                            };
+                            let resp = http::Response::builder()
+                                .status(200)
+                                .header("x-saw-trailers", saw)
+                                .header("x-saw-bytes", n.to_string())
+                                .body(())
+                                .expect("response");
+                            let Ok(mut send) = respond.send_response(resp, false) else { return };
+                            let _ = send.send_data(Bytes::from_static(b"answer"), false);
+                            let mut t = http::HeaderMap::new();
+                            t.insert("x-up-trailer", http::HeaderValue::from_static("kept"));
+                            let _ = send.send_trailers(t);
+                        });
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// Trailers as Pingora 0.9 carries them, pinned so a change of it is noticed: an upstream's
+/// response trailers reach an HTTP/2 client; an HTTP/1.1 client gets the body without them; a
+/// client's request trailers are not forwarded (Pingora reads none), while the body still
+/// arrives whole (docs/deployment.md).
+#[test]
+fn trailers_between_http2_peers() {
+    let echo = Echo::start();
+    let up = start_h2_upstream();
+    let tail = format!(
+        "\n[upstreams.h2up]\nservers = [\"{up}\"]\nprotocol = \"h2c\"\n\n[[rule]]\nname = \"h2up\"\nmatch = {{ path_prefix = \"/h2/\" }}\nupstream = \"h2up\"\n"
+    );
+    let gw = Gateway::start(&standard_config(echo.addr, Extra { tail: &tail, ..Extra::default() }));
+    let auth = bearer(ACME_KEY);
+    runtime().block_on(async {
+        let send = h2c(gw.addr).await;
+        let mut send = send.ready().await.expect("ready");
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://gateway.test:{}/h2/x", gw.addr.port()))
+            .header("authorization", &auth)
+            .body(())
+            .expect("request");
+        let (resp, mut body) = send.send_request(req, false).expect("send");
+        body.send_data(Bytes::from_static(b"hello"), false).expect("data");
+        let mut t = http::HeaderMap::new();
+        t.insert("x-client-trailer", http::HeaderValue::from_static("sent"));
+        body.send_trailers(t).expect("trailers");
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp).await.expect("in time").expect("response");
+        let (parts, mut rb) = resp.into_parts();
+        assert_eq!(parts.status, 200, "{}", gw.log());
+        let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        assert_eq!(header("x-saw-bytes").as_deref(), Some("5"), "the request body arrived whole");
+        assert_eq!(header("x-saw-trailers").as_deref(), Some("none"), "request trailers are not forwarded");
+        let mut out = Vec::new();
+        while let Some(Ok(c)) = rb.data().await {
+            let _ = rb.flow_control().release_capacity(c.len());
+            out.extend_from_slice(&c);
+        }
+        assert_eq!(out, b"answer");
+        let trailers = rb.trailers().await.expect("trailers").expect("the upstream's trailers");
+        assert_eq!(trailers.get("x-up-trailer").and_then(|v| v.to_str().ok()), Some("kept"));
+    });
+    // HTTP/1.1 with a chunked body and trailers, to the same HTTP/2 upstream.
+    let mut c = Conn::open(gw.addr).expect("connect");
+    c.send_raw(
+        format!(
+            "POST /h2/x HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: {auth}\r\nTE: trailers\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-client-trailer: sent\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let r = c.read_response(false).expect("answer");
+    assert_eq!(r.status, 200);
+    assert_eq!((r.header("x-saw-bytes"), r.header("x-saw-trailers")), (Some("5"), Some("none")));
+    assert_eq!(r.body, b"answer");
+}
