@@ -545,3 +545,32 @@ fn a_hard_quota_on_a_charge_estimated_at_zero_refuses_once_settlements_use_it_up
     assert_eq!(r.json()["error"]["code"], "quota_exceeded");
     assert_eq!(llm.count(), before, "not forwarded");
 }
+
+#[test]
+fn answers_without_a_body_keep_the_estimate_as_missing_not_broken() {
+    let llm = Llm::start();
+    let tail = "[[rule]]\nname = \"plain\"\nmatch = { path = \"/v1/plain\" }\n\
+                charge = { metric = \"tokens\", cost = 30, settle_from_body = \"usage.total_tokens\" }\n";
+    let gw = start(&llm, "quotas.tokens = { limit = 100000, period = \"month\" }", tail);
+    let auth = bearer(ACME_KEY);
+    let a = [("authorization", auth.as_str())];
+    // The control: a body with usage settles (9 + 12).
+    assert_eq!(gw.request("GET", "/v1/plain", &a, b"").status, 200);
+    assert_eq!(used(&gw, "tokens"), 21);
+    for (method, status) in [("GET", "204"), ("GET", "304"), ("HEAD", "")] {
+        let mut h = a.to_vec();
+        if !status.is_empty() {
+            h.push(("x-test-status", status));
+        }
+        let r = gw.request(method, "/v1/plain", &h, b"");
+        assert!(r.body.is_empty(), "{method} {status}: {}", r.text());
+    }
+    assert_eq!(used(&gw, "tokens"), 21 + 3 * 30, "each keeps its estimate");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_value(&gw, "tollgate_charges_unsettled_total", "metric=\"tokens\",reason=\"missing\"") < 3 {
+        assert!(Instant::now() < deadline, "{}", request(gw.admin, "GET", "/metrics", &[], b"").expect("m").text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric_value(&gw, "tollgate_charges_unsettled_total", "metric=\"tokens\",reason=\"missing\""), 3);
+    assert_eq!(metric_value(&gw, "tollgate_charges_unsettled_total", "metric=\"tokens\",reason=\"broken\""), 0);
+}

@@ -551,7 +551,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -574,6 +574,13 @@ impl ProxyHttp for Gateway {
             if !upstream_response.status.is_informational() {
                 ctx.body.response =
                     body::start_response(plan, upstream_response, ctx.body.strip_usage_event).map(Box::new);
+                // An answer that has no body (to HEAD, 204, 304) ends with its head: its charges
+                // keep their estimates as `missing`, not as a stream that broke off.
+                let bodiless = session.req_header().method == http::Method::HEAD
+                    || matches!(upstream_response.status.as_u16(), 204 | 304);
+                if bodiless && ctx.body.response.is_some() {
+                    meter::settle_from_answer(&self.limits, self.meter.metrics(), ctx, &mut None, true);
+                }
             }
         }
         Ok(())

@@ -10,6 +10,8 @@
 //! - `x-test-pad: N`: bytes of content per event (default a few)
 //! - `x-test-break: 1`: the stream stops before its usage event, without its terminating chunk
 //! - `x-test-no-usage: 1`: the JSON answer carries no `usage`
+//! - `x-test-status: 204` or `304`: that status, without a body (a HEAD request gets the JSON
+//!   answer's head, without its body)
 //!
 //! Every request body is kept (`bodies`), so a test can see what the gateway forwarded.
 #![allow(dead_code)]
@@ -95,7 +97,7 @@ async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 async fn connection(mut s: TcpStream, state: Arc<LlmState>) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        let (head_len, path, headers, len) = loop {
+        let (head_len, method, path, headers, len) = loop {
             let mut hs = [httparse::EMPTY_HEADER; 64];
             let mut req = httparse::Request::new(&mut hs);
             if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
@@ -109,7 +111,7 @@ async fn connection(mut s: TcpStream, state: Arc<LlmState>) -> std::io::Result<(
                     .find(|(k, _)| k == "content-length")
                     .and_then(|(_, v)| v.parse::<usize>().ok())
                     .unwrap_or(0);
-                break (n, req.path.unwrap_or("/").to_string(), headers, len);
+                break (n, req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string(), headers, len);
             }
             if !fill(&mut s, &mut buf).await? {
                 return Ok(());
@@ -123,12 +125,23 @@ async fn connection(mut s: TcpStream, state: Arc<LlmState>) -> std::io::Result<(
         let body = buf[head_len..head_len + len].to_vec();
         buf.drain(..head_len + len);
         state.requests.lock().unwrap_or_else(|p| p.into_inner()).push((path.clone(), headers.clone(), body.clone()));
-        answer(&mut s, &path, &headers, &body).await?;
+        answer(&mut s, &method, &path, &headers, &body).await?;
     }
 }
 
-async fn answer(s: &mut TcpStream, path: &str, headers: &[(String, String)], body: &[u8]) -> std::io::Result<()> {
+async fn answer(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
     let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    if let Some(status) = h("x-test-status").filter(|v| *v == "204" || *v == "304") {
+        return s
+            .write_all(format!("HTTP/1.1 {status} No Body\r\ncontent-type: application/json\r\n\r\n").as_bytes())
+            .await;
+    }
     let (p, c) = h("x-test-usage")
         .and_then(|v| v.split_once(','))
         .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
@@ -157,6 +170,9 @@ async fn answer(s: &mut TcpStream, path: &str, headers: &[(String, String)], bod
         let text = serde_json::to_string(&doc).unwrap_or_default();
         let head =
             format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", text.len());
+        if method == "HEAD" {
+            return s.write_all(head.as_bytes()).await;
+        }
         return s.write_all(format!("{head}{text}").as_bytes()).await;
     }
     let chunks: u32 = h("x-test-chunks").and_then(|v| v.parse().ok()).unwrap_or(5);
