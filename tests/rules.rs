@@ -460,6 +460,13 @@ fn body_charge_errors_name_their_place() {
     assert_rule_error(&rule("cost_from_body = \"usage..total\""), "not a usable body path", 5, 48);
     assert_rule_error(&rule("cost_from_body = \"n\", cost = 3"), "takes one of", 5, 10);
     assert_rule_error(&rule("default_cost = 5"), "set `cost_from_body` too", 5, 46);
+    assert_rule_error(&rule("cost = 2, cost_multiplier_from_body = \"n\""), "set `cost_from_body` too", 5, 69);
+    assert_rule_error(
+        &rule("cost_from_body = \"m\", cost_multiplier_from_body = \"a.\""),
+        "not a usable body path",
+        5,
+        81,
+    );
     assert_rule_error(&rule("cost_from_body = \"n\", default_cost = 9, max_cost = 5"), "over `max_cost` (5)", 5, 10);
     assert_rule_error(
         "usage_metrics = [\"tokens\"]\n[[rule]]\nname = \"a\"\ncharge = { metric = \"tokens\", cost_from_body = \"n\" }\n",

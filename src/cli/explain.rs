@@ -124,10 +124,16 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
             CostSource::Constant(n) => format!("{n}"),
             CostSource::Header(h) => format!("from header `{h}`"),
             CostSource::Query(q) => format!("from query `{q}`"),
-            CostSource::Body { paths, default } => match paths.as_slice() {
-                [one] => format!("from body field `{one}` (default {default})"),
-                _ => format!("from the largest of body fields `{}` (default {default})", paths.join("`, `")),
-            },
+            CostSource::Body { paths, default, multiplier } => {
+                let from = match paths.as_slice() {
+                    [one] => format!("from body field `{one}` (default {default})"),
+                    _ => format!("from the largest of body fields `{}` (default {default})", paths.join("`, `")),
+                };
+                match multiplier {
+                    Some(m) => format!("{from} times body field `{m}`"),
+                    None => from,
+                }
+            }
         };
         let _ = write!(out, "  charge: {} cost {cost}", c.metric);
         if let Some(m) = c.max_cost {

@@ -142,8 +142,9 @@ pub fn charges_of(permit: &Permit<'_>, req: &RequestHeader, hints: &Hints<'_>) -
 }
 
 /// Takes the estimates of `cost_from_body` charges from the scanned request body: the largest
-/// of the charge's fields present. A body with none of them keeps the charge's `default_cost`;
-/// a field that is not a whole number, or over `max_cost`, is refused.
+/// of the charge's fields present (or its `default_cost` when none is), times its
+/// `cost_multiplier_from_body` field when the body has one. A field that is not a whole number,
+/// or an estimate over `max_cost`, is refused.
 pub fn costs_from_body(
     charges: &mut [ChargeInfo],
     rule: &crate::rules::Rule,
@@ -151,34 +152,46 @@ pub fn costs_from_body(
     scan: &crate::scan::JsonScan,
 ) -> Result<(), Reject> {
     use crate::scan::Found;
-    for ((info, c), at) in charges.iter_mut().zip(&rule.actions.charges).zip(&plan.cost_at) {
-        let CostSource::Body { paths, .. } = &c.cost else { continue };
+    let count = |i: usize, path: &str| match scan.get(i) {
+        None | Some(Found::Null) => Ok(None),
+        Some(Found::Num(n)) => Ok(Some(*n)),
+        Some(_) => Err(Reject::InvalidCost {
+            detail: format!("The body field `{path}` must be a whole number of at least 0."),
+        }),
+    };
+    let over = |what: String, n: u64, max: u64| Reject::InvalidCost {
+        detail: format!("The {what} is {n}; this route allows at most {max} per request."),
+    };
+    let items = charges.iter_mut().zip(&rule.actions.charges).zip(plan.cost_at.iter().zip(&plan.multiplier_at));
+    for ((info, c), (at, times_at)) in items {
+        let CostSource::Body { paths, multiplier, .. } = &c.cost else { continue };
         if !info.from_body {
             continue;
         }
         let mut largest: Option<u64> = None;
         for (i, path) in at.iter().zip(paths) {
-            let n = match scan.get(*i) {
-                None | Some(Found::Null) => continue,
-                Some(Found::Num(n)) => *n,
-                Some(_) => {
-                    return Err(Reject::InvalidCost {
-                        detail: format!("The body field `{path}` must be a whole number of at least 0."),
-                    })
-                }
-            };
-            if let Some(max) = c.max_cost {
-                if n > max {
-                    return Err(Reject::InvalidCost {
-                        detail: format!("The body field `{path}` is {n}; this route allows at most {max} per request."),
-                    });
-                }
+            let Some(n) = count(*i, path)? else { continue };
+            if let Some(max) = c.max_cost.filter(|m| n > *m) {
+                return Err(over(format!("body field `{path}`"), n, max));
             }
             largest = Some(largest.map_or(n, |l| l.max(n)));
         }
-        if let Some(n) = largest {
-            info.estimate = n;
-        }
+        let base = largest.unwrap_or(info.estimate);
+        let times = match (times_at, multiplier) {
+            (Some(i), Some(m)) => count(*i, m)?.map(|t| (t.max(1), m)),
+            _ => None,
+        };
+        let estimate = match times {
+            Some((t, m)) => {
+                let product = base.saturating_mul(t);
+                if let Some(max) = c.max_cost.filter(|max| product > *max) {
+                    return Err(over(format!("estimate ({base} × `{m}` {t})"), product, max));
+                }
+                product
+            }
+            None => base,
+        };
+        info.estimate = estimate;
     }
     Ok(())
 }

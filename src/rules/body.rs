@@ -18,6 +18,8 @@ pub struct BodyPlan {
     /// Per charge (in the rule's order): the indexes in `request` of its `cost_from_body`
     /// paths (empty for a cost from elsewhere).
     pub cost_at: Vec<Vec<usize>>,
+    /// Per charge: the index in `request` of its `cost_multiplier_from_body`.
+    pub multiplier_at: Vec<Option<usize>>,
     pub model_at: Option<usize>,
     /// `stream`, `stream_options` and `stream_options.include_usage`, for
     /// `inject_stream_usage`.
@@ -81,6 +83,14 @@ impl BodyPlan {
                 _ => Vec::new(),
             })
             .collect();
+        let multiplier_at: Vec<Option<usize>> = a
+            .charges
+            .iter()
+            .map(|c| match &c.cost {
+                CostSource::Body { multiplier: Some(m), .. } => Some(request.add(m)),
+                _ => None,
+            })
+            .collect();
         let model_at = a.model_from_body.as_ref().map(|m| request.add(m));
         let stream_at = a.inject_stream_usage.then(|| {
             (
@@ -103,6 +113,7 @@ impl BodyPlan {
             pre_read: cost_at.iter().any(|at| !at.is_empty()) || stream_at.is_some(),
             request: request.compile(),
             cost_at,
+            multiplier_at,
             model_at,
             stream_at,
             json: json.compile(),

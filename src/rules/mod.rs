@@ -101,6 +101,8 @@ pub enum CostSource {
     Body {
         paths: Vec<Arc<str>>,
         default: u64,
+        /// A body field that multiplies the estimate (at least 1 when present).
+        multiplier: Option<Arc<str>>,
     },
 }
 
@@ -750,6 +752,13 @@ impl Compiler<'_, '_> {
                 "a charge takes one of `cost`, `cost_from_header`, `cost_from_query` and `cost_from_body`",
             );
         }
+        if let (Some(m), None) = (&cf.cost_multiplier_from_body, &cf.cost_from_body) {
+            self.diags.error_at(
+                src,
+                m.span(),
+                "`cost_multiplier_from_body` multiplies an estimate read from the body; set `cost_from_body` too",
+            );
+        }
         if let (Some(d), None) = (&cf.default_cost, &cf.cost_from_body) {
             self.diags.error_at(src, d.span(), "`default_cost` is the estimate when the body lacks `cost_from_body`; set `cost_from_body` too, or use `cost`");
         }
@@ -789,7 +798,8 @@ impl Compiler<'_, '_> {
                 }
                 paths.push(path);
             }
-            CostSource::Body { paths, default }
+            let multiplier = cf.cost_multiplier_from_body.as_ref().and_then(|m| self.body_path(src, m));
+            CostSource::Body { paths, default, multiplier }
         } else {
             CostSource::Constant(1)
         };
