@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate::clock::{Clock, ManualClock, SystemClock};
 use tollgate::store::embedded::Embedded;
-use tollgate::store::jobs::{JobCharge, JobResult, JobSpec, JobStatus, JobStore, Renewed, RetryLost, LOST_ERROR};
+use tollgate::store::jobs::{
+    JobCharge, JobResult, JobSpec, JobStatus, JobStore, Renewed, ResponseEdits, RetryLost, LOST_ERROR,
+};
 use tollgate::store::jobs_embedded::EmbeddedJobs;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{Breaker, NoObserver};
@@ -81,6 +83,7 @@ fn spec(id: &str, tenant: &str, priority: i64, method: &str, now: i64) -> JobSpe
         key_id: Some("k1".into()),
         created_ms: now,
         charge: Some(JobCharge { metric: "rows".into(), estimate: 10, settle_header: Some("x-rows".into()) }),
+        response_headers: ResponseEdits { remove: vec!["server".into()], set: vec![("x-served".into(), "1".into())] },
     }
 }
 

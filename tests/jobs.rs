@@ -67,6 +67,8 @@ name = "generate"
 match = {{ path_prefix = "/gen" }}
 mode = "async"
 retention = "1h"
+remove_response_headers = ["x-internal"]
+set_response_headers = {{ "x-served-by" = "tollgate" }}
 
 [[rule]]
 name = "charged"
@@ -153,7 +155,12 @@ fn lifecycle(store: &str) {
     let (a, g) = (bearer(ACME), bearer(GLOBEX));
 
     // 202, then the upstream's own answer as the result.
-    let id = submit(&gw, &a, "/gen/rows?delay_ms=200&header=x-job-progress:40", &[("x-job-priority", "99")]);
+    let id = submit(
+        &gw,
+        &a,
+        "/gen/rows?delay_ms=200&header=x-job-progress:40&header=x-internal:secret",
+        &[("x-job-priority", "99")],
+    );
     let v = wait_status(&gw, &a, &id, "completed");
     assert_eq!(v["priority"], 5, "X-Job-Priority is capped by the tier");
     assert!(v["started_at"].is_string() && v["finished_at"].is_string());
@@ -169,6 +176,9 @@ fn lifecycle(store: &str) {
     assert!(body["headers"].get("authorization").is_none(), "the key is never stored or forwarded");
     assert!(body["headers"].get("x-job-priority").is_none());
     assert_eq!(r.header("x-tollgate-job-id"), Some(id.as_str()));
+    // The rule's response header edits apply to the result as to a forwarded answer.
+    assert_eq!(r.header("x-internal"), None, "a header the rule removes is not in the result");
+    assert_eq!(r.header("x-served-by"), Some("tollgate"));
 
     // Another tenant sees nothing.
     for p in [format!("/_tollgate/jobs/{id}"), format!("/_tollgate/jobs/{id}/result")] {

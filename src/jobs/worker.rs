@@ -430,8 +430,10 @@ impl Jobs {
         };
         match client::exchange(addr, pool.config.connect_timeout, &req, head, spec.result_max_bytes, on_head).await {
             Ok(a) => {
-                let headers =
+                let mut headers: Vec<(String, String)> =
                     a.headers.into_iter().filter(|(k, _)| !client::HOP_BY_HOP.contains(&k.as_str())).collect();
+                // Stored as the client would have received it from the rule.
+                spec.response_headers.apply(&mut headers);
                 Outcome {
                     status: JobStatus::Completed,
                     result: Some(JobResult { status: a.status, headers, body: a.body, truncated: a.truncated }),

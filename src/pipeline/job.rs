@@ -165,6 +165,15 @@ pub async fn submit(
             estimate: c.estimate,
             settle_header: c.settle_header.as_ref().map(|h| h.as_str().to_string()),
         }),
+        response_headers: crate::store::jobs::ResponseEdits {
+            remove: rule.actions.remove_response_headers.iter().map(|h| h.as_str().to_string()).collect(),
+            set: rule
+                .actions
+                .set_response_headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect(),
+        },
     };
     let charge = ctx.reserved.charges.first();
     let held = Held {

@@ -91,6 +91,30 @@ pub struct JobSpec {
     /// The rule's charge, for metering the run.
     #[serde(default)]
     pub charge: Option<JobCharge>,
+    /// The rule's response header edits, applied to the result as to a forwarded answer.
+    #[serde(default)]
+    pub response_headers: ResponseEdits,
+}
+
+/// Headers a rule removes from and sets on its answers (`remove_response_headers`,
+/// `set_response_headers`), lower-case names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseEdits {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
+}
+
+impl ResponseEdits {
+    /// Applies the edits to an answer's headers: removed first, then set (replacing).
+    pub fn apply(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(k, _)| {
+            !self.remove.iter().any(|r| r.eq_ignore_ascii_case(k))
+                && !self.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(k))
+        });
+        headers.extend(self.set.iter().cloned());
+    }
 }
 
 /// A job's charged metric: the estimate reserved at submission, and the response header that
