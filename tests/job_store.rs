@@ -225,6 +225,19 @@ async fn expired_leases_are_retried_once_or_failed(s: Arc<dyn JobStore>, clock: 
     let mut failed = s.reap(clock.now_millis(), RetryLost::Never).await.expect("reap").failed;
     failed.sort();
     assert_eq!(failed, vec!["get2".to_string(), "post2".to_string()]);
+    // A job w1 lost and w3 runs again, then cancelled: only w3, which runs it, is told
+    // `cancelled` (and meters the cancelled run); w1 is told `lost`.
+    put(&s, "gone", "acme", 0, "GET", clock.now_millis()).await;
+    assert_eq!(claimed(&s, &[], clock.now_millis()).await.as_deref(), Some("gone"));
+    clock.advance_millis(LEASE);
+    assert_eq!(
+        s.reap(clock.now_millis(), RetryLost::Idempotent).await.expect("reap").requeued,
+        vec!["gone".to_string()]
+    );
+    s.claim("w3", &[], clock.now_millis(), LEASE).await.expect("claim").expect("gone again");
+    s.cancel("acme", "gone", clock.now_millis()).await.expect("cancel").expect("found");
+    assert_eq!(s.renew("gone", "w1", None, clock.now_millis(), LEASE).await.expect("renew"), Renewed::Lost);
+    assert_eq!(s.renew("gone", "w3", None, clock.now_millis(), LEASE).await.expect("renew"), Renewed::Cancelled);
 }
 conformance!(expired_leases_are_retried_once_or_failed: embedded_leases, redis_leases);
 

@@ -77,6 +77,13 @@ mode = "async"
 charge = {{ metric = "rows", cost_from_header = "x-rows", settle_from_header = "x-rows-used" }}
 
 [[rule]]
+name = "hidden"
+match = {{ path_prefix = "/hidden" }}
+mode = "async"
+charge = {{ metric = "rows", cost_from_header = "x-rows", settle_from_header = "x-rows-used" }}
+remove_response_headers = ["x-rows-used"]
+
+[[rule]]
 name = "slow"
 match = {{ path_prefix = "/slow" }}
 mode = "async"
@@ -221,6 +228,18 @@ fn lifecycle(store: &str) {
         assert!(Instant::now() < deadline, "the run was not metered with the settled charge:\n{m}");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // A rule that hides its settlement header from clients still settles from it.
+    let rows_before = used_of(&gw, &a, "rows");
+    let id = submit(&gw, &a, "/hidden?header=x-rows-used:3", &[("x-rows", "50")]);
+    wait_status(&gw, &a, &id, "completed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used_of(&gw, &a, "rows") != rows_before + 3 {
+        assert!(Instant::now() < deadline, "rows used is {}, not {}", used_of(&gw, &a, "rows"), rows_before + 3);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = gw.get(&format!("/_tollgate/jobs/{id}/result"), &[("authorization", &a)]);
+    assert_eq!((r.status, r.header("x-rows-used")), (200, None));
 
     // job_timeout.
     let id = submit(&gw, &a, "/slow?delay_ms=3000", &[]);
@@ -512,6 +531,40 @@ fn the_accepting_instance_settles_jobs_other_instances_ended() {
     let _worker = Gateway::start(&config(&echo, &store));
     wait_status(&accepting, &a, &id, "completed");
     wait_rows(rows_before + 4);
+}
+
+/// A job cancelled through another instance while its answer is on the way: the store tells
+/// the instance running it (and only it), which meters the run once, at its estimate.
+#[test]
+fn a_job_cancelled_elsewhere_as_it_ends_is_metered_once_where_it_ran() {
+    let redis = Redis::start();
+    let echo = Echo::start();
+    let store = redis_store(&redis);
+    // A lease of 60 s is renewed every 20 s: the run ends before it hears of the cancel.
+    let long_lease = config(&echo, &store).replace("lease_ttl = \"1s\"", "lease_ttl = \"60s\"");
+    let a = bearer(ACME);
+    let runner = Gateway::start(&long_lease);
+    let other = Gateway::start(&long_lease.replace("workers = 4", "workers = 0"));
+    let id = submit(&runner, &a, "/charged?delay_ms=1500&header=x-rows-used:7", &[("x-rows", "30")]);
+    wait_status(&other, &a, &id, "running");
+    let r = other.request("DELETE", &format!("/_tollgate/jobs/{id}"), &[("authorization", &a)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let metered = |gw: &Gateway| {
+        let m = get(gw.admin, "/metrics", &[]).expect("metrics").text();
+        m.lines()
+            .find(|l| l.starts_with("tollgate_usage_units_total{metric=\"rows\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metered(&runner) == 0 {
+        assert!(Instant::now() < deadline, "the cancelled run was not metered where it ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((metered(&runner), metered(&other)), (30, 0), "once, at the estimate");
+    assert_eq!(wait_status(&other, &a, &id, "cancelled")["status"], "cancelled");
 }
 
 /// A gateway stopped with SIGTERM hands its running job back at once (not after its lease),

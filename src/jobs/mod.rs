@@ -79,6 +79,14 @@ impl JobMetrics {
     }
 }
 
+/// Why a running job is stopped from outside its run.
+enum Abort {
+    /// Cancelled through the job API on this instance.
+    Cancel,
+    /// This instance is shutting down.
+    Shutdown,
+}
+
 /// The job service of one instance.
 pub struct Jobs {
     pub store: Arc<dyn JobStore>,
@@ -93,7 +101,7 @@ pub struct Jobs {
     pub metrics: JobMetrics,
     wake: Notify,
     held: Mutex<HashMap<String, Held>>,
-    running: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    running: Mutex<HashMap<String, oneshot::Sender<Abort>>>,
     /// Tenants whose concurrency slots were full at the last claim.
     skip: Mutex<HashSet<String>>,
     /// Set at shutdown: running jobs are handed back rather than left to their lease.
@@ -390,6 +398,9 @@ impl Jobs {
                             .into_iter()
                             .filter(|(k, _)| !client::HOP_BY_HOP.contains(&k.as_str()))
                             .collect();
+                        // As the rule would have answered. The store keeps the upstream's own
+                        // headers, which settle the job's charge.
+                        rec.spec.response_headers.apply(&mut headers);
                         headers.push(("x-tollgate-job-id".into(), id.to_string()));
                         headers.push(("x-tollgate-job-status".into(), rec.status().as_str().into()));
                         if res.truncated {
@@ -445,7 +456,7 @@ impl Jobs {
             JobStatus::Pending => self.refund(&before.spec.id),
             _ => {
                 if let Some(tx) = lock(&self.running).remove(&before.spec.id) {
-                    let _ = tx.send(());
+                    let _ = tx.send(Abort::Cancel);
                 }
             }
         }

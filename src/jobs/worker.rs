@@ -1,7 +1,7 @@
 //! The workers and the upkeep of one instance: claim, run, renew, finish; reap lost leases and
 //! expired results; send completion callbacks.
 
-use super::{client, event, lock, Jobs};
+use super::{client, event, lock, Abort, Jobs};
 use crate::limits::concurrency::SlotGuard;
 use crate::policy::ConcurrencySpec;
 use crate::store::jobs::{JobRecord, JobResult, JobSpec, JobStatus, Renewed};
@@ -27,8 +27,8 @@ struct Outcome {
 enum Stopped {
     /// Cancelled through the job API (here, or on another instance).
     Cancelled,
-    /// Aborted here: a cancel on this instance, or shutdown.
-    Aborted,
+    /// This instance is shutting down.
+    Shutdown,
     /// The lease passed to another worker.
     Lost,
 }
@@ -56,7 +56,7 @@ impl Jobs {
         // for their leases to expire.
         self.stopping.store(true, std::sync::atomic::Ordering::Release);
         for (_, tx) in lock(&self.running).drain() {
-            let _ = tx.send(());
+            let _ = tx.send(Abort::Shutdown);
         }
         for t in tasks {
             let _ = t.await;
@@ -219,11 +219,14 @@ impl Jobs {
         let (abort_tx, abort_rx) = oneshot::channel();
         lock(&self.running).insert(spec.id.clone(), abort_tx);
         // A shutdown that began between the claim and the line above drained `running` without
-        // this job: it goes back now rather than run past the process's end and wait out its
-        // lease. (`stopping` is set before the drain, so one of the two always sees the job.)
+        // this job: it goes back to the queue now rather than run past the process's end and
+        // wait out its lease. (`stopping` is set before the drain, so one of the two always
+        // sees the job.) Nothing was forwarded, so it goes back whatever `retry_lost` says.
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             drop(slot);
-            self.hand_back(spec).await;
+            if let Err(e) = self.store.unclaim(&spec.id, &self.worker).await {
+                tracing::warn!(error = %e, job_id = %spec.id, "cannot hand a job back at shutdown; its lease will expire");
+            }
             return;
         }
         let clock = Instant::now();
@@ -232,24 +235,15 @@ impl Jobs {
         self.metrics.run.with_label_values(&[&spec.tier]).observe(clock.elapsed().as_secs_f64());
         let outcome = match outcome {
             Ok(o) => o,
-            Err(Stopped::Aborted) if self.stopping.load(std::sync::atomic::Ordering::Acquire) => {
+            Err(Stopped::Shutdown) => {
                 self.hand_back(spec).await;
                 return;
             }
             Err(why) => {
-                // The cancel was recorded and announced by whoever cancelled it. The upstream
-                // had the job, so it is metered like a forwarded request whose client went
-                // away: the charge at its estimate, status 499; its quota reservation stays.
-                // A lost lease is metered by the worker that runs the job again.
-                if !matches!(why, Stopped::Lost) {
-                    let cancelled = Outcome {
-                        status: JobStatus::Cancelled,
-                        result: None,
-                        error: None,
-                        reached: true,
-                        progress: None,
-                    };
-                    self.meter_run(spec, &cancelled, clock.elapsed().as_secs_f64(), self.clock.now_millis());
+                // The cancel was recorded and announced by whoever cancelled it; a lost lease
+                // is metered by the worker that runs the job again.
+                if matches!(why, Stopped::Cancelled) {
+                    self.meter_cancelled(spec, clock.elapsed().as_secs_f64());
                 }
                 lock(&self.skip).remove(&spec.tenant);
                 self.wake.notify_waiters();
@@ -280,11 +274,27 @@ impl Jobs {
                 event(&self, spec, outcome.status, outcome.error.as_deref());
                 self.callback(spec, outcome.status);
             }
-            Ok(false) => {}
+            Ok(false) => {
+                // Cancelled while the answer was on its way (the store tells only the worker
+                // that was running it), or lost to another worker.
+                let lease_ms = self.config().lease_ttl.as_millis() as i64;
+                if let Ok(Renewed::Cancelled) = self.store.renew(&spec.id, &self.worker, None, now, lease_ms).await {
+                    self.meter_cancelled(spec, clock.elapsed().as_secs_f64());
+                }
+            }
             Err(e) => tracing::warn!(error = %e, job_id = %spec.id, "cannot record a job's end; its lease will expire"),
         }
         lock(&self.skip).remove(&spec.tenant);
         self.wake.notify_waiters();
+    }
+
+    /// Meters a run that was cancelled once the upstream had it, like a forwarded request whose
+    /// client went away: the charge at its estimate, status 499. Its quota reservation stays,
+    /// so the ledger and the quota agree.
+    fn meter_cancelled(&self, spec: &JobSpec, secs: f64) {
+        let cancelled =
+            Outcome { status: JobStatus::Cancelled, result: None, error: None, reached: true, progress: None };
+        self.meter_run(spec, &cancelled, secs, self.clock.now_millis());
     }
 
     /// Meters a run that ended here like a forwarded request: the ledger counts one request
@@ -364,7 +374,7 @@ impl Jobs {
     }
 
     /// Forwards the job, renewing its lease meanwhile, until it ends or is stopped.
-    async fn execute(&self, spec: &JobSpec, mut abort: oneshot::Receiver<()>) -> Result<Outcome, Stopped> {
+    async fn execute(&self, spec: &JobSpec, mut abort: oneshot::Receiver<Abort>) -> Result<Outcome, Stopped> {
         let cfg = self.config();
         let lease_ms = cfg.lease_ttl.as_millis() as i64;
         let progress: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -386,7 +396,14 @@ impl Jobs {
                         progress: lock(&progress).clone(),
                     });
                 }
-                _ = &mut abort => return Err(Stopped::Aborted),
+                why = &mut abort => {
+                    return Err(match why {
+                        Ok(Abort::Cancel) => Stopped::Cancelled,
+                        Ok(Abort::Shutdown) => Stopped::Shutdown,
+                        // Never sent: its lease will expire, and the job run again.
+                        Err(_) => Stopped::Lost,
+                    })
+                }
                 _ = tokio::time::sleep(renew_every) => {}
                 _ = seen.notified() => {}
             }
@@ -430,10 +447,8 @@ impl Jobs {
         };
         match client::exchange(addr, pool.config.connect_timeout, &req, head, spec.result_max_bytes, on_head).await {
             Ok(a) => {
-                let mut headers: Vec<(String, String)> =
+                let headers: Vec<(String, String)> =
                     a.headers.into_iter().filter(|(k, _)| !client::HOP_BY_HOP.contains(&k.as_str())).collect();
-                // Stored as the client would have received it from the rule.
-                spec.response_headers.apply(&mut headers);
                 Outcome {
                     status: JobStatus::Completed,
                     result: Some(JobResult { status: a.status, headers, body: a.body, truncated: a.truncated }),

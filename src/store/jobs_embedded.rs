@@ -112,7 +112,8 @@ fn load(tx: &Transaction<'_>, id: &str) -> Result<Option<JobRecord>, StoreError>
 /// Ends a pending or running job as cancelled.
 fn cancel_row(tx: &Transaction<'_>, id: &str, retention_ms: i64, now_ms: i64) -> Result<(), StoreError> {
     tx.execute(
-        "UPDATE jobs SET status = 'cancelled', finished_ms = ?2, expires_ms = ?3, worker = NULL, lease_ms = NULL
+        // `worker` stays: the worker that was running it is told `cancelled`, any other `lost`.
+        "UPDATE jobs SET status = 'cancelled', finished_ms = ?2, expires_ms = ?3, lease_ms = NULL
          WHERE id = ?1 AND status IN ('pending', 'running')",
         params![id, now_ms, now_ms.saturating_add(retention_ms)],
     )
@@ -223,7 +224,7 @@ impl JobStore for EmbeddedJobs {
                     .map_err(backend)?;
                     Renewed::Running
                 }
-                Some((s, _)) if s == "cancelled" => Renewed::Cancelled,
+                Some((s, Some(w))) if s == "cancelled" && w == worker => Renewed::Cancelled,
                 _ => Renewed::Lost,
             })
         })

@@ -96,7 +96,7 @@ if s == 'running' and redis.call('HGET', k, 'worker') == ARGV[2] then
   redis.call('ZADD', p..'running', ARGV[3], ARGV[1])
   return 'running'
 end
-if s == 'cancelled' then return 'cancelled' end
+if s == 'cancelled' and redis.call('HGET', k, 'worker') == ARGV[2] then return 'cancelled' end
 return 'lost'
 "#;
 
@@ -132,7 +132,8 @@ for i = 3, #ARGV do
     end
     local exp = tonumber(ARGV[2]) + tonumber(redis.call('HGET', k, 'ret'))
     redis.call('HSET', k, 'status', 'cancelled', 'finished', ARGV[2], 'expires', exp)
-    redis.call('HDEL', k, 'worker', 'lease')
+    -- `worker` stays: the worker that was running it is told `cancelled`, any other `lost`.
+    redis.call('HDEL', k, 'lease')
     redis.call('ZADD', p..'finished', exp, id)
     redis.call('HINCRBY', p..'open', t, -1)
     table.insert(out, id..'|'..s)
