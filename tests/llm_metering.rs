@@ -178,7 +178,14 @@ fn an_estimate_from_max_tokens_is_reserved_and_the_settlement_replaces_it() {
     let r = post(&gw, "/v1/chat/completions", &[], &newer);
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(llm.count(), before);
-    // A request without max_tokens reserves the pack's default (1024 > 990 left): refused.
+    // A completion reserves `max_tokens` times the larger of `n` and `best_of` (the upstream
+    // generates `best_of` completions to return `n`).
+    let best_of = serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 10, "n": 2, "best_of": 20});
+    let r = post(&gw, "/v1/completions", &[("x-test-usage", "5,5")], &best_of);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("790"), "{:?}", r.headers);
+    assert_eq!(used(&gw, "tokens"), 20);
+    // A request without max_tokens reserves the pack's default (1024 > 980 left): refused.
     let r = post(&gw, "/v1/chat/completions", &[], &serde_json::json!({"model": "m", "messages": []}));
     assert_eq!(r.status, 429);
     // A cost that is not a count is a client error.

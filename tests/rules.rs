@@ -474,6 +474,21 @@ fn body_charge_errors_name_their_place() {
         2,
         1,
     );
+    // More distinct request-body paths than the scanner reads (16) is an error, not a rule
+    // that silently reads nothing.
+    let four = |p: &str| format!("[\"{p}1\", \"{p}2\", \"{p}3\", \"{p}4\"]");
+    let many = format!(
+        "usage_metrics = [\"a\", \"b\", \"c\"]\n[[rule]]\nname = \"a\"\nmax_body = \"1MiB\"\ncharge = [\n\
+         {{ metric = \"a\", cost_from_body = {}, cost_multiplier_from_body = {} }},\n\
+         {{ metric = \"b\", cost_from_body = {}, cost_multiplier_from_body = \"r\" }},\n\
+         {{ metric = \"c\", cost_from_body = {} }},\n]\n",
+        four("p"),
+        four("m"),
+        four("q"),
+        four("s")
+    );
+    assert_rule_error(&many, "too many paths in the request body", 2, 1);
+    assert!(rule_errors(&many.replace(", cost_multiplier_from_body = \"r\"", "")).is_empty(), "16 paths are fine");
 }
 
 #[test]

@@ -129,9 +129,10 @@ fn policy(config: &Config, rule: &Rule, req: &RequestView<'_>, out: &mut String)
                     [one] => format!("from body field `{one}` (default {default})"),
                     _ => format!("from the largest of body fields `{}` (default {default})", paths.join("`, `")),
                 };
-                match multiplier {
-                    Some(m) => format!("{from} times body field `{m}`"),
-                    None => from,
+                match multiplier.as_slice() {
+                    [] => from,
+                    [one] => format!("{from} times body field `{one}`"),
+                    _ => format!("{from} times the largest of body fields `{}`", multiplier.join("`, `")),
                 }
             }
         };

@@ -143,7 +143,7 @@ pub fn charges_of(permit: &Permit<'_>, req: &RequestHeader, hints: &Hints<'_>) -
 
 /// Takes the estimates of `cost_from_body` charges from the scanned request body: the largest
 /// of the charge's fields present (or its `default_cost` when none is), times its
-/// `cost_multiplier_from_body` field when the body has one. A field that is not a whole number,
+/// largest `cost_multiplier_from_body` field present (at least 1). A field that is not a whole number,
 /// or an estimate over `max_cost`, is refused.
 pub fn costs_from_body(
     charges: &mut [ChargeInfo],
@@ -177,10 +177,15 @@ pub fn costs_from_body(
             largest = Some(largest.map_or(n, |l| l.max(n)));
         }
         let base = largest.unwrap_or(info.estimate);
-        let times = match (times_at, multiplier) {
-            (Some(i), Some(m)) => count(*i, m)?.map(|t| (t.max(1), m)),
-            _ => None,
-        };
+        let mut times: Option<(u64, &str)> = None;
+        for (i, m) in times_at.iter().zip(multiplier) {
+            if let Some(t) = count(*i, m)? {
+                if times.is_none_or(|(was, _)| t > was) {
+                    times = Some((t, m));
+                }
+            }
+        }
+        let times = times.map(|(t, m)| (t.max(1), m));
         let estimate = match times {
             Some((t, m)) => {
                 let product = base.saturating_mul(t);

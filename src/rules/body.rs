@@ -18,8 +18,8 @@ pub struct BodyPlan {
     /// Per charge (in the rule's order): the indexes in `request` of its `cost_from_body`
     /// paths (empty for a cost from elsewhere).
     pub cost_at: Vec<Vec<usize>>,
-    /// Per charge: the index in `request` of its `cost_multiplier_from_body`.
-    pub multiplier_at: Vec<Option<usize>>,
+    /// Per charge: the indexes in `request` of its `cost_multiplier_from_body` paths.
+    pub multiplier_at: Vec<Vec<usize>>,
     pub model_at: Option<usize>,
     /// `stream`, `stream_options` and `stream_options.include_usage`, for
     /// `inject_stream_usage`.
@@ -61,19 +61,20 @@ impl PathList {
         }
     }
 
-    fn compile(&self) -> Option<JsonPaths> {
+    /// `Err` names the side when its paths do not compile together (more than the scanner
+    /// takes; each path alone was checked when the rule was read).
+    fn compile(&self, side: &str) -> Result<Option<JsonPaths>, String> {
         if self.0.is_empty() {
-            return None;
+            return Ok(None);
         }
-        // Every path was checked when the rule was read; a list that fails to compile here
-        // (more paths than the scanner takes) leaves the rule reading nothing from that side.
-        JsonPaths::new(&self.0).ok()
+        JsonPaths::new(&self.0).map(Some).map_err(|e| format!("the rule reads too many paths in the {side}: {e}"))
     }
 }
 
 impl BodyPlan {
-    /// The plan of a rule's (merged) actions; `None` when the rule reads no body.
-    pub fn of(a: &Actions) -> Option<BodyPlan> {
+    /// The plan of a rule's (merged) actions; `None` when the rule reads no body, `Err` when
+    /// it names more distinct paths on one side than the scanner takes.
+    pub fn of(a: &Actions) -> Result<Option<BodyPlan>, String> {
         let mut request = PathList::default();
         let cost_at: Vec<Vec<usize>> = a
             .charges
@@ -83,12 +84,12 @@ impl BodyPlan {
                 _ => Vec::new(),
             })
             .collect();
-        let multiplier_at: Vec<Option<usize>> = a
+        let multiplier_at: Vec<Vec<usize>> = a
             .charges
             .iter()
             .map(|c| match &c.cost {
-                CostSource::Body { multiplier: Some(m), .. } => Some(request.add(m)),
-                _ => None,
+                CostSource::Body { multiplier, .. } => multiplier.iter().map(|m| request.add(m)).collect(),
+                _ => Vec::new(),
             })
             .collect();
         let model_at = a.model_from_body.as_ref().map(|m| request.add(m));
@@ -107,20 +108,20 @@ impl BodyPlan {
             a.charges.iter().map(|c| c.settle_from_sse.as_ref().map(|p| sse.add(p))).collect();
         let sse_choices_at = (a.inject_stream_usage && !sse.0.is_empty()).then(|| sse.add(&"choices".into()));
         if request.0.is_empty() && json.0.is_empty() && sse.0.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(BodyPlan {
+        Ok(Some(BodyPlan {
             pre_read: cost_at.iter().any(|at| !at.is_empty()) || stream_at.is_some(),
-            request: request.compile(),
+            request: request.compile("request body")?,
             cost_at,
             multiplier_at,
             model_at,
             stream_at,
-            json: json.compile(),
+            json: json.compile("JSON answer")?,
             json_at,
-            sse: sse.compile().map(Arc::new),
+            sse: sse.compile("event stream")?.map(Arc::new),
             sse_at,
             sse_choices_at,
-        })
+        }))
     }
 }

@@ -78,8 +78,9 @@ pub struct ChargeFile {
     #[serde(default, deserialize_with = "words::string_or_strings")]
     pub cost_from_body: Option<Spanned<Vec<SStr>>>,
     /// A dotted path to a whole number in the JSON request body that multiplies the estimate
-    /// (`n`, the number of completions asked for).
-    pub cost_multiplier_from_body: Option<SStr>,
+    /// (`n`, the number of completions asked for), or a list of them (the largest present).
+    #[serde(default, deserialize_with = "words::string_or_strings")]
+    pub cost_multiplier_from_body: Option<Spanned<Vec<SStr>>>,
     /// The estimate when the body carries none of `cost_from_body`.
     pub default_cost: Option<Spanned<i64>>,
     pub max_cost: Option<Spanned<i64>>,

@@ -101,8 +101,8 @@ pub enum CostSource {
     Body {
         paths: Vec<Arc<str>>,
         default: u64,
-        /// A body field that multiplies the estimate (at least 1 when present).
-        multiplier: Option<Arc<str>>,
+        /// Body fields that multiply the estimate: the largest present, at least 1.
+        multiplier: Vec<Arc<str>>,
     },
 }
 
@@ -383,6 +383,9 @@ pub fn compile(files: Vec<RuleFile>, ctx: &RefContext<'_>, diags: &mut Diagnosti
                     })
                     .unwrap_or(r.span());
                 c.diags.error_at(src, span, format!("rule `{name}` charges `requests`, which every request already counts once; charge another metric"));
+            }
+            if let Err(e) = BodyPlan::of(&actions) {
+                c.diags.error_at(src, r.span(), format!("rule `{name}`: {e}"));
             }
             if actions.body.as_ref().is_some_and(|b| b.pre_read) && actions.max_body.is_none() {
                 c.diags.error_at(src, r.span(), format!("rule `{name}` reads the whole request body (`cost_from_body` or `inject_stream_usage`) and needs a `max_body` to bound it, for example `max_body = \"4MiB\"`"));
@@ -697,7 +700,8 @@ fn merge(defaults: &Actions, own: &Actions, set: Fields) -> Actions {
             q
         },
     };
-    out.body = BodyPlan::of(&out).map(Arc::new);
+    // A plan that does not compile is reported where the rule is read (`BodyPlan::of` again).
+    out.body = BodyPlan::of(&out).ok().flatten().map(Arc::new);
     out
 }
 
@@ -720,6 +724,25 @@ impl Compiler<'_, '_> {
                 None
             }
         }
+    }
+
+    /// One body path or a list of 1 to 4, each once. An upstream may honour one of several
+    /// spellings of a field (`max_tokens`, `max_completion_tokens`): the largest value present
+    /// is one none of them passes.
+    fn body_paths(&mut self, src: &SourceFile, list: &Spanned<Vec<SStr>>, key: &str) -> Vec<Arc<str>> {
+        const MOST: usize = 4;
+        if list.get_ref().is_empty() || list.get_ref().len() > MOST {
+            self.diags.error_at(src, list.span(), format!("`{key}` takes one path, or a list of 1 to {MOST} paths"));
+        }
+        let mut paths: Vec<Arc<str>> = Vec::with_capacity(list.get_ref().len());
+        for one in list.get_ref() {
+            let path = self.body_path(src, one).unwrap_or_else(|| "-".into());
+            if paths.contains(&path) {
+                self.diags.error_at(src, one.span(), format!("`{path}` is named twice in `{key}`"));
+            }
+            paths.push(path);
+        }
+        paths
     }
 
     fn charge(&mut self, src: &SourceFile, span: std::ops::Range<usize>, cf: &ChargeFile) -> Option<Charge> {
@@ -780,25 +803,11 @@ impl Compiler<'_, '_> {
                 Some(d) => *d.get_ref() as u64,
                 None => 1,
             };
-            // An upstream honours one of several spellings of a bound (`max_tokens`,
-            // `max_completion_tokens`); the largest present is an estimate none of them passes.
-            const MOST: usize = 4;
-            if p.get_ref().is_empty() || p.get_ref().len() > MOST {
-                self.diags.error_at(
-                    src,
-                    p.span(),
-                    format!("`cost_from_body` takes one path, or a list of 1 to {MOST} paths"),
-                );
-            }
-            let mut paths: Vec<Arc<str>> = Vec::with_capacity(p.get_ref().len());
-            for one in p.get_ref() {
-                let path = self.body_path(src, one).unwrap_or_else(|| "-".into());
-                if paths.contains(&path) {
-                    self.diags.error_at(src, one.span(), format!("`{path}` is named twice in `cost_from_body`"));
-                }
-                paths.push(path);
-            }
-            let multiplier = cf.cost_multiplier_from_body.as_ref().and_then(|m| self.body_path(src, m));
+            let paths = self.body_paths(src, p, "cost_from_body");
+            let multiplier = match &cf.cost_multiplier_from_body {
+                Some(m) => self.body_paths(src, m, "cost_multiplier_from_body"),
+                None => Vec::new(),
+            };
             CostSource::Body { paths, default, multiplier }
         } else {
             CostSource::Constant(1)
