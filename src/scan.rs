@@ -175,6 +175,24 @@ impl JsonPaths {
         out
     }
 
+    /// The paths of `alive` whose segment `d` is `key` only when case is ignored the way Go's
+    /// `encoding/json` ignores it (ASCII case, plus the Kelvin sign for `k` and the long s
+    /// for `s`).
+    fn match_key_folded(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
+        let mut out = 0;
+        let mut bits = alive;
+        while bits != 0 {
+            let p = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(seg) = self.paths.get(p).and_then(|p| p.segs.get(d)) {
+                if seg.index.is_none() && *seg.text != *key && fold_eq(&seg.text, key) {
+                    out |= 1 << p;
+                }
+            }
+        }
+        out
+    }
+
     /// The paths of `alive` whose segment `d` is the array index `index`.
     fn match_index(&self, alive: u16, d: usize, index: u64) -> u16 {
         let mut out = 0;
@@ -190,6 +208,27 @@ impl JsonPaths {
         }
         out
     }
+}
+
+/// `key` equals `seg` (ASCII, lower case) when case is folded as Go's `encoding/json` folds it:
+/// ASCII letters either case, `K` (U+212A KELVIN SIGN) as `k`, `ſ` (U+017F) as `s`.
+fn fold_eq(seg: &[u8], key: &[u8]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < seg.len() {
+        let want = seg[i].to_ascii_lowercase();
+        let rest = &key[j.min(key.len())..];
+        if want == b'k' && rest.starts_with("\u{212A}".as_bytes()) {
+            j += 3;
+        } else if want == b's' && rest.starts_with("\u{17F}".as_bytes()) {
+            j += 2;
+        } else if rest.first().is_some_and(|b| b.to_ascii_lowercase() == want) {
+            j += 1;
+        } else {
+            return false;
+        }
+        i += 1;
+    }
+    j == key.len()
 }
 
 /// What was found at a path.
@@ -465,6 +504,8 @@ pub struct JsonScan {
     /// paths that occur again ([`JsonScan::strict`]).
     strict: bool,
     dup_mask: u16,
+    /// Paths met under a key that equals their segment only when case is ignored.
+    case_mask: u16,
     all: u16,
     state: St,
     frames: [Frame; MAX_SEGMENTS],
@@ -503,6 +544,7 @@ impl JsonScan {
             found_mask: 0,
             strict: false,
             dup_mask: 0,
+            case_mask: 0,
             all: paths.all,
             state: St::Value,
             frames: [Frame::default(); MAX_SEGMENTS],
@@ -539,6 +581,7 @@ impl JsonScan {
         }
         self.found_mask = 0;
         self.dup_mask = 0;
+        self.case_mask = 0;
         self.state = if self.all == 0 { St::Done } else { St::Value };
         self.nframes = 0;
         self.skip_depth = 0;
@@ -568,6 +611,12 @@ impl JsonScan {
     /// Whether some path occurred more than once (only noted by a [`JsonScan::strict`] scanner).
     pub fn duplicated(&self) -> bool {
         self.dup_mask != 0
+    }
+
+    /// Whether a key along some path differs from the path's segment only in case (only noted
+    /// by a [`JsonScan::strict`] scanner).
+    pub fn case_variant(&self) -> bool {
+        self.case_mask != 0
     }
 
     /// The paths no longer looked for: those found, unless every occurrence is wanted.
@@ -1036,6 +1085,10 @@ impl JsonScan {
                 } else {
                     paths.match_key(alive, d, &self.key[..self.key_len])
                 };
+                if self.strict && cur == 0 && !self.key_over {
+                    // Some parsers (Go's) take `Max_Tokens` for `max_tokens`; others ignore it.
+                    self.case_mask |= paths.match_key_folded(alive, d, &self.key[..self.key_len]);
+                }
                 self.set_pending(paths, cur, d);
                 self.state = St::Colon;
             }
@@ -1553,6 +1606,41 @@ mod tests {
         let mut s = JsonScan::new(&paths);
         s.feed(&paths, br#"{"max_tokens":1,"stream":true,"opts":{"n":3},"max_tokens":2}"#);
         assert!(!s.duplicated());
+    }
+
+    #[test]
+    fn a_strict_scanner_notes_keys_that_name_a_path_only_in_another_case() {
+        let paths = JsonPaths::new(&["max_tokens", "stream", "opts.n"]).unwrap();
+        let variant = |doc: &str| {
+            let mut s = JsonScan::strict(&paths);
+            s.feed(&paths, doc.as_bytes());
+            s.finish(&paths);
+            s.case_variant()
+        };
+        for doc in [
+            r#"{"Max_Tokens":1}"#,
+            r#"{"max_tokens":1,"MAX_TOKENS":2}"#,
+            r#"{"STREAM":true}"#,
+            r#"{"opts":{"N":1}}"#,
+            r#"{"Opts":{"n":1}}"#,
+            r#"{"max_to\u212Aens":1}"#,
+            "{\"max_to\u{212A}ens\":1}",
+            r#"{"\u017Ftream":true}"#,
+        ] {
+            assert!(variant(doc), "{doc}");
+        }
+        for doc in [
+            r#"{"max_tokens":1,"stream":true,"opts":{"n":1}}"#,
+            r#"{"x":{"Max_Tokens":1},"y":[{"STREAM":1}]}"#,
+            r#"{"max_tokens_":1,"streams":true,"Max_Token":1}"#,
+            r#"{"max_to\u212Aen":1}"#,
+        ] {
+            assert!(!variant(doc), "{doc}");
+        }
+        // The default scanner (answers) does not look.
+        let mut s = JsonScan::new(&paths);
+        s.feed(&paths, br#"{"Max_Tokens":1}"#);
+        assert!(!s.case_variant());
     }
     use proptest::prelude::*;
 

@@ -1064,8 +1064,40 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
         "[".repeat(200),
         "]".repeat(200)
     );
+    // UTF-16LE, which Python's `json.loads` detects and reads: ASCII with a NUL after each byte.
+    let utf16: String = r#"{"max_tokens":900000}"#.chars().flat_map(|c| [c, '\0']).collect();
     let cases: Vec<BodyCase> = vec![
         ("plain", chat(r#"{"model":"m","max_tokens":40}"#, false, &[]), 200, None, true, Some("40")),
+        ("UTF-16LE body", chat(&utf16, false, &[]), 400, Some("bad_request"), false, None),
+        ("a NUL byte after the JSON", chat("{\"max_tokens\":5}\0", false, &[]), 400, Some("bad_request"), false, None),
+        // Go's encoding/json (Ollama) matches keys ignoring case; Python's does not.
+        ("Max_Tokens", chat(r#"{"Max_Tokens":900000}"#, false, &[]), 400, Some("bad_request"), false, None),
+        (
+            "max_tokens and MAX_TOKENS",
+            chat(r#"{"max_tokens":10,"MAX_TOKENS":900000}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
+            "a Kelvin sign for k",
+            chat(r#"{"max_to\u212Aens":900000}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        ("a long s for s", chat(r#"{"\u017Ftream":true}"#, false, &[]), 400, Some("bad_request"), false, None),
+        ("N for n", chat(r#"{"max_tokens":10,"N":50}"#, false, &[]), 400, Some("bad_request"), false, None),
+        (
+            "a case variant off the read paths",
+            chat(r#"{"messages":[{"Model":"x","MAX_TOKENS":1}],"max_tokens":3}"#, false, &[]),
+            200,
+            None,
+            true,
+            Some("3"),
+        ),
         ("no max_tokens: the default", chat(r#"{"model":"m"}"#, false, &[]), 200, None, true, Some("1024")),
         ("max_tokens in a nested object", chat(r#"{"x":{"max_tokens":1}}"#, false, &[]), 200, None, true, Some("1024")),
         ("max_tokens as a string", chat(r#"{"max_tokens":"1"}"#, false, &[]), 400, Some("invalid_cost"), false, None),

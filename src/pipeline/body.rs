@@ -100,9 +100,11 @@ fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
         && req.headers.get(http::header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Scans a request body read whole. A body that starts with a byte-order mark, or names a
-/// field the gateway reads twice, is refused: parsers disagree on both (most take the last of
-/// two equal keys; some skip the mark), so the gateway could reserve and ask for usage on one
+/// Scans a request body read whole. A body that starts with a byte-order mark, is not UTF-8
+/// (UTF-16 or UTF-32, which some parsers detect and read), names a field the gateway reads
+/// twice, or names one in another case, is refused: parsers disagree on all of these (most
+/// take the last of two equal keys; Python's skips the mark and reads UTF-16; Go's matches
+/// `Max_Tokens` to `max_tokens`), so the gateway could reserve and ask for usage on one
 /// reading while the upstream acts on another.
 pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>, Reject> {
     let Some(paths) = plan.request.as_ref() else { return Ok(None) };
@@ -114,9 +116,23 @@ pub fn scan_whole(plan: &BodyPlan, body: &[u8]) -> Result<Option<Box<JsonScan>>,
             detail: "The request body starts with a byte-order mark; send the JSON without it.".into(),
         });
     }
+    if body.starts_with(b"\xFE\xFF") || body.starts_with(b"\xFF\xFE") || memchr::memchr(0, body).is_some() {
+        // UTF-8 JSON has no NUL byte (RFC 8259 requires UTF-8 and escapes control characters);
+        // UTF-16 and UTF-32 texts have one in their first four bytes.
+        return Err(Reject::BadRequest {
+            detail:
+                "The request body is not UTF-8 JSON (it has a NUL byte or a UTF-16 byte-order mark); send it as UTF-8."
+                    .into(),
+        });
+    }
     let mut scan = Box::new(JsonScan::strict(paths));
     scan.feed(paths, body);
     scan.finish(paths);
+    if scan.case_variant() {
+        return Err(Reject::BadRequest {
+            detail: "The request body names a field this route reads (such as `max_tokens`, `n`, `stream` or `model`) in another case; field names are lower case, as the API documents them.".into(),
+        });
+    }
     if scan.duplicated() {
         return Err(Reject::BadRequest {
             detail: "The request body names a field this route reads (such as `max_tokens`, `stream` or `model`) more than once; send each field once.".into(),
@@ -223,7 +239,7 @@ pub fn upstream_body(state: &mut BodyState, plan: &BodyPlan, body: &mut Option<B
     }
     if end_of_stream {
         scan.finish(paths);
-        state.model = if scan.duplicated() { None } else { model_of(plan, scan) };
+        state.model = if scan.duplicated() || scan.case_variant() { None } else { model_of(plan, scan) };
     }
 }
 
