@@ -12,6 +12,11 @@
 //! - `json/small_keys_4k`: a ~4 KiB object of many short keys with numbers, strings and small
 //!   nested objects, the worst shape (every byte is structure at a depth a path can reach);
 //!   the same paths plus one the body lacks (so the scan reads to the end); one chunk.
+//! - `json/request_strict_small_keys_4k`: the same 4 KiB body read as a request body is read
+//!   before forwarding (a strict scanner, which reads to the end and compares every key along a
+//!   path with the paths in another case too); the paths of the `openai-compatible` pack's
+//!   completions route: `max_tokens`, `n`, `best_of`, `model`, `stream`, `stream_options`,
+//!   `stream_options.include_usage`.
 //! - `sse/chat_200_events_1k_chunks/{pass,drop}`: 200 chat-chunk events (~150 bytes each), a
 //!   usage event and `data: [DONE]`, fed in 1 KiB chunks; paths `usage.total_tokens`,
 //!   `choices`; without `drop_when`, and with `drop_when = (usage.total_tokens, choices)`
@@ -101,6 +106,26 @@ fn bench(c: &mut Criterion) {
             scan.feed(&json_paths, black_box(&small));
             scan.finish(&json_paths);
             assert_eq!(scan.get(0), Some(&Found::Num(3)));
+        })
+    });
+    let request_paths = JsonPaths::new(&[
+        "max_tokens",
+        "n",
+        "best_of",
+        "model",
+        "stream",
+        "stream_options",
+        "stream_options.include_usage",
+    ])
+    .expect("paths");
+    let mut strict = JsonScan::strict(&request_paths);
+    g.bench_function("request_strict_small_keys_4k", |b| {
+        b.iter(|| {
+            strict.reset();
+            strict.feed(&request_paths, black_box(&small));
+            strict.finish(&request_paths);
+            assert!(!strict.duplicated() && !strict.case_variant());
+            assert!(matches!(strict.get(3), Some(Found::Str { .. })));
         })
     });
     g.finish();
