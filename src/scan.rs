@@ -503,6 +503,9 @@ pub struct JsonScan {
     /// Read the whole document, also past the first occurrence of every path, and note the
     /// paths that occur again ([`JsonScan::strict`]).
     strict: bool,
+    /// `found_mask & settle` are the paths no longer looked for: every found one, or none
+    /// when strict (kept as a mask so the hot loop tests no flag).
+    settle: u16,
     dup_mask: u16,
     /// Paths met under a key that equals their segment only when case is ignored.
     case_mask: u16,
@@ -543,6 +546,7 @@ impl JsonScan {
             found: vec![None; paths.len()],
             found_mask: 0,
             strict: false,
+            settle: u16::MAX,
             dup_mask: 0,
             case_mask: 0,
             all: paths.all,
@@ -605,6 +609,7 @@ impl JsonScan {
     pub fn strict(paths: &JsonPaths) -> JsonScan {
         let mut s = JsonScan::new(paths);
         s.strict = true;
+        s.settle = 0;
         s
     }
 
@@ -621,11 +626,7 @@ impl JsonScan {
 
     /// The paths no longer looked for: those found, unless every occurrence is wanted.
     fn settled(&self) -> u16 {
-        if self.strict {
-            0
-        } else {
-            self.found_mask
-        }
+        self.found_mask & self.settle
     }
 
     /// The value found at path `i` (the index in [`JsonPaths`]), if any.
@@ -647,7 +648,7 @@ impl JsonScan {
         let n = chunk.len();
         let mut i = 0;
         while i < n {
-            if !self.strict && self.found_mask == self.all {
+            if self.settled() == self.all {
                 // Only the first occurrence counts: nothing left to find.
                 self.state = St::Done;
             }
