@@ -41,6 +41,9 @@ pub const MAX_PATHS: usize = 16;
 pub const MAX_SEGMENTS: usize = 8;
 /// At most this many bytes in one segment, and in a key the scanner compares.
 pub const MAX_SEGMENT_LEN: usize = 64;
+/// The key buffer: a segment spelled with the longest characters Go's JSON decoder folds to
+/// ASCII (3 bytes for `k`), so a strict scanner can compare such spellings too.
+const KEY_BUF: usize = 3 * MAX_SEGMENT_LEN;
 /// At most this many bytes of a string value are kept.
 pub const MAX_STR: usize = 256;
 /// Levels of skipped content whose bracket kinds are checked; deeper levels are only counted.
@@ -73,6 +76,9 @@ pub struct JsonPaths {
     /// Bit `l` set: some path has a segment of `l` bytes at index `d` (a quick rejection of
     /// keys no path names).
     key_lens: [u128; MAX_SEGMENTS],
+    /// For a key's first byte, the paths whose segment at index `d` it may begin when case is
+    /// folded (strict scanners compare only those keys with [`fold_eq`]).
+    fold_first: [[u16; 256]; MAX_SEGMENTS],
     all: u16,
 }
 
@@ -87,6 +93,7 @@ impl JsonPaths {
             ends_at: [0; MAX_SEGMENTS],
             longer: [0; MAX_SEGMENTS],
             key_lens: [0; MAX_SEGMENTS],
+            fold_first: [[0; 256]; MAX_SEGMENTS],
             all: 0,
         };
         for (i, p) in paths.iter().enumerate() {
@@ -137,6 +144,16 @@ impl JsonPaths {
             }
             for (d, seg) in segs.iter().enumerate() {
                 out.key_lens[d] |= 1 << seg.text.len();
+                let first = seg.text[0].to_ascii_lowercase();
+                let firsts = &mut out.fold_first[d];
+                firsts[usize::from(first)] |= bit;
+                firsts[usize::from(first.to_ascii_uppercase())] |= bit;
+                // The first bytes of U+212A (Kelvin sign) and U+017F (long s).
+                match first {
+                    b'k' => firsts[0xE2] |= bit,
+                    b's' => firsts[0xC5] |= bit,
+                    _ => {}
+                }
             }
             out.all |= bit;
             out.paths.push(Path { text: p.to_string(), segs });
@@ -523,7 +540,7 @@ pub struct JsonScan {
     /// The path an array just opened is for, until its emptiness is known.
     arr_pending: u8,
     sink: Sink,
-    key: [u8; MAX_SEGMENT_LEN],
+    key: [u8; KEY_BUF],
     key_len: usize,
     key_over: bool,
     cap: Vec<u8>,
@@ -559,7 +576,7 @@ impl JsonScan {
             pending_carry: paths.all,
             arr_pending: NONE,
             sink: Sink::Skip,
-            key: [0; MAX_SEGMENT_LEN],
+            key: [0; KEY_BUF],
             key_len: 0,
             key_over: false,
             cap: Vec::with_capacity(MAX_STR + 4),
@@ -929,13 +946,39 @@ impl JsonScan {
             return None;
         }
         let d = self.nframes - 1;
+        let alive = self.frames[d].alive & !self.settled();
         let cur = if key.len() > MAX_SEGMENT_LEN || (paths.key_lens[d] >> key.len()) & 1 == 0 {
             0
         } else {
-            paths.match_key(self.frames[d].alive & !self.settled(), d, key)
+            paths.match_key(alive, d, key)
         };
+        if self.strict && cur == 0 {
+            // Most keys begin with a byte no path's segment begins with in any case.
+            let candidates = alive & key.first().map_or(0, |&b| paths.fold_first[d][usize::from(b)]);
+            if candidates != 0 {
+                self.note_case_variant(paths, candidates, d, key.len(), Some(key));
+            }
+        }
         self.set_pending(paths, cur, d);
         Some(m + 1)
+    }
+
+    /// Strict scanners: notes the paths of `alive` whose segment `d` the key (in place, or in
+    /// the key buffer) spells only in another case. Some parsers (Go's) take `Max_Tokens` for
+    /// `max_tokens`; others ignore it. Keys of a length no such spelling has are passed over.
+    fn note_case_variant(&mut self, paths: &JsonPaths, alive: u16, d: usize, len: usize, key: Option<&[u8]>) {
+        let key = key.unwrap_or(&self.key[..len]);
+        let Some(&first) = key.first() else { return };
+        let candidates = alive & paths.fold_first[d][usize::from(first)];
+        if candidates == 0 {
+            return;
+        }
+        let lens = paths.key_lens[d];
+        let (shortest, longest) = (lens.trailing_zeros() as usize, 127 - lens.leading_zeros() as usize);
+        if len < shortest || len > 3 * longest {
+            return;
+        }
+        self.case_mask |= paths.match_key_folded(candidates, d, key);
     }
 
     fn nothing_pending(&self) -> bool {
@@ -1081,14 +1124,16 @@ impl JsonScan {
             Sink::Key => {
                 let d = self.nframes - 1;
                 let alive = self.frames[d].alive & !self.settled();
-                let cur = if self.key_over || (paths.key_lens[d] >> self.key_len) & 1 == 0 {
+                let cur = if self.key_over
+                    || self.key_len > MAX_SEGMENT_LEN
+                    || (paths.key_lens[d] >> self.key_len) & 1 == 0
+                {
                     0
                 } else {
                     paths.match_key(alive, d, &self.key[..self.key_len])
                 };
                 if self.strict && cur == 0 && !self.key_over {
-                    // Some parsers (Go's) take `Max_Tokens` for `max_tokens`; others ignore it.
-                    self.case_mask |= paths.match_key_folded(alive, d, &self.key[..self.key_len]);
+                    self.note_case_variant(paths, alive, d, self.key_len, None);
                 }
                 self.set_pending(paths, cur, d);
                 self.state = St::Colon;
@@ -1116,7 +1161,7 @@ impl JsonScan {
         match self.sink {
             Sink::Skip => {}
             Sink::Key => {
-                if self.key_over || self.key_len + b.len() > MAX_SEGMENT_LEN {
+                if self.key_over || self.key_len + b.len() > KEY_BUF {
                     self.key_over = true;
                 } else {
                     self.key[self.key_len..self.key_len + b.len()].copy_from_slice(b);
@@ -1637,6 +1682,33 @@ mod tests {
             r#"{"max_to\u212Aen":1}"#,
         ] {
             assert!(!variant(doc), "{doc}");
+        }
+        // After a member no path reads (the key is then read in place, not in the key buffer),
+        // and split across chunks anywhere.
+        for doc in [
+            r#"{"messages":[],"Max_Tokens":900000}"#,
+            r#"{"temperature":1,"opts":{"x":1,"N":50}}"#,
+            "{\"model\":\"m\",\"max_to\u{212A}ens\":1}",
+            r#"{"a":"b","STREAM":true}"#,
+        ] {
+            assert!(variant(doc), "{doc}");
+            for cut in 1..doc.len() {
+                let mut s = JsonScan::strict(&paths);
+                s.feed(&paths, &doc.as_bytes()[..cut]);
+                s.feed(&paths, &doc.as_bytes()[cut..]);
+                s.finish(&paths);
+                assert!(s.case_variant(), "{doc} cut at {cut}");
+            }
+        }
+        assert!(!variant(r#"{"messages":[],"max_tokens":1,"temperature":0.5}"#));
+        // A segment spelled with Kelvin signs is longer than any segment (3 bytes for each `k`).
+        let ks = JsonPaths::new(&["kkkkkkkkkkkkkkkkkkkkkkkk"]).unwrap();
+        let kelvins: String = std::iter::repeat_n('\u{212A}', 24).collect();
+        for doc in [format!("{{\"{kelvins}\":1}}"), format!("{{\"x\":1,\"{kelvins}\":1}}")] {
+            let mut s = JsonScan::strict(&ks);
+            s.feed(&ks, doc.as_bytes());
+            s.finish(&ks);
+            assert!(s.case_variant(), "{doc}");
         }
         // The default scanner (answers) does not look.
         let mut s = JsonScan::new(&paths);

@@ -1091,6 +1091,14 @@ fn request_bodies_the_gateway_reads_get_their_documented_answers() {
         ("a long s for s", chat(r#"{"\u017Ftream":true}"#, false, &[]), 400, Some("bad_request"), false, None),
         ("N for n", chat(r#"{"max_tokens":10,"N":50}"#, false, &[]), 400, Some("bad_request"), false, None),
         (
+            "Max_Tokens after a member the rule does not read",
+            chat(r#"{"model":"m","messages":[],"Max_Tokens":900000}"#, false, &[]),
+            400,
+            Some("bad_request"),
+            false,
+            None,
+        ),
+        (
             "a case variant off the read paths",
             chat(r#"{"messages":[{"Model":"x","MAX_TOKENS":1}],"max_tokens":3}"#, false, &[]),
             200,

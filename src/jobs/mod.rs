@@ -101,7 +101,10 @@ pub struct Jobs {
     pub metrics: JobMetrics,
     wake: Notify,
     held: Mutex<HashMap<String, Held>>,
-    running: Mutex<HashMap<String, oneshot::Sender<Abort>>>,
+    /// Runs in progress here: each with a number of its own (a job whose lease was lost may
+    /// be claimed again here while its first run winds down) and the sender that aborts it.
+    running: Mutex<HashMap<String, (u64, oneshot::Sender<Abort>)>>,
+    runs: std::sync::atomic::AtomicU64,
     /// Tenants whose concurrency slots were full at the last claim.
     skip: Mutex<HashSet<String>>,
     /// Set at shutdown: running jobs are handed back rather than left to their lease.
@@ -249,6 +252,7 @@ impl Jobs {
             wake: Notify::new(),
             held: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            runs: std::sync::atomic::AtomicU64::new(0),
             skip: Mutex::new(HashSet::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             claiming: tokio::sync::Mutex::new(()),
@@ -455,7 +459,7 @@ impl Jobs {
         match before.status() {
             JobStatus::Pending => self.refund(&before.spec.id),
             _ => {
-                if let Some(tx) = lock(&self.running).remove(&before.spec.id) {
+                if let Some((_, tx)) = lock(&self.running).remove(&before.spec.id) {
                     let _ = tx.send(Abort::Cancel);
                 }
             }

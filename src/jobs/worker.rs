@@ -55,7 +55,7 @@ impl Jobs {
         // Running jobs go back to the queue now (or fail, per `retry_lost`), instead of waiting
         // for their leases to expire.
         self.stopping.store(true, std::sync::atomic::Ordering::Release);
-        for (_, tx) in lock(&self.running).drain() {
+        for (_, (_, tx)) in lock(&self.running).drain() {
             let _ = tx.send(Abort::Shutdown);
         }
         for t in tasks {
@@ -205,19 +205,23 @@ impl Jobs {
     /// Runs a claimed job holding its tenant's slot, and records how it ended.
     async fn run(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>) {
         let id = job.spec.id.clone();
-        self.clone().run_inner(job, slot).await;
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.clone().run_inner(job, slot, run).await;
         // Only now, once its quota is settled or refunded here: the upkeep leaves the jobs in
-        // `running` to this worker.
-        lock(&self.running).remove(&id);
+        // `running` to this worker. Another run of the same job is left in place.
+        let mut running = lock(&self.running);
+        if running.get(&id).is_some_and(|(r, _)| *r == run) {
+            running.remove(&id);
+        }
     }
 
-    async fn run_inner(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>) {
+    async fn run_inner(self: Arc<Self>, job: JobRecord, slot: Option<SlotGuard>, run: u64) {
         let spec = &job.spec;
         let started = self.clock.now_millis();
         self.metrics.wait.with_label_values(&[&spec.tier]).observe((started - spec.created_ms).max(0) as f64 / 1000.0);
         event(&self, spec, JobStatus::Running, None);
         let (abort_tx, abort_rx) = oneshot::channel();
-        lock(&self.running).insert(spec.id.clone(), abort_tx);
+        lock(&self.running).insert(spec.id.clone(), (run, abort_tx));
         // A shutdown that began between the claim and the line above drained `running` without
         // this job: it goes back to the queue now rather than run past the process's end and
         // wait out its lease. (`stopping` is set before the drain, so one of the two always
@@ -237,6 +241,10 @@ impl Jobs {
             Ok(o) => o,
             Err(Stopped::Shutdown) => {
                 self.hand_back(spec).await;
+                // A cancel that came as it stopped made the store refuse the hand-back.
+                if self.cancelled_here(spec).await {
+                    self.meter_cancelled(spec, clock.elapsed().as_secs_f64());
+                }
                 return;
             }
             Err(why) => {
@@ -274,18 +282,29 @@ impl Jobs {
                 event(&self, spec, outcome.status, outcome.error.as_deref());
                 self.callback(spec, outcome.status);
             }
+            // Cancelled while the answer was on its way: metered if the upstream had it, its
+            // reservation back if not. (Lost to another worker: that run settles it.)
             Ok(false) => {
-                // Cancelled while the answer was on its way (the store tells only the worker
-                // that was running it), or lost to another worker.
-                let lease_ms = self.config().lease_ttl.as_millis() as i64;
-                if let Ok(Renewed::Cancelled) = self.store.renew(&spec.id, &self.worker, None, now, lease_ms).await {
-                    self.meter_cancelled(spec, clock.elapsed().as_secs_f64());
+                if self.cancelled_here(spec).await {
+                    if outcome.reached {
+                        self.meter_cancelled(spec, clock.elapsed().as_secs_f64());
+                    } else {
+                        self.refund(&spec.id);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, job_id = %spec.id, "cannot record a job's end; its lease will expire"),
         }
         lock(&self.skip).remove(&spec.tenant);
         self.wake.notify_waiters();
+    }
+
+    /// After the store refused a run's end: whether the job was cancelled while this worker
+    /// ran it (the store says `cancelled` only to that worker; any other hears `lost`).
+    async fn cancelled_here(&self, spec: &JobSpec) -> bool {
+        let lease_ms = self.config().lease_ttl.as_millis() as i64;
+        let now = self.clock.now_millis();
+        matches!(self.store.renew(&spec.id, &self.worker, None, now, lease_ms).await, Ok(Renewed::Cancelled))
     }
 
     /// Meters a run that was cancelled once the upstream had it, like a forwarded request whose
