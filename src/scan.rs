@@ -176,54 +176,36 @@ impl JsonPaths {
         self.paths.iter().position(|p| p.text == path)
     }
 
-    /// The paths of `alive` whose segment `d` is `key`.
-    fn match_key(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
+    /// The paths of `alive` whose segment `d` satisfies `hit`.
+    #[inline]
+    fn matching(&self, alive: u16, d: usize, hit: impl Fn(&Seg) -> bool) -> u16 {
         let mut out = 0;
         let mut bits = alive;
         while bits != 0 {
             let p = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if let Some(seg) = self.paths.get(p).and_then(|p| p.segs.get(d)) {
-                if *seg.text == *key {
-                    out |= 1 << p;
-                }
+            if self.paths.get(p).and_then(|p| p.segs.get(d)).is_some_and(&hit) {
+                out |= 1 << p;
             }
         }
         out
+    }
+
+    /// The paths of `alive` whose segment `d` is `key`.
+    fn match_key(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
+        self.matching(alive, d, |seg| *seg.text == *key)
     }
 
     /// The paths of `alive` whose segment `d` is `key` only when case is ignored the way Go's
     /// `encoding/json` ignores it (ASCII case, plus the Kelvin sign for `k` and the long s
     /// for `s`).
     fn match_key_folded(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
-        let mut out = 0;
-        let mut bits = alive;
-        while bits != 0 {
-            let p = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if let Some(seg) = self.paths.get(p).and_then(|p| p.segs.get(d)) {
-                if seg.index.is_none() && *seg.text != *key && fold_eq(&seg.text, key) {
-                    out |= 1 << p;
-                }
-            }
-        }
-        out
+        self.matching(alive, d, |seg| seg.index.is_none() && *seg.text != *key && fold_eq(&seg.text, key))
     }
 
     /// The paths of `alive` whose segment `d` is the array index `index`.
     fn match_index(&self, alive: u16, d: usize, index: u64) -> u16 {
-        let mut out = 0;
-        let mut bits = alive;
-        while bits != 0 {
-            let p = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if let Some(seg) = self.paths.get(p).and_then(|p| p.segs.get(d)) {
-                if seg.index == Some(index) {
-                    out |= 1 << p;
-                }
-            }
-        }
-        out
+        self.matching(alive, d, |seg| seg.index == Some(index))
     }
 }
 

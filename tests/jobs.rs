@@ -149,10 +149,16 @@ fn used_of(gw: &Gateway, auth: &str, metric: &str) -> u64 {
 
 /// Usage on a shared store is reported as leases settle: wait a moment for it.
 fn wait_used(gw: &Gateway, auth: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while used(gw, auth) != want {
-        assert!(Instant::now() < deadline, "requests used is {}, not {want}", used(gw, auth));
-        std::thread::sleep(Duration::from_millis(100));
+    wait_used_of(gw, auth, "requests", want);
+}
+
+/// Waits (up to 10 s) until the tenant's `metric` quota shows `want` used: settlements and
+/// refunds of jobs land after the job's status.
+fn wait_used_of(gw: &Gateway, auth: &str, metric: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_of(gw, auth, metric) != want {
+        assert!(Instant::now() < deadline, "{metric} used is {}, not {want}", used_of(gw, auth, metric));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -209,16 +215,7 @@ fn lifecycle(store: &str) {
     let id = submit(&gw, &a, "/charged?delay_ms=300&header=x-rows-used:7", &[("x-rows", "50")]);
     assert_eq!(used_of(&gw, &a, "rows"), rows_before + 50, "the estimate is reserved at submission");
     wait_status(&gw, &a, &id, "completed");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while used_of(&gw, &a, "rows") != rows_before + 7 {
-        assert!(
-            Instant::now() < deadline,
-            "rows used is {}, not settled to {}",
-            used_of(&gw, &a, "rows"),
-            rows_before + 7
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_used_of(&gw, &a, "rows", rows_before + 7);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let m = get(gw.admin, "/metrics", &[]).expect("metrics").text();
@@ -233,11 +230,7 @@ fn lifecycle(store: &str) {
     let rows_before = used_of(&gw, &a, "rows");
     let id = submit(&gw, &a, "/hidden?header=x-rows-used:3", &[("x-rows", "50")]);
     wait_status(&gw, &a, &id, "completed");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while used_of(&gw, &a, "rows") != rows_before + 3 {
-        assert!(Instant::now() < deadline, "rows used is {}, not {}", used_of(&gw, &a, "rows"), rows_before + 3);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_used_of(&gw, &a, "rows", rows_before + 3);
     let r = gw.get(&format!("/_tollgate/jobs/{id}/result"), &[("authorization", &a)]);
     assert_eq!((r.status, r.header("x-rows-used")), (200, None));
 
@@ -518,19 +511,12 @@ fn the_accepting_instance_settles_jobs_other_instances_ended() {
     assert_eq!(used_of(&accepting, &a, "rows"), rows_before + 30);
     let r = other.request("DELETE", &format!("/_tollgate/jobs/{pending}"), &[("authorization", &a)], b"");
     assert_eq!(r.status, 200, "{}", r.text());
-    let wait_rows = |want: u64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while used_of(&accepting, &a, "rows") != want {
-            assert!(Instant::now() < deadline, "rows used is {}, not {want}", used_of(&accepting, &a, "rows"));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_rows(rows_before);
+    wait_used_of(&accepting, &a, "rows", rows_before);
     // Run by a third instance: settled from the result's header where it was accepted.
     let id = submit(&accepting, &a, "/charged?header=x-rows-used:4", &[("x-rows", "40")]);
     let _worker = Gateway::start(&config(&echo, &store));
     wait_status(&accepting, &a, &id, "completed");
-    wait_rows(rows_before + 4);
+    wait_used_of(&accepting, &a, "rows", rows_before + 4);
 }
 
 /// A job cancelled through another instance while its answer is on the way: the store tells
