@@ -198,9 +198,21 @@ impl JsonPaths {
 
     /// The paths of `alive` whose segment `d` is `key` only when case is ignored the way Go's
     /// `encoding/json` ignores it (ASCII case, plus the Kelvin sign for `k` and the long s
-    /// for `s`).
-    fn match_key_folded(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
-        self.matching(alive, d, |seg| seg.index.is_none() && *seg.text != *key && fold_eq(&seg.text, key))
+    /// for `s`): some parsers take `Max_Tokens` for `max_tokens`, others ignore it. Most keys
+    /// cost one table load: their first byte begins no segment in any case.
+    #[inline]
+    fn case_variants(&self, alive: u16, d: usize, key: &[u8]) -> u16 {
+        let Some(&first) = key.first() else { return 0 };
+        let candidates = alive & self.fold_first[d][usize::from(first)];
+        if candidates == 0 {
+            return 0;
+        }
+        let lens = self.key_lens[d];
+        let (shortest, longest) = (lens.trailing_zeros() as usize, 127 - lens.leading_zeros() as usize);
+        if key.len() < shortest || key.len() > 3 * longest {
+            return 0;
+        }
+        self.matching(candidates, d, |seg| seg.index.is_none() && *seg.text != *key && fold_eq(&seg.text, key))
     }
 
     /// The paths of `alive` whose segment `d` is the array index `index`.
@@ -935,32 +947,10 @@ impl JsonScan {
             paths.match_key(alive, d, key)
         };
         if self.strict && cur == 0 {
-            // Most keys begin with a byte no path's segment begins with in any case.
-            let candidates = alive & key.first().map_or(0, |&b| paths.fold_first[d][usize::from(b)]);
-            if candidates != 0 {
-                self.note_case_variant(paths, candidates, d, key.len(), Some(key));
-            }
+            self.case_mask |= paths.case_variants(alive, d, key);
         }
         self.set_pending(paths, cur, d);
         Some(m + 1)
-    }
-
-    /// Strict scanners: notes the paths of `alive` whose segment `d` the key (in place, or in
-    /// the key buffer) spells only in another case. Some parsers (Go's) take `Max_Tokens` for
-    /// `max_tokens`; others ignore it. Keys of a length no such spelling has are passed over.
-    fn note_case_variant(&mut self, paths: &JsonPaths, alive: u16, d: usize, len: usize, key: Option<&[u8]>) {
-        let key = key.unwrap_or(&self.key[..len]);
-        let Some(&first) = key.first() else { return };
-        let candidates = alive & paths.fold_first[d][usize::from(first)];
-        if candidates == 0 {
-            return;
-        }
-        let lens = paths.key_lens[d];
-        let (shortest, longest) = (lens.trailing_zeros() as usize, 127 - lens.leading_zeros() as usize);
-        if len < shortest || len > 3 * longest {
-            return;
-        }
-        self.case_mask |= paths.match_key_folded(candidates, d, key);
     }
 
     fn nothing_pending(&self) -> bool {
@@ -1115,7 +1105,7 @@ impl JsonScan {
                     paths.match_key(alive, d, &self.key[..self.key_len])
                 };
                 if self.strict && cur == 0 && !self.key_over {
-                    self.note_case_variant(paths, alive, d, self.key_len, None);
+                    self.case_mask |= paths.case_variants(alive, d, &self.key[..self.key_len]);
                 }
                 self.set_pending(paths, cur, d);
                 self.state = St::Colon;

@@ -142,8 +142,8 @@ pub fn charges_of(permit: &Permit<'_>, req: &RequestHeader, hints: &Hints<'_>) -
 }
 
 /// Takes the estimates of `cost_from_body` charges from the scanned request body: the largest
-/// of the charge's fields present (or its `default_cost` when none is), times its
-/// largest `cost_multiplier_from_body` field present (at least 1). A field that is not a whole number,
+/// of the charge's fields present (or its `default_cost` when none is), times its largest
+/// `cost_multiplier_from_body` field present (at least 1). A field that is not a whole number,
 /// or an estimate over `max_cost`, is refused.
 pub fn costs_from_body(
     charges: &mut [ChargeInfo],
@@ -185,18 +185,15 @@ pub fn costs_from_body(
                 }
             }
         }
-        let times = times.map(|(t, m)| (t.max(1), m));
-        let estimate = match times {
-            Some((t, m)) => {
-                let product = base.saturating_mul(t);
-                if let Some(max) = c.max_cost.filter(|max| product > *max) {
-                    return Err(over(format!("estimate ({base} × `{m}` {t})"), product, max));
-                }
-                product
+        info.estimate = base;
+        if let Some((t, m)) = times {
+            let t = t.max(1);
+            let product = base.saturating_mul(t);
+            if let Some(max) = c.max_cost.filter(|max| product > *max) {
+                return Err(over(format!("estimate ({base} × `{m}` {t})"), product, max));
             }
-            None => base,
-        };
-        info.estimate = estimate;
+            info.estimate = product;
+        }
     }
     Ok(())
 }
